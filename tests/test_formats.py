@@ -223,8 +223,9 @@ def test_named_datasets_and_roots(tmp_path, monkeypatch):
     roots = data_roots()
     assert roots[:2] == [tmp_path / "none", root]
     assert roots[-1] == Path.home() / ".cache" / "fedrec" / "data"
-    path, fmt, _ = resolve_dataset("ml-1m")
-    assert path == root / "ml-1m" / "ratings.dat" and fmt == "ml-1m"
+    path, fmt, opts = resolve_dataset("ml-1m")
+    assert path == root / "ml-1m" / "ratings.dat" and fmt == "ml-1m" and opts == {"name": "ml-1m"}
+    assert load_interactions(path, fmt, **opts).name == "ml-1m"
     d = load_dataset("ml-1m", min_rating=4)
     assert d.name == "ml-1m" and len(d) == 2
     write(root / "ml-1m" / "ratings_chrono.tsv.gz", CHRONO, gz=True)

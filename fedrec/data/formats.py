@@ -468,14 +468,15 @@ def load_interactions(path, format: str = "auto", **options) -> Interactions:
 
 
 def resolve_dataset(name_or_path) -> tuple[Path, str, dict]:
-    """A dataset name (DATASETS), searched under data_roots(), or a path -> (path, format, options)."""
+    """A dataset name (DATASETS), searched under data_roots(), or a path -> (path, format, options).
+    For a name, options include `name` so the loaded Interactions carry it."""
     key = str(name_or_path)
     if key in DATASETS:
         roots = data_roots()
         for root in roots:
             for rel, fmt, opts in [DATASETS[key]] + ALTERNATIVES.get(key, []):
                 if (root / rel).exists():
-                    return root / rel, fmt, dict(opts)
+                    return root / rel, fmt, {**opts, "name": key}
         hint = f"; run `fedrec data fetch {key}`" if key in ("ml-1m", "ml-100k") else ""
         raise DataFormatError(key, f"dataset {DATASETS[key][0]} not found under "
                               + ", ".join(str(r) for r in roots) + f" (set FEDREC_DATA{hint})")
@@ -491,7 +492,4 @@ def load_dataset(name_or_path, **overrides) -> Interactions:
     (`format=` replaces the format)."""
     path, fmt, opts = resolve_dataset(name_or_path)
     fmt = overrides.pop("format", fmt)
-    inter = load_interactions(path, fmt, **{**opts, **overrides})
-    if str(name_or_path) in DATASETS and "name" not in overrides:
-        inter.name = str(name_or_path)
-    return inter
+    return load_interactions(path, fmt, **{**opts, **overrides})
