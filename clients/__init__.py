@@ -1,0 +1,1 @@
+"""Flower NumPyClient subclasses: the benign client and (in `clients.malicious`) attackers."""

@@ -1,0 +1,303 @@
+"""The honest client: private user state in, sparse upload out.
+
+What stays on the device: the user representation and its optimizer state, the user's
+interactions (training and held-out items), its negatives, and (for subclasses) whether it
+is malicious. What leaves it: `fedrec.protocol`'s upload (touched item ids and rows, the
+predictor gradient) and, in `evaluate`, its own HR/NDCG.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.client import NumPyClient
+
+from fedrec.evaluation import per_user_metrics, ranks_of_targets
+from fedrec.optim import adam_catch_up, adam_step
+from fedrec.protocol import encode_upload
+
+# purposes in the per-client seed sequence [seed, user, purpose, round]
+_INIT, _STATIC_NEG, _ROUND = 1, 2, 3
+
+
+class DictStore:
+    """Private state held in process memory (the in-process runner)."""
+
+    def __init__(self):
+        self.state: dict = {}
+
+    def load(self) -> dict:
+        return self.state
+
+    def save(self, state: dict):
+        self.state = state
+
+
+class FlowerStore:
+    """Private state in Flower's `context.state`: per node and run, never sent anywhere."""
+
+    KEY = "fedrec_user"
+
+    def __init__(self, context):
+        self.context = context
+
+    def load(self) -> dict:
+        rec = self.context.state.array_records.get(self.KEY)
+        return {} if rec is None else {k: rec[k].numpy() for k in rec.keys()}
+
+    def save(self, state: dict):
+        from flwr.app import Array, ArrayRecord
+
+        self.context.state.array_records[self.KEY] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+@dataclass
+class ClientEnv:
+    """Read-only things every client of an experiment shares: config, model, data."""
+
+    cfg: object  # ExperimentConfig
+    model: object  # RecModel
+    data: object  # PreparedData
+
+
+def sample_negatives(rng, n_items: int, exclude_sorted: np.ndarray, count: int) -> np.ndarray:
+    """`count` uniform items not in `exclude_sorted` (with replacement), by vectorised rejection."""
+    free = n_items - len(exclude_sorted)
+    if free <= 0:
+        raise ValueError("the user has interacted with every item: no negatives exist")
+    out = np.empty(0, dtype=np.int64)
+    while len(out) < count:
+        draw = max(16, int((count - len(out)) * n_items / free * 1.2) + 8)
+        cand = rng.integers(0, n_items, size=draw)
+        pos = np.searchsorted(exclude_sorted, cand)
+        pos[pos == len(exclude_sorted)] = 0
+        ok = exclude_sorted[pos] != cand if len(exclude_sorted) else np.ones(draw, bool)
+        out = np.concatenate([out, cand[ok]])
+    return out[:count]
+
+
+class BenignClient(NumPyClient):
+    """An honest user's device.
+
+    fit(): FedSGD by default, the gradient of the mean BPR loss over the user's training
+    pairs at the global model (the reference protocol); with train.local_epochs = E >= 1,
+    E epochs of local SGD and the pseudo-gradient (global - local) / local_lr. The user row is
+    updated on the device: `adam_sync` replays the reference's server-side Adam on that row.
+    """
+
+    is_malicious = False
+
+    def __init__(self, user: int, env: ClientEnv, store):
+        self.user = int(user)
+        self.env = env
+        self.cfg = env.cfg
+        self.model = env.model
+        self.data = env.data
+        self.store = store
+        self.train_items = self.data.train_of(self.user)
+        self.train_sorted = np.sort(self.train_items)
+
+    # --- private state --------------------------------------------------------------------
+    def _rng(self, purpose: int, rnd: int = 0) -> np.random.Generator:
+        # A counter-based stream per (seed, user, purpose, round): independent of the order in
+        # which clients run, so every way of running draws the same numbers.
+        # (SFC64: the fastest raw bits numpy offers; dropout masks use many of them.)
+        return np.random.Generator(np.random.SFC64(
+            np.random.SeedSequence([self.cfg.seed, self.user, purpose, rnd])))
+
+    def _state(self) -> dict:
+        state = self.store.load()
+        if not state:
+            rng = self._rng(_INIT)
+            u = self.model.init_user(rng)
+            state = {"user": u, "m": np.zeros_like(u), "v": np.zeros_like(u),
+                     "clock": np.zeros(2, dtype=np.int64)}  # [last round applied, own steps]
+            if self.cfg.data.negatives == "static":
+                state["negatives"] = self._draw_negatives(self._rng(_STATIC_NEG))
+        return state
+
+    def _draw_negatives(self, rng) -> np.ndarray:
+        return sample_negatives(rng, self.model.n_items, self.train_sorted,
+                                len(self.train_items) * self.cfg.data.neg_ratio)
+
+    def _user_hparams(self):
+        s = self.cfg.server
+        lr = self.cfg.train.user_lr if self.cfg.train.user_lr >= 0 else s.lr
+        return lr, float(s.betas[0]), float(s.betas[1]), float(s.eps)
+
+    def user_vector(self, state: dict, at_round: int) -> np.ndarray:
+        """The user representation as of the end of `at_round` (a copy; state untouched)."""
+        return type(self).user_vectors([self], [state], at_round)[0]
+
+    @classmethod
+    def user_vectors(cls, clients, states, at_round: int) -> np.ndarray:
+        """user_vector for many clients at once (same numbers as one by one)."""
+        U = np.stack([s["user"] for s in states]).astype(np.float32)
+        c0 = clients[0]
+        if c0.cfg.train.user_optimizer == "adam_sync" and len(states):
+            lr, b1, b2, eps = c0._user_hparams()
+            adam_catch_up(U, np.stack([s["m"] for s in states]), np.stack([s["v"] for s in states]),
+                          [int(s["clock"][0]) for s in states], [at_round] * len(states),
+                          lr, b1, b2, eps)
+        return U
+
+    # --- training pairs (subclasses change the data, e.g. LabelFlip, FedAttack) ----------
+    def training_pairs(self, state: dict, rng) -> tuple[np.ndarray, np.ndarray]:
+        q = self.cfg.data.neg_ratio
+        pos = np.repeat(self.train_items, q) if q > 1 else self.train_items
+        neg = state["negatives"] if "negatives" in state else self._draw_negatives(rng)
+        return pos, neg
+
+    # --- Flower API -------------------------------------------------------------------------
+    def get_parameters(self, config):
+        return []  # the global model lives on the server; nothing private is ever returned
+
+    def fit(self, parameters, config):
+        return type(self).fit_cohort([self], parameters, config)[0]
+
+    @classmethod
+    def fit_cohort(cls, clients, parameters, config) -> list:
+        """fit() for several clients of one class: the in-process runner's fast path.
+
+        Single-client fit() is this with a cohort of one, and every step is per client
+        (per-row numpy operations, per-client sums), so a client's upload and private state
+        are bit-identical whichever way it runs.
+        """
+        if not clients:
+            return []
+        c0 = clients[0]
+        jobs = [c.prepare_fit(parameters, config) for c in clients]
+        rnd = jobs[0]["round"]
+        lr, b1, b2, eps = c0._user_hparams()
+        states = [j["state"] for j in jobs]
+        if c0.cfg.train.user_optimizer == "adam_sync":
+            # the momentum-only steps of the rounds this user sat out
+            U, M, V = (np.stack([s[k] for s in states]) for k in ("user", "m", "v"))
+            adam_catch_up(U, M, V, [int(s["clock"][0]) for s in states], [rnd - 1] * len(states),
+                          lr, b1, b2, eps)
+            for i, s in enumerate(states):
+                s["user"], s["m"], s["v"] = U[i], M[i], V[i]
+                s["clock"][0] = rnd - 1
+        batch = [i for i, j in enumerate(jobs)
+                 if not j["skip"] and clients[i].cfg.train.local_epochs <= 0]
+        grads = [None] * len(clients)
+        if batch:
+            out = c0.model.gradients_cohort(
+                jobs[batch[0]]["item_table"], jobs[batch[0]]["predictor"],
+                [states[i]["user"] for i in batch], [jobs[i]["pos"] for i in batch],
+                [jobs[i]["neg"] for i in batch], [jobs[i]["rng"] for i in batch], **c0._wd())
+            for i, g in zip(batch, out):
+                grads[i] = g
+            c0._update_users([states[i] for i in batch], np.stack([g.user_grad for g in out]), rnd)
+        return [c.finish_fit(j, g) for c, j, g in zip(clients, jobs, grads)]
+
+    def _wd(self) -> dict:
+        t = self.cfg.train
+        return {"weight_decay": t.weight_decay, "weight_decay_all": t.weight_decay_scope == "all"}
+
+    def _update_users(self, states, grads: np.ndarray, rnd: int):
+        """The user-row optimizer step for a cohort (row-wise, so cohort-independent)."""
+        kind = self.cfg.train.user_optimizer
+        lr, b1, b2, eps = self._user_hparams()
+        U, M, V = (np.stack([s[k] for s in states]) for k in ("user", "m", "v"))
+        if kind == "adam_sync":
+            adam_step(U, M, V, grads, rnd, lr, b1, b2, eps)
+        elif kind == "adam":
+            adam_step(U, M, V, grads, [int(s["clock"][1]) + 1 for s in states], lr, b1, b2, eps)
+        else:
+            U -= (lr * grads).astype(U.dtype)
+        for i, s in enumerate(states):
+            s["user"], s["m"], s["v"] = U[i], M[i], V[i]
+            s["clock"][0] = rnd
+            s["clock"][1] += 1
+
+    def prepare_fit(self, parameters, config) -> dict:
+        """Per client, before the gradient: private state and this round's pairs."""
+        rnd = int(config["round"])
+        state = self._state()
+        rng = self._rng(_ROUND, rnd)
+        pos, neg = self.training_pairs(state, rng)
+        return {"round": rnd, "state": state, "rng": rng, "pos": pos, "neg": neg,
+                "item_table": parameters[0], "predictor": list(parameters[1:]),
+                "skip": len(pos) == 0}
+
+    def finish_fit(self, job, grad):
+        """Per client, after the gradient: the upload, and saving private state."""
+        state, rnd = job["state"], job["round"]
+        if job["skip"]:
+            self.store.save(state)
+            return encode_upload(np.zeros(0, np.int64), np.zeros((0, self.model.dim), np.float32),
+                                 [np.zeros(s, np.float32) for s in self.model.predictor_shapes]), 0, {}
+        if grad is None:  # local epochs
+            ids, rows, pred, loss, n = self._local_epochs(
+                job["item_table"], job["predictor"], state, job["pos"], job["neg"], job["rng"], rnd)
+        else:
+            ids, rows, pred, loss, n = (grad.item_ids, grad.item_rows, grad.predictor, grad.loss,
+                                        grad.n_samples)
+        upload = self.craft_upload(ids, rows, pred, state, rnd)
+        self.store.save(state)
+        return encode_upload(*upload), int(n), {"loss": float(loss)}
+
+    def craft_upload(self, ids, rows, predictor, state, rnd):
+        """Hook for malicious subclasses: what is actually sent. Honest: the true gradient."""
+        return ids, rows, predictor
+
+    def _local_epochs(self, item_table, predictor, state, pos, neg, rng, rnd):
+        t = self.cfg.train
+        lr = t.local_lr
+        table = item_table.copy()
+        pred = [p.copy() for p in predictor]
+        u = state["user"]
+        losses, touched = [], []
+        for _ in range(t.local_epochs):
+            order = rng.permutation(len(pos))
+            for start in range(0, len(pos), t.batch_size):
+                b = order[start : start + t.batch_size]
+                g = self.model.gradients(table, pred, u, pos[b], neg[b], rng,
+                                         weight_decay=t.weight_decay,
+                                         weight_decay_all=t.weight_decay_scope == "all")
+                table[g.item_ids] -= lr * g.item_rows
+                for p, gp in zip(pred, g.predictor):
+                    p -= lr * gp
+                u -= lr * g.user_grad
+                losses.append(g.loss)
+                touched.append(g.item_ids)
+        state["clock"][0] = rnd
+        state["clock"][1] += 1
+        ids = np.unique(np.concatenate(touched))
+        rows = (item_table[ids] - table[ids]) / lr
+        pseudo = [(p0 - p1) / lr for p0, p1 in zip(predictor, pred)]
+        return ids, rows.astype(np.float32), pseudo, float(np.mean(losses)), len(pos)
+
+    def evaluate(self, parameters, config):
+        """This user's own full-ranking HR/NDCG on validation and test (0 examples if none)."""
+        rnd = int(config.get("round", 0))
+        data = self.data
+        if data.pool_mask[self.user] or self.is_malicious:
+            return 0.0, 0, {}
+        item_table, predictor = parameters[0], list(parameters[1:])
+        u = self.user_vector(self._state(), rnd)
+        scores = self.model.score(u[None, :], item_table, predictor)
+        ks = list(self.cfg.eval.ks)
+        metrics = {}
+        for split, target in (("val", data.val_item[self.user]), ("test", data.test_item[self.user])):
+            if target < 0:
+                continue
+            masked = self.train_items
+            if split == "test" and data.val_item[self.user] >= 0:
+                masked = np.append(masked, data.val_item[self.user])
+            rank = ranks_of_targets(scores, np.array([target]), np.zeros(len(masked), np.int64), masked)
+            for key, vals in per_user_metrics(rank, ks).items():
+                metrics[f"{split}_{key}"] = float(vals[0])
+        if not metrics:
+            return 0.0, 0, {}
+        return 0.0, 1, metrics
+
+
+def fsum_mean(values) -> float:
+    """Order-independent mean, so federated and in-process results agree bit for bit."""
+    values = list(values)
+    return math.fsum(values) / len(values) if values else 0.0

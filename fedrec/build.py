@@ -1,0 +1,102 @@
+"""The one place that turns a config into data, model, clients and strategy.
+
+`fedrec run` (engine.py), the Flower ServerApp and the Flower ClientApp all build through
+here, so the ways of running cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fedrec.config import ExperimentConfig
+from fedrec.data.prepare import PreparedData, cached_prepare, file_digest
+from fedrec.errors import ConfigError
+from fedrec.models import make_model
+
+
+def cache_dir(cfg: ExperimentConfig) -> Path:
+    if cfg.data.cache_dir:
+        p = Path(os.path.expanduser(cfg.data.cache_dir))
+        return p if p.is_absolute() else Path(cfg.base_dir or ".") / p
+    return Path(os.environ.get("FEDREC_CACHE") or Path.home() / ".cache" / "fedrec")
+
+
+def _resolve_data_path(cfg: ExperimentConfig):
+    """(path or name, format, options) for a non-synthetic dataset."""
+    from fedrec.data.formats import resolve_dataset
+
+    spec = os.path.expandvars(os.path.expanduser(cfg.data.dataset))
+    if cfg.base_dir and not os.path.isabs(spec):
+        local = Path(cfg.base_dir) / spec
+        if local.exists():
+            spec = str(local)
+    path, fmt, options = resolve_dataset(spec)
+    if cfg.data.format != "auto":
+        fmt = cfg.data.format
+    return path, fmt, {**options, **cfg.data.options}
+
+
+def load_data(cfg: ExperimentConfig) -> PreparedData:
+    """Load (through the content-hash cache) and preprocess the experiment's data."""
+    d = cfg.data
+    prep = dict(kcore_k=d.kcore, split=d.split, attacker_pool=d.attacker_pool, seed=cfg.seed)
+    if d.dataset == "synthetic":
+        from fedrec.data.synthetic import generate_synthetic
+
+        syn = vars(d.synthetic).copy()
+        return cached_prepare({"synthetic": syn}, cache_dir(cfg),
+                              lambda: generate_synthetic(**syn), **prep)
+    from fedrec.data.formats import load_interactions
+
+    path, fmt, options = _resolve_data_path(cfg)
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    key = {"content": file_digest(files), "format": fmt, "options": options}
+    return cached_prepare(key, cache_dir(cfg),
+                          lambda: load_interactions(path, format=fmt, **options), **prep)
+
+
+def build_model(cfg: ExperimentConfig, data: PreparedData):
+    return make_model(cfg.model, data.n_items)
+
+
+def initial_arrays(cfg: ExperimentConfig, model) -> list:
+    import numpy as np
+
+    table, predictor = model.init_global(np.random.default_rng([cfg.seed, 15485863]))
+    return [table, *predictor]
+
+
+def build_env(cfg: ExperimentConfig, data=None, model=None):
+    from clients.benign import ClientEnv
+
+    data = data if data is not None else load_data(cfg)
+    model = model if model is not None else build_model(cfg, data)
+    return ClientEnv(cfg=cfg, model=model, data=data)
+
+
+def build_client(env, user: int, store):
+    """The client for `user` (benign; malicious roles are assigned by the attack config)."""
+    from clients.benign import BenignClient
+
+    if not 0 <= user < env.data.n_users:
+        raise ConfigError(f"partition-id {user} is outside [0, {env.data.n_users})")
+    return BenignClient(user, env, store)
+
+
+def build_strategy(cfg: ExperimentConfig, env, *, recorder=None, min_available_clients=None,
+                   fraction_evaluate=None):
+    from fedrec.registry import make_rule
+    from strategies.fedrec import FedRecStrategy
+
+    model = env.model
+    return FedRecStrategy(
+        initial_arrays(cfg, model), n_items=model.n_items, dim=model.dim,
+        predictor_shapes=model.predictor_shapes, server_cfg=cfg.server, seed=cfg.seed,
+        clients_per_round=cfg.train.clients_per_round, sampling=cfg.train.sampling,
+        num_rounds=cfg.train.rounds, eval_every=cfg.eval.every,
+        fraction_evaluate=cfg.eval.fraction if fraction_evaluate is None else fraction_evaluate,
+        min_available_clients=min_available_clients or env.data.n_users,
+        rule=make_rule(cfg), recorder=recorder, ks=cfg.eval.ks,
+    )

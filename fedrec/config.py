@@ -1,0 +1,366 @@
+"""Experiment configuration: dataclasses, YAML loading, validation, overrides, grids.
+
+One YAML drives every way of running (`fedrec run`, `flwr run .`). Every key is declared
+here; an unknown key is rejected with the list of valid ones, and a bad value gets a
+one-line `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedrec.errors import ConfigError
+
+
+@dataclass
+class SyntheticConfig:
+    n_users: int = 300
+    n_items: int = 400
+    dim: int = 8
+    mean_history: float = 30.0
+    min_history: int = 5
+    popularity_exponent: float = 1.0
+    seed: int = 0  # the dataset's own seed: experiment seeds vary training, not the data
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # "synthetic", a known dataset name, or a file path
+    format: str = "auto"
+    options: dict = field(default_factory=dict)  # loader options (user_col, sep, ...)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    kcore: int = 0
+    split: str = "auto"  # auto | time | random (leave-one-out)
+    attacker_pool: float = 0.05
+    negatives: str = "static"  # static | fresh
+    neg_ratio: int = 1
+    cache_dir: str = ""  # "" = $FEDREC_CACHE or ~/.cache/fedrec
+
+    def validate(self):
+        _choice("data.split", self.split, ("auto", "time", "random"))
+        _choice("data.negatives", self.negatives, ("static", "fresh"))
+        _range("data.attacker_pool", self.attacker_pool, 0.0, 0.9)
+        _range("data.neg_ratio", self.neg_ratio, 1, 1000)
+        _range("data.kcore", self.kcore, 0, 10_000)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mf"  # mf | ncf
+    dim: int = 64
+    dropout: float = 0.2
+    mlp_layers: list = field(default_factory=lambda: [64, 32])  # NCF tower widths
+
+    def validate(self):
+        _range("model.dim", self.dim, 1, 4096)
+        _range("model.dropout", self.dropout, 0.0, 0.95)
+        if not all(isinstance(w, int) and w > 0 for w in self.mlp_layers):
+            raise ConfigError("model.mlp_layers: expected a list of positive integers")
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 100
+    clients_per_round: int = 50
+    batch_size: int = 512
+    weight_decay: float = 1e-5
+    weight_decay_scope: str = "touched"  # touched | all
+    local_epochs: int = 0  # 0 = FedSGD gradient at the global model; E >= 1 uploads a delta
+    local_lr: float = 0.01
+    sampling: str = "uniform"  # uniform | epoch (each user once per epoch)
+    user_optimizer: str = "adam_sync"  # adam_sync | adam | sgd
+    user_lr: float = -1.0  # < 0: same as server.lr
+
+    def validate(self):
+        _range("train.rounds", self.rounds, 1, 10**8)
+        _range("train.clients_per_round", self.clients_per_round, 1, 10**8)
+        _range("train.batch_size", self.batch_size, 1, 10**8)
+        _range("train.weight_decay", self.weight_decay, 0.0, 1.0)
+        _choice("train.weight_decay_scope", self.weight_decay_scope, ("touched", "all"))
+        _range("train.local_epochs", self.local_epochs, 0, 1000)
+        _choice("train.sampling", self.sampling, ("uniform", "epoch"))
+        _choice("train.user_optimizer", self.user_optimizer, ("adam_sync", "adam", "sgd"))
+
+
+@dataclass
+class ServerConfig:
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 0.002
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    aggregation: str = "dense"  # dense | item
+    rule: str = "mean"  # aggregation rule (see fedrec/registry.py)
+    weighting: str = "samples"  # samples | uniform
+    max_upload_rows: int = 0  # 0 = n_items; bigger uploads are dropped
+    max_samples: int = 10_000_000  # a claimed sample count above this is dropped
+
+    def validate(self):
+        _choice("server.optimizer", self.optimizer, ("adam", "sgd"))
+        _choice("server.aggregation", self.aggregation, ("dense", "item"))
+        _choice("server.weighting", self.weighting, ("samples", "uniform"))
+        _range("server.lr", self.lr, 0.0, 100.0)
+        if len(self.betas) != 2 or not all(0 <= float(b) < 1 for b in self.betas):
+            raise ConfigError("server.betas: expected two numbers in [0, 1)")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N rounds (0 = only at the end)
+    ks: list = field(default_factory=lambda: [5, 10, 20])
+    fraction: float = 0.1  # share of clients evaluated during training under `flwr run`
+    batch_users: int = 1024
+
+    def validate(self):
+        _range("eval.every", self.every, 0, 10**8)
+        _range("eval.fraction", self.fraction, 0.0, 1.0)
+        if not self.ks or not all(isinstance(k, int) and k > 0 for k in self.ks):
+            raise ConfigError("eval.ks: expected a non-empty list of positive integers")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    name: str = ""  # "" = experiment name plus a hash of the config
+    progress: bool = True
+
+
+@dataclass
+class FlowerConfig:
+    """Settings used only under `flwr run` (the in-process runner ignores them)."""
+
+    fraction_evaluate: float = -1.0  # < 0: eval.fraction
+    min_available_clients: int = 0  # 0 = every user (wait for all SuperNodes)
+    round_timeout: float = 0.0  # seconds; 0 = none
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
+    base_dir: str = ""  # directory of the YAML; relative data paths resolve against it
+
+    def validate(self) -> "ExperimentConfig":
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if hasattr(v, "validate"):
+                v.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("base_dir", None)
+        return d
+
+    def digest(self) -> str:
+        """A short hash of the resolved config (output settings excluded)."""
+        d = self.to_dict()
+        d.pop("output", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _range(key, value, lo, hi):
+    if not (lo <= value <= hi):
+        raise ConfigError(f"{key}: {value!r} is outside [{lo}, {hi}]")
+
+
+def valid_keys(cls) -> list[str]:
+    """Every dotted key a YAML may set, for error messages and the README."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "base_dir":
+            continue
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += [f"{f.name}.{k}" for k in valid_keys(t)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _coerce(key: str, value: Any, t) -> Any:
+    origin = typing.get_origin(t)
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if t is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "1e-5" as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if t is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_num(v) for v in value]
+    if t is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _num(v):
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'experiment'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - {"base_dir"}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        valid = ", ".join(f"{prefix}{k}" for k in valid_keys(cls))
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; valid keys: {valid}")
+    kwargs = {}
+    for name, value in raw.items():
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            kwargs[name] = _build(t, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, t)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def parse_overrides(pairs) -> dict:
+    """`["train.rounds=10", "seed=3"]` -> nested dict; values are parsed as YAML."""
+    out: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r}: expected key=value")
+        key, value = pair.split("=", 1)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {pair!r}: {e.__class__.__name__}") from None
+        _set_dotted(out, key.strip(), parsed)
+    return out
+
+
+def _set_dotted(d: dict, key: str, value):
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    d[parts[-1]] = value
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such experiment file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def from_dict(raw: dict, base_dir: str = "") -> ExperimentConfig:
+    raw = dict(raw)
+    raw.pop("grid", None)
+    cfg = _build(ExperimentConfig, raw)
+    cfg.base_dir = str(base_dir)
+    return cfg.validate()
+
+
+def expand(raw: dict, overrides: dict | None = None, base_dir: str = "") -> list[ExperimentConfig]:
+    """A YAML dict (with an optional `grid:` block) -> one validated config per combination.
+
+    `grid` maps dotted keys to lists of values; the runs are the cartesian product, in the
+    order the keys are written.
+    """
+    raw = deep_merge(raw, overrides or {})
+    grid = raw.pop("grid", None) or {}
+    if not isinstance(grid, dict):
+        raise ConfigError("grid: expected a mapping of dotted keys to lists of values")
+    keys = list(grid)
+    for k in keys:
+        if not isinstance(grid[k], list) or not grid[k]:
+            raise ConfigError(f"grid.{k}: expected a non-empty list of values")
+    combos = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
+    configs = []
+    for combo in combos:
+        run_raw = copy.deepcopy(raw)
+        for k, v in zip(keys, combo):
+            _set_dotted(run_raw, k, v)
+        cfg = from_dict(run_raw, base_dir)
+        if keys:
+            label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
+            cfg.output.name = cfg.output.name or f"{cfg.name}[{label}]"
+        configs.append(cfg)
+    return configs
+
+
+def load(path, overrides=None) -> list[ExperimentConfig]:
+    """Load an experiment YAML (list of configs: one unless it has a `grid:`)."""
+    path = Path(path)
+    return expand(read_yaml(path), parse_overrides(overrides), base_dir=str(path.resolve().parent))
+
+
+def load_one(path, overrides=None) -> ExperimentConfig:
+    cfgs = load(path, overrides)
+    if len(cfgs) != 1:
+        raise ConfigError(f"{path}: has a grid of {len(cfgs)} runs; expected a single run here")
+    return cfgs[0]

@@ -1,0 +1,85 @@
+"""Full-ranking evaluation (HR@K, NDCG@K) and detection metrics against ground truth.
+
+Every item is ranked; the user's training items (and, for test, the validation item) are
+masked; a held-out item's rank is the number of unmasked items scoring strictly higher.
+HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2) (one held-out item, so IDCG = 1).
+Scores are compared in float64 so that batch and per-user evaluation agree exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def ranks_of_targets(scores: np.ndarray, targets: np.ndarray, mask_rows, mask_cols) -> np.ndarray:
+    """Rank of each row's target among the unmasked items.
+
+    scores: (B, N); targets: (B,) item ids; mask_rows/mask_cols: parallel index arrays of
+    the (row, item) entries to exclude (the target itself is never masked).
+    """
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    scores[mask_rows, mask_cols] = -np.inf
+    rows = np.arange(len(targets))
+    target_scores = scores[rows, targets]
+    return (scores > target_scores[:, None]).sum(axis=1)
+
+
+def csr_gather(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Flat positions of the CSR segments [starts[b], starts[b] + lens[b]), concatenated."""
+    total = int(lens.sum())
+    seg_start = np.repeat(np.cumsum(lens) - lens, lens)
+    return np.repeat(starts, lens) + (np.arange(total) - seg_start)
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks) -> dict:
+    """Mean HR@K / NDCG@K over users (empty -> zeros)."""
+    out = {}
+    ranks = np.asarray(ranks)
+    gain = 1.0 / np.log2(ranks + 2.0)
+    for k in ks:
+        hit = ranks < k
+        out[f"hr@{k}"] = float(hit.mean()) if len(ranks) else 0.0
+        out[f"ndcg@{k}"] = float((hit * gain).mean()) if len(ranks) else 0.0
+    return out
+
+
+def per_user_metrics(ranks: np.ndarray, ks) -> dict:
+    """Per-user 0/1 hits and gains (for federated evaluation, one user per client)."""
+    gain = 1.0 / np.log2(np.asarray(ranks) + 2.0)
+    out = {}
+    for k in ks:
+        hit = np.asarray(ranks) < k
+        out[f"hr@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = hit * gain
+    return out
+
+
+def evaluate_users(model, item_table, predictor, user_vecs, users, data, split: str, ks,
+                   batch_users: int = 1024) -> dict:
+    """Full-ranking metrics for `users` (their representations in `user_vecs`, same order)."""
+    target_all = data.test_item if split == "test" else data.val_item
+    ranks = np.empty(len(users), dtype=np.int64)
+    indptr, items = data.train_indptr, data.train_items
+    for start in range(0, len(users), batch_users):
+        batch = users[start : start + batch_users]
+        scores = model.score(user_vecs[start : start + len(batch)], item_table, predictor)
+        lens = indptr[batch + 1] - indptr[batch]
+        rows = np.repeat(np.arange(len(batch)), lens)
+        cols = items[csr_gather(indptr[batch], lens)]
+        if split == "test":
+            has_val = data.val_item[batch] >= 0
+            rows = np.concatenate([rows, np.flatnonzero(has_val)])
+            cols = np.concatenate([cols, data.val_item[batch][has_val]])
+        ranks[start : start + len(batch)] = ranks_of_targets(scores, target_all[batch], rows, cols)
+    return {"ranks": ranks, **metrics_from_ranks(ranks, ks)}
+
+
+def detection_metrics(flagged, malicious) -> dict:
+    """Precision / recall / F1 of a set of flagged clients against the malicious ground truth."""
+    flagged, malicious = set(flagged), set(malicious)
+    tp = len(flagged & malicious)
+    precision = tp / len(flagged) if flagged else (1.0 if not malicious else 0.0)
+    recall = tp / len(malicious) if malicious else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp,
+            "flagged": len(flagged), "malicious": len(malicious)}

@@ -1,0 +1,126 @@
+"""The model API shared by every recommender.
+
+Parameters fall into three groups, and the protocol treats each differently:
+- the item table V (n_items x dim): global; clients upload gradients of the rows they touched;
+- predictor (or encoder) weights P: global, small, dense; clients upload their gradient;
+- the user representation: private; it never leaves the client (MF/NCF: one row u).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class ClientGrad:
+    """One client's gradient at the global model, over its training pairs.
+
+    item_ids: sorted unique ids of touched item rows; item_rows: their gradients;
+    predictor: gradients of the predictor arrays (same order as `predictor_shapes`);
+    user_grad: gradient of the private user representation (stays on the client);
+    loss: mean training loss; n_samples: number of training pairs.
+    """
+
+    item_ids: np.ndarray
+    item_rows: np.ndarray
+    predictor: list
+    user_grad: np.ndarray
+    loss: float
+    n_samples: int
+
+
+class RecModel:
+    """Base class. Subclasses define the three parameter groups and the gradient."""
+
+    name = "base"
+
+    def __init__(self, n_items: int, dim: int, dropout: float = 0.0, **kwargs):
+        self.n_items = int(n_items)
+        self.dim = int(dim)
+        self.dropout = float(dropout)
+
+    # parameter groups -----------------------------------------------------------------
+    @property
+    def predictor_shapes(self) -> list[tuple]:
+        return []
+
+    def init_global(self, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+        """(item_table float32 (n_items, dim), predictor arrays)."""
+        raise NotImplementedError
+
+    def init_user(self, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    # training ---------------------------------------------------------------------------
+    def gradients(self, item_table, predictor, user, pos, neg, rng, *, weight_decay=0.0,
+                  weight_decay_all=False, train=True) -> ClientGrad:
+        """Mean BPR gradient over the pairs (pos[k], neg[k]) at the given parameters."""
+        raise NotImplementedError
+
+    def gradients_cohort(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
+                         weight_decay=0.0, weight_decay_all=False, train=True) -> list:
+        """`gradients` for several clients at once; must equal calling it per client.
+
+        The default just loops; models whose clients are tiny (MF) vectorise across them.
+        """
+        return [self.gradients(item_table, predictor, u, p, n, r, weight_decay=weight_decay,
+                               weight_decay_all=weight_decay_all, train=train)
+                for u, p, n, r in zip(users, pos_list, neg_list, rngs)]
+
+    # inference ---------------------------------------------------------------------------
+    def score(self, users: np.ndarray, item_table, predictor) -> np.ndarray:
+        """Scores (B, n_items) of every item for a batch of user representations (B, dim)."""
+        raise NotImplementedError
+
+
+def xavier_normal(rng: np.random.Generator, shape) -> np.ndarray:
+    fan_out, fan_in = shape[0], shape[1]
+    std = np.sqrt(2.0 / (fan_in + fan_out))
+    return (rng.standard_normal(shape) * std).astype(np.float32)
+
+
+def dropout_bits(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n uniform 16-bit integers from the client's generator (the raw material of its masks)."""
+    return rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n]
+
+
+def dropout_threshold(p: float) -> np.uint16:
+    """Keep an entry iff its 16-bit draw >= this: drop probability round(p * 65536) / 65536."""
+    return np.uint16(min(int(round(p * 65536)), 65535))
+
+
+def dropout_keep(rng: np.random.Generator, shape, p: float) -> np.ndarray:
+    """Boolean keep-masks from 16 random bits per entry (several times faster than floats)."""
+    n = int(np.prod(shape))
+    return (dropout_bits(rng, n) >= dropout_threshold(p)).reshape(shape)
+
+
+def dropout_masks(rng: np.random.Generator, shape, p: float) -> np.ndarray:
+    """Inverted-dropout multipliers: 0 with probability p, else 1/(1-p) (float32).
+
+    Drawn from 16 random bits per entry, which is several times faster than uniform floats
+    and exact to 1/65536 in p.
+    """
+    return dropout_keep(rng, shape, p) * np.float32(1.0 / (1.0 - p))
+
+
+def segment_sum(index: np.ndarray, rows: np.ndarray, n_segments: int) -> np.ndarray:
+    """out[s] = sum of rows[j] with index[j] == s, added in j order (float32, deterministic).
+
+    torch's CPU index_add_ adds sequentially, so a client's sums come out bit-identical
+    whether it is computed alone or inside a cohort.
+    """
+    import torch
+
+    out = torch.zeros((n_segments, rows.shape[1]), dtype=torch.float32)
+    out.index_add_(0, torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)),
+                   torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
+    return out.numpy()
+
+
+def scatter_rows(ids: np.ndarray, rows: np.ndarray):
+    """Sum rows that share an id: -> (sorted unique ids, summed rows)."""
+    uniq, inv = np.unique(ids, return_inverse=True)
+    return uniq, segment_sum(inv, rows, len(uniq))

@@ -1,0 +1,103 @@
+"""Optimizers: the server's step on global parameters, and the client's on its user row.
+
+`adam_sync` is the client-side equivalent of what the ClusterAttack/UNION reference does:
+there the server owns every user row inside one Adam-optimised table, so a row keeps moving
+on its momentum in every round, also in rounds its user sat out (zero gradient). A device
+can replay exactly that from its own (m, v) and the round number, with no extra messages:
+the momentum-only steps of skipped rounds have a closed form per round, summed here as a
+vector (terms beyond 0.9**200 ~ 7e-10 of the first are dropped: below float32 resolution).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_MAX_CATCHUP = 200
+
+
+def adam_catch_up(U, M, V, last_round, to_round, lr, b1, b2, eps):
+    """Apply Adam's zero-gradient steps for rounds last_round+1 .. to_round, in place.
+
+    U, M, V: (C, dim) user rows and their Adam moments; last_round, to_round: (C,) ints.
+    After k empty rounds (s = last_round + k) the moments are b1^k M and b2^k V, so the total
+    move is  lr * M * sum_k r_k / (a + e_k)  with  a = sqrt(V),  c_k = b2^k / (1 - b2^s),
+    r_k = b1^k / (1 - b1^s) / sqrt(c_k),  e_k = eps / sqrt(c_k).  Where a >> e_k (every
+    coordinate with a real gradient history) 1/(a + e) is expanded in e/a, which needs only
+    per-client sums over k; coordinates with a tiny V are summed exactly. The error is below
+    float32 resolution. k always runs over the same fixed window (zero-padded), and every
+    operation is per row, so a client's result does not depend on the cohort it is in.
+    """
+    last = np.asarray(last_round, dtype=np.int64).reshape(-1)
+    gap = np.maximum(np.asarray(to_round, dtype=np.int64).reshape(-1) - last, 0)
+    if not gap.any():
+        return
+    k = np.arange(1, _MAX_CATCHUP + 1, dtype=np.float64)
+    valid = k[None, :] <= gap[:, None]
+    s = last[:, None] + k[None, :]
+    inv_sqrt_c = np.sqrt((1.0 - b2 ** s) / (b2 ** k)[None, :])
+    r = np.where(valid, (b1 ** k)[None, :] / (1.0 - b1 ** s) * inv_sqrt_c, 0.0)
+    e = np.where(valid, eps * inv_sqrt_c, 0.0)
+    a = np.sqrt(V.astype(np.float64))
+    series = a > 1e3 * e.max(axis=1, keepdims=True)  # e/a < 1e-3: 4 terms, < 1e-12 error
+    inv_a = 1.0 / np.where(series, a, 1.0)
+    total = np.zeros_like(a)
+    en = np.ones_like(e)
+    for n in range(4):  # sum_k r_k / (a + e_k) = sum_n (-1/a)^n sum_k r_k e_k^n / a
+        total += (r * en).sum(axis=1, keepdims=True) * (-inv_a) ** n
+        en = en * e
+    total *= inv_a
+    if not series.all():
+        rows, cols = np.nonzero(~series)
+        den = a[rows, cols][:, None] + e[rows]
+        den[~valid[rows]] = 1.0  # padded terms have r = 0; keep 0/0 out
+        total[rows, cols] = (r[rows] / den).sum(axis=1)
+    U -= (lr * M.astype(np.float64) * total).astype(U.dtype)
+    M *= (b1 ** gap)[:, None].astype(M.dtype)
+    V *= (b2 ** gap)[:, None].astype(V.dtype)
+
+
+def adam_step(U, M, V, G, t, lr, b1, b2, eps):
+    """One Adam step for rows U (C, dim) with gradients G; t: step count (scalar or (C,))."""
+    t = np.asarray(t, dtype=np.float64).reshape(-1, 1)
+    M *= b1
+    M += (1 - b1) * G
+    V *= b2
+    V += (1 - b2) * G * G
+    denom = np.sqrt(V / (1 - b2 ** t)) + eps
+    U -= ((lr / (1 - b1 ** t)) * M / denom).astype(U.dtype)
+
+
+class ServerOptimizer:
+    """Adam (default) or SGD over the global arrays, kept as torch tensors.
+
+    The arrays handed out by `arrays()` share memory with the tensors, so clients read the
+    current model without copies. Rows with a zero gradient still move under Adam's
+    momentum, as in the reference (a dense torch Adam over the whole table).
+    """
+
+    def __init__(self, arrays, kind="adam", lr=2e-3, betas=(0.9, 0.999), eps=1e-8):
+        self.params = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays]
+        if kind == "adam":
+            self.opt = torch.optim.Adam(self.params, lr=lr, betas=tuple(betas), eps=eps, foreach=True)
+        elif kind == "sgd":
+            self.opt = torch.optim.SGD(self.params, lr=lr)
+        else:
+            raise ValueError(f"unknown server optimizer {kind!r}")
+
+    def arrays(self) -> list:
+        return [p.numpy() for p in self.params]
+
+    @torch.no_grad()
+    def step(self, grads):
+        for p, g in zip(self.params, grads):
+            p.grad = torch.from_numpy(np.asarray(g, dtype=np.float32))
+        self.opt.step()
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self):
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state):
+        self.opt.load_state_dict(state)

@@ -1,0 +1,89 @@
+"""The upload format, defined once. Clients encode with it, strategies decode with it.
+
+A client's fit() returns Flower NDArrays laid out as
+
+    [item_ids, item_rows, predictor_0, ..., predictor_{P-1}]
+
+- item_ids: int64, shape (k,), the sorted unique ids of the item rows the client touched;
+- item_rows: float32, shape (k, dim), the gradient (or pseudo-gradient) of those rows;
+- predictor_j: float32, the gradient of global predictor array j, in the model's order.
+
+num_examples is the number of training pairs (the aggregation weight). Nothing else is
+sent: the user representation, the interactions and the malicious flag stay on the device.
+A FedSGD client sends the gradient at the global model; a client doing E local epochs sends
+the pseudo-gradient (global - local) / local_lr, so the server treats both alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT_NAME = "fedrec-sparse-v1"
+
+
+@dataclass
+class Upload:
+    """A decoded, validated upload."""
+
+    item_ids: np.ndarray
+    item_rows: np.ndarray
+    predictor: list
+    num_examples: int
+    client: str = ""  # the transport's id for the sender (Flower node id or engine index)
+
+
+class UploadError(ValueError):
+    """An upload that breaks the protocol. `reason` is a short key for counting."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def encode_upload(item_ids, item_rows, predictor) -> list:
+    return [np.asarray(item_ids, dtype=np.int64), np.asarray(item_rows, dtype=np.float32),
+            *[np.asarray(p, dtype=np.float32) for p in predictor]]
+
+
+def decode_upload(arrays, num_examples, *, n_items: int, dim: int, predictor_shapes,
+                  max_rows: int = 0, max_examples: int = 10_000_000, client: str = "") -> Upload:
+    """Check every property a server can check, then return the Upload.
+
+    Raises UploadError on: wrong array count, dtype or shape; ids out of range, repeated;
+    non-finite values; more rows than allowed; a non-positive or absurd sample count.
+    """
+    n_pred = len(predictor_shapes)
+    if not isinstance(arrays, (list, tuple)) or len(arrays) != 2 + n_pred:
+        raise UploadError("array_count", f"expected {2 + n_pred} arrays")
+    ids, rows = np.asarray(arrays[0]), np.asarray(arrays[1])
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise UploadError("ids_dtype", f"item ids must be a 1-D integer array, got {ids.dtype}{ids.shape}")
+    if rows.ndim != 2 or rows.shape != (len(ids), dim) or rows.dtype.kind != "f":
+        raise UploadError("rows_shape", f"item rows must be float ({len(ids)}, {dim}), got {rows.dtype}{rows.shape}")
+    limit = max_rows or n_items
+    if len(ids) > limit:
+        raise UploadError("too_many_rows", f"{len(ids)} rows > {limit}")
+    if len(ids) and (ids[0] < 0 or ids[-1] >= n_items or ids.min() < 0 or ids.max() >= n_items):
+        raise UploadError("ids_range", f"item ids must lie in [0, {n_items})")
+    if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
+        if len(np.unique(ids)) != len(ids):
+            raise UploadError("ids_repeated")
+        order = np.argsort(ids)  # unsorted but unique: accept, in canonical order
+        ids, rows = ids[order], rows[order]
+    if not np.isfinite(rows.sum()) and not np.isfinite(rows).all():
+        raise UploadError("non_finite", "item rows")
+    pred = []
+    for j, (a, shape) in enumerate(zip(arrays[2:], predictor_shapes)):
+        a = np.asarray(a)
+        if a.shape != tuple(shape) or a.dtype.kind != "f":
+            raise UploadError("predictor_shape", f"predictor {j}: expected {tuple(shape)}, got {a.dtype}{a.shape}")
+        if not np.isfinite(a).all():
+            raise UploadError("non_finite", f"predictor {j}")
+        pred.append(a.astype(np.float32, copy=False))
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) \
+            or not 0 < num_examples <= max_examples:
+        raise UploadError("num_examples", f"{num_examples!r}")
+    return Upload(ids.astype(np.int64, copy=False), rows.astype(np.float32, copy=False), pred,
+                  int(num_examples), client)

@@ -1,0 +1,181 @@
+"""Run directories: resolved config, per-round metrics CSV, summary.json; report tables.
+
+A run directory holds
+- config.yaml: the resolved experiment (every key, defaults filled in);
+- metrics.csv: one row per round (fit metrics; eval metrics on evaluation rounds);
+- summary.json: final metrics, seed, wall time, data summary, status ("complete" at the end).
+A grid skips runs whose summary says complete, so an interrupted grid resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+METRIC_ORDER = ("round", "clients", "accepted", "invalid", "invalid_total", "train_loss")
+
+
+def run_dir_for(cfg, root=None) -> Path:
+    root = Path(root or cfg.output.dir)
+    if not root.is_absolute() and cfg.base_dir and os.environ.get("FEDREC_RUNS_RELATIVE_TO_YAML"):
+        root = Path(cfg.base_dir) / root
+    name = cfg.output.name or f"{cfg.name}-{cfg.digest()}"
+    safe = "".join(c if c.isalnum() or c in "-_.=,[]" else "_" for c in name)
+    return root / safe
+
+
+def is_complete(run_dir: Path) -> bool:
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text()).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
+class RunRecorder:
+    """Receives per-round metrics from the strategy and writes the run directory."""
+
+    def __init__(self, cfg, run_dir: Path, runner: str):
+        self.cfg = cfg
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.runner = runner
+        self.start = time.time()
+        self.rows: dict[int, dict] = {}
+        self.final: dict = {}
+        self.latest: dict = {}
+        self.extra: dict = {}
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self._csv = open(self.dir / "metrics.csv", "w", newline="")
+        self._header: list | None = None
+        self._pending: list = []
+
+    def log_fit(self, rnd: int, metrics: dict):
+        row = self.rows.setdefault(rnd, {"round": rnd})
+        row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        self.latest.update({"train_loss": metrics.get("train_loss")})
+        self._pending.append(rnd)
+        if len(self._pending) >= 200:
+            self.flush()
+
+    def log_eval(self, rnd: int, metrics: dict, final: bool):
+        row = self.rows.setdefault(rnd, {"round": rnd})
+        row.update(metrics)
+        if rnd not in self._pending:
+            self._pending.append(rnd)
+        self.latest.update(metrics)
+        if final:
+            self.final = dict(metrics)
+        self.flush()
+
+    def flush(self):
+        if not self._pending:
+            return
+        rows = [self.rows.pop(r) for r in sorted(set(self._pending)) if r in self.rows]
+        self._pending = []
+        keys = list(METRIC_ORDER) + sorted({k for r in rows for k in r} - set(METRIC_ORDER))
+        if self._header is None or not set(keys) <= set(self._header):
+            self._rewrite_header(keys)
+        w = csv.DictWriter(self._csv, fieldnames=self._header, extrasaction="ignore")
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k)) for k in self._header})
+        self._csv.flush()
+
+    def _rewrite_header(self, keys):
+        """Widen the CSV when new metric columns appear (e.g. the first eval round)."""
+        old = []
+        if self._header is not None:
+            self._csv.close()
+            with open(self.dir / "metrics.csv", newline="") as f:
+                old = list(csv.DictReader(f))
+            keys = list(dict.fromkeys(self._header + keys))
+        self._header = keys
+        self._csv = open(self.dir / "metrics.csv", "w", newline="")
+        w = csv.DictWriter(self._csv, fieldnames=keys)
+        w.writeheader()
+        for r in old:
+            w.writerow(r)
+
+    def finish(self, status="complete", **extra) -> dict:
+        self.flush()
+        self._csv.close()
+        summary = {
+            "name": self.cfg.name, "status": status, "runner": self.runner, "seed": self.cfg.seed,
+            "rounds": self.cfg.train.rounds, "wall_time_s": round(time.time() - self.start, 3),
+            "final": self.final, "config_digest": self.cfg.digest(), **self.extra, **extra,
+        }
+        tmp = self.dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
+        os.replace(tmp, self.dir / "summary.json")
+        return summary
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    return "" if v is None else v
+
+
+def _json_default(o):
+    try:
+        return o.item()
+    except AttributeError:
+        return str(o)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def load_summary(run_dir) -> dict:
+    run_dir = Path(run_dir)
+    s = json.loads((run_dir / "summary.json").read_text())
+    s["dir"] = str(run_dir)
+    return s
+
+
+def find_runs(paths) -> list[Path]:
+    """Run directories under the given paths (a run dir itself, or a folder of them)."""
+    out = []
+    for p in map(Path, paths):
+        if (p / "summary.json").exists():
+            out.append(p)
+        elif p.is_dir():
+            out += sorted(q.parent for q in p.rglob("summary.json"))
+    return out
+
+
+def report_rows(paths, metrics=("test_hr@5", "test_ndcg@5", "test_hr@10", "test_ndcg@10")):
+    rows = []
+    for d in find_runs(paths):
+        s = load_summary(d)
+        row = {"run": Path(d).name, "status": s.get("status"), "seed": s.get("seed"),
+               "rounds": s.get("rounds"), "runner": s.get("runner")}
+        for m in metrics:
+            v = s.get("final", {}).get(m)
+            row[m] = v
+        row["invalid_uploads"] = s.get("invalid_uploads_total")
+        row["wall_time_s"] = s.get("wall_time_s")
+        rows.append(row)
+    return rows
+
+
+def format_table(rows, fmt="markdown") -> str:
+    if not rows:
+        return "no runs found"
+    keys = list(rows[0])
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Flower Strategy classes: the FedRec strategy, robust aggregation rules, UNION."""

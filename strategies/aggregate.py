@@ -1,0 +1,62 @@
+"""Aggregation math as small stateless functions (cf. flwr/server/strategy/aggregate.py).
+
+Uploads are sparse: client c sends rows g_c[i] for its touched ids T_c. With weights w_c:
+- dense mean:      G[i] = sum_{c: i in T_c} w_c g_c[i] / sum_c w_c        (untouched = 0)
+- item-level mean: G[i] = sum_{c: i in T_c} w_c g_c[i] / sum_{c: i in T_c} w_c
+The dense form is the reference protocol's; the item-level form averages each row only over
+the clients that sent it (Spattack's point about sparse aggregation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def stack_uploads(ids_list, rows_list):
+    """Concatenate sparse uploads: (all_ids, all_rows, owner index per row)."""
+    lens = np.fromiter((len(i) for i in ids_list), dtype=np.int64, count=len(ids_list))
+    if lens.sum() == 0:
+        dim = rows_list[0].shape[1] if rows_list else 0
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
+    return (np.concatenate(ids_list), np.concatenate(rows_list),
+            np.repeat(np.arange(len(ids_list)), lens))
+
+
+def sparse_weighted_sum(ids, rows, row_weights, n_items: int):
+    """sum over uploaded rows of weight * row, scattered into an (n_items, dim) table."""
+    out = torch.zeros((n_items, rows.shape[1]), dtype=torch.float32)
+    if len(ids):
+        src = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        src = src * torch.from_numpy(row_weights.astype(np.float32))[:, None]
+        out.index_add_(0, torch.from_numpy(ids), src)
+    return out.numpy()
+
+
+def dense_mean(ids_list, rows_list, weights, n_items: int) -> np.ndarray:
+    """Weighted mean over clients, untouched rows counting as zeros."""
+    ids, rows, owner = stack_uploads(ids_list, rows_list)
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum() if w.sum() > 0 else w
+    return sparse_weighted_sum(ids, rows, w[owner], n_items)
+
+
+def item_level_mean(ids_list, rows_list, weights, n_items: int) -> np.ndarray:
+    """Weighted mean of each row over only the clients that uploaded it."""
+    ids, rows, owner = stack_uploads(ids_list, rows_list)
+    w = np.asarray(weights, dtype=np.float64)
+    total = sparse_weighted_sum(ids, rows, w[owner], n_items)
+    denom = np.bincount(ids, weights=w[owner], minlength=n_items)
+    touched = denom > 0
+    total[touched] /= denom[touched, None].astype(np.float32)
+    return total
+
+
+def weighted_mean_arrays(arrays_list, weights) -> list:
+    """Weighted mean of equally shaped dense arrays (predictor gradients)."""
+    if not arrays_list or not arrays_list[0]:
+        return []
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    return [np.tensordot(w, np.stack([a[j] for a in arrays_list]), axes=1).astype(np.float32)
+            for j in range(len(arrays_list[0]))]

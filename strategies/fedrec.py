@@ -1,0 +1,182 @@
+"""FedRecStrategy: seeded sampling, upload validation, a pluggable rule, the server step.
+
+The class only moves messages. The round's work is split into plain methods that take and
+return numpy arrays (`sample`, `aggregate_uploads`, `evaluate_results`), which the Flower
+methods wrap and the in-process runner calls directly, so both ways of running execute the
+same code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns,
+    FitIns,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.strategy import Strategy
+
+from fedrec.optim import ServerOptimizer
+from fedrec.protocol import UploadError, decode_upload
+from strategies.mean import MeanRule
+from strategies.rule import RoundUpdates
+
+
+def sample_round(rng: np.random.Generator, n_candidates: int, k: int, mode: str, epoch_state: dict):
+    """Positions of the clients sampled this round.
+
+    uniform: k distinct clients uniformly at random every round (the reference).
+    epoch: a seeded permutation dealt out k at a time; a new permutation once it runs out.
+    """
+    k = min(k, n_candidates)
+    if mode == "uniform":
+        if k == n_candidates:
+            return np.arange(n_candidates)
+        return np.sort(rng.choice(n_candidates, size=k, replace=False))
+    queue = epoch_state.get("queue")
+    if queue is None or len(queue) < k:
+        queue = rng.permutation(n_candidates)
+    epoch_state["queue"] = queue[k:]
+    return np.sort(queue[:k])
+
+
+class FedRecStrategy(Strategy):
+    """Federated recommendation on sparse item uploads.
+
+    model_arrays: initial [item_table, *predictor]; rule: an AggregationRule (default mean);
+    recorder: optional object with log_fit(round, metrics) / log_eval(round, metrics, final).
+    """
+
+    def __init__(self, model_arrays, *, n_items, dim, predictor_shapes, server_cfg, seed=0,
+                 clients_per_round=50, sampling="uniform", num_rounds=1, eval_every=0,
+                 fraction_evaluate=0.1, min_available_clients=1, rule=None, recorder=None,
+                 ks=(5, 10, 20)):
+        super().__init__()
+        self.n_items, self.dim = int(n_items), int(dim)
+        self.predictor_shapes = [tuple(s) for s in predictor_shapes]
+        self.server_cfg = server_cfg
+        self.optimizer = ServerOptimizer(model_arrays, server_cfg.optimizer, server_cfg.lr,
+                                         server_cfg.betas, server_cfg.eps)
+        self.rule = rule if rule is not None else MeanRule(server_cfg.aggregation)
+        self.rng = np.random.default_rng([seed, 104729])  # sampling only
+        self.eval_rng = np.random.default_rng([seed, 130363])
+        self.clients_per_round = clients_per_round
+        self.sampling = sampling
+        self.epoch_state: dict = {}
+        self.num_rounds = num_rounds
+        self.eval_every = eval_every
+        self.fraction_evaluate = fraction_evaluate
+        self.min_available_clients = min_available_clients
+        self.recorder = recorder
+        self.ks = list(ks)
+        self.drop_counts: Counter = Counter()
+        self.last_dropped: list = []
+
+    # --- plain methods (shared by Flower and the in-process runner) ---------------------
+    def global_arrays(self) -> list:
+        return self.optimizer.arrays()
+
+    def sample(self, server_round: int, candidates: list) -> list:
+        idx = sample_round(self.rng, len(candidates), self.clients_per_round, self.sampling,
+                           self.epoch_state)
+        return [candidates[i] for i in idx]
+
+    def is_eval_round(self, server_round: int) -> bool:
+        return server_round == self.num_rounds or (
+            self.eval_every > 0 and server_round % self.eval_every == 0)
+
+    def aggregate_uploads(self, server_round: int, results) -> dict:
+        """results: list of (client_id, arrays, num_examples, metrics). Returns round metrics."""
+        uploads, losses, dropped = [], [], Counter()
+        for client_id, arrays, num_examples, metrics in results:
+            try:
+                uploads.append(decode_upload(
+                    arrays, num_examples, n_items=self.n_items, dim=self.dim,
+                    predictor_shapes=self.predictor_shapes,
+                    max_rows=self.server_cfg.max_upload_rows,
+                    max_examples=self.server_cfg.max_samples, client=str(client_id)))
+            except UploadError as e:
+                dropped[e.reason] += 1
+                continue
+            loss = (metrics or {}).get("loss")
+            if isinstance(loss, (int, float)) and math.isfinite(loss):
+                losses.append(float(loss))
+        self.drop_counts.update(dropped)
+        out = {"clients": len(results), "accepted": len(uploads),
+               "invalid": sum(dropped.values()), "invalid_total": sum(self.drop_counts.values()),
+               "train_loss": math.fsum(losses) / len(losses) if losses else float("nan")}
+        self.last_dropped = []
+        if uploads:
+            weights = (np.array([u.num_examples for u in uploads], dtype=np.float64)
+                       if self.server_cfg.weighting == "samples" else np.ones(len(uploads)))
+            updates = RoundUpdates(uploads, weights, self.n_items, self.dim, server_round,
+                                   self.optimizer.arrays()[0])
+            agg = self.rule(updates)
+            self.last_dropped = [uploads[i].client for i in agg.dropped]
+            out["rule_dropped"] = len(agg.dropped)
+            out.update({f"rule_{k}": v for k, v in agg.info.items()})
+            grads = [agg.item_grad, *agg.predictor] if agg.predictor else \
+                [agg.item_grad, *[np.zeros(s, np.float32) for s in self.predictor_shapes]]
+            self.optimizer.step(grads)
+        if self.recorder is not None:
+            self.recorder.log_fit(server_round, out)
+        return out
+
+    def evaluate_results(self, server_round: int, per_client_metrics: list, final: bool) -> dict:
+        """Mean of per-user metrics (order-independent sums), e.g. from federated evaluation."""
+        keys = sorted({k for m in per_client_metrics for k in m})
+        out = {}
+        for k in keys:
+            vals = [float(m[k]) for m in per_client_metrics if k in m]
+            out[k] = math.fsum(vals) / len(vals)
+            split = k.split("_", 1)[0]
+            out[f"{split}_users"] = len(vals)
+        if self.recorder is not None:
+            self.recorder.log_eval(server_round, out, final)
+        return out
+
+    # --- Flower Strategy API ------------------------------------------------------------
+    def initialize_parameters(self, client_manager):
+        return ndarrays_to_parameters(self.global_arrays())
+
+    def _clients(self, client_manager):
+        client_manager.wait_for(self.min_available_clients, timeout=3600)
+        proxies = client_manager.all()
+        return [proxies[cid] for cid in sorted(proxies)]
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        chosen = self.sample(server_round, self._clients(client_manager))
+        ins = FitIns(ndarrays_to_parameters(self.global_arrays()), {"round": server_round})
+        return [(proxy, ins) for proxy in chosen]
+
+    def aggregate_fit(self, server_round, results, failures):
+        raw = [(proxy.cid, parameters_to_ndarrays(res.parameters), res.num_examples, res.metrics)
+               for proxy, res in results]
+        metrics = self.aggregate_uploads(server_round, raw)
+        metrics["failures"] = len(failures)
+        return ndarrays_to_parameters(self.global_arrays()), metrics
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        if not self.is_eval_round(server_round):
+            return []
+        clients = self._clients(client_manager)
+        final = server_round == self.num_rounds
+        if not final and self.fraction_evaluate < 1.0:
+            k = max(1, int(round(self.fraction_evaluate * len(clients))))
+            idx = np.sort(self.eval_rng.choice(len(clients), size=k, replace=False))
+            clients = [clients[i] for i in idx]
+        ins = EvaluateIns(ndarrays_to_parameters(self.global_arrays()), {"round": server_round})
+        return [(proxy, ins) for proxy in clients]
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        per_client = [res.metrics for _, res in results if res.num_examples > 0]
+        out = self.evaluate_results(server_round, per_client, server_round == self.num_rounds)
+        loss = None  # ranking metrics only; Flower's loss slot is unused
+        return loss, out
+
+    def evaluate(self, server_round, parameters):
+        return None  # no centralised evaluation: the server holds no user data

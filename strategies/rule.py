@@ -1,0 +1,56 @@
+"""The aggregation-rule hook of `FedRecStrategy`.
+
+A rule sees exactly what a real server sees: the round's validated uploads and their claimed
+sample counts. It never sees ground truth (who is malicious). It returns the aggregated item
+gradient, the aggregated predictor gradient, and which uploads it dropped (positions in
+`updates.uploads`), so evaluation code can score detections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from strategies.aggregate import stack_uploads
+
+
+@dataclass
+class RoundUpdates:
+    uploads: list  # list[fedrec.protocol.Upload]
+    weights: np.ndarray  # aggregation weight per upload (sample counts or ones)
+    n_items: int
+    dim: int
+    server_round: int = 0
+    item_table: np.ndarray | None = None  # the current global table (read-only)
+
+    @cached_property
+    def stacked(self):
+        """(all_ids, all_rows, owner) over every upload."""
+        return stack_uploads([u.item_ids for u in self.uploads], [u.item_rows for u in self.uploads])
+
+    def __len__(self):
+        return len(self.uploads)
+
+
+@dataclass
+class Aggregate:
+    item_grad: np.ndarray  # (n_items, dim)
+    predictor: list
+    dropped: list = field(default_factory=list)  # positions in RoundUpdates.uploads
+    info: dict = field(default_factory=dict)  # rule diagnostics for the per-round metrics
+
+
+class AggregationRule:
+    """Base class: `granularity` is "dense" or "item" (see strategies.aggregate)."""
+
+    name = "rule"
+
+    def __init__(self, granularity: str = "dense"):
+        if granularity not in ("dense", "item"):
+            raise ValueError(f"granularity must be 'dense' or 'item', got {granularity!r}")
+        self.granularity = granularity
+
+    def __call__(self, updates: RoundUpdates) -> Aggregate:
+        raise NotImplementedError
