@@ -254,7 +254,7 @@ def _build(cls, raw: dict, prefix: str = ""):
     unknown = sorted(set(raw) - names)
     if unknown:
         valid = ", ".join(f"{prefix}{k}" for k in valid_keys(cls))
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; valid keys: {valid}")
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r}; valid keys: {valid}")
     kwargs = {}
     for name, value in raw.items():
         t = hints[name]
@@ -348,7 +348,7 @@ def expand(raw: dict, overrides: dict | None = None, base_dir: str = "") -> list
         cfg = from_dict(run_raw, base_dir)
         if keys:
             label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
-            cfg.output.name = cfg.output.name or f"{cfg.name}[{label}]"
+            cfg.output.name = f"{cfg.output.name or cfg.name}[{label}]"
         configs.append(cfg)
     return configs
 

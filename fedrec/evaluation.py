@@ -21,7 +21,8 @@ def ranks_of_targets(scores: np.ndarray, targets: np.ndarray, mask_rows, mask_co
     scores[mask_rows, mask_cols] = -np.inf
     rows = np.arange(len(targets))
     target_scores = scores[rows, targets]
-    return (scores > target_scores[:, None]).sum(axis=1)
+    # "not <=" rather than ">": a NaN item counts as higher, and a NaN target ranks last
+    return (~(scores <= target_scores[:, None])).sum(axis=1)
 
 
 def csr_gather(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:

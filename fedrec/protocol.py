@@ -72,6 +72,7 @@ def decode_upload(arrays, num_examples, *, n_items: int, dim: int, predictor_sha
             raise UploadError("ids_repeated")
         order = np.argsort(ids)  # unsorted but unique: accept, in canonical order
         ids, rows = ids[order], rows[order]
+    rows = rows.astype(np.float32, copy=False)  # check what the server will use: 1e39 -> inf
     if not np.isfinite(rows.sum()) and not np.isfinite(rows).all():
         raise UploadError("non_finite", "item rows")
     pred = []
@@ -79,9 +80,10 @@ def decode_upload(arrays, num_examples, *, n_items: int, dim: int, predictor_sha
         a = np.asarray(a)
         if a.shape != tuple(shape) or a.dtype.kind != "f":
             raise UploadError("predictor_shape", f"predictor {j}: expected {tuple(shape)}, got {a.dtype}{a.shape}")
+        a = a.astype(np.float32, copy=False)
         if not np.isfinite(a).all():
             raise UploadError("non_finite", f"predictor {j}")
-        pred.append(a.astype(np.float32, copy=False))
+        pred.append(a)
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) \
             or not 0 < num_examples <= max_examples:
         raise UploadError("num_examples", f"{num_examples!r}")

@@ -57,12 +57,13 @@ class RunRecorder:
         self._pending: list = []
 
     def log_fit(self, rnd: int, metrics: dict):
+        # flush earlier rounds only: this round's eval metrics may still come (one row per round)
+        if len(self._pending) >= 200:
+            self.flush()
         row = self.rows.setdefault(rnd, {"round": rnd})
         row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         self.latest.update({"train_loss": metrics.get("train_loss")})
         self._pending.append(rnd)
-        if len(self._pending) >= 200:
-            self.flush()
 
     def log_eval(self, rnd: int, metrics: dict, final: bool):
         row = self.rows.setdefault(rnd, {"round": rnd})

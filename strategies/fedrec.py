@@ -31,6 +31,8 @@ def sample_round(rng: np.random.Generator, n_candidates: int, k: int, mode: str,
 
     uniform: k distinct clients uniformly at random every round (the reference).
     epoch: a seeded permutation dealt out k at a time; a new permutation once it runs out.
+    When k does not divide the number of clients, an epoch's last round is short (as in
+    FedAttack's batching), so every client is sampled exactly once per epoch.
     """
     k = min(k, n_candidates)
     if mode == "uniform":
@@ -38,7 +40,7 @@ def sample_round(rng: np.random.Generator, n_candidates: int, k: int, mode: str,
             return np.arange(n_candidates)
         return np.sort(rng.choice(n_candidates, size=k, replace=False))
     queue = epoch_state.get("queue")
-    if queue is None or len(queue) < k:
+    if queue is None or len(queue) == 0:
         queue = rng.permutation(n_candidates)
     epoch_state["queue"] = queue[k:]
     return np.sort(queue[:k])

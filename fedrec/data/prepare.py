@@ -18,7 +18,7 @@ import numpy as np
 
 from fedrec.data.types import SPLIT_TEST, Interactions
 
-PREP_VERSION = 1
+PREP_VERSION = 2  # 2: k-core counts distinct pairs
 
 
 @dataclass
@@ -91,13 +91,23 @@ class PreparedData:
 
 
 def kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of rows kept by the iterative k-core filter (users and items >= k)."""
+    """Boolean mask of rows kept by the iterative k-core filter (users and items >= k).
+
+    Degrees count distinct (user, item) pairs: a repeated interaction adds nothing.
+    """
     keep = np.ones(len(users), dtype=bool)
-    if k <= 1:
+    if k <= 1 or not len(users):
         return keep
+    # count each pair once (all copies of a pair are kept or dropped together)
+    ui = np.unique(users, return_inverse=True)[1].astype(np.int64)
+    ii = np.unique(items, return_inverse=True)[1].astype(np.int64)
+    _, first = np.unique(ui * (int(ii.max()) + 1) + ii, return_index=True)
+    distinct = np.zeros(len(users), dtype=bool)
+    distinct[first] = True
     while True:
-        u_cnt = np.bincount(users[keep], minlength=users.max() + 1 if len(users) else 0)
-        i_cnt = np.bincount(items[keep], minlength=items.max() + 1 if len(items) else 0)
+        counted = keep & distinct
+        u_cnt = np.bincount(users[counted], minlength=users.max() + 1 if len(users) else 0)
+        i_cnt = np.bincount(items[counted], minlength=items.max() + 1 if len(items) else 0)
         new = keep & (u_cnt[users] >= k) & (i_cnt[items] >= k)
         if new.sum() == keep.sum():
             return new

@@ -87,7 +87,7 @@ class NCF(RecModel):
             full[ids] += item_rows
             ids, item_rows = np.arange(self.n_items), full
         return ClientGrad(ids, item_rows.astype(np.float32, copy=False),
-                          [a.grad.numpy() for a in p], u.grad.numpy(), float(loss), n)
+                          [a.grad.numpy() for a in p], u.grad.numpy(), float(loss.detach()), n)
 
     @torch.no_grad()
     def score(self, users, item_table, predictor):

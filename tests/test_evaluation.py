@@ -1,0 +1,104 @@
+"""Full-ranking evaluation: ranks, HR/NDCG, masking, and engine vs per-client agreement."""
+
+import numpy as np
+import pytest
+
+from fedrec.config import from_dict
+from fedrec.data.prepare import PreparedData
+from fedrec.engine import Engine
+from fedrec.evaluation import (detection_metrics, evaluate_users, metrics_from_ranks,
+                               per_user_metrics, ranks_of_targets)
+from fedrec.models.mf import MF
+
+
+def test_ranks_of_targets_hand_made():
+    scores = np.array([[0.5, 0.9, 0.1, 0.9, 0.5],
+                       [1.0, 2.0, 3.0, 4.0, 5.0]])
+    targets = np.array([0, 2])
+    # row 0: item 1 masked; item 3 is higher; item 4 ties (not counted) -> rank 1
+    # row 1: items 3, 4 masked -> nothing higher -> rank 0
+    ranks = ranks_of_targets(scores, targets, np.array([0, 1, 1]), np.array([1, 3, 4]))
+    np.testing.assert_array_equal(ranks, [1, 0])
+    np.testing.assert_array_equal(ranks_of_targets(scores, targets, [], []), [2, 2])
+    assert scores[0, 1] == 0.9  # the input is not modified
+
+
+def test_nan_scores_never_rank_first():
+    scores = np.array([[np.nan, 1.0, 2.0, 0.0], [0.5, np.nan, 0.1, 0.2]])
+    ranks = ranks_of_targets(scores, np.array([0, 0]), [], [])
+    assert ranks[0] >= 4  # a NaN target is a miss at every K
+    assert ranks[1] == 1  # a NaN competitor counts as higher
+    assert metrics_from_ranks(ranks[:1], [1, 3])["hr@3"] == 0.0
+
+
+def test_hr_ndcg_hand_computed():
+    ranks = np.array([0, 2, 5, 9])
+    m = metrics_from_ranks(ranks, [1, 5, 10])
+    assert m["hr@1"] == 0.25 and m["ndcg@1"] == 0.25
+    assert m["hr@5"] == 0.5
+    assert m["ndcg@5"] == pytest.approx((1.0 + 0.5) / 4)  # rank 0 -> 1, rank 2 -> 1/log2(4)
+    assert m["hr@10"] == 1.0
+    assert m["ndcg@10"] == pytest.approx((1 + 0.5 + 1 / np.log2(7) + 1 / np.log2(11)) / 4)
+    per = per_user_metrics(ranks, [5])
+    np.testing.assert_array_equal(per["hr@5"], [1, 1, 0, 0])
+    np.testing.assert_allclose(per["ndcg@5"], [1, 0.5, 0, 0])
+    assert metrics_from_ranks(np.array([], np.int64), [5]) == {"hr@5": 0.0, "ndcg@5": 0.0}
+
+
+def _tiny_data():
+    # user 0: train [0, 1], val 2, test 3; user 1: train [4], no val, test 0
+    return PreparedData(
+        n_users=2, n_items=5, train_indptr=np.array([0, 2, 3]), train_items=np.array([0, 1, 4]),
+        val_item=np.array([2, -1]), test_item=np.array([3, 0]), attacker_pool=np.zeros(0, np.int64),
+        item_popularity=np.array([1, 1, 0, 0, 1]), split_kind="time")
+
+
+def test_evaluate_users_masks_training_and_validation_items():
+    data = _tiny_data()
+    model = MF(5, 1)
+    table = np.array([[5.0], [4.0], [3.0], [2.0], [1.0]], np.float32)  # score = u * v
+    vecs = np.array([[1.0], [-1.0]], np.float32)
+    users = np.array([0, 1])
+    # user 0, test: items 0, 1 (train) and 2 (val) masked -> rank 0 (else 3)
+    # user 1, test (scores -5..-1): item 4 masked; items 1, 2, 3 are higher -> rank 3
+    for batch in (1, 2, 1024):
+        res = evaluate_users(model, table, [], vecs, users, data, "test", [1, 5], batch)
+        np.testing.assert_array_equal(res["ranks"], [0, 3])
+        assert res["hr@1"] == 0.5 and res["hr@5"] == 1.0
+        assert res["ndcg@5"] == pytest.approx((1 + 1 / np.log2(5)) / 2)
+    # user 0, val: items 0, 1 masked (item 2 is the target) -> rank 0; test item 3 is not masked
+    res = evaluate_users(model, table, [], vecs[:1], users[:1], data, "val", [1])
+    np.testing.assert_array_equal(res["ranks"], [0])
+    vecs0 = np.array([[-1.0]], np.float32)  # reversed: items 3 (-2) and 4 (-1) are higher than 2 (-3)
+    res = evaluate_users(model, table, [], vecs0, users[:1], data, "val", [1])
+    np.testing.assert_array_equal(res["ranks"], [2])
+
+
+def test_detection_metrics():
+    m = detection_metrics([1, 2, 3, 4], [3, 4, 5])
+    assert m["tp"] == 2 and m["precision"] == 0.5 and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert detection_metrics([], [])["precision"] == 1.0 and detection_metrics([], [1])["recall"] == 0.0
+
+
+def test_engine_evaluate_equals_mean_of_client_evaluate(tmp_path):
+    cfg = from_dict({
+        "data": {"synthetic": {"n_users": 60, "n_items": 80, "mean_history": 12},
+                 "cache_dir": str(tmp_path)},
+        "model": {"dim": 8}, "train": {"rounds": 3, "clients_per_round": 20},
+        "server": {"lr": 0.01}, "eval": {"batch_users": 16}, "output": {"progress": False},
+    })
+    engine = Engine(cfg, progress=False)
+    engine.run()
+    rnd = 5  # later than the last round: every user's row catches up on momentum
+    out = engine.evaluate(rnd, final=False)
+    arrays = engine.strategy.global_arrays()
+    per_client = []
+    for user in range(engine.env.data.n_users):
+        _, n, m = engine.client(user).evaluate(arrays, {"round": rnd})
+        if n:
+            per_client.append(m)
+    assert len(per_client) == 57  # 60 users less the 3 in the attacker pool
+    fed = engine.strategy.evaluate_results(rnd, per_client, final=False)
+    assert fed == out
+    assert out["test_users"] == 57 and 0 < out["test_hr@20"] < 1

@@ -1,0 +1,222 @@
+"""MF / NCF gradients against independent float64 torch references; cohort invariance."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.models import make_model
+from fedrec.models.base import dropout_bits, dropout_threshold, scatter_rows
+from fedrec.models.mf import MF
+from fedrec.models.ncf import NCF
+
+N_ITEMS, DIM = 30, 8
+
+
+def _setup(seed=0, n=12):
+    rng = np.random.default_rng(seed)
+    table = (rng.standard_normal((N_ITEMS, DIM)) * 0.5).astype(np.float32)
+    user = (rng.standard_normal(DIM) * 0.5).astype(np.float32)
+    pos = rng.integers(0, N_ITEMS, n)
+    neg = rng.integers(0, N_ITEMS, n)
+    neg[:3] = neg[3]  # repeated negatives
+    pos[5] = neg[6]  # an item that is both a positive and a negative
+    return table, user, pos, neg
+
+
+def _sfc(seed):
+    return np.random.Generator(np.random.SFC64(seed))
+
+
+def _mf_reference(table, user, pos, neg, wd, keep=None, p=0.0):
+    """Mean softplus(-(u'.(vi' - vj'))) + wd/2 (|u|^2 + sum over touched rows |v|^2), float64."""
+    V = torch.tensor(table, dtype=torch.float64, requires_grad=True)
+    u = torch.tensor(user, dtype=torch.float64, requires_grad=True)
+    n = len(pos)
+    uu, vi, vj = u.expand(n, -1), V[torch.from_numpy(pos)], V[torch.from_numpy(neg)]
+    if keep is not None:
+        k = torch.from_numpy(keep).double() / (1.0 - p)
+        uu, vi, vj = uu * k[0], vi * k[1], vj * k[2]
+    x = (uu * (vi - vj)).sum(1)
+    loss = torch.nn.functional.softplus(-x).mean()
+    touched = torch.from_numpy(np.unique(np.concatenate([pos, neg])))
+    total = loss + 0.5 * wd * ((u * u).sum() + (V[touched] ** 2).sum())
+    total.backward()
+    return V.grad.numpy(), u.grad.numpy(), float(loss.detach())
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_mf_gradients_match_autograd(wd):
+    table, user, pos, neg = _setup()
+    model = MF(N_ITEMS, DIM, dropout=0.0)
+    g = model.gradients(table, [], user, pos, neg, _sfc(1), weight_decay=wd)
+    Vg, ug, loss = _mf_reference(table, user, pos, neg, wd)
+    touched = np.unique(np.concatenate([pos, neg]))
+    np.testing.assert_array_equal(g.item_ids, touched)
+    assert g.item_ids.dtype == np.int64 and g.item_rows.dtype == np.float32
+    np.testing.assert_allclose(g.item_rows, Vg[touched], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g.user_grad, ug, rtol=1e-5, atol=1e-7)
+    assert g.loss == pytest.approx(loss, rel=1e-6)
+    assert g.n_samples == len(pos) and g.predictor == []
+    # rows the client never touched have a zero gradient in the reference too
+    assert np.abs(np.delete(Vg, touched, axis=0)).max() == 0
+
+
+def test_mf_gradients_with_dropout_match_autograd_on_the_same_masks():
+    p = 0.3
+    table, user, pos, neg = _setup(seed=3, n=20)
+    model = MF(N_ITEMS, DIM, dropout=p)
+    g = model.gradients(table, [], user, pos, neg, _sfc(5), weight_decay=1e-3)
+    keep = (dropout_bits(_sfc(5), 3 * len(pos) * DIM) >= dropout_threshold(p)).reshape(3, -1, DIM)
+    assert 0.2 < 1 - keep.mean() < 0.4
+    Vg, ug, loss = _mf_reference(table, user, pos, neg, 1e-3, keep=keep, p=p)
+    np.testing.assert_allclose(g.item_rows, Vg[g.item_ids], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g.user_grad, ug, rtol=1e-5, atol=1e-7)
+    assert g.loss == pytest.approx(loss, rel=1e-6)
+    # train=False disables dropout
+    g0 = model.gradients(table, [], user, pos, neg, _sfc(5), weight_decay=1e-3, train=False)
+    Vg0, ug0, _ = _mf_reference(table, user, pos, neg, 1e-3)
+    np.testing.assert_allclose(g0.user_grad, ug0, rtol=1e-5, atol=1e-7)
+
+
+def test_mf_cohort_equals_single_bit_for_bit():
+    rng = np.random.default_rng(11)
+    n_items, d = 500, 16
+    model = MF(n_items, d, dropout=0.2)
+    table = (rng.standard_normal((n_items, d)) * 0.3).astype(np.float32)
+    sizes = [1, 7, 150, 33, 600, 2]
+    users = [(rng.standard_normal(d) * 0.3).astype(np.float32) for _ in sizes]
+    pos = [rng.integers(0, n_items, s) for s in sizes]
+    neg = [rng.integers(0, n_items, s) for s in sizes]
+    for kw in ({"weight_decay": 1e-5}, {"weight_decay": 0.0}, {"weight_decay": 1e-5, "weight_decay_all": True}):
+        cohort = model.gradients_cohort(table, [], users, pos, neg, [_sfc([7, c]) for c in range(len(sizes))], **kw)
+        for c in range(len(sizes)):
+            single = model.gradients(table, [], users[c], pos[c], neg[c], _sfc([7, c]), **kw)
+            assert np.array_equal(cohort[c].item_ids, single.item_ids)
+            assert np.array_equal(cohort[c].item_rows, single.item_rows)
+            assert np.array_equal(cohort[c].user_grad, single.user_grad)
+            assert cohort[c].loss == single.loss and cohort[c].n_samples == sizes[c]
+    # and the clients really differ (the masks are per client)
+    assert not np.array_equal(cohort[0].user_grad, cohort[5].user_grad)
+
+
+def test_weight_decay_scope_all_is_dense():
+    table, user, pos, neg = _setup()
+    wd = 1e-2
+    for model in (MF(N_ITEMS, DIM, dropout=0.0), NCF(N_ITEMS, DIM, mlp_layers=(6, 4))):
+        pred = model.init_global(np.random.default_rng(0))[1]
+        sparse = model.gradients(table, pred, user, pos, neg, _sfc(1), weight_decay=wd)
+        dense = model.gradients(table, pred, user, pos, neg, _sfc(1), weight_decay=wd,
+                                weight_decay_all=True)
+        np.testing.assert_array_equal(dense.item_ids, np.arange(N_ITEMS))
+        assert dense.item_rows.shape == (N_ITEMS, DIM) and dense.item_rows.dtype == np.float32
+        untouched = np.setdiff1d(np.arange(N_ITEMS), sparse.item_ids)
+        assert len(untouched) > 0
+        np.testing.assert_allclose(dense.item_rows[untouched], wd * table[untouched], rtol=1e-6)
+        np.testing.assert_allclose(dense.item_rows[sparse.item_ids], sparse.item_rows, rtol=1e-5, atol=1e-8)
+
+
+def _ncf_reference(table, user, pred, pos, neg, wd):
+    """score = h.(u*v) + w.tanh(W2 tanh(W1 [u; v] + b1) + b2) + b, float64 autograd."""
+    V = torch.tensor(table, dtype=torch.float64, requires_grad=True)
+    u = torch.tensor(user, dtype=torch.float64, requires_grad=True)
+    P = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in pred]
+    h, w1, b1, w2, b2, wo, bo = P
+
+    def score(item_ids):
+        v = V[torch.from_numpy(item_ids)]
+        uu = u.expand(len(item_ids), -1)
+        hidden = torch.tanh(torch.cat([uu, v], 1) @ w1.T + b1)
+        return (uu * v * h).sum(1) + torch.tanh(hidden @ w2.T + b2) @ wo + bo[0]
+
+    loss = torch.nn.functional.softplus(-(score(pos) - score(neg))).mean()
+    touched = torch.from_numpy(np.unique(np.concatenate([pos, neg])))
+    reg = (u * u).sum() + sum((a * a).sum() for a in P) + (V[touched] ** 2).sum()
+    (loss + 0.5 * wd * reg).backward()
+    return V.grad.numpy(), u.grad.numpy(), [a.grad.numpy() for a in P], float(loss.detach()), score
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_ncf_gradients_match_reference(wd):
+    table, user, pos, neg = _setup(seed=4)
+    model = NCF(N_ITEMS, DIM, dropout=0.0, mlp_layers=(6, 5))
+    _, pred = model.init_global(np.random.default_rng(2))
+    rng = np.random.default_rng(9)
+    pred = [(a + 0.3 * rng.standard_normal(a.shape)).astype(np.float32) for a in pred]  # non-trivial biases
+    assert [a.shape for a in pred] == model.predictor_shapes
+    g = model.gradients(table, pred, user, pos, neg, _sfc(1), weight_decay=wd)
+    Vg, ug, pg, loss, _ = _ncf_reference(table, user, pred, pos, neg, wd)
+    np.testing.assert_array_equal(g.item_ids, np.unique(np.concatenate([pos, neg])))
+    np.testing.assert_allclose(g.item_rows, Vg[g.item_ids], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g.user_grad, ug, rtol=1e-4, atol=1e-6)
+    assert len(g.predictor) == 7
+    for a, b in zip(g.predictor, pg):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert g.loss == pytest.approx(loss, rel=1e-5)
+
+
+def test_ncf_reference_against_finite_differences():
+    # the float64 reference itself, on one predictor weight and one item coordinate
+    table, user, pos, neg = _setup(seed=4)
+    model = NCF(N_ITEMS, DIM, mlp_layers=(6, 5))
+    _, pred = model.init_global(np.random.default_rng(2))
+    pred = [a.astype(np.float64) for a in pred]
+    table, user = table.astype(np.float64), user.astype(np.float64)
+    Vg, _, pg, _, _ = _ncf_reference(table, user, pred, pos, neg, 0.0)
+    eps = 1e-6
+
+    def loss_at(t, p):
+        return _ncf_reference(t, user, p, pos, neg, 0.0)[3]
+
+    p_hi = [a.copy() for a in pred]; p_hi[1][2, 3] += eps
+    p_lo = [a.copy() for a in pred]; p_lo[1][2, 3] -= eps
+    assert (loss_at(table, p_hi) - loss_at(table, p_lo)) / (2 * eps) == pytest.approx(pg[1][2, 3], rel=1e-5)
+    i = int(pos[0])
+    t_hi, t_lo = table.copy(), table.copy()
+    t_hi[i, 1] += eps
+    t_lo[i, 1] -= eps
+    assert (loss_at(t_hi, pred) - loss_at(t_lo, pred)) / (2 * eps) == pytest.approx(Vg[i, 1], rel=1e-5)
+
+
+def test_ncf_score_matches_pairwise_forward_and_reference():
+    table, user, pos, neg = _setup(seed=6)
+    model = NCF(N_ITEMS, DIM, mlp_layers=(6, 5))
+    _, pred = model.init_global(np.random.default_rng(3))
+    pred = [(a + 0.2).astype(np.float32) for a in pred]
+    users = np.stack([user, -user, user * 2])
+    S = model.score(users, table, pred)
+    assert S.shape == (3, N_ITEMS)
+    p = [torch.from_numpy(a) for a in pred]
+    for b in range(3):
+        f = NCF._forward(torch.from_numpy(users[b]).expand(N_ITEMS, -1), torch.from_numpy(table), p)
+        np.testing.assert_allclose(S[b], f.detach().numpy(), rtol=1e-5, atol=1e-6)
+    ref_score = _ncf_reference(table, users[0], pred, pos, neg, 0.0)[4]
+    np.testing.assert_allclose(S[0], ref_score(np.arange(N_ITEMS)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_mf_score_and_init():
+    table, user, _, _ = _setup()
+    model = MF(N_ITEMS, DIM)
+    S = model.score(np.stack([user, user]), table, [])
+    assert S.dtype == np.float64
+    np.testing.assert_allclose(S[0], table.astype(np.float64) @ user.astype(np.float64))
+    np.testing.assert_array_equal(S[0], S[1])
+    t, pred = model.init_global(np.random.default_rng(0))
+    assert t.shape == (N_ITEMS, DIM) and t.dtype == np.float32 and pred == []
+    t2, _ = model.init_global(np.random.default_rng(0))
+    np.testing.assert_array_equal(t, t2)
+    assert model.init_user(np.random.default_rng(0)).shape == (DIM,)
+
+
+def test_make_model_and_scatter_rows():
+    from fedrec.config import from_dict
+    from fedrec.errors import ConfigError
+
+    assert isinstance(make_model(from_dict({"model": {"name": "ncf", "dim": 4}}).model, 10), NCF)
+    m = make_model(from_dict({"model": {"dim": 4, "dropout": 0.1}}).model, 10)
+    assert isinstance(m, MF) and m.dim == 4 and m.dropout == 0.1 and m.n_items == 10
+    with pytest.raises(ConfigError, match="model.name"):
+        make_model(from_dict({"model": {"name": "gru"}}).model, 10)
+    ids, rows = scatter_rows(np.array([3, 1, 3]), np.array([[1.0], [2.0], [4.0]], np.float32))
+    np.testing.assert_array_equal(ids, [1, 3])
+    np.testing.assert_array_equal(rows, [[2.0], [5.0]])

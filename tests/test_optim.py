@@ -1,0 +1,152 @@
+"""Client-side Adam catch-up and step; the server optimizer."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.optim import ServerOptimizer, adam_catch_up, adam_step
+
+LR, B1, B2, EPS = 2e-3, 0.9, 0.999, 1e-8
+
+
+def _loop_reference(U, M, V, last, to, lr=LR, b1=B1, b2=B2, eps=EPS):
+    """Plain per-round zero-gradient Adam steps (float64), exactly as torch.optim.Adam does them."""
+    U, M, V = U.astype(np.float64).copy(), M.astype(np.float64).copy(), V.astype(np.float64).copy()
+    for c in range(len(U)):
+        for s in range(last[c] + 1, to[c] + 1):
+            M[c] *= b1
+            V[c] *= b2
+            U[c] -= lr * (M[c] / (1 - b1 ** s)) / (np.sqrt(V[c] / (1 - b2 ** s)) + eps)
+    return U, M, V
+
+
+def _moments(rng, C, d):
+    # a real history: a few Adam updates with gradients of various sizes
+    M = np.zeros((C, d))
+    V = np.zeros((C, d))
+    for scale in (0.1, 0.01, 1.0, 1e-3):
+        g = rng.standard_normal((C, d)) * scale
+        M = B1 * M + (1 - B1) * g
+        V = B2 * V + (1 - B2) * g * g
+    return M, V
+
+
+def test_catch_up_equals_round_loop():
+    rng = np.random.default_rng(0)
+    C, d = 9, 6
+    U = rng.standard_normal((C, d))
+    M, V = _moments(rng, C, d)
+    # coordinates never touched by a gradient (v = 0 = m), and tiny v with a sizeable m
+    M[1, :2] = V[1, :2] = 0.0
+    V[2, 0], M[2, 0] = 0.0, 1e-4  # v = 0 exactly: the step is m_hat / eps
+    V[2, 1], M[2, 1] = 1e-19, 3e-9  # sqrt(v) comparable to eps: the exact branch
+    V[2, 2], M[2, 2] = 1e-14, 1e-7
+    last = np.array([0, 3, 10, 7, 100, 5, 42, 1, 3])
+    to = np.array([0, 4, 60, 207, 130, 5 + 199, 43, 20, 2])  # gaps 0,1,50,200,30,199,1,19,<0
+    M[0] = V[0] = 0.0  # a row that never trained
+    U0 = U.copy()
+    Ur, Mr, Vr = _loop_reference(U, M, V, last, to)
+    adam_catch_up(U, M, V, last, to, LR, B1, B2, EPS)
+    move, ref_move = U - U0, Ur - U0
+    assert np.abs(ref_move).max() > 1e-3  # the test moves something
+    np.testing.assert_allclose(move, ref_move, rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(M, Mr, rtol=1e-12)
+    np.testing.assert_allclose(V, Vr, rtol=1e-12)
+    assert (move[1, :2] == 0).all() and (move[0] == 0).all() and (move[8] == 0).all()
+
+
+def test_catch_up_long_gap_truncation_below_float32():
+    rng = np.random.default_rng(1)
+    U = rng.standard_normal((3, 4))
+    M, V = _moments(rng, 3, 4)
+    U0 = U.copy()
+    last, to = np.array([1, 50, 400]), np.array([700, 650, 1000])
+    Ur, Mr, Vr = _loop_reference(U, M, V, last, to)
+    adam_catch_up(U, M, V, last, to, LR, B1, B2, EPS)
+    np.testing.assert_allclose(U - U0, Ur - U0, rtol=1e-6)
+    np.testing.assert_allclose(M, Mr, rtol=1e-9)
+
+
+def test_catch_up_cohort_equals_single_rows_bit_for_bit():
+    rng = np.random.default_rng(2)
+    C, d = 7, 16
+    U = rng.standard_normal((C, d)).astype(np.float32)
+    M, V = (a.astype(np.float32) for a in _moments(rng, C, d))
+    V[3, :4] = 0.0
+    M[3, :4] = 0.0
+    V[4, :3] = 1e-20
+    last = rng.integers(0, 50, C)
+    to = last + np.array([0, 1, 2, 30, 199, 250, 7])
+    Uc, Mc, Vc = U.copy(), M.copy(), V.copy()
+    adam_catch_up(Uc, Mc, Vc, last, to, LR, B1, B2, EPS)
+    assert Uc.dtype == np.float32
+    for c in range(C):
+        u, m, v = U[c:c + 1].copy(), M[c:c + 1].copy(), V[c:c + 1].copy()
+        adam_catch_up(u, m, v, last[c:c + 1], to[c:c + 1], LR, B1, B2, EPS)
+        assert np.array_equal(u[0], Uc[c]) and np.array_equal(m[0], Mc[c]) and np.array_equal(v[0], Vc[c])
+    assert not np.array_equal(Uc, U)
+
+
+def test_adam_step_matches_torch():
+    rng = np.random.default_rng(3)
+    U = rng.standard_normal((4, 5)).astype(np.float32)
+    M, V = np.zeros_like(U), np.zeros_like(U)
+    p = torch.tensor(U.copy(), requires_grad=True)
+    opt = torch.optim.Adam([p], lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    for t in range(1, 4):
+        G = rng.standard_normal((4, 5)).astype(np.float32)
+        adam_step(U, M, V, G, t, 0.01, 0.9, 0.999, 1e-8)
+        p.grad = torch.from_numpy(G.copy())
+        opt.step()
+        np.testing.assert_allclose(U, p.detach().numpy(), rtol=1e-6, atol=1e-7)
+    st = opt.state[p]
+    np.testing.assert_allclose(M, st["exp_avg"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(V, st["exp_avg_sq"].numpy(), rtol=1e-6)
+    # first step moves each coordinate by lr * sign(g) (up to eps)
+    U1, M1, V1 = np.ones((1, 2), np.float32), np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32)
+    adam_step(U1, M1, V1, np.array([[0.5, -2.0]], np.float32), 1, 0.1, 0.9, 0.999, 1e-8)
+    np.testing.assert_allclose(U1, [[0.9, 1.1]], rtol=1e-6)
+
+
+def test_adam_step_per_row_step_counts():
+    U = np.zeros((2, 1), np.float32)
+    M, V = np.zeros_like(U), np.zeros_like(U)
+    G = np.ones((2, 1), np.float32)
+    adam_step(U, M, V, G, [1, 5], 1.0, 0.9, 0.999, 0.0)
+    # m = 0.1, v = 0.001; row 0 (t=1): m_hat/sqrt(v_hat) = 1; row 1 (t=5): bias corrections differ
+    expect1 = (0.1 / (1 - 0.9 ** 5)) / np.sqrt(0.001 / (1 - 0.999 ** 5))
+    np.testing.assert_allclose(U[:, 0], [-1.0, -expect1], rtol=1e-6)
+
+
+def test_server_optimizer_arrays_share_memory_and_move():
+    table = np.ones((5, 3), np.float32)
+    pred = np.zeros(4, np.float32)
+    opt = ServerOptimizer([table, pred], "adam", lr=0.1)
+    arrays = opt.arrays()
+    assert np.shares_memory(arrays[0], opt.params[0].numpy())
+    assert np.shares_memory(arrays[1], opt.params[1].numpy())
+    g = np.zeros((5, 3), np.float32)
+    g[1] = [1.0, -1.0, 0.5]
+    opt.step([g, np.full(4, 2.0, np.float32)])
+    # the arrays handed out before the step see the new values
+    np.testing.assert_allclose(arrays[0][1], [0.9, 1.1, 0.9], rtol=1e-6)
+    np.testing.assert_array_equal(arrays[0][0], [1, 1, 1])
+    np.testing.assert_allclose(arrays[1], -0.1, rtol=1e-6)
+    assert all(p.grad is None for p in opt.params)
+    # a zero gradient next round: row 1 keeps moving on momentum (dense Adam, as the reference)
+    before = arrays[0][1].copy()
+    opt.step([np.zeros((5, 3), np.float32), np.zeros(4, np.float32)])
+    assert (np.sign(arrays[0][1] - before) == [-1, 1, -1]).all()
+    np.testing.assert_array_equal(arrays[0][0], [1, 1, 1])
+    sd = opt.state_dict()
+    opt2 = ServerOptimizer([arrays[0].copy(), arrays[1].copy()], "adam", lr=0.1)
+    opt2.load_state_dict(sd)
+    assert opt2.state_dict()["state"][0]["step"] == 2
+
+
+def test_server_sgd_and_unknown_kind():
+    opt = ServerOptimizer([np.ones((2, 2), np.float32)], "sgd", lr=0.5)
+    opt.step([np.array([[1, 2], [0, -4]], np.float32)])
+    np.testing.assert_allclose(opt.arrays()[0], [[0.5, 0.0], [1.0, 3.0]])
+    with pytest.raises(ValueError, match="rmsprop"):
+        ServerOptimizer([np.ones(2, np.float32)], "rmsprop")

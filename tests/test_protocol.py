@@ -1,0 +1,158 @@
+"""The upload format: round trip and every rejection, with its reason."""
+
+import numpy as np
+import pytest
+
+from fedrec.protocol import UploadError, decode_upload, encode_upload
+
+N_ITEMS, DIM = 10, 3
+SHAPES = [(DIM,), (2, 4)]
+
+
+def _good():
+    ids = np.array([1, 4, 9])
+    rows = np.arange(9, dtype=np.float32).reshape(3, DIM)
+    pred = [np.ones(DIM, np.float32), np.full((2, 4), 0.5, np.float32)]
+    return ids, rows, pred
+
+
+def _decode(arrays, n=5, **kw):
+    kw = {"n_items": N_ITEMS, "dim": DIM, "predictor_shapes": SHAPES, **kw}
+    return decode_upload(arrays, n, **kw)
+
+
+def _reason(arrays, n=5, **kw) -> str:
+    with pytest.raises(UploadError) as e:
+        _decode(arrays, n, **kw)
+    return e.value.reason
+
+
+def test_round_trip():
+    ids, rows, pred = _good()
+    arrays = encode_upload(ids, rows.astype(np.float64), pred)
+    assert [a.dtype for a in arrays] == [np.int64, np.float32, np.float32, np.float32]
+    up = _decode(arrays, 7, client="c3")
+    np.testing.assert_array_equal(up.item_ids, ids)
+    np.testing.assert_array_equal(up.item_rows, rows)
+    assert up.item_ids.dtype == np.int64 and up.item_rows.dtype == np.float32
+    assert len(up.predictor) == 2
+    for a, b in zip(up.predictor, pred):
+        np.testing.assert_array_equal(a, b)
+    assert up.num_examples == 7 and up.client == "c3"
+    # an empty upload is valid; numpy integer sample counts are accepted
+    empty = encode_upload(np.zeros(0, np.int64), np.zeros((0, DIM)), pred)
+    assert len(_decode(empty, np.int64(1)).item_ids) == 0
+
+
+def test_unsorted_unique_ids_are_put_in_order_with_their_rows():
+    ids, rows, pred = _good()
+    up = _decode([ids[::-1].copy(), rows[::-1].copy(), *pred])
+    np.testing.assert_array_equal(up.item_ids, ids)
+    np.testing.assert_array_equal(up.item_rows, rows)
+
+
+@pytest.mark.parametrize("bad_ids", [[1, 4, 10], [-1, 4, 9], [1, 4, 1000], [9, 4, -2]])
+def test_ids_out_of_range(bad_ids):
+    _, rows, pred = _good()
+    assert _reason([np.array(bad_ids), rows, *pred]) == "ids_range"
+
+
+def test_ids_repeated():
+    _, rows, pred = _good()
+    assert _reason([np.array([1, 4, 4]), rows, *pred]) == "ids_repeated"
+    assert _reason([np.array([4, 1, 4]), rows, *pred]) == "ids_repeated"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_rows_and_predictor(value):
+    ids, rows, pred = _good()
+    bad = rows.copy()
+    bad[1, 2] = value
+    assert _reason([ids, bad, *pred]) == "non_finite"
+    p = [pred[0], pred[1].copy()]
+    p[1][1, 3] = value
+    assert _reason([ids, rows, *p]) == "non_finite"
+
+
+def test_float64_values_that_overflow_float32_are_non_finite():
+    ids, rows, pred = _good()
+    big = rows.astype(np.float64)
+    big[0, 0] = 1e39  # finite in float64, inf once the server casts it to float32
+    with np.errstate(over="ignore"):
+        assert _reason([ids, big, *pred]) == "non_finite"
+        p = [pred[0].astype(np.float64) * 1e300, pred[1]]
+        assert _reason([ids, rows, *p]) == "non_finite"
+
+
+def test_large_but_finite_rows_are_accepted():
+    ids, rows, pred = _good()
+    big = np.full_like(rows, 3e38)  # the sum overflows, every value is finite
+    with np.errstate(over="ignore"):
+        up = _decode([ids, big, *pred])
+    assert np.isfinite(up.item_rows).all()
+
+
+@pytest.mark.parametrize("rows", [
+    np.zeros((3, DIM + 1), np.float32),  # wrong dim
+    np.zeros((2, DIM), np.float32),  # fewer rows than ids
+    np.zeros(3 * DIM, np.float32),  # 1-D
+    np.zeros((3, DIM), np.int64),  # integer rows
+    np.zeros((3, DIM, 1), np.float32),
+])
+def test_wrong_row_shape_or_dtype(rows):
+    ids, _, pred = _good()
+    assert _reason([ids, rows, *pred]) == "rows_shape"
+
+
+@pytest.mark.parametrize("ids", [np.array([1.0, 4.0, 9.0]), np.array([[1, 4, 9]]),
+                                 np.array([True, False, True]), np.array(["1", "4", "9"])])
+def test_wrong_id_dtype(ids):
+    _, rows, pred = _good()
+    assert _reason([ids, rows, *pred]) == "ids_dtype"
+
+
+@pytest.mark.parametrize("j, a", [(0, np.zeros(DIM + 1, np.float32)), (1, np.zeros((4, 2), np.float32)),
+                                  (1, np.zeros((2, 4), np.int32)), (0, np.zeros((1, DIM), np.float32))])
+def test_wrong_predictor_shape(j, a):
+    ids, rows, pred = _good()
+    pred[j] = a
+    assert _reason([ids, rows, *pred]) == "predictor_shape"
+
+
+def test_too_many_rows():
+    ids, rows, pred = _good()
+    assert _reason([ids, rows, *pred], max_rows=2) == "too_many_rows"
+    assert len(_decode([ids, rows, *pred], max_rows=3).item_ids) == 3
+
+
+@pytest.mark.parametrize("n", [0, -1, True, 1.5, "3", None, 10_000_001])
+def test_bad_num_examples(n):
+    ids, rows, pred = _good()
+    assert _reason([ids, rows, *pred], n) == "num_examples"
+
+
+def test_max_examples_setting():
+    ids, rows, pred = _good()
+    assert _reason([ids, rows, *pred], 101, max_examples=100) == "num_examples"
+    assert _decode([ids, rows, *pred], 100, max_examples=100).num_examples == 100
+
+
+@pytest.mark.parametrize("arrays", [
+    "drop_last", "extra", "not_a_list", "empty",
+])
+def test_wrong_array_count(arrays):
+    ids, rows, pred = _good()
+    full = [ids, rows, *pred]
+    arrays = {"drop_last": full[:-1], "extra": full + [np.zeros(1, np.float32)],
+              "not_a_list": {"ids": ids}, "empty": []}[arrays]
+    assert _reason(arrays) == "array_count"
+
+
+def test_model_without_predictor():
+    ids, rows, _ = _good()
+    up = decode_upload([ids, rows], 3, n_items=N_ITEMS, dim=DIM, predictor_shapes=[])
+    assert up.predictor == []
+    with pytest.raises(UploadError) as e:
+        decode_upload([ids, rows, np.zeros(1, np.float32)], 3, n_items=N_ITEMS, dim=DIM,
+                      predictor_shapes=[])
+    assert e.value.reason == "array_count" and str(e.value).startswith("array_count")

@@ -1,0 +1,198 @@
+"""FedRecStrategy: validation of uploads, aggregation, the server step, sampling."""
+
+import numpy as np
+import pytest
+
+from fedrec.config import from_dict
+from fedrec.protocol import Upload, encode_upload
+from strategies.aggregate import dense_mean, item_level_mean, weighted_mean_arrays
+from strategies.fedrec import FedRecStrategy, sample_round
+from strategies.mean import MeanRule
+from strategies.rule import RoundUpdates
+
+N_ITEMS, DIM = 6, 2
+SHAPES = [(3,)]
+
+
+class Recorder:
+    def __init__(self):
+        self.fit, self.eval = [], []
+
+    def log_fit(self, rnd, metrics):
+        self.fit.append((rnd, metrics))
+
+    def log_eval(self, rnd, metrics, final):
+        self.eval.append((rnd, metrics, final))
+
+
+def _strategy(seed=0, optimizer="sgd", lr=1.0, aggregation="dense", weighting="samples", **kw):
+    server = from_dict({"server": {"optimizer": optimizer, "lr": lr, "aggregation": aggregation,
+                                   "weighting": weighting}}).server
+    table = np.arange(N_ITEMS * DIM, dtype=np.float32).reshape(N_ITEMS, DIM) / 10
+    return FedRecStrategy([table, np.zeros(3, np.float32)], n_items=N_ITEMS, dim=DIM,
+                          predictor_shapes=SHAPES, server_cfg=server, seed=seed, **kw)
+
+
+def _up(ids, rows, pred=(0.0, 0.0, 0.0)):
+    return encode_upload(np.array(ids, np.int64), np.array(rows, np.float32), [np.array(pred, np.float32)])
+
+
+GOOD = [
+    ("a", _up([0, 2], [[1, 1], [2, 0]], (1, 0, 0)), 1, {"loss": 0.5}),
+    ("b", _up([2, 3], [[4, 4], [1, -1]], (0, 4, 0)), 3, {"loss": 0.7}),
+]
+BAD = [
+    ("nan", _up([1], [[np.nan, 0]]), 2, {"loss": 0.1}),
+    ("range", _up([1, 6], [[1, 1], [1, 1]]), 2, {"loss": 0.1}),
+    ("rep", _up([1, 1], [[1, 1], [1, 1]]), 2, {}),
+    ("n0", _up([1], [[1, 1]]), 0, {}),
+    ("short", [np.array([1]), np.ones((1, DIM), np.float32)], 2, {}),
+]
+
+
+def test_dense_and_item_level_mean_hand_computed():
+    ids = [np.array([0, 2]), np.array([2, 3])]
+    rows = [np.array([[1, 1], [2, 0]], np.float32), np.array([[4, 4], [1, -1]], np.float32)]
+    w = [1.0, 3.0]
+    dense = dense_mean(ids, rows, w, 4)
+    np.testing.assert_allclose(dense, [[0.25, 0.25], [0, 0], [3.5, 3.0], [0.75, -0.75]], rtol=1e-6)
+    item = item_level_mean(ids, rows, w, 4)
+    np.testing.assert_allclose(item, [[1, 1], [0, 0], [3.5, 3.0], [1, -1]], rtol=1e-6)
+    # uniform weights
+    np.testing.assert_allclose(dense_mean(ids, rows, [1, 1], 4)[2], [3.0, 2.0])
+    np.testing.assert_allclose(item_level_mean(ids, rows, [1, 1], 4)[0], [1.0, 1.0])
+    pred = weighted_mean_arrays([[np.array([1.0, 0.0])], [np.array([0.0, 4.0])]], w)
+    np.testing.assert_allclose(pred[0], [0.25, 3.0])
+    # the rule object dispatches on granularity
+    ups = [Upload(i, r, [], 1) for i, r in zip(ids, rows)]
+    upd = RoundUpdates(ups, np.array(w), 4, 2)
+    np.testing.assert_allclose(MeanRule("dense")(upd).item_grad, dense)
+    np.testing.assert_allclose(MeanRule("item")(upd).item_grad, item)
+    with pytest.raises(ValueError):
+        MeanRule("sparse")
+
+
+def test_good_uploads_sgd_update_hand_computed():
+    s = _strategy()
+    table0 = s.global_arrays()[0].copy()
+    m = s.aggregate_uploads(1, GOOD)
+    assert m["accepted"] == 2 and m["invalid"] == 0 and m["clients"] == 2
+    assert m["train_loss"] == pytest.approx(0.6)
+    expect = table0.copy()
+    expect[[0, 2, 3]] -= [[0.25, 0.25], [3.5, 3.0], [0.75, -0.75]]  # lr 1 times the dense mean
+    np.testing.assert_allclose(s.global_arrays()[0], expect, rtol=1e-6)
+    np.testing.assert_allclose(s.global_arrays()[1], [-0.25, -3.0, 0.0], rtol=1e-6)
+
+
+def test_item_level_aggregation_in_strategy():
+    s = _strategy(aggregation="item")
+    table0 = s.global_arrays()[0].copy()
+    s.aggregate_uploads(1, GOOD)
+    np.testing.assert_allclose(table0 - s.global_arrays()[0],
+                               [[1, 1], [0, 0], [3.5, 3], [1, -1], [0, 0], [0, 0]], rtol=1e-6)
+
+
+def test_uniform_weighting():
+    s = _strategy(weighting="uniform")
+    table0 = s.global_arrays()[0].copy()
+    s.aggregate_uploads(1, GOOD)
+    np.testing.assert_allclose((table0 - s.global_arrays()[0])[2], [3.0, 2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_bad_uploads_dropped_counted_and_update_from_good_only(optimizer):
+    rec = Recorder()
+    mixed = _strategy(optimizer=optimizer, recorder=rec)
+    clean = _strategy(optimizer=optimizer)
+    results = [BAD[0], GOOD[0], BAD[1], BAD[2], GOOD[1], BAD[3], BAD[4]]
+    m = mixed.aggregate_uploads(1, results)
+    clean.aggregate_uploads(1, GOOD)
+    assert m["clients"] == 7 and m["accepted"] == 2
+    assert m["invalid"] == 5 and m["invalid_total"] == 5
+    assert dict(mixed.drop_counts) == {"non_finite": 1, "ids_range": 1, "ids_repeated": 1,
+                                       "num_examples": 1, "array_count": 1}
+    assert m["train_loss"] == pytest.approx(0.6)  # the dropped uploads' losses are ignored
+    for a, b in zip(mixed.global_arrays(), clean.global_arrays()):
+        assert np.array_equal(a, b)
+    assert rec.fit == [(1, m)]
+    # the run goes on: a second round adds to the running total
+    m2 = mixed.aggregate_uploads(2, [BAD[0], GOOD[1]])
+    assert m2["invalid"] == 1 and m2["invalid_total"] == 6 and m2["accepted"] == 1
+    assert mixed.drop_counts["non_finite"] == 2
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_all_bad_round_leaves_model_unchanged(optimizer):
+    s = _strategy(optimizer=optimizer)
+    if optimizer == "adam":
+        s.aggregate_uploads(1, GOOD)  # momentum would move rows on any step
+    before = [a.copy() for a in s.global_arrays()]
+    m = s.aggregate_uploads(2, BAD)
+    assert m["accepted"] == 0 and m["invalid"] == len(BAD)
+    assert np.isnan(m["train_loss"])
+    for a, b in zip(before, s.global_arrays()):
+        assert np.array_equal(a, b)
+    m = s.aggregate_uploads(3, [])
+    assert m["clients"] == 0 and m["accepted"] == 0
+
+
+def test_max_rows_and_samples_settings():
+    server = from_dict({"server": {"optimizer": "sgd", "max_upload_rows": 1, "max_samples": 2}}).server
+    s = FedRecStrategy([np.zeros((N_ITEMS, DIM), np.float32), np.zeros(3, np.float32)],
+                       n_items=N_ITEMS, dim=DIM, predictor_shapes=SHAPES, server_cfg=server)
+    m = s.aggregate_uploads(1, GOOD)  # a: 2 rows; b: 3 samples
+    assert m["accepted"] == 0 and dict(s.drop_counts) == {"too_many_rows": 2}
+    ok = ("c", _up([1], [[1, 1]]), 2, {})
+    assert s.aggregate_uploads(2, [ok])["accepted"] == 1
+
+
+def test_uniform_sampling_is_seeded():
+    def seq(seed):
+        rng = np.random.default_rng(seed)
+        return [tuple(sample_round(rng, 20, 5, "uniform", {})) for _ in range(6)]
+
+    a, b, c = seq(1), seq(1), seq(2)
+    assert a == b and a != c
+    for r in a:
+        assert len(set(r)) == 5 and list(r) == sorted(r) and max(r) < 20
+    assert len(set(a)) > 1  # different clients in different rounds
+    assert list(sample_round(np.random.default_rng(0), 4, 10, "uniform", {})) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("n, k", [(10, 3), (12, 4), (7, 7), (5, 9)])
+def test_epoch_sampling_covers_every_client_once_per_epoch(n, k):
+    rng, state = np.random.default_rng(0), {}
+    per_epoch = -(-n // k)
+    for epoch in range(3):
+        seen = []
+        for _ in range(per_epoch):
+            seen += list(sample_round(rng, n, k, "epoch", state))
+        assert sorted(seen) == list(range(n)), f"epoch {epoch}"
+    # seeded
+    a = [tuple(sample_round(np.random.default_rng(5), 10, 3, "epoch", {}))]
+    assert a == [tuple(sample_round(np.random.default_rng(5), 10, 3, "epoch", {}))]
+
+
+def test_strategy_sample_seeded_and_maps_candidates():
+    cands = [f"user{i}" for i in range(30)]
+
+    def picks(seed, sampling="uniform"):
+        s = _strategy(seed=seed, clients_per_round=4, sampling=sampling)
+        return [s.sample(r, cands) for r in range(1, 5)]
+
+    assert picks(3) == picks(3) and picks(3) != picks(4)
+    assert all(len(p) == 4 and set(p) <= set(cands) for p in picks(3))
+    ep = picks(3, "epoch")
+    assert len({c for p in ep for c in p}) == 16  # no repeats inside an epoch
+
+
+def test_eval_rounds_and_evaluate_results():
+    rec = Recorder()
+    s = _strategy(num_rounds=10, eval_every=4, recorder=rec)
+    assert [r for r in range(1, 11) if s.is_eval_round(r)] == [4, 8, 10]
+    assert [r for r in range(1, 6) if _strategy(num_rounds=5).is_eval_round(r)] == [5]
+    out = s.evaluate_results(10, [{"test_hr@5": 1.0, "val_hr@5": 0.0},
+                                  {"test_hr@5": 0.0, "val_hr@5": 1.0},
+                                  {"test_hr@5": 1.0}], final=True)
+    assert out == {"test_hr@5": pytest.approx(2 / 3), "test_users": 3, "val_hr@5": 0.5, "val_users": 2}
+    assert rec.eval[-1][0] == 10 and rec.eval[-1][2] is True
