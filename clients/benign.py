@@ -98,7 +98,11 @@ class BenignClient(NumPyClient):
         self.data = env.data
         self.store = store
         self.train_items = self.data.train_of(self.user)
-        self.train_sorted = np.sort(self.train_items)
+        # Negatives are items the user never interacted with: its held-out validation and test
+        # items are interactions on the device too, so they are excluded as well.
+        held = [i for i in (self.data.val_item[self.user], self.data.test_item[self.user]) if i >= 0]
+        self.known_sorted = np.unique(np.concatenate([self.train_items, np.array(held, np.int64)])) \
+            if self.cfg.data.negatives_exclude == "all" else np.sort(self.train_items)
 
     # --- private state --------------------------------------------------------------------
     def _rng(self, purpose: int, rnd: int = 0) -> np.random.Generator:
@@ -120,7 +124,7 @@ class BenignClient(NumPyClient):
         return state
 
     def _draw_negatives(self, rng) -> np.ndarray:
-        return sample_negatives(rng, self.model.n_items, self.train_sorted,
+        return sample_negatives(rng, self.model.n_items, self.known_sorted,
                                 len(self.train_items) * self.cfg.data.neg_ratio)
 
     def _user_hparams(self):

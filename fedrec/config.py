@@ -44,11 +44,13 @@ class DataConfig:
     attacker_pool: float = 0.05
     negatives: str = "static"  # static | fresh
     neg_ratio: int = 1
+    negatives_exclude: str = "all"  # all: never any item of the user's history; train: training items only
     cache_dir: str = ""  # "" = $FEDREC_CACHE or ~/.cache/fedrec
 
     def validate(self):
         _choice("data.split", self.split, ("auto", "time", "random"))
         _choice("data.negatives", self.negatives, ("static", "fresh"))
+        _choice("data.negatives_exclude", self.negatives_exclude, ("all", "train"))
         _range("data.attacker_pool", self.attacker_pool, 0.0, 0.9)
         _range("data.neg_ratio", self.neg_ratio, 1, 1000)
         _range("data.kcore", self.kcore, 0, 10_000)
@@ -348,7 +350,9 @@ def expand(raw: dict, overrides: dict | None = None, base_dir: str = "") -> list
         cfg = from_dict(run_raw, base_dir)
         if keys:
             label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
-            cfg.output.name = f"{cfg.output.name or cfg.name}[{label}]"
+            # the digest keeps a finished run from being reused after a value outside the
+            # grid changed (runs are skipped only when their whole config matches)
+            cfg.output.name = f"{cfg.output.name or cfg.name}[{label}]-{cfg.digest()[:6]}"
         configs.append(cfg)
     return configs
 

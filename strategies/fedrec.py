@@ -94,7 +94,11 @@ class FedRecStrategy(Strategy):
     def aggregate_uploads(self, server_round: int, results) -> dict:
         """results: list of (client_id, arrays, num_examples, metrics). Returns round metrics."""
         uploads, losses, dropped = [], [], Counter()
+        empty = 0
         for client_id, arrays, num_examples, metrics in results:
+            if num_examples == 0 and isinstance(arrays, (list, tuple)) and arrays and np.size(arrays[0]) == 0:
+                empty += 1  # a client with nothing to train on this round: not an attack
+                continue
             try:
                 uploads.append(decode_upload(
                     arrays, num_examples, n_items=self.n_items, dim=self.dim,
@@ -108,7 +112,7 @@ class FedRecStrategy(Strategy):
             if isinstance(loss, (int, float)) and math.isfinite(loss):
                 losses.append(float(loss))
         self.drop_counts.update(dropped)
-        out = {"clients": len(results), "accepted": len(uploads),
+        out = {"clients": len(results), "accepted": len(uploads), "empty": empty,
                "invalid": sum(dropped.values()), "invalid_total": sum(self.drop_counts.values()),
                "train_loss": math.fsum(losses) / len(losses) if losses else float("nan")}
         self.last_dropped = []

@@ -121,7 +121,7 @@ def test_grid_expansion():
     assert [(c.seed, c.server.lr) for c in cfgs] == [
         (0, 0.1), (0, 0.2), (1, 0.1), (1, 0.2), (2, 0.1), (2, 0.2)]
     names = [c.output.name for c in cfgs]
-    assert len(set(names)) == 6 and names[1] == "g[seed=0,lr=0.2]"
+    assert len(set(names)) == 6 and names[1].startswith("g[seed=0,lr=0.2]-")
     assert len({c.digest() for c in cfgs}) == 6
     # no grid: one run, name left to the run directory (name + digest)
     assert len(expand({"seed": 4})) == 1 and expand({})[0].output.name == ""
@@ -129,7 +129,15 @@ def test_grid_expansion():
 
 def test_grid_with_explicit_output_name_keeps_runs_apart():
     cfgs = expand({"output": {"name": "mine"}, "grid": {"seed": [0, 1]}})
-    assert [c.output.name for c in cfgs] == ["mine[seed=0]", "mine[seed=1]"]
+    names = [c.output.name for c in cfgs]
+    assert names[0].startswith("mine[seed=0]-") and names[1].startswith("mine[seed=1]-")
+
+
+def test_grid_names_change_when_a_value_outside_the_grid_changes():
+    # otherwise a rerun after editing the YAML would skip runs with stale results
+    a = expand({"name": "g", "train": {"rounds": 5}, "grid": {"seed": [0]}})[0].output.name
+    b = expand({"name": "g", "train": {"rounds": 6}, "grid": {"seed": [0]}})[0].output.name
+    assert a != b and a.startswith("g[seed=0]-")
 
 
 def test_grid_errors():

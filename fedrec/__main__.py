@@ -1,0 +1,5 @@
+import sys
+
+from fedrec.cli import main
+
+sys.exit(main())

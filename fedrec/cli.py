@@ -1,0 +1,150 @@
+"""`fedrec` command line: run | data info | data fetch | report | keys.
+
+User errors (bad config, missing or malformed data) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fedrec.errors import FedRecError
+
+
+def _cmd_run(args) -> int:
+    from fedrec import config
+    from fedrec.engine import run_experiment
+
+    cfgs = config.load(args.experiment, args.set)
+    results = []
+    for i, cfg in enumerate(cfgs, 1):
+        if len(cfgs) > 1:
+            print(f"[{i}/{len(cfgs)}] {cfg.output.name or cfg.name}", file=sys.stderr)
+        s = run_experiment(cfg, output_root=args.output, progress=not args.no_progress and None,
+                           force=args.force)
+        results.append(s)
+        tag = "skipped (already complete)" if s.get("skipped") else f"{s['wall_time_s']:.1f}s"
+        final = s.get("final", {})
+        shown = ", ".join(f"{k}={final[k]:.4f}" for k in ("test_hr@5", "test_ndcg@5", "test_hr@10",
+                                                          "test_ndcg@10") if k in final)
+        print(f"{s.get('run_dir', s.get('dir'))}: {shown} [{tag}]")
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def _cmd_data_info(args) -> int:
+    from fedrec.data.formats import load_dataset
+
+    if args.dataset == "synthetic":
+        from fedrec.data.synthetic import generate_synthetic
+
+        inter = generate_synthetic()
+    else:
+        inter = load_dataset(args.dataset)
+    stats = inter.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    width = max(len(k) for k in stats)
+    for k, v in stats.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b:g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
+        elif isinstance(v, float):
+            v = f"{v:.6f}"
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _cmd_data_fetch(args) -> int:
+    from fedrec.data.fetch import fetch
+
+    path = fetch(args.name, dest=args.dest, force=args.force)
+    print(path)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from fedrec.results import format_table, report_rows
+
+    rows = report_rows(args.runs)
+    if not rows:
+        raise FedRecError(f"no run directories (with summary.json) under {' '.join(args.runs)}")
+    print(format_table(rows, "csv" if args.format == "csv" else "markdown"))
+    if args.plot:
+        from fedrec.plots import plot_curves
+
+        plot_curves(args.runs, args.plot, metric=args.metric)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _cmd_keys(args) -> int:
+    import dataclasses
+
+    from fedrec.config import ExperimentConfig, valid_keys
+
+    defaults = ExperimentConfig()
+    for key in valid_keys(ExperimentConfig):
+        v = defaults
+        for part in key.split("."):
+            v = getattr(v, part)
+        if dataclasses.is_dataclass(v):
+            continue
+        print(f"{key} = {v!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedrec", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run an experiment YAML (a grid runs every combination)")
+    r.add_argument("experiment")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a YAML key (dotted), e.g. --set train.rounds=100")
+    r.add_argument("--output", default=None, help="results root (default: output.dir)")
+    r.add_argument("--force", action="store_true", help="rerun runs that are already complete")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    r.set_defaults(fn=_cmd_run)
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    di = dsub.add_parser("info", help="print dataset statistics")
+    di.add_argument("dataset", help="a known name (ml-1m, gowalla, ...), 'synthetic', or a path")
+    di.add_argument("--json", action="store_true")
+    di.set_defaults(fn=_cmd_data_info)
+    df = dsub.add_parser("fetch", help="download ml-1m / ml-100k from GroupLens, checksum-verified")
+    df.add_argument("name", choices=["ml-1m", "ml-100k"])
+    df.add_argument("--dest", default=None)
+    df.add_argument("--force", action="store_true")
+    df.set_defaults(fn=_cmd_data_fetch)
+
+    rp = sub.add_parser("report", help="table (markdown or CSV) of finished runs")
+    rp.add_argument("runs", nargs="+", help="run directories or folders of them")
+    rp.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+    rp.add_argument("--plot", default=None, help="also write a PNG of metric vs round")
+    rp.add_argument("--metric", default="test_hr@5")
+    rp.set_defaults(fn=_cmd_report)
+
+    k = sub.add_parser("keys", help="list every experiment YAML key with its default")
+    k.set_defaults(fn=_cmd_keys)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except FedRecError as e:
+        print(f"fedrec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedrec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
