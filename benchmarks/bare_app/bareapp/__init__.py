@@ -1,0 +1,1 @@
+"""A Flower app that does no work (see benchmarks/flwr_overhead.py)."""

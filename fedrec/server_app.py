@@ -1,0 +1,329 @@
+"""Flower ServerApp: experiment -> strategy (through `fedrec.build`), evaluation, results.
+
+`flwr run .` reads `[tool.flwr.app.config]`:
+- `experiment`: the experiment YAML, relative to the app directory (the FAB ships
+  `experiments/*.yaml`), else to $FEDREC_PROJECT_ROOT or the working directory;
+- `overrides`: "key=value;key=value" applied on top of the YAML (as `fedrec run --set`);
+- `output-dir`: where run directories go ("" = the YAML's `output.dir`). A relative path is
+  taken from $FEDREC_PROJECT_ROOT, else from the working directory of the SuperLink (the
+  directory `flwr run` was first called from), never from the unpacked FAB.
+
+Run config precedence: the app's pyproject defaults < `make_server_app(run_config)` (for
+`flwr.simulation.run_simulation`, which passes an empty run config) < `context.run_config`
+(what `flwr run` sends: every declared key, `--run-config` applied).
+
+The run directory is the in-process runner's (`fedrec.results.RunRecorder`, runner "flwr"),
+named `<name>-<digest>-flwr` so the two runners never overwrite each other: config.yaml,
+metrics.csv (plus `round_time_s`, the fit phase's wall time, and `eval_time_s`) and
+summary.json, written when the last round's evaluation arrives. With FEDREC_SAVE_MODEL=1 the
+final global arrays are also saved to model.npz (`item_table`, `predictor_<j>`).
+
+Two things make a Flower run reproduce the in-process runner exactly:
+- `PartitionClientManager` waits for every SuperNode (round 1 can otherwise start early), asks
+  each once for its partition-id (one batched `get_properties` message per node), and lists
+  the nodes in user order, so the strategy's seeded sampling picks the same users;
+- `OrderedStrategy` hands the fit results to the strategy in that same order (Flower returns
+  them in completion order, and float sums depend on the order).
+The legacy `Server` gets enough threads to send a round's cohort at once (`max_workers`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+from flwr.common import Context, GetPropertiesIns
+from flwr.common.logger import log
+from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.strategy import Strategy
+
+from fedrec.client_app import (
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    app_run_config,
+    check_partitions,
+    load_experiment,
+)
+
+# ---------------------------------------------------------------------------- nodes
+
+
+class PartitionClientManager(SimpleClientManager):
+    """Lists SuperNodes in partition-id (= user) order.
+
+    `all()` returns the proxies keyed by the zero-padded partition-id, so sorting the keys (as
+    `FedRecStrategy` does) sorts by user. Partition ids are asked once per node, in one batch.
+    """
+
+    def __init__(self, n_users: int, poll_s: float = 0.5):
+        super().__init__()
+        self.n_users = int(n_users)
+        self.poll_s = poll_s
+        self.partition: dict[str, int] = {}  # cid -> partition-id
+        self._resolve_lock = threading.Lock()
+
+    def unregister(self, client):
+        super().unregister(client)
+        self.partition.pop(client.cid, None)
+
+    def _snapshot(self) -> dict:
+        with self._cv:
+            return dict(self.clients)
+
+    def resolve(self):
+        """Ask every node whose partition-id is unknown (one message each, sent together)."""
+        from flwr.app import Message
+        from flwr.common import MessageTypeLegacy
+        from flwr.compat.common import recorddict_compat as compat
+
+        with self._resolve_lock:
+            todo = [p for cid, p in self._snapshot().items() if cid not in self.partition]
+            if not todo:
+                return
+            t0 = time.perf_counter()
+            content = compat.getpropertiesins_to_recorddict(GetPropertiesIns(config={}))
+            msgs = [Message(content=content, dst_node_id=p.node_id,
+                            message_type=MessageTypeLegacy.GET_PROPERTIES, group_id="0")
+                    for p in todo]
+            replies = list(todo[0].grid.send_and_receive(msgs, timeout=3600))
+            by_node = {}
+            for r in replies:
+                if r.has_error():
+                    raise RuntimeError(f"SuperNode {r.metadata.src_node_id} failed to report its "
+                                       f"partition-id: {r.error.reason}")
+                props = compat.recorddict_to_getpropertiesres(r.content).properties
+                if PARTITION_ID not in props:
+                    raise RuntimeError(f"SuperNode {r.metadata.src_node_id} reported no "
+                                       f"{PARTITION_ID} (is it running fedrec's ClientApp?)")
+                check_partitions(int(props[NUM_PARTITIONS]), self.n_users)
+                by_node[r.metadata.src_node_id] = int(props[PARTITION_ID])
+            missing = [p.cid for p in todo if p.node_id not in by_node]
+            if missing:
+                raise RuntimeError(f"{len(missing)} SuperNode(s) did not report a partition-id")
+            for p in todo:
+                self.partition[p.cid] = by_node[p.node_id]
+            pids = list(self.partition.values())
+            if len(set(pids)) != len(pids) or not all(0 <= i < self.n_users for i in pids):
+                raise RuntimeError(f"SuperNodes report duplicate or out-of-range partition ids; "
+                                   f"expected each of 0..{self.n_users - 1} exactly once")
+            log(INFO, "fedrec: %d SuperNode(s) mapped to users in %.2fs", len(todo),
+                time.perf_counter() - t0)
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        """Wait for `num_clients` nodes (re-reading the node list every `poll_s`)."""
+        t0 = time.monotonic()
+        next_note = t0 + 10.0
+        while True:
+            # num_available() is wrapped by Flower's compat layer to refresh the node list
+            n = self.num_available()
+            if n >= num_clients:
+                break
+            if n:
+                self.resolve()  # a num-partitions mismatch fails here, not after an hour
+            now = time.monotonic()
+            if now - t0 > timeout:
+                return False
+            if now >= next_note:
+                log(WARNING, "fedrec: waiting for %d SuperNodes, %d connected", num_clients, n)
+                next_note = now + 30.0
+            time.sleep(self.poll_s)
+        self.resolve()
+        return True
+
+    def partition_of(self, cid: str) -> int:
+        return self.partition[cid]
+
+    def all(self):
+        self.resolve()
+        return {f"{self.partition[cid]:010d}": p for cid, p in self._snapshot().items()}
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+class RoundTimer:
+    def __init__(self):
+        self.fit_start: dict[int, float] = {}
+        self.fit_end: dict[int, float] = {}
+        self.eval_start: dict[int, float] = {}
+
+    def seconds_per_round(self, first: int = 2):
+        """Wall seconds per round from round `first`'s start to the last fit's end (the last
+        round's evaluation excluded; interim evaluations included)."""
+        if not self.fit_end:
+            return None
+        last = max(self.fit_end)
+        if first not in self.fit_start or last < first:
+            return None
+        return (self.fit_end[last] - self.fit_start[first]) / (last - first + 1)
+
+
+class FlowerRecorder:
+    """Adds per-round wall times to a RunRecorder and writes summary.json after the last
+    round's evaluation (the strategy calls `log_eval(final=True)` there)."""
+
+    def __init__(self, recorder, timer: RoundTimer, extra_fn):
+        self.recorder = recorder
+        self.timer = timer
+        self.extra_fn = extra_fn
+        self.summary = None
+
+    def __getattr__(self, name):
+        if name == "recorder":
+            raise AttributeError(name)
+        return getattr(self.recorder, name)
+
+    def log_fit(self, rnd: int, metrics: dict):
+        now = time.perf_counter()
+        self.timer.fit_end[rnd] = now
+        start = self.timer.fit_start.get(rnd, now)
+        self.recorder.log_fit(rnd, {**metrics, "round_time_s": round(now - start, 6)})
+
+    def log_eval(self, rnd: int, metrics: dict, final: bool):
+        start = self.timer.eval_start.get(rnd)
+        if start is not None:
+            row = self.recorder.rows.setdefault(rnd, {"round": rnd})
+            row["eval_time_s"] = round(time.perf_counter() - start, 6)
+        self.recorder.log_eval(rnd, metrics, final)
+        if final and self.summary is None:
+            self.summary = self.recorder.finish(status="complete", **self.extra_fn())
+            shown = {k: round(v, 4) for k, v in metrics.items()
+                     if k.startswith(("test_hr", "test_ndcg"))}
+            log(INFO, "fedrec: final %s", shown)
+            log(INFO, "fedrec: results in %s", self.recorder.dir)
+
+
+class OrderedStrategy(Strategy):
+    """Delegates to the FedRecStrategy; fit results go to it in user order, and rounds are
+    timed."""
+
+    def __init__(self, inner, manager: PartitionClientManager, timer: RoundTimer):
+        super().__init__()
+        self.inner = inner
+        self.manager = manager
+        self.timer = timer
+
+    def __getattr__(self, name):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def initialize_parameters(self, client_manager):
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        self.timer.fit_start[server_round] = time.perf_counter()
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round, results, failures):
+        results = sorted(results, key=lambda r: self.manager.partition_of(r[0].cid))
+        return self.inner.aggregate_fit(server_round, results, failures)
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        self.timer.eval_start[server_round] = time.perf_counter()
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return self.inner.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round, parameters):
+        return self.inner.evaluate(server_round, parameters)
+
+
+# ---------------------------------------------------------------------------- server_fn
+
+
+def output_root(run_config, cfg) -> Path:
+    spec = str(run_config.get("output-dir", "") or cfg.output.dir)
+    p = Path(os.path.expandvars(os.path.expanduser(spec)))
+    if not p.is_absolute():
+        p = Path(os.environ.get("FEDREC_PROJECT_ROOT") or Path.cwd()) / p
+    return p
+
+
+def flwr_run_dir(cfg, root) -> Path:
+    from fedrec.results import run_dir_for
+
+    d = run_dir_for(cfg, root)
+    return d.with_name(d.name + "-flwr")
+
+
+def max_workers(cfg) -> int:
+    """Threads the legacy Server uses to talk to clients, one message in flight per thread.
+
+    Flower's default, min(32, CPUs + 4), is 6 on a 2-core machine: 20 sampled clients then go
+    out in 4 waves, each waiting at least one 0.1 s poll (measured: 0.56 -> 0.42 s per round
+    for the quickstart). A round's whole cohort (up to 256) goes out in one wave; evaluating
+    every user goes in waves of this size.
+    """
+    return max(32, min(int(cfg.train.clients_per_round), 256))
+
+
+def save_model(path: Path, arrays):
+    np.savez(path, item_table=arrays[0], **{f"predictor_{j}": a for j, a in enumerate(arrays[1:])})
+
+
+def server_fn(context: Context, defaults: dict | None = None) -> ServerAppComponents:
+    from fedrec.build import build_env, build_strategy
+    from fedrec.results import RunRecorder
+    from fedrec.runtime import configure_threads
+
+    configure_threads()
+    run_config = app_run_config(context, defaults)
+    cfg, path, overrides = load_experiment(run_config)
+    env = build_env(cfg)
+    n_users = env.data.n_users
+    run_dir = flwr_run_dir(cfg, output_root(run_config, cfg))
+    log(INFO, "fedrec: experiment %s%s, %d users; run directory %s", path,
+        f" with {overrides}" if overrides else "", n_users, run_dir)
+
+    recorder = RunRecorder(cfg, run_dir, runner="flwr")
+    recorder.extra["data"] = env.data.summary()
+    recorder.extra["experiment"] = str(path)
+    recorder.extra["overrides"] = overrides
+
+    timer = RoundTimer()
+    manager = PartitionClientManager(n_users)
+    holder: dict = {}
+
+    def extra():
+        strat = holder["strategy"]
+        first = timer.fit_start[min(timer.fit_start)] if timer.fit_start else time.perf_counter()
+        elapsed = time.perf_counter() - first
+        if os.environ.get("FEDREC_SAVE_MODEL", "") not in ("", "0"):
+            save_model(recorder.dir / "model.npz", strat.global_arrays())
+        spr = timer.seconds_per_round(2)
+        return {"train_seconds": round(elapsed, 3),
+                "rounds_per_s": round(cfg.train.rounds / elapsed, 3) if elapsed > 0 else None,
+                "seconds_per_round_after_first": None if spr is None else round(spr, 6),
+                "invalid_uploads": dict(strat.drop_counts),
+                "invalid_uploads_total": sum(strat.drop_counts.values()),
+                "supernodes": len(manager.partition), "run_dir": str(recorder.dir)}
+
+    wrapped_recorder = FlowerRecorder(recorder, timer, extra)
+    fe = cfg.flower.fraction_evaluate
+    strategy = build_strategy(cfg, env, recorder=wrapped_recorder,
+                              min_available_clients=cfg.flower.min_available_clients or n_users,
+                              fraction_evaluate=fe if fe >= 0 else None)
+    holder["strategy"] = strategy
+    ordered = OrderedStrategy(strategy, manager, timer)
+    config = ServerConfig(num_rounds=cfg.train.rounds,
+                          round_timeout=cfg.flower.round_timeout or None)
+    server = Server(client_manager=manager, strategy=ordered)
+    server.set_max_workers(max_workers(cfg))
+    return ServerAppComponents(server=server, config=config)
+
+
+def make_server_app(run_config: dict | None = None) -> ServerApp:
+    """A ServerApp; `run_config` ("experiment", "overrides", "output-dir") fills in what the
+    context lacks (e.g. under `flwr.simulation.run_simulation`, which passes no run config)."""
+    defaults = dict(run_config or {})
+    return ServerApp(server_fn=lambda context: server_fn(context, defaults))
+
+
+app = ServerApp(server_fn=server_fn)
