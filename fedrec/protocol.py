@@ -65,13 +65,16 @@ def decode_upload(arrays, num_examples, *, n_items: int, dim: int, predictor_sha
     limit = max_rows or n_items
     if len(ids) > limit:
         raise UploadError("too_many_rows", f"{len(ids)} rows > {limit}")
-    if len(ids) and (ids[0] < 0 or ids[-1] >= n_items or ids.min() < 0 or ids.max() >= n_items):
-        raise UploadError("ids_range", f"item ids must lie in [0, {n_items})")
-    if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
-        if len(np.unique(ids)) != len(ids):
-            raise UploadError("ids_repeated")
-        order = np.argsort(ids)  # unsorted but unique: accept, in canonical order
-        ids, rows = ids[order], rows[order]
+    if len(ids):
+        increasing = len(ids) == 1 or bool((ids[1:] > ids[:-1]).all())
+        lo, hi = (ids[0], ids[-1]) if increasing else (ids.min(), ids.max())
+        if lo < 0 or hi >= n_items:
+            raise UploadError("ids_range", f"item ids must lie in [0, {n_items})")
+        if not increasing:
+            if len(np.unique(ids)) != len(ids):
+                raise UploadError("ids_repeated")
+            order = np.argsort(ids)  # unsorted but unique: accept, in canonical order
+            ids, rows = ids[order], rows[order]
     rows = rows.astype(np.float32, copy=False)  # check what the server will use: 1e39 -> inf
     if not np.isfinite(rows.sum()) and not np.isfinite(rows).all():
         raise UploadError("non_finite", "item rows")

@@ -89,11 +89,13 @@ class MF(RecModel):
             gu *= keep[0]
         gu *= G[:, None]
         rows = np.empty((2 * n, d), dtype=np.float32)
-        np.negative(gu, out=rows[n:])
-        rows[:n] = gu
         if drop:
-            rows[:n] *= keep[1]
-            rows[n:] *= keep[2]
+            np.multiply(gu, keep[1], out=rows[:n])
+            np.multiply(gu, keep[2], out=rows[n:])
+        else:
+            rows[:n] = gu
+            rows[n:] = gu
+        np.negative(rows[n:], out=rows[n:])
         keys = np.concatenate([owner * n_items + pos, owner * n_items + neg])
         uniq, inv = np.unique(keys, return_inverse=True)
         item_rows = segment_sum(inv, rows, len(uniq))

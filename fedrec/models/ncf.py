@@ -91,12 +91,20 @@ class NCF(RecModel):
 
     @torch.no_grad()
     def score(self, users, item_table, predictor):
+        """(B, N) scores; the MLP's (users x items x h1) activations are built in chunks of
+        users so memory stays bounded (~64 MB) whatever the batch size."""
         p = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in predictor]
         h, w1, b1, w2, b2, wo, bo = p
         d = self.dim
-        u = torch.from_numpy(np.asarray(users, dtype=np.float32))
+        u_all = torch.from_numpy(np.asarray(users, dtype=np.float32))
         v = torch.from_numpy(np.asarray(item_table, dtype=np.float32))
-        gmf = (u * h) @ v.T  # (B, N)
-        pre = (u @ w1[:, :d].T)[:, None, :] + (v @ w1[:, d:].T + b1)[None, :, :]  # (B, N, h1)
-        z = torch.tanh(torch.tanh(pre) @ w2.T + b2)
-        return (gmf + z @ wo + bo).numpy()
+        item_part = v @ w1[:, d:].T + b1  # (N, h1), shared by every user
+        chunk = max(1, int(16_000_000 // max(1, v.shape[0] * self.h1)))
+        out = []
+        for start in range(0, u_all.shape[0], chunk):
+            u = u_all[start : start + chunk]
+            gmf = (u * h) @ v.T  # (b, N)
+            pre = (u @ w1[:, :d].T)[:, None, :] + item_part[None, :, :]  # (b, N, h1)
+            z = torch.tanh(torch.tanh(pre) @ w2.T + b2)
+            out.append(gmf + z @ wo + bo)
+        return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, v.shape[0]))

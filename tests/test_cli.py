@@ -1,0 +1,135 @@
+"""The command line: one-line errors with exit code 2, run/report/data/keys behaviour."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedrec.cli import main
+from fedrec.config import ExperimentConfig, valid_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fedrec", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=300)
+
+
+def _one_line_error(res):
+    assert res.returncode == 2, res.stderr
+    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    return lines[0]
+
+
+def tiny_yaml(tmp_path, extra=""):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(f"""
+name: tiny
+data:
+  dataset: synthetic
+  synthetic: {{n_users: 30, n_items: 40, mean_history: 8}}
+  cache_dir: {tmp_path / 'cache'}
+model: {{dim: 8}}
+train: {{rounds: 4, clients_per_round: 10}}
+eval: {{every: 2}}
+output: {{dir: {tmp_path / 'runs'}, progress: false}}
+{extra}
+""")
+    return p
+
+
+def test_unknown_key_is_one_line_exit_2(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\ntrain:\n  roundz: 3\n")
+    line = _one_line_error(run_cli("run", str(p)))
+    assert "train.roundz" in line and "train.rounds" in line
+
+
+def test_bad_value_and_missing_experiment(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  rounds: many\n")
+    assert "train.rounds" in _one_line_error(run_cli("run", str(p)))
+    assert "no such experiment file" in _one_line_error(run_cli("run", str(tmp_path / "nope.yaml")))
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("name: x\ntrain: [1, 2\n")
+    assert re.search(r"broken\.yaml:\d+", _one_line_error(run_cli("run", str(p))))
+
+
+def test_missing_data_file_and_corrupt_line(tmp_path):
+    missing = tiny_yaml(tmp_path, "")
+    text = missing.read_text().replace("dataset: synthetic", f"dataset: {tmp_path / 'none.dat'}")
+    missing.write_text(text)
+    assert "none.dat" in _one_line_error(run_cli("run", str(missing)))
+
+    bad = tmp_path / "ratings.dat"
+    bad.write_text("1::10::5::100\n1::11::4::101\n2::10\n")
+    text = text.replace(str(tmp_path / "none.dat"), str(bad))
+    missing.write_text(text)
+    line = _one_line_error(run_cli("run", str(missing)))
+    assert "ratings.dat:3" in line
+
+
+def test_run_report_and_grid_resume(tmp_path, capsys):
+    p = tiny_yaml(tmp_path, "grid:\n  seed: [0, 1]\n")
+    assert main(["run", str(p), "--no-progress"]) == 0
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    for r in runs:
+        s = json.loads((r / "summary.json").read_text())
+        assert s["status"] == "complete" and "test_hr@5" in s["final"]
+    capsys.readouterr()
+    # a second invocation skips both finished runs
+    assert main(["run", str(p), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("skipped (already complete)") == 2
+    assert main(["report", str(tmp_path / "runs"), "--format", "csv"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("run,") and len(out) == 3
+    png = tmp_path / "hr.png"
+    assert main(["report", str(tmp_path / "runs"), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 1000
+
+
+def test_set_override_changes_the_run(tmp_path):
+    p = tiny_yaml(tmp_path)
+    assert main(["run", str(p), "--no-progress", "--set", "train.rounds=2", "--set", "name=short"]) == 0
+    (run,) = [r for r in (tmp_path / "runs").iterdir() if r.name.startswith("short")]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["rounds"] == 2
+
+
+def test_data_info_on_fixture(tmp_path, capsys):
+    f = tmp_path / "u.data"
+    f.write_text("1\t10\t5\t100\n1\t11\t4\t101\n2\t10\t3\t102\n")
+    assert main(["data", "info", str(f), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["users"], stats["items"], stats["interactions"]) == (2, 2, 3)
+
+
+def test_readme_documents_every_yaml_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = []
+    for key in valid_keys(ExperimentConfig):
+        leaf = key.split(".")[-1]
+        if f"`{key}`" in readme or (key.startswith("data.synthetic.") and leaf in readme) \
+                or (key.startswith("flower.") and f"`{key}`" in readme):
+            continue
+        missing.append(key)
+    assert not missing, f"README lacks YAML keys: {missing}"
+
+
+def test_keys_command_lists_every_key(capsys):
+    assert main(["keys"]) == 0
+    out = capsys.readouterr().out
+    for key in valid_keys(ExperimentConfig):
+        assert key in out
