@@ -63,19 +63,29 @@ class ClientEnv:
     data: object  # PreparedData
 
 
-def sample_negatives(rng, n_items: int, exclude_sorted: np.ndarray, count: int) -> np.ndarray:
-    """`count` uniform items not in `exclude_sorted` (with replacement), by vectorised rejection."""
+def sample_negatives(rng, n_items: int, exclude_sorted: np.ndarray, count: int,
+                     exclude_mask: np.ndarray | None = None) -> np.ndarray:
+    """`count` uniform items not in `exclude_sorted` (with replacement), by vectorised rejection.
+
+    exclude_mask (optional, bool over items) is the same set as a lookup table: faster, same
+    result (the accept/reject decisions and so the random stream are identical).
+    """
     free = n_items - len(exclude_sorted)
     if free <= 0:
         raise ValueError("the user has interacted with every item: no negatives exist")
-    out = np.empty(0, dtype=np.int64)
-    while len(out) < count:
-        draw = max(16, int((count - len(out)) * n_items / free * 1.2) + 8)
-        cand = rng.integers(0, n_items, size=draw)
-        pos = np.searchsorted(exclude_sorted, cand)
-        pos[pos == len(exclude_sorted)] = 0
-        ok = exclude_sorted[pos] != cand if len(exclude_sorted) else np.ones(draw, bool)
-        out = np.concatenate([out, cand[ok]])
+    out = None
+    while out is None or len(out) < count:
+        need = count - (0 if out is None else len(out))
+        cand = rng.integers(0, n_items, size=max(16, int(need * n_items / free * 1.2) + 8))
+        if exclude_mask is not None:
+            ok = ~exclude_mask[cand]
+        elif len(exclude_sorted):
+            pos = np.searchsorted(exclude_sorted, cand)
+            pos[pos == len(exclude_sorted)] = 0
+            ok = exclude_sorted[pos] != cand
+        else:
+            ok = np.ones(len(cand), bool)
+        out = cand[ok] if out is None else np.concatenate([out, cand[ok]])
     return out[:count]
 
 
@@ -103,6 +113,7 @@ class BenignClient(NumPyClient):
         held = [i for i in (self.data.val_item[self.user], self.data.test_item[self.user]) if i >= 0]
         self.known_sorted = np.unique(np.concatenate([self.train_items, np.array(held, np.int64)])) \
             if self.cfg.data.negatives_exclude == "all" else np.sort(self.train_items)
+        self._known_mask = None  # built on first use (a lookup table over items)
 
     # --- private state --------------------------------------------------------------------
     def _rng(self, purpose: int, rnd: int = 0) -> np.random.Generator:
@@ -124,8 +135,11 @@ class BenignClient(NumPyClient):
         return state
 
     def _draw_negatives(self, rng) -> np.ndarray:
+        if self._known_mask is None and self.model.n_items <= 200_000:
+            self._known_mask = np.zeros(self.model.n_items, dtype=bool)
+            self._known_mask[self.known_sorted] = True
         return sample_negatives(rng, self.model.n_items, self.known_sorted,
-                                len(self.train_items) * self.cfg.data.neg_ratio)
+                                len(self.train_items) * self.cfg.data.neg_ratio, self._known_mask)
 
     def _user_hparams(self):
         s = self.cfg.server
@@ -177,13 +191,13 @@ class BenignClient(NumPyClient):
         rnd = jobs[0]["round"]
         lr, b1, b2, eps = c0._user_hparams()
         states = [j["state"] for j in jobs]
+        # the cohort's private rows, stacked once (each row is only ever touched row-wise)
+        U, M, V = (np.stack([s[k] for s in states]) for k in ("user", "m", "v"))
         if c0.cfg.train.user_optimizer == "adam_sync":
             # the momentum-only steps of the rounds this user sat out
-            U, M, V = (np.stack([s[k] for s in states]) for k in ("user", "m", "v"))
             adam_catch_up(U, M, V, [int(s["clock"][0]) for s in states], [rnd - 1] * len(states),
                           lr, b1, b2, eps)
-            for i, s in enumerate(states):
-                s["user"], s["m"], s["v"] = U[i], M[i], V[i]
+            for s in states:
                 s["clock"][0] = rnd - 1
         batch = [i for i, j in enumerate(jobs)
                  if not j["skip"] and clients[i].cfg.train.local_epochs <= 0]
@@ -191,30 +205,34 @@ class BenignClient(NumPyClient):
         if batch:
             out = c0.model.gradients_cohort(
                 jobs[batch[0]]["item_table"], jobs[batch[0]]["predictor"],
-                [states[i]["user"] for i in batch], [jobs[i]["pos"] for i in batch],
+                [U[i] for i in batch], [jobs[i]["pos"] for i in batch],
                 [jobs[i]["neg"] for i in batch], [jobs[i]["rng"] for i in batch], **c0._wd())
             for i, g in zip(batch, out):
                 grads[i] = g
-            c0._update_users([states[i] for i in batch], np.stack([g.user_grad for g in out]), rnd)
+            b = np.array(batch)
+            Ub, Mb, Vb = U[b], M[b], V[b]
+            c0._update_users([states[i] for i in batch], Ub, Mb, Vb,
+                             np.stack([g.user_grad for g in out]), rnd)
+            U[b], M[b], V[b] = Ub, Mb, Vb
+        for i, s in enumerate(states):
+            s["user"], s["m"], s["v"] = U[i].copy(), M[i].copy(), V[i].copy()
         return [c.finish_fit(j, g) for c, j, g in zip(clients, jobs, grads)]
 
     def _wd(self) -> dict:
         t = self.cfg.train
         return {"weight_decay": t.weight_decay, "weight_decay_all": t.weight_decay_scope == "all"}
 
-    def _update_users(self, states, grads: np.ndarray, rnd: int):
-        """The user-row optimizer step for a cohort (row-wise, so cohort-independent)."""
+    def _update_users(self, states, U, M, V, grads: np.ndarray, rnd: int):
+        """The user-row optimizer step for a cohort, in place on U, M, V (row-wise)."""
         kind = self.cfg.train.user_optimizer
         lr, b1, b2, eps = self._user_hparams()
-        U, M, V = (np.stack([s[k] for s in states]) for k in ("user", "m", "v"))
         if kind == "adam_sync":
             adam_step(U, M, V, grads, rnd, lr, b1, b2, eps)
         elif kind == "adam":
             adam_step(U, M, V, grads, [int(s["clock"][1]) + 1 for s in states], lr, b1, b2, eps)
         else:
             U -= (lr * grads).astype(U.dtype)
-        for i, s in enumerate(states):
-            s["user"], s["m"], s["v"] = U[i], M[i], V[i]
+        for s in states:
             s["clock"][0] = rnd
             s["clock"][1] += 1
 
