@@ -1,13 +1,13 @@
 """Throughput of the in-process runner, printed as JSON.
 
     python benchmarks/throughput.py                 # ML-1M MF, 50 clients/round
-    python benchmarks/throughput.py --rounds 600 --threads 1 --dataset synthetic
+    python benchmarks/throughput.py --set data.negatives=static --repeat 3
     python benchmarks/throughput.py --flwr          # also: seconds/round under `flwr run`
                                                     # against a bare Flower app (flwr_overhead.py)
 
 Rounds are timed after a warm-up (the first rounds initialise every sampled user's private
-state), with evaluation off; thread counts 1 and 2 are measured side by side in one process
-run so their ratio is not skewed by machine noise.
+state), with evaluation off. Compare settings (--set) within one invocation or one session: the
+machines are noisy.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def measure(experiment: str, overrides: list, rounds: int, warmup: int, threads: int) -> dict:
+def measure(experiment: str, overrides: list, rounds: int, warmup: int) -> dict:
     from fedrec import config
     from fedrec.build import build_env
     from fedrec.engine import Engine
@@ -34,7 +34,7 @@ def measure(experiment: str, overrides: list, rounds: int, warmup: int, threads:
     t0 = time.perf_counter()
     env = build_env(cfg)
     load_s = time.perf_counter() - t0
-    eng = Engine(cfg, env=env, progress=False, threads=threads)
+    eng = Engine(cfg, env=env, progress=False)
     eng._all_users = list(range(env.data.n_users))
     for r in range(1, warmup + 1):
         eng.run_round(r)
@@ -42,9 +42,7 @@ def measure(experiment: str, overrides: list, rounds: int, warmup: int, threads:
     for r in range(warmup + 1, warmup + rounds + 1):
         eng.run_round(r)
     dt = time.perf_counter() - t0
-    if eng.pool is not None:
-        eng.pool.shutdown()
-    return {"experiment": experiment, "overrides": overrides, "threads": threads,
+    return {"experiment": experiment, "overrides": overrides,
             "rounds": rounds, "rounds_per_s": rounds / dt, "ms_per_round": 1e3 * dt / rounds,
             "data_load_s": load_s, "users": env.data.n_users, "items": env.data.n_items,
             "clients_per_round": cfg.train.clients_per_round}
@@ -56,13 +54,13 @@ def main():
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--rounds", type=int, default=600)
     p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--repeat", type=int, default=1, help="measure the same setting N times")
     p.add_argument("--flwr", action="store_true", help="also run benchmarks/flwr_overhead.py")
     args = p.parse_args()
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "platform": platform.platform()}, "in_process": []}
-    for t in args.threads:
-        out["in_process"].append(measure(args.experiment, args.set, args.rounds, args.warmup, t))
+    for _ in range(args.repeat):
+        out["in_process"].append(measure(args.experiment, args.set, args.rounds, args.warmup))
     if args.flwr:
         res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flwr_overhead.py")],
                              capture_output=True, text=True, cwd=ROOT)

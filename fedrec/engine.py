@@ -19,18 +19,8 @@ from fedrec.evaluation import evaluate_users, per_user_metrics
 from fedrec.results import RunRecorder, run_dir_for
 
 
-def default_threads() -> int:
-    """Worker threads for client cohorts: $FEDREC_THREADS, else min(2, CPU count)."""
-    import os
-
-    env = os.environ.get("FEDREC_THREADS")
-    if env:
-        return max(1, int(env))
-    return max(1, min(2, os.cpu_count() or 1))
-
-
 class Engine:
-    def __init__(self, cfg, recorder=None, progress=None, env=None, threads=None):
+    def __init__(self, cfg, recorder=None, progress=None, env=None):
         from fedrec.runtime import configure_threads
 
         configure_threads()
@@ -41,12 +31,6 @@ class Engine:
         self.progress = cfg.output.progress if progress is None else progress
         self.stores: dict = {}
         self.clients: dict = {}
-        self.threads = threads if threads is not None else default_threads()
-        self.pool = None
-        if self.threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fedrec-cohort")
 
     def client(self, user: int):
         c = self.clients.get(user)
@@ -63,22 +47,12 @@ class Engine:
         config = {"round": rnd}
         clients = [self.client(u) for u in users]
         results = [None] * len(users)
-        groups: list = []
+        # one cohort per client class (benign, each attack): a cohort's gradients are computed
+        # together, and a client's result does not depend on its cohort (tests pin this)
         for cls in dict.fromkeys(type(c) for c in clients):
             idx = [i for i, c in enumerate(clients) if type(c) is cls]
-            # a cohort per worker thread: numpy and torch release the GIL in their array
-            # loops, and a client's result does not depend on its cohort (tests pin this)
-            n_parts = min(self.threads, max(1, len(idx) // 8))
-            groups += [(cls, part) for part in np.array_split(idx, n_parts) if len(part)]
-
-        def work(group):
-            cls, idx = group
-            return idx, cls.fit_cohort([clients[i] for i in idx], arrays, config)
-
-        outs = self.pool.map(work, groups) if self.pool is not None and len(groups) > 1 \
-            else map(work, groups)
-        for idx, out in outs:
-            for i, (up, n, metrics) in zip(idx, out):
+            outs = cls.fit_cohort([clients[i] for i in idx], arrays, config)
+            for i, (up, n, metrics) in zip(idx, outs):
                 results[i] = (users[i], up, n, metrics)
         return self.strategy.aggregate_uploads(rnd, results)
 
@@ -131,8 +105,6 @@ class Engine:
                     bar.set_postfix(post, refresh=False)
         if bar is not None:
             bar.close()
-        if self.pool is not None:
-            self.pool.shutdown()
         elapsed = time.perf_counter() - t0
         return {"final": last_eval, "train_seconds": elapsed,
                 "rounds_per_s": rounds / elapsed if elapsed > 0 else float("inf"),

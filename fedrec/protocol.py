@@ -92,3 +92,98 @@ def decode_upload(arrays, num_examples, *, n_items: int, dim: int, predictor_sha
         raise UploadError("num_examples", f"{num_examples!r}")
     return Upload(ids.astype(np.int64, copy=False), rows.astype(np.float32, copy=False), pred,
                   int(num_examples), client)
+
+
+def decode_uploads(items, *, n_items: int, dim: int, predictor_shapes, max_rows: int = 0,
+                   max_examples: int = 10_000_000):
+    """decode_upload for a whole round, with the numeric checks done once over all rows.
+
+    items: list of (arrays, num_examples, client). Returns (uploads, stacked, errors):
+    uploads in input order (rejected ones left out); stacked = (all_ids, all_rows, owner) of
+    the accepted uploads, owner indexing `uploads`; errors = list of (client, UploadError).
+    Exactly the same accept/reject decisions as calling decode_upload on each.
+    """
+    limit = max_rows or n_items
+    cand, errors = [], []
+    for arrays, num_examples, client in items:
+        # the structural checks are cheap per upload; anything unusual takes the slow path
+        try:
+            ids, rows = np.asarray(arrays[0]), np.asarray(arrays[1])
+            simple = (isinstance(arrays, (list, tuple)) and len(arrays) == 2 + len(predictor_shapes)
+                      and ids.ndim == 1 and ids.dtype == np.int64 and rows.dtype == np.float32
+                      and rows.shape == (len(ids), dim) and len(ids) <= limit
+                      and all(np.shape(a) == tuple(s) and np.asarray(a).dtype == np.float32
+                              for a, s in zip(arrays[2:], predictor_shapes)))
+        except (IndexError, TypeError, ValueError):
+            simple = False
+        if simple:
+            cand.append((ids, rows, arrays, num_examples, client))
+            continue
+        try:
+            up = decode_upload(arrays, num_examples, n_items=n_items, dim=dim,
+                               predictor_shapes=predictor_shapes, max_rows=max_rows,
+                               max_examples=max_examples, client=client)
+            cand.append((up.item_ids, up.item_rows, None, up, client))
+        except UploadError as e:
+            errors.append((client, e))
+    if not cand:
+        return [], (np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.int64)), errors
+    lens = np.array([len(c[0]) for c in cand], dtype=np.int64)
+    owner = np.repeat(np.arange(len(cand)), lens)
+    all_ids = np.concatenate([c[0] for c in cand])
+    all_rows = np.concatenate([c[1] for c in cand])
+    bad = np.zeros(len(cand), dtype=bool)
+    reason = [None] * len(cand)
+
+    def flag(mask_rows, why):
+        hit = np.bincount(owner[mask_rows], minlength=len(cand)) > 0
+        for i in np.flatnonzero(hit & ~bad):
+            reason[i] = why
+        bad[hit] = True
+
+    flag((all_ids < 0) | (all_ids >= n_items), "ids_range")
+    starts = np.cumsum(lens) - lens
+    step_ok = np.ones(len(all_ids), dtype=bool)
+    step_ok[1:] = all_ids[1:] > all_ids[:-1]
+    step_ok[starts[lens > 0]] = True
+    unsorted = np.bincount(owner[~step_ok], minlength=len(cand)) > 0
+    row_sums = all_rows.sum(axis=1)
+    suspect = ~np.isfinite(row_sums)
+    if suspect.any():  # a finite row can overflow its sum: confirm element-wise
+        nonfinite = np.zeros(len(all_ids), dtype=bool)
+        nonfinite[suspect] = ~np.isfinite(all_rows[suspect]).all(axis=1)
+        flag(nonfinite, "non_finite")
+    uploads, keep = [], np.zeros(len(cand), dtype=bool)
+    for i, (ids, rows, arrays, num_examples, client) in enumerate(cand):
+        if arrays is None:  # already decoded on the slow path
+            up = num_examples
+        elif bad[i]:
+            errors.append((client, UploadError(reason[i])))
+            continue
+        else:
+            try:
+                if unsorted[i]:
+                    up = decode_upload(arrays, num_examples, n_items=n_items, dim=dim,
+                                       predictor_shapes=predictor_shapes, max_rows=max_rows,
+                                       max_examples=max_examples, client=client)
+                else:
+                    for j, a in enumerate(arrays[2:]):
+                        if not np.isfinite(a).all():
+                            raise UploadError("non_finite", f"predictor {j}")
+                    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) \
+                            or not 0 < num_examples <= max_examples:
+                        raise UploadError("num_examples", f"{num_examples!r}")
+                    up = Upload(ids, rows, list(arrays[2:]), int(num_examples), client)
+            except UploadError as e:
+                errors.append((client, e))
+                continue
+        keep[i] = True
+        uploads.append(up)
+    if keep.all() and not unsorted.any():
+        stacked = (all_ids, all_rows, owner)
+    else:
+        lens_k = np.array([len(u.item_ids) for u in uploads], dtype=np.int64)
+        stacked = (np.concatenate([u.item_ids for u in uploads]) if uploads else np.zeros(0, np.int64),
+                   np.concatenate([u.item_rows for u in uploads]) if uploads else np.zeros((0, dim), np.float32),
+                   np.repeat(np.arange(len(uploads)), lens_k))
+    return uploads, stacked, errors

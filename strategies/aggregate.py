@@ -35,7 +35,11 @@ def sparse_weighted_sum(ids, rows, row_weights, n_items: int):
 
 def dense_mean(ids_list, rows_list, weights, n_items: int) -> np.ndarray:
     """Weighted mean over clients, untouched rows counting as zeros."""
-    ids, rows, owner = stack_uploads(ids_list, rows_list)
+    return dense_mean_stacked(*stack_uploads(ids_list, rows_list), weights, n_items)
+
+
+def dense_mean_stacked(ids, rows, owner, weights, n_items: int) -> np.ndarray:
+    """dense_mean on stacked uploads (ids, rows, owner = upload index of each row)."""
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum() if w.sum() > 0 else w
     return sparse_weighted_sum(ids, rows, w[owner], n_items)
@@ -43,7 +47,11 @@ def dense_mean(ids_list, rows_list, weights, n_items: int) -> np.ndarray:
 
 def item_level_mean(ids_list, rows_list, weights, n_items: int) -> np.ndarray:
     """Weighted mean of each row over only the clients that uploaded it."""
-    ids, rows, owner = stack_uploads(ids_list, rows_list)
+    return item_level_mean_stacked(*stack_uploads(ids_list, rows_list), weights, n_items)
+
+
+def item_level_mean_stacked(ids, rows, owner, weights, n_items: int) -> np.ndarray:
+    """item_level_mean on stacked uploads."""
     w = np.asarray(weights, dtype=np.float64)
     total = sparse_weighted_sum(ids, rows, w[owner], n_items)
     denom = np.bincount(ids, weights=w[owner], minlength=n_items)

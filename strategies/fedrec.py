@@ -21,7 +21,7 @@ from flwr.common import (
 from flwr.server.strategy import Strategy
 
 from fedrec.optim import ServerOptimizer
-from fedrec.protocol import UploadError, decode_upload
+from fedrec.protocol import decode_uploads
 from strategies.mean import MeanRule
 from strategies.rule import RoundUpdates
 
@@ -93,24 +93,22 @@ class FedRecStrategy(Strategy):
 
     def aggregate_uploads(self, server_round: int, results) -> dict:
         """results: list of (client_id, arrays, num_examples, metrics). Returns round metrics."""
-        uploads, losses, dropped = [], [], Counter()
+        items, metrics_of, dropped = [], {}, Counter()
         empty = 0
         for client_id, arrays, num_examples, metrics in results:
-            if num_examples == 0 and isinstance(arrays, (list, tuple)) and arrays and np.size(arrays[0]) == 0:
+            if num_examples == 0 and isinstance(arrays, (list, tuple)) and arrays \
+                    and np.size(arrays[0]) == 0:
                 empty += 1  # a client with nothing to train on this round: not an attack
                 continue
-            try:
-                uploads.append(decode_upload(
-                    arrays, num_examples, n_items=self.n_items, dim=self.dim,
-                    predictor_shapes=self.predictor_shapes,
-                    max_rows=self.server_cfg.max_upload_rows,
-                    max_examples=self.server_cfg.max_samples, client=str(client_id)))
-            except UploadError as e:
-                dropped[e.reason] += 1
-                continue
-            loss = (metrics or {}).get("loss")
-            if isinstance(loss, (int, float)) and math.isfinite(loss):
-                losses.append(float(loss))
+            items.append((arrays, num_examples, str(client_id)))
+            metrics_of[str(client_id)] = metrics or {}
+        uploads, stacked, errors = decode_uploads(
+            items, n_items=self.n_items, dim=self.dim, predictor_shapes=self.predictor_shapes,
+            max_rows=self.server_cfg.max_upload_rows, max_examples=self.server_cfg.max_samples)
+        for _, e in errors:
+            dropped[e.reason] += 1
+        losses = [float(m["loss"]) for m in (metrics_of[u.client] for u in uploads)
+                  if isinstance(m.get("loss"), (int, float)) and math.isfinite(m["loss"])]
         self.drop_counts.update(dropped)
         out = {"clients": len(results), "accepted": len(uploads), "empty": empty,
                "invalid": sum(dropped.values()), "invalid_total": sum(self.drop_counts.values()),
@@ -121,6 +119,7 @@ class FedRecStrategy(Strategy):
                        if self.server_cfg.weighting == "samples" else np.ones(len(uploads)))
             updates = RoundUpdates(uploads, weights, self.n_items, self.dim, server_round,
                                    self.optimizer.arrays()[0])
+            updates.__dict__["stacked"] = stacked  # already concatenated during validation
             agg = self.rule(updates)
             self.last_dropped = [uploads[i].client for i in agg.dropped]
             out["rule_dropped"] = len(agg.dropped)

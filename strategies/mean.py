@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from strategies.aggregate import dense_mean, item_level_mean, weighted_mean_arrays
+from strategies.aggregate import dense_mean_stacked, item_level_mean_stacked, weighted_mean_arrays
 from strategies.rule import Aggregate, AggregationRule, RoundUpdates
 
 
@@ -11,8 +11,8 @@ class MeanRule(AggregationRule):
 
     def __call__(self, updates: RoundUpdates) -> Aggregate:
         ups = updates.uploads
-        fn = dense_mean if self.granularity == "dense" else item_level_mean
-        item_grad = fn([u.item_ids for u in ups], [u.item_rows for u in ups], updates.weights,
-                       updates.n_items)
+        ids, rows, owner = updates.stacked
+        fn = dense_mean_stacked if self.granularity == "dense" else item_level_mean_stacked
+        item_grad = fn(ids, rows, owner, updates.weights, updates.n_items)
         pred = weighted_mean_arrays([u.predictor for u in ups], updates.weights)
         return Aggregate(item_grad, pred)

@@ -156,3 +156,48 @@ def test_model_without_predictor():
         decode_upload([ids, rows, np.zeros(1, np.float32)], 3, n_items=N_ITEMS, dim=DIM,
                       predictor_shapes=[])
     assert e.value.reason == "array_count" and str(e.value).startswith("array_count")
+
+
+def test_batch_decode_makes_the_same_decisions_as_one_by_one():
+    """decode_uploads (the server's fast path) accepts/rejects exactly like decode_upload."""
+    from fedrec.protocol import decode_uploads
+
+    rng = np.random.default_rng(3)
+    n_items, dim, shapes = 20, 3, [(2,)]
+
+    def good(k=4):
+        ids = np.sort(rng.choice(n_items, k, replace=False)).astype(np.int64)
+        return [ids, rng.standard_normal((k, dim)).astype(np.float32), np.ones(2, np.float32)]
+
+    cases = []
+    cases.append((good(), 5))
+    a = good(); a[0] = a[0][::-1].copy(); a[1] = a[1][::-1].copy(); cases.append((a, 5))  # unsorted
+    a = good(); a[1][1, 2] = np.nan; cases.append((a, 5))
+    a = good(); a[1][0, :] = 3e38; cases.append((a, 5))                                      # sum overflows, finite
+    a = good(); a[0][-1] = n_items; cases.append((a, 5))
+    a = good(); a[0][1] = a[0][0]; cases.append((a, 5))                                      # repeated
+    a = good(); a[2] = np.array([np.inf, 0], np.float32); cases.append((a, 5))
+    cases.append((good(), 0))
+    a = good(); a[1] = a[1].astype(np.float64); cases.append((a, 5))                          # slow path
+    a = good(); a[1] = a[1].astype(np.float64) * 1e39; cases.append((a, 5))                  # inf after cast
+    cases.append((good(0), 5))
+    cases.append((good()[:2], 5))                                                              # array count
+    items = [(arr, n, f"c{i}") for i, (arr, n) in enumerate(cases)]
+    uploads, (ids, rows, owner), errors = decode_uploads(items, n_items=n_items, dim=dim,
+                                                         predictor_shapes=shapes)
+    expected_ok, expected_err = [], {}
+    for arr, n, c in items:
+        try:
+            expected_ok.append(decode_upload(arr, n, n_items=n_items, dim=dim, predictor_shapes=shapes,
+                                             client=c))
+        except UploadError as e:
+            expected_err[c] = e.reason
+    assert [u.client for u in uploads] == [u.client for u in expected_ok]
+    assert {c: e.reason for c, e in errors} == expected_err
+    for u, v in zip(uploads, expected_ok):
+        assert np.array_equal(u.item_ids, v.item_ids) and np.array_equal(u.item_rows, v.item_rows)
+    assert np.array_equal(ids, np.concatenate([u.item_ids for u in uploads]))
+    assert np.array_equal(rows, np.concatenate([u.item_rows for u in uploads]))
+    assert np.array_equal(owner, np.repeat(np.arange(len(uploads)), [len(u.item_ids) for u in uploads]))
+    assert set(expected_err.values()) >= {"non_finite", "ids_range", "ids_repeated", "num_examples",
+                                           "array_count"}
