@@ -63,8 +63,12 @@ class ClientEnv:
     data: object  # PreparedData
 
 
+def _first_draw(count: int, n_items: int, n_excluded: int) -> int:
+    return max(16, int(count * n_items / (n_items - n_excluded) * 1.2) + 8)
+
+
 def sample_negatives(rng, n_items: int, exclude_sorted: np.ndarray, count: int,
-                     exclude_mask: np.ndarray | None = None) -> np.ndarray:
+                     exclude_mask: np.ndarray | None = None, start=None) -> np.ndarray:
     """`count` uniform items not in `exclude_sorted` (with replacement), by vectorised rejection.
 
     exclude_mask (optional, bool over items) is the same set as a lookup table: faster, same
@@ -73,10 +77,10 @@ def sample_negatives(rng, n_items: int, exclude_sorted: np.ndarray, count: int,
     free = n_items - len(exclude_sorted)
     if free <= 0:
         raise ValueError("the user has interacted with every item: no negatives exist")
-    out = None
+    out = start
     while out is None or len(out) < count:
         need = count - (0 if out is None else len(out))
-        cand = rng.integers(0, n_items, size=max(16, int(need * n_items / free * 1.2) + 8))
+        cand = rng.integers(0, n_items, size=_first_draw(need, n_items, len(exclude_sorted)))
         if exclude_mask is not None:
             ok = ~exclude_mask[cand]
         elif len(exclude_sorted):
@@ -87,6 +91,33 @@ def sample_negatives(rng, n_items: int, exclude_sorted: np.ndarray, count: int,
             ok = np.ones(len(cand), bool)
         out = cand[ok] if out is None else np.concatenate([out, cand[ok]])
     return out[:count]
+
+
+def sample_negatives_cohort(clients, rngs, counts) -> list:
+    """sample_negatives for several clients at once: the same draws from each client's own
+    generator, the accept/reject lookups done in one pass. Identical results."""
+    n_items = clients[0].model.n_items
+    excl = [len(c.known_sorted) for c in clients]
+    draws = [_first_draw(n, n_items, e) for n, e in zip(counts, excl)]
+    cand = np.concatenate([r.integers(0, n_items, size=d) for r, d in zip(rngs, draws)])
+    owner = np.repeat(np.arange(len(clients)), draws)
+    masks = np.stack([c._exclusion_mask() for c in clients])
+    acc = np.flatnonzero(~masks[owner, cand])
+    acc_owner = owner[acc]
+    got = np.bincount(acc_owner, minlength=len(clients))
+    first = np.cumsum(got) - got
+    rank = np.arange(len(acc)) - first[acc_owner]
+    counts = np.asarray(counts)
+    taken = cand[acc[rank < counts[acc_owner]]]
+    bounds = np.concatenate([[0], np.cumsum(np.minimum(got, counts))])
+    out = []
+    for i, c in enumerate(clients):
+        neg = taken[bounds[i] : bounds[i + 1]]
+        if len(neg) < counts[i]:  # rare: continue this client's own stream, as one by one
+            neg = sample_negatives(rngs[i], n_items, c.known_sorted, int(counts[i]),
+                                   c._exclusion_mask(), start=neg)
+        out.append(neg)
+    return out
 
 
 class BenignClient(NumPyClient):
@@ -115,6 +146,7 @@ class BenignClient(NumPyClient):
             if self.cfg.data.negatives_exclude == "all" else np.sort(self.train_items)
         self._known_mask = None  # built on first use (a lookup table over items)
         self._rng_bases: dict = {}
+        self._predrawn = None
 
     # --- private state --------------------------------------------------------------------
     def _rng(self, purpose: int, rnd: int = 0) -> np.random.Generator:
@@ -145,12 +177,22 @@ class BenignClient(NumPyClient):
                 state["negatives"] = self._draw_negatives(self._rng(_STATIC_NEG))
         return state
 
-    def _draw_negatives(self, rng) -> np.ndarray:
-        if self._known_mask is None and self.model.n_items <= 200_000:
+    def _exclusion_mask(self) -> np.ndarray:
+        """The items negatives must avoid, as a lookup table (built once per client object)."""
+        if self._known_mask is None:
             self._known_mask = np.zeros(self.model.n_items, dtype=bool)
             self._known_mask[self.known_sorted] = True
-        return sample_negatives(rng, self.model.n_items, self.known_sorted,
-                                len(self.train_items) * self.cfg.data.neg_ratio, self._known_mask)
+        return self._known_mask
+
+    def _n_negatives(self) -> int:
+        return len(self.train_items) * self.cfg.data.neg_ratio
+
+    def _draw_negatives(self, rng) -> np.ndarray:
+        if self._predrawn is not None:  # drawn for the whole cohort by fit_cohort, same stream
+            neg, self._predrawn = self._predrawn, None
+            return neg
+        return sample_negatives(rng, self.model.n_items, self.known_sorted, self._n_negatives(),
+                                self._exclusion_mask())
 
     def _user_hparams(self):
         s = self.cfg.server
@@ -175,6 +217,7 @@ class BenignClient(NumPyClient):
 
     # --- training pairs (subclasses change the data, e.g. LabelFlip, FedAttack) ----------
     def training_pairs(self, state: dict, rng) -> tuple[np.ndarray, np.ndarray]:
+        """(positives, negatives) of this round; attacks that poison data override this."""
         q = self.cfg.data.neg_ratio
         pos = np.repeat(self.train_items, q) if q > 1 else self.train_items
         neg = state["negatives"] if "negatives" in state else self._draw_negatives(rng)
@@ -198,8 +241,19 @@ class BenignClient(NumPyClient):
         if not clients:
             return []
         c0 = clients[0]
-        jobs = [c.prepare_fit(parameters, config) for c in clients]
-        rnd = jobs[0]["round"]
+        rnd = int(config["round"])
+        rngs = [c._rng(_ROUND, rnd) for c in clients]
+        # fresh negatives are the first draws of the round's stream in the default
+        # training_pairs: draw them for the whole cohort at once (subclasses that change
+        # training_pairs draw their own, one by one)
+        fresh = [i for i, c in enumerate(clients) if c.cfg.data.negatives == "fresh"
+                 and type(c).training_pairs is BenignClient.training_pairs]
+        if fresh:
+            negs = sample_negatives_cohort([clients[i] for i in fresh], [rngs[i] for i in fresh],
+                                           [clients[i]._n_negatives() for i in fresh])
+            for i, neg in zip(fresh, negs):
+                clients[i]._predrawn = neg
+        jobs = [c.prepare_fit(parameters, config, rng) for c, rng in zip(clients, rngs)]
         lr, b1, b2, eps = c0._user_hparams()
         states = [j["state"] for j in jobs]
         # the cohort's private rows, stacked once (each row is only ever touched row-wise)
@@ -247,11 +301,11 @@ class BenignClient(NumPyClient):
             s["clock"][0] = rnd
             s["clock"][1] += 1
 
-    def prepare_fit(self, parameters, config) -> dict:
+    def prepare_fit(self, parameters, config, rng=None) -> dict:
         """Per client, before the gradient: private state and this round's pairs."""
         rnd = int(config["round"])
         state = self._state()
-        rng = self._rng(_ROUND, rnd)
+        rng = rng if rng is not None else self._rng(_ROUND, rnd)
         pos, neg = self.training_pairs(state, rng)
         return {"round": rnd, "state": state, "rng": rng, "pos": pos, "neg": neg,
                 "item_table": parameters[0], "predictor": list(parameters[1:]),

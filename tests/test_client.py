@@ -198,3 +198,38 @@ def test_local_epochs_upload_is_pseudo_gradient(tmp_path):
     assert list(state["clock"]) == [1, 1]
     # the global table handed in is untouched
     assert not np.shares_memory(local, arrays[0])
+
+
+@pytest.mark.parametrize("negatives", ["fresh", "static"])
+def test_cohort_fit_equals_one_by_one(tmp_path, negatives):
+    """The in-process runner's cohort path gives every client exactly its single-client result
+    (uploads and private state), over several rounds: the basis of engine == Flower."""
+    env, arrays = _env(tmp_path, data__negatives=negatives, model__dropout=0.2)
+    users = [u for u in range(env.data.n_users) if not env.data.pool_mask[u]][:12]
+    solo = {u: _client(env, u) for u in users}
+    group = {u: _client(env, u) for u in users}
+    for rnd in (1, 2, 5):
+        chosen = users[rnd % 3::2]
+        outs = BenignClient.fit_cohort([group[u] for u in chosen], arrays, {"round": rnd})
+        for u, (up, n, m) in zip(chosen, outs):
+            up1, n1, m1 = solo[u].fit(arrays, {"round": rnd})
+            assert n == n1 and m == m1
+            assert all(np.array_equal(a, b) for a, b in zip(up, up1))
+            s, s1 = group[u].store.state, solo[u].store.state
+            assert all(np.array_equal(s[k], s1[k]) for k in s1)
+
+
+def test_cohort_negatives_equal_per_client_even_when_a_draw_falls_short(tmp_path):
+    from clients.benign import sample_negatives_cohort
+
+    # few items and long histories: the first draw often accepts too few candidates
+    env, _ = _env(tmp_path, data__synthetic={"n_users": 40, "n_items": 30, "mean_history": 14})
+    users = [u for u in range(env.data.n_users) if len(env.data.train_of(u)) >= 8][:10]
+    a = [_client(env, u) for u in users]
+    b = [_client(env, u) for u in users]
+    counts = [c._n_negatives() for c in a]
+    got = sample_negatives_cohort(a, [c._rng(_ROUND, 4) for c in a], counts)
+    for c, neg in zip(b, got):
+        expect = c._draw_negatives(c._rng(_ROUND, 4))
+        assert np.array_equal(neg, expect)
+        assert not np.isin(neg, c.known_sorted).any()
