@@ -102,6 +102,9 @@ class ServerConfig:
     eps: float = 1e-8
     aggregation: str = "dense"  # dense | item
     rule: str = "mean"  # aggregation rule (see fedrec/registry.py)
+    rule_f: int = 2  # robust rules: assumed Byzantine clients per round (trimmed per side)
+    multikrum_m: int = 0  # updates Multi-Krum keeps (0 = n - rule_f)
+    norm_bound: float = 0.1  # norm_bound: L2 clip (UNION code 0.1; FedAttack used 2)
     weighting: str = "samples"  # samples | uniform
     max_upload_rows: int = 0  # 0 = n_items; bigger uploads are dropped
     max_samples: int = 10_000_000  # a claimed sample count above this is dropped
@@ -111,6 +114,10 @@ class ServerConfig:
         _choice("server.aggregation", self.aggregation, ("dense", "item"))
         _choice("server.weighting", self.weighting, ("samples", "uniform"))
         _range("server.lr", self.lr, 0.0, 100.0)
+        _range("server.rule_f", self.rule_f, 0, 10**8)
+        _range("server.multikrum_m", self.multikrum_m, 0, 10**8)
+        if not self.norm_bound > 0:
+            raise ConfigError(f"server.norm_bound: expected a number > 0, got {self.norm_bound!r}")
         if len(self.betas) != 2 or not all(0 <= float(b) < 1 for b in self.betas):
             raise ConfigError("server.betas: expected two numbers in [0, 1)")
 

@@ -12,6 +12,12 @@ from fedrec.errors import ConfigError
 
 RULES = {
     "mean": "strategies.mean:MeanRule",
+    "median": "strategies.median:MedianRule",
+    "trimmed_mean": "strategies.trimmed_mean:TrimmedMeanRule",
+    "krum": "strategies.krum:KrumRule",
+    "multikrum": "strategies.krum:MultiKrumRule",
+    "bulyan": "strategies.bulyan:BulyanRule",
+    "norm_bound": "strategies.norm_bound:NormBoundRule",
 }
 
 
@@ -24,4 +30,9 @@ def make_rule(cfg):
     name = getattr(cfg.server, "rule", "mean")
     if name not in RULES:
         raise ConfigError(f"server.rule: {name!r} is not one of {', '.join(RULES)}")
-    return load_class(RULES[name])(cfg.server.aggregation)
+    cls = load_class(RULES[name])
+    # rules with parameters read them (server.rule_f, ..., train.clients_per_round) and
+    # check them against the round size themselves; the others only take the granularity
+    if hasattr(cls, "from_config"):
+        return cls.from_config(cfg)
+    return cls(cfg.server.aggregation)

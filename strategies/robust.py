@@ -1,0 +1,370 @@
+"""Shared machinery of the robust rules (median, trimmed mean, Krum, Multi-Krum, Bulyan).
+
+An item-level rule works on each item's *group*: the rows g_c[i] of the clients C_i that
+uploaded item i, m_i = |C_i|. The dense form of the same rule works on all n clients, the
+n - m_i clients that did not upload row i counting as zero rows (as Flower's built-ins see
+dense updates). Both forms run on the same grouped rows:
+
+- `group_rows` sorts the stacked rows by item and gathers the groups into a few padded
+  blocks by size class (m_i in (2^(b-1), 2^b]), so padding at most doubles the work and all
+  arithmetic is elementwise over *lanes*, one lane per (item, coordinate).
+- `sort_slots` sorts every lane of a block. For narrow blocks it runs a Batcher sorting
+  network of np.minimum/np.maximum over all lanes at once: numpy's own sort pays ~100 ns of
+  overhead per lane, which for groups of a few rows costs more than the sorting itself.
+- `AugmentedOrder` reads order statistics of a lane's m sorted values *plus z zeros* without
+  materialising the zeros; z = n - m_i gives the dense form, z = 0 the item-level form.
+- A dense array (the predictor) is one group in which every client has a row.
+
+The Python loops here run over size classes (at most log2(n) + 1), comparators of a network
+of width <= 16, the <= n slots of a group, or Bulyan's 2f end values: never over items or
+coordinates.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedrec.errors import ConfigError
+from strategies.rule import Aggregate, AggregationRule, RoundUpdates
+
+MEDIAN = None  # `trim` value meaning: trim all but the middle one or two values
+NETWORK_MAX_WIDTH = 16  # wider blocks have few lanes: numpy's sort is cheaper there
+
+
+# ------------------------------------------------------------------------- grouping rows
+
+
+@dataclass
+class RowBucket:
+    """Groups of similar size: rows[s, g] = index of the s-th row of group g (-1 = padding)."""
+
+    items: np.ndarray  # (U,) item id of each group
+    counts: np.ndarray  # (U,) m_i
+    rows: np.ndarray  # (width, U) indices into the stacked rows
+
+    @property
+    def width(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def members(self) -> np.ndarray:
+        """(U, width) bool: slot s of group g holds a row."""
+        return (self.rows >= 0).T
+
+    def gather(self, values: np.ndarray, fill: float, groups_first: bool = False) -> np.ndarray:
+        """(width, U, dim) values of the groups' rows, `fill` in the padding slots;
+        (U, width, dim) with groups_first."""
+        index = self.rows.T if groups_first else self.rows
+        out = np.take(values, np.maximum(index, 0).ravel(), axis=0)  # ~2x faster than []
+        out = out.reshape(index.shape + values.shape[1:])
+        out[np.nonzero(index < 0)] = fill
+        return out
+
+
+def group_rows(ids: np.ndarray, min_count: int = 1) -> list[RowBucket]:
+    """Rows grouped by item id (groups with at least `min_count` rows), in size classes."""
+    if len(ids) == 0:
+        return []
+    order = np.argsort(ids, kind="stable")  # stable: a group lists its rows in client order
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    items = sorted_ids[starts]
+    counts = np.diff(np.r_[starts, len(ids)])
+    keep = counts >= min_count
+    items, starts, counts = items[keep], starts[keep], counts[keep]
+    size_class = np.ceil(np.log2(counts)).astype(np.int64)
+    buckets = []
+    for cls in np.unique(size_class):
+        sel = size_class == cls
+        width = int(counts[sel].max())
+        slot = np.arange(width)[:, None]
+        pos = np.minimum(starts[sel][None, :] + slot, len(order) - 1)
+        rows = np.where(slot < counts[sel][None, :], order[pos], -1)
+        buckets.append(RowBucket(items[sel], counts[sel], rows))
+    return buckets
+
+
+# ------------------------------------------------------------------------- sorting lanes
+
+
+@functools.lru_cache(maxsize=None)
+def sorting_network(width: int) -> tuple:
+    """Comparators (i, j), i < j, of Batcher's odd-even merge sort for `width` inputs.
+
+    Built for the next power of two; comparators reaching past `width` are dropped, which
+    is exact because virtual inputs past the end would hold +inf and never move.
+    """
+    size = 1 << max(0, width - 1).bit_length()
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple((a, b) for a, b in pairs if b < width)
+
+
+def sort_slots(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Every lane of x (width, lanes) sorted ascending along axis 0, into `out` if given.
+
+    x itself is used as scratch space and left in no particular order.
+    """
+    width = x.shape[0]
+    if out is None:
+        out = np.empty_like(x)
+    if width > NETWORK_MAX_WIDTH:
+        out[...] = np.sort(np.ascontiguousarray(x.T), axis=1).T
+        return out
+    rows = list(x)
+    if width > 1:
+        spare = np.empty_like(rows[0])
+        for i, j in sorting_network(width):
+            np.minimum(rows[i], rows[j], out=spare)
+            np.maximum(rows[i], rows[j], out=rows[j])
+            rows[i], spare = spare, rows[i]  # swap buffers instead of copying the minimum back
+    np.stack(rows, out=out)
+    return out
+
+
+class AugmentedOrder:
+    """Order statistics of each group's m values plus z zeros, per coordinate.
+
+    Each group's values come sorted along axis 0 (+inf in the padding, see
+    `sorted_groups`). The augmented sequence of a lane (length N = m + z) is its values and z
+    zeros in sorted order. Its rank-k value is
+
+        a[k] = min(s[k], max(s[k - z], 0)),   s[j] = +inf for j >= m, -inf for j < 0
+
+    (below the negatives count: s[k]; among the zeros: 0; above: s[k - z]): two gathers of
+    (U, dim) rows. A real value s[j] sits at rank j if negative, j + z otherwise. z = 0 is
+    the item-level form (a = s).
+
+    Sums over a range of ranks add the values in the range directly. Subtracting the
+    trimmed values from a total (or prefix sums) would be cheaper but is not safe: a client
+    may send 1e30 (finite, so valid), and total - 1e30 loses every significant digit.
+    """
+
+    def __init__(self, padded: np.ndarray, counts: np.ndarray, zeros=0):
+        """padded: (width + 2, U, dim), the sorted values between a row of -inf (s[-1]) and
+        a row of +inf (s[width]), as `sorted_groups` builds it."""
+        self.padded = padded
+        self.sorted = padded[1:-1]
+        self.m = counts
+        self.z = np.broadcast_to(np.asarray(zeros, dtype=np.int64), counts.shape)
+        self.n = self.m + self.z
+        self.augmented = bool(self.z.any())
+        self._groups = np.arange(len(counts))
+
+    def _slot(self, j: np.ndarray) -> np.ndarray:
+        return self.padded[np.clip(j + 1, 0, len(self.padded) - 1), self._groups]
+
+    def value(self, k) -> np.ndarray:
+        """(U, dim): the rank-k value (k scalar or per group) of each lane."""
+        k = np.broadcast_to(np.asarray(k, dtype=np.int64), self.m.shape)
+        if not self.augmented:
+            return self._slot(k)
+        return np.minimum(self._slot(k), np.maximum(self._slot(k - self.z), np.float32(0)))
+
+    def rank_sum(self, lo, hi) -> np.ndarray:
+        """(U, dim): the sum of the values of ranks [lo, hi); bounds per group (U,) or lane.
+
+        One pass per slot j (a loop over the <= n slots of a group). A real value s_j has
+        rank j if negative and j + z otherwise. Masks that vary only per group go through
+        ufunc `where=` (fast when broadcast); per-lane masks multiply the values (a 2-D
+        `where=` or np.where is ~10x slower), after the group mask has excluded padding.
+        """
+        lo, hi = np.asarray(lo), np.asarray(hi)
+        if lo.ndim == 1:
+            lo, hi = lo[:, None], hi[:, None]
+        per_lane = lo.ndim == 2 and lo.shape[1] > 1
+        z = self.z[:, None]
+        total = np.zeros(self.sorted.shape[1:], np.float32)
+        for j, s_j in enumerate(self.sorted):
+            real = (j < self.m)[:, None]  # (U, 1): slot j holds a value, not +inf padding
+            in_neg = (lo <= j) & (j < hi)  # where a negative s_j would count
+            in_pos = (lo <= j + z) & (j + z < hi) if self.augmented else in_neg
+            if not per_lane and np.array_equal(in_neg, in_pos):
+                np.add(total, s_j, out=total, where=real & in_neg)
+                continue
+            negative = s_j < 0
+            keep = (negative & in_neg) | (~negative & in_pos)
+            with np.errstate(invalid="ignore"):  # inf * 0 in the padding, masked by `real`
+                np.add(total, s_j * keep, out=total, where=real)
+        return total
+
+    def median(self) -> np.ndarray:
+        half = np.float32(0.5)  # halves first: the sum of two float32 values may overflow
+        return self.value((self.n - 1) // 2) * half + self.value(self.n // 2) * half
+
+    def trimmed_mean(self, trim) -> np.ndarray:
+        """Mean of ranks [t, N - t), t = min(trim, (N - 1) // 2); trim=MEDIAN: the median."""
+        if trim is MEDIAN:
+            return self.median()
+        t = np.minimum(trim, (self.n - 1) // 2)
+        return self.rank_sum(t, self.n - t) / (self.n - 2 * t).astype(np.float32)[:, None]
+
+    def nearest_mean(self, slack: int) -> np.ndarray:
+        """Mean of the beta = N - slack values nearest to each lane's median.
+
+        Dropping the `slack` values farthest from the median drops them from the two ends
+        of the sorted sequence: always the farther of the two current ends (on a tie, the
+        higher one). With left distances dl_k = median - a[k] and right distances
+        dr_k = a[N-1-k] - median, both decreasing in k, the number dropped on the left is
+        s = #{s in 1..slack : dl_{s-1} > dr_{slack-s}}; the kept ranks are [s, s + beta).
+        """
+        median = self.median()
+        n_left = np.zeros(median.shape, np.int64)
+        for s in range(1, slack + 1):
+            n_left += (median - self.value(s - 1)) > (self.value(self.n - 1 - (slack - s)) - median)
+        beta = (self.n - slack)[:, None]
+        return self.rank_sum(n_left, n_left + beta) / beta.astype(np.float32)
+
+
+def sorted_groups(bucket: RowBucket, rows: np.ndarray) -> np.ndarray:
+    """(width + 2, U, dim): each group's rows sorted per coordinate, +inf past m_i, between
+    a row of -inf and a row of +inf (the sentinels AugmentedOrder reads out of range)."""
+    width, n_groups = bucket.rows.shape
+    dim = rows.shape[1]
+    padded = np.empty((width + 2, n_groups * dim), rows.dtype)
+    padded[0], padded[-1] = -np.inf, np.inf
+    sort_slots(bucket.gather(rows, np.inf).reshape(width, -1), out=padded[1:-1])
+    return padded.reshape(width + 2, n_groups, dim)
+
+
+def reduce_groups(ids, rows, n_items: int, reduce, n_clients: int | None = None,
+                  min_count: int = 1) -> np.ndarray:
+    """out[i] = reduce(AugmentedOrder of item i's rows), coordinate-wise; 0 for absent items.
+
+    n_clients=None: item-level (each item over its own contributors); otherwise dense (each
+    item over n_clients values, the n_clients - m_i absent rows counting as zeros).
+    Items with fewer than min_count rows are left at 0: the caller knows the zeros decide
+    them (a dense median of mostly zeros is 0).
+    """
+    out = np.zeros((n_items, rows.shape[1]), np.float32)
+    for b in group_rows(ids, min_count):
+        zeros = 0 if n_clients is None else n_clients - b.counts
+        out[b.items] = reduce(AugmentedOrder(sorted_groups(b, rows), b.counts, zeros))
+    return out
+
+
+def coordinate_trimmed_mean(ids, rows, n_items: int, trim, n_clients: int | None = None):
+    """Per item and coordinate, the mean after dropping `trim` values from each end.
+
+    Dense shortcut: an item with m_i <= t real values among N = n_clients has them all
+    trimmed (its negatives sit in the t lowest ranks, its positives in the t highest), and
+    one with m_i <= (N - 1) // 2 has a zero median; such items are 0 without sorting.
+    """
+    min_count = 1
+    if n_clients is not None:
+        half = (n_clients - 1) // 2
+        min_count = 1 + (half if trim is MEDIAN else min(trim, half))
+    return reduce_groups(ids, rows, n_items, lambda aug: aug.trimmed_mean(trim), n_clients,
+                         min_count)
+
+
+def row_sq_norms(rows: np.ndarray) -> np.ndarray:
+    """(R,) float64 squared L2 norm of each row: float32 products, float64 where they overflow."""
+    sq = np.einsum("ij,ij->i", rows, rows).astype(np.float64)
+    huge = ~np.isfinite(sq)  # finite float32 values up to 3e38: only crafted rows get here
+    if huge.any():
+        big = rows[huge].astype(np.float64)
+        sq[huge] = np.einsum("ij,ij->i", big, big)
+    return sq
+
+
+# ------------------------------------------------------------------------- dense arrays
+
+
+def flat_predictors(uploads) -> np.ndarray | None:
+    """(n, P) float32: each upload's predictor arrays flattened; None when there are none."""
+    if not uploads or not uploads[0].predictor:
+        return None
+    return np.stack([np.concatenate([np.ravel(a) for a in u.predictor]) for u in uploads]
+                    ).astype(np.float32, copy=False)
+
+
+def unflatten(vector: np.ndarray, like: list) -> list:
+    """Split a flat vector into arrays shaped like `like`."""
+    out, start = [], 0
+    for a in like:
+        size = int(np.size(a))
+        out.append(vector[start:start + size].reshape(np.shape(a)).astype(np.float32))
+        start += size
+    return out
+
+
+def stack_trimmed_mean(stack: np.ndarray, trim) -> np.ndarray:
+    """Coordinate-wise trimmed mean (trim=MEDIAN: median) of a (n, P) stack of vectors."""
+    one_group = np.zeros(len(stack), np.int64)
+    return coordinate_trimmed_mean(one_group, stack, 1, trim)[0]
+
+
+def order_statistic_aggregate(updates: RoundUpdates, granularity: str, trim) -> Aggregate:
+    """Coordinate-wise trimmed mean (or median) of item rows and predictor, unweighted."""
+    ids, rows, _ = updates.stacked
+    n = len(updates)
+    item_grad = coordinate_trimmed_mean(ids, rows, updates.n_items, trim,
+                                        n_clients=n if granularity == "dense" else None)
+    pred = flat_predictors(updates.uploads)
+    predictor = [] if pred is None else unflatten(stack_trimmed_mean(pred, trim),
+                                                  updates.uploads[0].predictor)
+    return Aggregate(item_grad, predictor)
+
+
+# ------------------------------------------------------------------------- the rule base
+
+
+class RobustRule(AggregationRule):
+    """Common parameters and the round-size check of the robust rules.
+
+    f (server.rule_f) is the assumed number of Byzantine clients per round. `requirement(n)`
+    says what a rule needs of the round size n. It raises ConfigError at construction, with
+    n = train.clients_per_round. A round that arrives smaller (invalid uploads dropped,
+    fewer users than clients_per_round, an epoch's short last round) is aggregated with the
+    coordinate-wise median of the same granularity and info["fallback"] = 1: the median
+    needs nothing of n, and a fallback to the mean would let clients who can get their own
+    uploads rejected switch the defense off.
+    """
+
+    name = "robust"
+
+    def __init__(self, granularity: str = "dense", f: int = 0,
+                 clients_per_round: int | None = None):
+        super().__init__(granularity)
+        if isinstance(f, bool) or int(f) != f or f < 0:
+            raise ConfigError(f"server.rule_f: expected an integer >= 0, got {f!r}")
+        self.f = int(f)
+        if clients_per_round is not None:
+            problem = self.requirement(int(clients_per_round))
+            if problem:
+                raise ConfigError(f"server.rule {self.name!r} with train.clients_per_round="
+                                  f"{clients_per_round}: {problem}")
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.server.aggregation, f=cfg.server.rule_f,
+                   clients_per_round=cfg.train.clients_per_round)
+
+    def requirement(self, n: int) -> str:
+        """Why n clients are too few for this rule ("" when they are enough)."""
+        return ""
+
+    def aggregate(self, updates: RoundUpdates) -> Aggregate:
+        raise NotImplementedError
+
+    def __call__(self, updates: RoundUpdates) -> Aggregate:
+        if self.requirement(len(updates)):
+            agg = order_statistic_aggregate(updates, self.granularity, MEDIAN)
+            agg.info = {"fallback": 1, "dropped": 0}
+            return agg
+        agg = self.aggregate(updates)
+        agg.info = {"fallback": 0, "dropped": len(agg.dropped), **agg.info}
+        return agg
