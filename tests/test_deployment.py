@@ -174,19 +174,9 @@ def _rows(path: Path) -> dict[int, dict]:
 
 def _engine_run(cfg, out_root, monkeypatch):
     """run_experiment, keeping the strategy's final global arrays."""
-    import fedrec.engine as engine_mod
+    from conftest import engine_run_capturing_arrays
 
-    captured = {}
-
-    class Capture(engine_mod.Engine):
-        def run(self):
-            out = super().run()
-            captured["arrays"] = [a.copy() for a in self.strategy.global_arrays()]
-            return out
-
-    monkeypatch.setattr(engine_mod, "Engine", Capture)
-    summary = engine_mod.run_experiment(cfg, output_root=out_root, progress=False, force=True)
-    return summary, captured["arrays"]
+    return engine_run_capturing_arrays(cfg, out_root, monkeypatch)
 
 
 # ---------------------------------------------------------------------------- the test

@@ -52,21 +52,10 @@ def _experiment(tmp_path, model="mf", name=None, **extra) -> Path:
 
 def _engine_run(path, out_root, monkeypatch):
     """run_experiment, keeping the final global arrays of the strategy."""
-    import fedrec.engine as engine_mod
+    from conftest import engine_run_capturing_arrays
     from fedrec.config import load_one
 
-    captured = {}
-
-    class Capture(engine_mod.Engine):
-        def run(self):
-            out = super().run()
-            captured["arrays"] = [a.copy() for a in self.strategy.global_arrays()]
-            return out
-
-    monkeypatch.setattr(engine_mod, "Engine", Capture)
-    summary = engine_mod.run_experiment(load_one(path), output_root=out_root, progress=False,
-                                        force=True)
-    return summary, captured["arrays"]
+    return engine_run_capturing_arrays(load_one(path), out_root, monkeypatch)
 
 
 _DRIVER = r"""
