@@ -88,6 +88,25 @@ class ServerOptimizer:
     def arrays(self) -> list:
         return [p.numpy() for p in self.params]
 
+    def item_state(self) -> dict:
+        """The item table's optimizer state, as read-only views (no copies).
+
+        Adam: {"optimizer": "adam", "lr", "betas", "eps", "step" (steps taken),
+        "exp_avg", "exp_avg_sq" (None before the first step)}; SGD: {"optimizer": "sgd", "lr"}.
+        """
+        group = self.opt.param_groups[0]
+        if not isinstance(self.opt, torch.optim.Adam):
+            return {"optimizer": "sgd", "lr": float(group["lr"])}
+        state = self.opt.state.get(self.params[0], {})
+        moments = [None, None]
+        if state:
+            moments = [state[k].numpy() for k in ("exp_avg", "exp_avg_sq")]
+            for a in moments:
+                a.flags.writeable = False
+        return {"optimizer": "adam", "lr": float(group["lr"]), "betas": tuple(group["betas"]),
+                "eps": float(group["eps"]), "step": int(state["step"]) if state else 0,
+                "exp_avg": moments[0], "exp_avg_sq": moments[1]}
+
     @torch.no_grad()
     def step(self, grads):
         for p, g in zip(self.params, grads):

@@ -21,6 +21,13 @@ RULES = {
 }
 
 
+# server.filter: a filter wraps the rule (it drops uploads, the rule aggregates the rest)
+FILTERS = {
+    "none": None,
+    "union": "strategies.union:UnionRule",
+}
+
+
 def load_class(spec: str):
     module, name = spec.split(":")
     return getattr(importlib.import_module(module), name)
@@ -33,6 +40,10 @@ def make_rule(cfg):
     cls = load_class(RULES[name])
     # rules with parameters read them (server.rule_f, ..., train.clients_per_round) and
     # check them against the round size themselves; the others only take the granularity
-    if hasattr(cls, "from_config"):
-        return cls.from_config(cfg)
-    return cls(cfg.server.aggregation)
+    rule = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg.server.aggregation)
+    name = getattr(cfg.server, "filter", "none")
+    if name not in FILTERS:
+        raise ConfigError(f"server.filter: {name!r} is not one of {', '.join(FILTERS)}")
+    if FILTERS[name] is not None:
+        rule = load_class(FILTERS[name]).from_config(cfg, rule)
+    return rule

@@ -118,7 +118,7 @@ class FedRecStrategy(Strategy):
             weights = (np.array([u.num_examples for u in uploads], dtype=np.float64)
                        if self.server_cfg.weighting == "samples" else np.ones(len(uploads)))
             updates = RoundUpdates(uploads, weights, self.n_items, self.dim, server_round,
-                                   self.optimizer.arrays()[0])
+                                   self.optimizer.arrays()[0], self.optimizer.item_state())
             updates.__dict__["stacked"] = stacked  # already concatenated during validation
             agg = self.rule(updates)
             self.last_dropped = [uploads[i].client for i in agg.dropped]

@@ -24,6 +24,8 @@ class RoundUpdates:
     dim: int
     server_round: int = 0
     item_table: np.ndarray | None = None  # the current global table (read-only)
+    # the item table's server-optimizer state, read-only (fedrec.optim.ServerOptimizer.item_state)
+    server_state: dict | None = None
 
     @cached_property
     def stacked(self):
