@@ -75,8 +75,10 @@ def decode_upload(arrays, num_examples, *, n_items: int, dim: int, predictor_sha
                 raise UploadError("ids_repeated")
             order = np.argsort(ids)  # unsorted but unique: accept, in canonical order
             ids, rows = ids[order], rows[order]
-    rows = rows.astype(np.float32, copy=False)  # check what the server will use: 1e39 -> inf
-    if not np.isfinite(rows.sum()) and not np.isfinite(rows).all():
+    with np.errstate(over="ignore", invalid="ignore"):  # hostile values are expected here
+        rows = rows.astype(np.float32, copy=False)  # check what the server will use: 1e39 -> inf
+        finite = np.isfinite(rows.sum()) or np.isfinite(rows).all()
+    if not finite:
         raise UploadError("non_finite", "item rows")
     pred = []
     for j, (a, shape) in enumerate(zip(arrays[2:], predictor_shapes)):
@@ -147,7 +149,8 @@ def decode_uploads(items, *, n_items: int, dim: int, predictor_shapes, max_rows:
     step_ok[1:] = all_ids[1:] > all_ids[:-1]
     step_ok[starts[lens > 0]] = True
     unsorted = np.bincount(owner[~step_ok], minlength=len(cand)) > 0
-    row_sums = all_rows.sum(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):  # hostile values are expected here
+        row_sums = all_rows.sum(axis=1)
     suspect = ~np.isfinite(row_sums)
     if suspect.any():  # a finite row can overflow its sum: confirm element-wise
         nonfinite = np.zeros(len(all_ids), dtype=bool)
