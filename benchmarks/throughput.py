@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                 # ML-1M MF, 50 clients/round
     python benchmarks/throughput.py --set data.negatives=static --repeat 3
+    python benchmarks/throughput.py --workers 1 2 --repeat 3   # worker processes, side by side
     python benchmarks/throughput.py --flwr          # also: seconds/round under `flwr run`
                                                     # against a bare Flower app (flwr_overhead.py)
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def measure(experiment: str, overrides: list, rounds: int, warmup: int) -> dict:
+def measure(experiment: str, overrides: list, rounds: int, warmup: int, workers=None) -> dict:
     from fedrec import config
     from fedrec.build import build_env
     from fedrec.engine import Engine
@@ -34,15 +35,18 @@ def measure(experiment: str, overrides: list, rounds: int, warmup: int) -> dict:
     t0 = time.perf_counter()
     env = build_env(cfg)
     load_s = time.perf_counter() - t0
-    eng = Engine(cfg, env=env, progress=False)
+    eng = Engine(cfg, env=env, progress=False, workers=workers)
     eng._all_users = list(range(env.data.n_users))
-    for r in range(1, warmup + 1):
-        eng.run_round(r)
-    t0 = time.perf_counter()
-    for r in range(warmup + 1, warmup + rounds + 1):
-        eng.run_round(r)
-    dt = time.perf_counter() - t0
-    return {"experiment": experiment, "overrides": overrides,
+    try:
+        for r in range(1, warmup + 1):
+            eng.run_round(r)
+        t0 = time.perf_counter()
+        for r in range(warmup + 1, warmup + rounds + 1):
+            eng.run_round(r)
+        dt = time.perf_counter() - t0
+    finally:
+        eng.close()
+    return {"experiment": experiment, "overrides": overrides, "workers": eng.workers,
             "rounds": rounds, "rounds_per_s": rounds / dt, "ms_per_round": 1e3 * dt / rounds,
             "data_load_s": load_s, "users": env.data.n_users, "items": env.data.n_items,
             "clients_per_round": cfg.train.clients_per_round}
@@ -55,12 +59,15 @@ def main():
     p.add_argument("--rounds", type=int, default=600)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--repeat", type=int, default=1, help="measure the same setting N times")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="worker processes to compare, e.g. 1 2 (default: $FEDREC_WORKERS, else 1)")
     p.add_argument("--flwr", action="store_true", help="also run benchmarks/flwr_overhead.py")
     args = p.parse_args()
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "platform": platform.platform()}, "in_process": []}
-    for _ in range(args.repeat):
-        out["in_process"].append(measure(args.experiment, args.set, args.rounds, args.warmup))
+    for _ in range(args.repeat):  # settings interleaved, so drifting load hits all alike
+        for w in args.workers or [None]:
+            out["in_process"].append(measure(args.experiment, args.set, args.rounds, args.warmup, w))
     if args.flwr:
         res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flwr_overhead.py")],
                              capture_output=True, text=True, cwd=ROOT)

@@ -5,22 +5,83 @@ Per round: the strategy samples users with its seeded RNG, each sampled user's
 serialisation), and `FedRecStrategy.aggregate_uploads` validates, aggregates and steps the
 server optimizer. Evaluation ranks every item for every benign user in batches; per-user
 values are averaged with exact sums, so it matches Flower's federated evaluation.
+
+With workers = W > 1 (argument, or $FEDREC_WORKERS) the clients live in W forked processes
+(fedrec/parallel.py), user u in worker u % W; the results are bit-identical.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 
 import numpy as np
 
 from fedrec.build import build_client, build_env, build_strategy
+from fedrec.errors import ConfigError
 from fedrec.evaluation import evaluate_users, per_user_metrics
 from fedrec.results import RunRecorder, run_dir_for
 
 
+def fit_clients(clients, arrays, config) -> list:
+    """fit() for the round's clients, [(upload, num_examples, metrics)] in their order.
+
+    One cohort per client class (benign, each attack): a cohort's gradients are computed
+    together, and a client's result does not depend on its cohort (tests pin this).
+    """
+    results = [None] * len(clients)
+    for cls in dict.fromkeys(type(c) for c in clients):
+        idx = [i for i, c in enumerate(clients) if type(c) is cls]
+        outs = cls.fit_cohort([clients[i] for i in idx], arrays, config)
+        for i, out in zip(idx, outs):
+            results[i] = out
+    return results
+
+
+def _env_workers():
+    env = os.environ.get("FEDREC_WORKERS", "").strip()
+    if not env:
+        return None
+    try:
+        n = int(env)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"FEDREC_WORKERS must be a positive integer, got {env!r}")
+    return n
+
+
+def default_workers(cfg) -> int:
+    """Engine's default: $FEDREC_WORKERS, else 1."""
+    n = _env_workers()
+    return 1 if n is None else n
+
+
+def auto_workers(cfg) -> int:
+    """`fedrec run`'s default: $FEDREC_WORKERS, else 2 processes (where there are 2 cores)
+    for cohorts of 16 clients or more, else 1."""
+    import multiprocessing
+
+    from fedrec.parallel import fork_available
+
+    n = _env_workers()
+    if n is not None:
+        return n
+    if multiprocessing.current_process().daemon:  # daemonic processes cannot have children
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if cfg.train.clients_per_round >= 16 and fork_available() and sys.platform.startswith("linux"):
+        return max(1, min(2, cpus))
+    return 1
+
+
 class Engine:
-    def __init__(self, cfg, recorder=None, progress=None, env=None):
+    def __init__(self, cfg, recorder=None, progress=None, env=None, workers=None):
         from fedrec.runtime import configure_threads
 
         configure_threads()
@@ -31,8 +92,17 @@ class Engine:
         self.progress = cfg.output.progress if progress is None else progress
         self.stores: dict = {}
         self.clients: dict = {}
+        # workers > 1: clients live in forked worker processes (fedrec/parallel.py)
+        self.workers = default_workers(cfg) if workers is None else int(workers)
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        self._pool = None
+        self._pool_started = False
+        self._in_worker = False  # set in the forked copies (fedrec/parallel.py)
 
     def client(self, user: int):
+        if self.workers > 1 and not self._in_worker:
+            raise RuntimeError("with workers > 1 the clients live in the worker processes")
         c = self.clients.get(user)
         if c is None:
             from clients.benign import DictStore
@@ -41,19 +111,37 @@ class Engine:
             c = self.clients[user] = build_client(self.env, user, store)
         return c
 
+    def pool(self):
+        """The worker pool (workers > 1), started on first use; None in single-process mode."""
+        if self.workers == 1:
+            return None
+        if self._pool is None:
+            from fedrec.parallel import WorkerPool, shared_empty
+
+            if self._pool_started:  # the stopped workers held the clients' private state
+                raise RuntimeError("the engine's worker pool was stopped; its client state is gone")
+            # the global arrays go to shared memory before the fork: the workers read the
+            # parent's in-place optimizer steps, nothing is copied per round
+            self.strategy.optimizer.relocate(shared_empty)
+            self._pool_started = True
+            self._pool = WorkerPool(self, self.workers).start()
+        return self._pool
+
+    def close(self):
+        """Stop the worker processes (if any)."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
+
     def run_round(self, rnd: int) -> dict:
         users = self.strategy.sample(rnd, self._all_users)
-        arrays = self.strategy.global_arrays()
-        config = {"round": rnd}
-        clients = [self.client(u) for u in users]
-        results = [None] * len(users)
-        # one cohort per client class (benign, each attack): a cohort's gradients are computed
-        # together, and a client's result does not depend on its cohort (tests pin this)
-        for cls in dict.fromkeys(type(c) for c in clients):
-            idx = [i for i, c in enumerate(clients) if type(c) is cls]
-            outs = cls.fit_cohort([clients[i] for i in idx], arrays, config)
-            for i, (up, n, metrics) in zip(idx, outs):
-                results[i] = (users[i], up, n, metrics)
+        pool = self.pool()
+        if pool is not None:
+            outs = pool.fit(rnd, users)
+        else:
+            clients = [self.client(u) for u in users]
+            outs = fit_clients(clients, self.strategy.global_arrays(), {"round": rnd})
+        results = [(u, up, n, metrics) for u, (up, n, metrics) in zip(users, outs)]
         return self.strategy.aggregate_uploads(rnd, results)
 
     def evaluate(self, rnd: int, final: bool) -> dict:
@@ -62,9 +150,14 @@ class Engine:
         users = np.flatnonzero(((data.val_item >= 0) | (data.test_item >= 0)) & ~data.pool_mask)
         arrays = self.strategy.global_arrays()
         table, predictor = arrays[0], arrays[1:]
-        clients = [self.client(u) for u in users]
-        vecs = type(clients[0]).user_vectors(clients, [c._state() for c in clients], rnd) \
-            if clients else np.zeros((0, self.env.model.dim), np.float32)
+        pool = self.pool()
+        if not len(users):
+            vecs = np.zeros((0, self.env.model.dim), np.float32)
+        elif pool is not None:
+            vecs = pool.user_vectors(users, rnd)
+        else:
+            clients = [self.client(u) for u in users]
+            vecs = type(clients[0]).user_vectors(clients, [c._state() for c in clients], rnd)
         out = {}
         for split in ("val", "test"):
             target = data.val_item if split == "val" else data.test_item
@@ -83,28 +176,32 @@ class Engine:
         self._all_users = list(range(self.env.data.n_users))
         rounds = cfg.train.rounds
         bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=rounds, desc=cfg.name, unit="round", dynamic_ncols=True,
-                       mininterval=0.5)
         t0 = time.perf_counter()
         last_eval: dict = {}
         fit: dict = {}
-        for rnd in range(1, rounds + 1):
-            fit = self.run_round(rnd)
-            if self.strategy.is_eval_round(rnd):
-                last_eval = self.evaluate(rnd, rnd == rounds)
+        try:
+            self.pool()  # workers (if any) fork before tqdm starts its monitor thread
+            if self.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=rounds, desc=cfg.name, unit="round", dynamic_ncols=True,
+                           mininterval=0.5)
+            for rnd in range(1, rounds + 1):
+                fit = self.run_round(rnd)
+                if self.strategy.is_eval_round(rnd):
+                    last_eval = self.evaluate(rnd, rnd == rounds)
+                if bar is not None:
+                    bar.update(1)
+                    if rnd % 50 == 0 or rnd == rounds or self.strategy.is_eval_round(rnd):
+                        post = {"loss": f"{fit.get('train_loss', float('nan')):.4f}"}
+                        for k in ("val_hr@10", "test_hr@5"):
+                            if k in last_eval:
+                                post[k] = f"{last_eval[k]:.4f}"
+                        bar.set_postfix(post, refresh=False)
+        finally:
+            self.close()  # no worker outlives the run (error and Ctrl-C included)
             if bar is not None:
-                bar.update(1)
-                if rnd % 50 == 0 or rnd == rounds or self.strategy.is_eval_round(rnd):
-                    post = {"loss": f"{fit.get('train_loss', float('nan')):.4f}"}
-                    for k in ("val_hr@10", "test_hr@5"):
-                        if k in last_eval:
-                            post[k] = f"{last_eval[k]:.4f}"
-                    bar.set_postfix(post, refresh=False)
-        if bar is not None:
-            bar.close()
+                bar.close()
         elapsed = time.perf_counter() - t0
         return {"final": last_eval, "train_seconds": elapsed,
                 "rounds_per_s": rounds / elapsed if elapsed > 0 else float("inf"),
@@ -121,7 +218,7 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
         s["skipped"] = True
         return s
     recorder = RunRecorder(cfg, run_dir, runner="engine")
-    engine = Engine(cfg, recorder=recorder, progress=progress)
+    engine = Engine(cfg, recorder=recorder, progress=progress, workers=auto_workers(cfg))
     recorder.extra["data"] = engine.env.data.summary()
     try:
         result = engine.run()
@@ -130,7 +227,7 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
         raise
     return recorder.finish(
         status="complete", train_seconds=round(result["train_seconds"], 3),
-        rounds_per_s=round(result["rounds_per_s"], 3),
+        rounds_per_s=round(result["rounds_per_s"], 3), workers=engine.workers,
         invalid_uploads=result["invalid_uploads"],
         invalid_uploads_total=sum(result["invalid_uploads"].values()),
         run_dir=str(run_dir))

@@ -108,6 +108,18 @@ class ServerOptimizer:
                 "exp_avg": moments[0], "exp_avg_sq": moments[1]}
 
     @torch.no_grad()
+    def relocate(self, alloc):
+        """Move the parameters into buffers from alloc(shape, dtype) (e.g. shared memory).
+
+        Same tensors (the optimizer and its state keep referring to them), same values; later
+        steps write into the new buffers in place.
+        """
+        for p in self.params:
+            buf = alloc(tuple(p.shape), np.float32)
+            buf[...] = p.numpy()
+            p.set_(torch.from_numpy(buf))
+
+    @torch.no_grad()
     def step(self, grads):
         for p, g in zip(self.params, grads):
             p.grad = torch.from_numpy(np.asarray(g, dtype=np.float32))
