@@ -16,3 +16,21 @@ def engine_run_capturing_arrays(cfg, out_root, monkeypatch):
     monkeypatch.setattr(engine_mod, "Engine", Capture)
     summary = engine_mod.run_experiment(cfg, output_root=out_root, progress=False, force=True)
     return summary, captured["arrays"]
+
+
+def tiny_cfg(tmp_path, **over):
+    """A small synthetic experiment; keyword `a__b=v` sets raw["a"]["b"] = v."""
+    from fedrec.config import from_dict
+
+    raw = {"name": "tiny",
+           "data": {"synthetic": {"n_users": 60, "n_items": 80, "mean_history": 12},
+                    "cache_dir": str(tmp_path / "cache")},
+           "model": {"dim": 8}, "train": {"rounds": 6, "clients_per_round": 10},
+           "server": {"lr": 0.01}, "eval": {"every": 2}, "output": {"progress": False}}
+    for k, v in over.items():
+        *path, last = k.split("__")
+        d = raw
+        for p in path:
+            d = d.setdefault(p, {})
+        d[last] = v
+    return from_dict(raw)

@@ -18,19 +18,10 @@ pytestmark = pytest.mark.skipif(not fedrec.parallel.fork_available(), reason="ne
 
 
 def _cfg(tmp_path, **over):
-    raw = {"name": "tiny",
-           "data": {"synthetic": {"n_users": 60, "n_items": 80, "mean_history": 12},
-                    "cache_dir": str(tmp_path / "cache")},
-           "model": {"dim": 8}, "train": {"rounds": 6, "clients_per_round": 12},
-           "server": {"lr": 0.01}, "eval": {"every": 2},
-           "output": {"progress": False, "dir": str(tmp_path / "runs")}}
-    for k, v in over.items():
-        *path, last = k.split("__")
-        d = raw
-        for p in path:
-            d = d.setdefault(p, {})
-        d[last] = v
-    return from_dict(raw)
+    from conftest import tiny_cfg
+
+    return tiny_cfg(tmp_path, **{"train__clients_per_round": 12,
+                                 "output__dir": str(tmp_path / "runs"), **over})
 
 
 class Log:
