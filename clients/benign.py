@@ -240,6 +240,14 @@ class BenignClient(NumPyClient):
         """
         if not clients:
             return []
+        return cls.compute_cohort(cls.prepare_cohort(clients, parameters, config), parameters)
+
+    @classmethod
+    def prepare_cohort(cls, clients, parameters, config) -> dict:
+        """The part of fit_cohort that does not read the global model: generators, negatives,
+        pairs, and the user rows caught up to the previous round (on copies: the private state
+        is untouched until compute_cohort, so it may run later, e.g. while the server is still
+        aggregating the previous round)."""
         c0 = clients[0]
         rnd = int(config["round"])
         rngs = [c._rng(_ROUND, rnd) for c in clients]
@@ -254,14 +262,26 @@ class BenignClient(NumPyClient):
             for i, neg in zip(fresh, negs):
                 clients[i]._predrawn = neg
         jobs = [c.prepare_fit(parameters, config, rng) for c, rng in zip(clients, rngs)]
-        lr, b1, b2, eps = c0._user_hparams()
         states = [j["state"] for j in jobs]
         # the cohort's private rows, stacked once (each row is only ever touched row-wise)
         U, M, V = (np.stack([s[k] for s in states]) for k in ("user", "m", "v"))
         if c0.cfg.train.user_optimizer == "adam_sync":
             # the momentum-only steps of the rounds this user sat out
+            lr, b1, b2, eps = c0._user_hparams()
             adam_catch_up(U, M, V, [int(s["clock"][0]) for s in states], [rnd - 1] * len(states),
                           lr, b1, b2, eps)
+        return {"clients": clients, "jobs": jobs, "round": rnd, "rows": (U, M, V)}
+
+    @classmethod
+    def compute_cohort(cls, prep: dict, parameters) -> list:
+        """The rest of fit_cohort, on the current global arrays `parameters`."""
+        clients, jobs, rnd = prep["clients"], prep["jobs"], prep["round"]
+        U, M, V = prep["rows"]
+        c0 = clients[0]
+        states = [j["state"] for j in jobs]
+        for j in jobs:
+            j["item_table"], j["predictor"] = parameters[0], list(parameters[1:])
+        if c0.cfg.train.user_optimizer == "adam_sync":
             for s in states:
                 s["clock"][0] = rnd - 1
         batch = [i for i, j in enumerate(jobs)
@@ -269,7 +289,7 @@ class BenignClient(NumPyClient):
         grads = [None] * len(clients)
         if batch:
             out = c0.model.gradients_cohort(
-                jobs[batch[0]]["item_table"], jobs[batch[0]]["predictor"],
+                parameters[0], list(parameters[1:]),
                 [U[i] for i in batch], [jobs[i]["pos"] for i in batch],
                 [jobs[i]["neg"] for i in batch], [jobs[i]["rng"] for i in batch], **c0._wd())
             for i, g in zip(batch, out):

@@ -31,11 +31,23 @@ def fit_clients(clients, arrays, config) -> list:
     One cohort per client class (benign, each attack): a cohort's gradients are computed
     together, and a client's result does not depend on its cohort (tests pin this).
     """
-    results = [None] * len(clients)
+    return compute_clients(prepare_clients(clients, arrays, config), arrays)
+
+
+def prepare_clients(clients, arrays, config) -> list:
+    """The model-independent half of fit_clients (see BenignClient.prepare_cohort)."""
+    prepared = []
     for cls in dict.fromkeys(type(c) for c in clients):
         idx = [i for i, c in enumerate(clients) if type(c) is cls]
-        outs = cls.fit_cohort([clients[i] for i in idx], arrays, config)
-        for i, out in zip(idx, outs):
+        prepared.append((cls, idx, cls.prepare_cohort([clients[i] for i in idx], arrays, config)))
+    return prepared
+
+
+def compute_clients(prepared, arrays) -> list:
+    """The other half, on the current global arrays."""
+    results = [None] * sum(len(idx) for _, idx, _ in prepared)
+    for cls, idx, prep in prepared:
+        for i, out in zip(idx, cls.compute_cohort(prep, arrays)):
             results[i] = out
     return results
 
@@ -97,6 +109,7 @@ class Engine:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         self._pool = None
+        self._sampled: dict = {}  # round -> users, drawn one round early with workers
         self._pool_started = False
         self._in_worker = False  # set in the forked copies (fedrec/parallel.py)
 
@@ -134,10 +147,16 @@ class Engine:
             pool.close()
 
     def run_round(self, rnd: int) -> dict:
-        users = self.strategy.sample(rnd, self._all_users)
+        users = self._sampled.pop(rnd, None)
+        if users is None:
+            users = self.strategy.sample(rnd, self._all_users)
         pool = self.pool()
         if pool is not None:
-            outs = pool.fit(rnd, users)
+            # Sampling does not depend on the model, so the next round's users are drawn now
+            # (the strategy's generator is used in the same order) and the workers prepare
+            # them while this process aggregates.
+            self._sampled = {rnd + 1: self.strategy.sample(rnd + 1, self._all_users)}
+            outs = pool.fit(rnd, users, self._sampled[rnd + 1])
         else:
             clients = [self.client(u) for u in users]
             outs = fit_clients(clients, self.strategy.global_arrays(), {"round": rnd})

@@ -125,7 +125,9 @@ def _worker_main(engine, k: int, conn, arena: Arena, inherited):
         threadpool_limits(1)  # W processes share the cores already
     except ImportError:
         pass
-    from fedrec.engine import fit_clients
+    from fedrec.engine import compute_clients, fit_clients, prepare_clients
+
+    prepared = None  # (round, users, prepared cohorts) for the next round, made while idle
 
     while True:
         try:
@@ -139,9 +141,13 @@ def _worker_main(engine, k: int, conn, arena: Arena, inherited):
                 break
             arena.reset()
             if op == "fit":
-                _, rnd, users = msg
-                clients = [engine.client(u) for u in users]
-                outs = fit_clients(clients, engine.strategy.global_arrays(), {"round": rnd})
+                _, rnd, users, next_users = msg
+                arrays = engine.strategy.global_arrays()
+                if prepared is not None and prepared[0] == rnd and prepared[1] == users:
+                    outs = compute_clients(prepared[2], arrays)
+                else:  # nothing (or something else) prepared: the whole fit now
+                    outs = fit_clients([engine.client(u) for u in users], arrays, {"round": rnd})
+                prepared = None
                 reply = [(n, metrics, *_pack_upload(arena, up)) for up, n, metrics in outs]
             elif op == "vectors":
                 _, rnd, users = msg
@@ -156,7 +162,18 @@ def _worker_main(engine, k: int, conn, arena: Arena, inherited):
             data = pickle.dumps(("ok", reply), pickle.HIGHEST_PROTOCOL)
         except BaseException:
             data = pickle.dumps(("error", traceback.format_exc()), pickle.HIGHEST_PROTOCOL)
+            msg = None
         conn.send_bytes(data)
+        if msg is not None and msg[0] == "fit" and msg[3]:
+            # While the parent aggregates this round, prepare the next one: its users, their
+            # negatives and caught-up rows need no model (private state is left untouched)
+            try:
+                nxt = msg[1] + 1
+                prepared = (nxt, msg[3], prepare_clients([engine.client(u) for u in msg[3]],
+                                                         engine.strategy.global_arrays(),
+                                                         {"round": nxt}))
+            except BaseException:
+                prepared = None  # redone, and its error reported, when the round comes
     conn.close()
 
 
@@ -269,11 +286,18 @@ class WorkerPool:
         owner = np.asarray(users, dtype=np.int64) % self.workers
         return {k: np.flatnonzero(owner == k) for k in range(self.workers) if (owner == k).any()}
 
-    def fit(self, rnd: int, users: list) -> list:
-        """[(upload, num_examples, metrics)] in the order of `users` (as fit_clients)."""
+    def fit(self, rnd: int, users: list, next_users=None) -> list:
+        """[(upload, num_examples, metrics)] in the order of `users` (as fit_clients).
+
+        next_users: the next round's sample, if known; each worker prepares its share of it
+        right after replying (BenignClient.prepare_cohort), while this process aggregates."""
         parts = self._split(users)
-        replies = self._exchange({k: ("fit", int(rnd), [users[i] for i in pos])
-                                  for k, pos in parts.items()})
+        owner = (np.asarray(next_users, dtype=np.int64) % self.workers) if next_users is not None \
+            else None
+        replies = self._exchange({
+            k: ("fit", int(rnd), [int(users[i]) for i in pos],
+                [int(u) for u, o in zip(next_users, owner) if o == k] if owner is not None else [])
+            for k, pos in parts.items()})
         out = [None] * len(users)
         for k, pos in parts.items():
             arena = self.arenas[k]
