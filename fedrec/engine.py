@@ -198,6 +198,7 @@ class Engine:
         t0 = time.perf_counter()
         last_eval: dict = {}
         fit: dict = {}
+        eval_seconds = 0.0
         try:
             self.pool()  # workers (if any) fork before tqdm starts its monitor thread
             if self.progress:
@@ -208,7 +209,9 @@ class Engine:
             for rnd in range(1, rounds + 1):
                 fit = self.run_round(rnd)
                 if self.strategy.is_eval_round(rnd):
+                    t_eval = time.perf_counter()
                     last_eval = self.evaluate(rnd, rnd == rounds)
+                    eval_seconds += time.perf_counter() - t_eval
                 if bar is not None:
                     bar.update(1)
                     if rnd % 50 == 0 or rnd == rounds or self.strategy.is_eval_round(rnd):
@@ -222,8 +225,11 @@ class Engine:
             if bar is not None:
                 bar.close()
         elapsed = time.perf_counter() - t0
-        return {"final": last_eval, "train_seconds": elapsed,
+        fit_seconds = elapsed - eval_seconds
+        return {"final": last_eval, "train_seconds": elapsed, "eval_seconds": eval_seconds,
                 "rounds_per_s": rounds / elapsed if elapsed > 0 else float("inf"),
+                # training rounds alone (evaluation, every eval.every rounds, excluded)
+                "fit_rounds_per_s": rounds / fit_seconds if fit_seconds > 0 else float("inf"),
                 "invalid_uploads": dict(self.strategy.drop_counts)}
 
 
@@ -246,7 +252,8 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
         raise
     return recorder.finish(
         status="complete", train_seconds=round(result["train_seconds"], 3),
-        rounds_per_s=round(result["rounds_per_s"], 3), workers=engine.workers,
+        rounds_per_s=round(result["rounds_per_s"], 3), eval_seconds=round(result["eval_seconds"], 3),
+        fit_rounds_per_s=round(result["fit_rounds_per_s"], 3), workers=engine.workers,
         invalid_uploads=result["invalid_uploads"],
         invalid_uploads_total=sum(result["invalid_uploads"].values()),
         run_dir=str(run_dir))
