@@ -73,15 +73,39 @@ def build_env(cfg: ExperimentConfig, data=None, model=None):
 
     data = data if data is not None else load_data(cfg)
     model = model if model is not None else build_model(cfg, data)
-    return ClientEnv(cfg=cfg, model=model, data=data)
+    env = ClientEnv(cfg=cfg, model=model, data=data)
+    if cfg.attack.name != "none":  # a bad attack name, parameter or pool size fails here
+        from fedrec.adversary import attack_class
+
+        cls = attack_class(cfg)
+        cls.params_from(cfg)
+        cls.knowledge_from(cfg)
+        malicious_set(env)
+    return env
+
+
+def malicious_set(env) -> frozenset:
+    """The malicious users of the experiment (cached on the env: drawn once per process)."""
+    cached = getattr(env, "_malicious", None)
+    if cached is None:
+        from fedrec.roles import malicious_users
+
+        cached = frozenset(int(u) for u in malicious_users(env.cfg, env.data))
+        object.__setattr__(env, "_malicious", cached)
+    return cached
 
 
 def build_client(env, user: int, store):
-    """The client for `user` (benign; malicious roles are assigned by the attack config)."""
+    """The client for `user`: the attack's MaliciousClient if the role draw (fedrec.roles)
+    made this user malicious, else a BenignClient."""
     from clients.benign import BenignClient
 
     if not 0 <= user < env.data.n_users:
         raise ConfigError(f"partition-id {user} is outside [0, {env.data.n_users})")
+    if int(user) in malicious_set(env):
+        from fedrec.adversary import attack_class
+
+        return attack_class(env.cfg)(user, env, store)
     return BenignClient(user, env, store)
 
 

@@ -131,6 +131,22 @@ class ServerConfig:
 
 
 @dataclass
+class AttackConfig:
+    """The untargeted attack (clients/malicious/, registry in fedrec/registry.py)."""
+
+    name: str = "none"  # none | labelflip | gaussian | lie | fang | dynopt | fedattack | clusterattack | spattack
+    malicious_fraction: float = 0.01  # of all users, drawn from the attacker pool (data.attacker_pool)
+    start_round: int = 1  # attack_start_round: malicious clients train honestly before it
+    knowledge: str = "default"  # default (the attack's own) | local | colluding | omniscient
+    params: dict = field(default_factory=dict)  # the attack's own parameters (README table)
+
+    def validate(self):
+        _range("attack.malicious_fraction", self.malicious_fraction, 0.0, 1.0)
+        _range("attack.start_round", self.start_round, 1, 10**8)
+        _choice("attack.knowledge", self.knowledge, ("default", "local", "colluding", "omniscient"))
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # evaluate every N rounds (0 = only at the end)
     ks: list = field(default_factory=lambda: [5, 10, 20])
@@ -168,6 +184,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)

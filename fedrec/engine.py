@@ -34,12 +34,20 @@ def fit_clients(clients, arrays, config) -> list:
     return compute_clients(prepare_clients(clients, arrays, config), arrays)
 
 
-def prepare_clients(clients, arrays, config) -> list:
-    """The model-independent half of fit_clients (see BenignClient.prepare_cohort)."""
+def prepare_clients(clients, arrays, config, ahead: bool = False) -> list:
+    """The model-independent half of fit_clients (see BenignClient.prepare_cohort).
+
+    ahead=True (the parallel runner preparing the next round on the current model): classes
+    whose training pairs read the model (`pairs_need_model`, e.g. FedAttack) are left whole
+    for compute_clients."""
     prepared = []
     for cls in dict.fromkeys(type(c) for c in clients):
         idx = [i for i, c in enumerate(clients) if type(c) is cls]
-        prepared.append((cls, idx, cls.prepare_cohort([clients[i] for i in idx], arrays, config)))
+        cohort = [clients[i] for i in idx]
+        if ahead and getattr(cls, "pairs_need_model", False):
+            prepared.append((cls, idx, ("deferred", cohort, dict(config))))
+        else:
+            prepared.append((cls, idx, cls.prepare_cohort(cohort, arrays, config)))
     return prepared
 
 
@@ -47,7 +55,11 @@ def compute_clients(prepared, arrays) -> list:
     """The other half, on the current global arrays."""
     results = [None] * sum(len(idx) for _, idx, _ in prepared)
     for cls, idx, prep in prepared:
-        for i, out in zip(idx, cls.compute_cohort(prep, arrays)):
+        if isinstance(prep, tuple) and prep and prep[0] == "deferred":
+            outs = cls.fit_cohort(prep[1], arrays, prep[2])
+        else:
+            outs = cls.compute_cohort(prep, arrays)
+        for i, out in zip(idx, outs):
             results[i] = out
     return results
 
@@ -101,6 +113,11 @@ class Engine:
         self.env = env or build_env(cfg)
         self.recorder = recorder
         self.strategy = build_strategy(cfg, self.env, recorder=recorder)
+        from fedrec.adversary import make_adversary
+
+        # simulation only: hands colluding/omniscient attacks their knowledge between the
+        # clients and the strategy (the strategy never sees it)
+        self.adversary = make_adversary(cfg, self.env, recorder=recorder)
         self.progress = cfg.output.progress if progress is None else progress
         self.stores: dict = {}
         self.clients: dict = {}
@@ -161,7 +178,12 @@ class Engine:
             clients = [self.client(u) for u in users]
             outs = fit_clients(clients, self.strategy.global_arrays(), {"round": rnd})
         results = [(u, up, n, metrics) for u, (up, n, metrics) in zip(users, outs)]
-        return self.strategy.aggregate_uploads(rnd, results)
+        if self.adversary is not None:
+            results = self.adversary.intervene(rnd, results, self.strategy.global_arrays())
+        out = self.strategy.aggregate_uploads(rnd, results)
+        if self.adversary is not None:
+            out.update(self.adversary.last_diagnostics)
+        return out
 
     def evaluate(self, rnd: int, final: bool) -> dict:
         """Full-ranking metrics for every benign user with a held-out item."""

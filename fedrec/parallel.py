@@ -171,7 +171,7 @@ def _worker_main(engine, k: int, conn, arena: Arena, inherited):
                 nxt = msg[1] + 1
                 prepared = (nxt, msg[3], prepare_clients([engine.client(u) for u in msg[3]],
                                                          engine.strategy.global_arrays(),
-                                                         {"round": nxt}))
+                                                         {"round": nxt}, ahead=True))
             except BaseException:
                 prepared = None  # redone, and its error reported, when the round comes
     conn.close()

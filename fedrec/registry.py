@@ -28,6 +28,25 @@ FILTERS = {
 }
 
 
+# attack.name -> MaliciousClient subclass (one file per attack in clients/malicious/)
+ATTACKS = {
+    "labelflip": "clients.malicious.labelflip:LabelFlipClient",
+    "gaussian": "clients.malicious.gaussian:GaussianClient",
+    "lie": "clients.malicious.lie:LIEClient",
+    "fang": "clients.malicious.fang:FangClient",
+    "dynopt": "clients.malicious.dynopt:DynOptClient",
+    "fedattack": "clients.malicious.fedattack:FedAttackClient",
+    "clusterattack": "clients.malicious.clusterattack:ClusterAttackClient",
+    "spattack": "clients.malicious.spattack:SpattackClient",
+}
+
+
+def attack_class(name: str):
+    if name not in ATTACKS:
+        raise ConfigError(f"attack.name: {name!r} is not one of none, {', '.join(ATTACKS)}")
+    return load_class(ATTACKS[name])
+
+
 def load_class(spec: str):
     module, name = spec.split(":")
     return getattr(importlib.import_module(module), name)

@@ -1,0 +1,195 @@
+"""MaliciousClient: an attacker's device. Honest until `attack.start_round`, then it attacks.
+
+Three ways an attack acts, by what its threat model grants (`knowledge`):
+- local (own data + the global model it receives): the client itself changes its training
+  data (`poison_pairs`, e.g. LabelFlip, FedAttack) or its upload (`poison_upload`, e.g.
+  Spattack-L). Runs anywhere, a real deployment included.
+- colluding (the malicious clients pool what they know: their own honest updates) and
+  omniscient (also the round's benign updates; simulation only): the client uploads its
+  honest update, and the simulation's adversary hook (`fedrec/adversary.py`), called between
+  collecting a round's uploads and the defense, hands the attack exactly that knowledge
+  (`AdversaryView`) and replaces the malicious uploads with `craft_round`'s. The defense
+  never sees the flag or the view.
+
+An attack is one file in this folder plus one line in `fedrec.registry.ATTACKS`. Its
+parameters are a dataclass `Params` (YAML `attack.params`; unknown names are rejected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from clients.benign import BenignClient
+from fedrec.errors import ConfigError
+
+KNOWLEDGE = ("local", "colluding", "omniscient")
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+@dataclass
+class HonestUpdate:
+    """One client's upload as the adversary hook sees it (decoded, read-only)."""
+
+    user: int
+    item_ids: np.ndarray
+    item_rows: np.ndarray
+    predictor: list
+    num_examples: int
+    train_items: np.ndarray | None = None  # the malicious clients' own data (None for benign)
+
+
+@dataclass
+class AdversaryView:
+    """What a colluding/omniscient attack knows in a round (simulation only).
+
+    own: the honest updates of this round's sampled malicious clients (colluding and up);
+    benign: the round's benign updates (omniscient only, else None);
+    n_clients: how many clients the round sampled (public protocol knowledge).
+    """
+
+    round: int
+    item_table: np.ndarray
+    predictor: list
+    own: list
+    benign: list | None
+    n_clients: int
+    n_items: int
+    weighting: str = "samples"  # the server's aggregation weights (public: server.weighting)
+
+
+def parse_params(cls, raw: dict, attack: str):
+    """The attack's Params dataclass from `attack.params`; a clear error for a bad name/value."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw or {}) - set(names))
+    if unknown:
+        valid = ", ".join(names) or "(none)"
+        raise ConfigError(f"attack.params.{unknown[0]}: not a parameter of {attack}; valid: {valid}")
+    kwargs = {}
+    for k, v in (raw or {}).items():
+        default = getattr(cls(), k)
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ConfigError(f"attack.params.{k}: expected true or false, got {v!r}")
+        elif isinstance(default, (int, float)):
+            try:
+                v = type(default)(float(v)) if isinstance(default, int) and float(v) == int(float(v)) \
+                    else float(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"attack.params.{k}: expected a number, got {v!r}") from None
+            if isinstance(default, int) and not isinstance(v, int):
+                raise ConfigError(f"attack.params.{k}: expected an integer, got {v!r}")
+        elif isinstance(default, str) and not isinstance(v, str):
+            raise ConfigError(f"attack.params.{k}: expected a string, got {v!r}")
+        kwargs[k] = v
+    params = cls(**kwargs)
+    check = getattr(params, "validate", None)
+    if check is not None:
+        check()
+    return params
+
+
+class MaliciousClient(BenignClient):
+    """Base class of every attack. Subclasses set `name`, `knowledge_levels` (first = default),
+    `Params`, and override one of `poison_pairs`, `poison_upload` or `craft_round`."""
+
+    is_malicious = True
+    name = "malicious"
+    knowledge_levels: tuple = ("local",)
+    Params = NoParams
+    # True when poison_pairs reads the global model (FedAttack): the parallel runner must then
+    # not prepare this client's round ahead of time, on the previous round's model
+    pairs_need_model = False
+
+    def __init__(self, user: int, env, store):
+        super().__init__(user, env, store)
+        self.params = self.params_from(env.cfg)
+        self.knowledge = self.knowledge_from(env.cfg)
+        self._round = 0
+        self._global = None
+
+    # --- configuration ----------------------------------------------------------------------
+    @classmethod
+    def params_from(cls, cfg):
+        return parse_params(cls.Params, cfg.attack.params, cls.name)
+
+    @classmethod
+    def knowledge_from(cls, cfg) -> str:
+        k = cfg.attack.knowledge
+        if k == "default":
+            return cls.knowledge_levels[0]
+        if k not in cls.knowledge_levels:
+            raise ConfigError(f"attack.knowledge: {cls.name} runs with "
+                              f"{' or '.join(cls.knowledge_levels)}, not {k!r}")
+        return k
+
+    def attacking(self, rnd: int | None = None) -> bool:
+        return (self._round if rnd is None else rnd) >= self.cfg.attack.start_round
+
+    # --- local hooks --------------------------------------------------------------------------
+    def prepare_fit(self, parameters, config, rng=None) -> dict:
+        self._round = int(config["round"])
+        self._global = parameters
+        return super().prepare_fit(parameters, config, rng)
+
+    def training_pairs(self, state, rng):
+        pos, neg = super().training_pairs(state, rng)
+        if self.attacking():
+            return self.poison_pairs(pos, neg, state, rng)
+        return pos, neg
+
+    def poison_pairs(self, pos, neg, state, rng):
+        """Data poisoning (local): the pairs actually trained on. Default: unchanged."""
+        return pos, neg
+
+    def craft_upload(self, ids, rows, predictor, state, rnd):
+        if self.attacking(rnd) and self.knowledge == "local":
+            return self.poison_upload(ids, rows, predictor, state, rnd)
+        return ids, rows, predictor
+
+    def poison_upload(self, ids, rows, predictor, state, rnd):
+        """Model poisoning with local knowledge: what is sent instead. Default: honest."""
+        return ids, rows, predictor
+
+    # --- the adversary hook (colluding / omniscient) -------------------------------------------
+    @classmethod
+    def craft_round(cls, view: AdversaryView, params, memory: dict, rng) -> tuple[list, dict]:
+        """([(item_ids, item_rows, predictor)] for each of view.own, in order; diagnostics).
+
+        `memory` persists across rounds (the colluding attacker's own state, e.g. K);
+        `rng` is this round's adversary generator. Only called for colluding/omniscient runs.
+        """
+        raise NotImplementedError(f"{cls.name} has no colluding/omniscient form")
+
+    @classmethod
+    def uses_hook(cls, cfg) -> bool:
+        return cls.knowledge_from(cfg) in ("colluding", "omniscient")
+
+
+def dense_updates(updates: list):
+    """The updates as dense arrays over the union of rows any of them touched.
+
+    -> (ids (R,), X (k, R, dim) float32 with zeros where an update did not send a row,
+    predictor list of (k, *shape)). The statistical attacks (Gaussian, LIE, Fang, DYN-OPT)
+    treat each update as one vector, as in the FL papers that define them."""
+    ids = np.unique(np.concatenate([u.item_ids for u in updates]))
+    dim = updates[0].item_rows.shape[1]
+    X = np.zeros((len(updates), len(ids), dim), np.float32)
+    for k, u in enumerate(updates):  # one vectorised scatter per update (k <= clients per round)
+        X[k, np.searchsorted(ids, u.item_ids)] = u.item_rows
+    pred = [np.stack([u.predictor[j] for u in updates]) for j in range(len(updates[0].predictor))]
+    return ids, X, pred
+
+
+def knowledge_set(view: AdversaryView) -> list:
+    """The updates whose statistics the attack may use: the benign ones when omniscient, else
+    the malicious clients' own honest updates (colluding)."""
+    known = view.benign if view.benign is not None else view.own
+    known = [u for u in known if len(u.item_ids)]
+    return known or [u for u in view.own if len(u.item_ids)]

@@ -1,0 +1,64 @@
+"""FedAttack (Wu et al., KDD 2022): hard sampling as data poisoning.
+
+Threat model: local. A malicious client knows its own data, its private user embedding and
+the global model it receives (and, with params.item_pool < 1, only that fraction of the
+items). From round attack.start_round on it scores every item it knows with its user
+embedding under the current model, then trains normally on poisoned pairs:
+
+- negatives: the highest-scored items it has not interacted with (the hardest negatives);
+- positives: the lowest-scored items (replacing its real positives), as many as its real
+  positives; the k-th lowest is paired with the k-th highest.
+Only the data changes: the gradient, the upload and the user-row update are the honest code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from clients.malicious.base import MaliciousClient
+from fedrec.errors import ConfigError
+
+_POOL = 11  # the client's stream for its known item pool
+
+
+def hard_pairs(scores: np.ndarray, candidates: np.ndarray, known_mask: np.ndarray, n: int):
+    """(positives, negatives): the n lowest- and n highest-scored candidate items the user has
+    not interacted with (known_mask), lowest first / highest first; n shrinks if too few."""
+    cand = candidates[~known_mask[candidates]]
+    n = int(min(n, len(cand) // 2))
+    if n <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.argsort(scores[cand], kind="stable")
+    return cand[order[:n]].astype(np.int64), cand[order[::-1][:n]].astype(np.int64)
+
+
+@dataclass
+class FedAttackParams:
+    item_pool: float = 1.0  # fraction of the items the attacker knows (drawn once per client)
+
+    def validate(self):
+        if not 0.0 < self.item_pool <= 1.0:
+            raise ConfigError(f"attack.params.item_pool: {self.item_pool!r} is outside (0, 1]")
+
+
+class FedAttackClient(MaliciousClient):
+    name = "fedattack"
+    knowledge_levels = ("local",)
+    Params = FedAttackParams
+    pairs_need_model = True
+
+    def _item_pool(self) -> np.ndarray:
+        n = self.model.n_items
+        if self.params.item_pool >= 1.0:
+            return np.arange(n, dtype=np.int64)
+        k = max(2, int(round(self.params.item_pool * n)))
+        return np.sort(self._rng(_POOL).choice(n, size=k, replace=False)).astype(np.int64)
+
+    def poison_pairs(self, pos, neg, state, rng):
+        table, predictor = self._global[0], list(self._global[1:])
+        u = self.user_vector(state, self._round - 1)  # the embedding as of the current model
+        scores = self.model.score(u[None, :], table, predictor)[0]
+        hp, hn = hard_pairs(scores, self._item_pool(), self._exclusion_mask(), len(pos))
+        return hp, hn

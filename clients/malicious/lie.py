@@ -1,0 +1,51 @@
+"""LIE, "A Little Is Enough" (Baruch et al., NeurIPS 2019).
+
+Threat model: omniscient by default (the round's benign updates; simulation only) or
+colluding (the malicious clients' own honest updates, the paper's setting). Every malicious
+client uploads mu - z * sigma (per coordinate, over the known updates as dense vectors), with
+
+    s = floor(n / 2 + 1) - m,    z = Phi^{-1}((n - s) / n)
+
+for n clients in the round, m of them malicious (params.z >= 0 overrides z). The rows are the
+union of the rows the known updates sent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+from clients.malicious.base import MaliciousClient, dense_updates, knowledge_set
+
+
+def lie_z(n: int, m: int) -> float:
+    """Baruch et al.'s z for n clients of which m are malicious (0 when the formula has none)."""
+    s = math.floor(n / 2 + 1) - m
+    p = (n - s) / n
+    if not 0.0 < p < 1.0:
+        return 0.0
+    return max(NormalDist().inv_cdf(p), 0.0)
+
+
+def lie_update(mean, std, z):
+    return (mean - z * std).astype("float32")
+
+
+@dataclass
+class LIEParams:
+    z: float = -1.0  # < 0: from the client counts
+
+
+class LIEClient(MaliciousClient):
+    name = "lie"
+    knowledge_levels = ("omniscient", "colluding")
+    Params = LIEParams
+
+    @classmethod
+    def craft_round(cls, view, params, memory, rng):
+        ids, X, pred = dense_updates(knowledge_set(view))
+        z = params.z if params.z >= 0 else lie_z(view.n_clients, len(view.own))
+        rows = lie_update(X.mean(0), X.std(0), z)
+        p = [lie_update(a.mean(0), a.std(0), z) for a in pred]
+        return [(ids, rows, p) for _ in view.own], {"z": z, "rows": len(ids)}

@@ -1,0 +1,70 @@
+"""Losses shared by models and attacks.
+
+UNION's contrastive loss (Yu et al., AAAI 2023, client side): for every positive item i of a
+user, anchor f(v_i), one positive f(v_i+) = another random positive of the same user, and P
+random items the user never interacted with as negatives; cross-entropy over the raw dot
+products
+
+    L_cl = mean_i -log( exp(a.p) / (exp(a.p) + sum_j exp(a.n_j)) ),   a = f(v_i), ...
+
+Here f is the item embedding itself (MF, NCF's item rows). Its gradient touches only the rows
+of the anchors, positives and negatives, so uploads stay sparse.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def contrastive_samples(items: np.ndarray, n_items: int, known_mask: np.ndarray, n_neg: int, rng):
+    """(anchors (L,), positives (L,), negatives (L, P)) for a user's positive `items`.
+
+    The positive of anchor k is another of the user's items (itself only when it has one);
+    negatives are uniform over the items outside `known_mask`, by rejection."""
+    items = np.asarray(items, np.int64)
+    L = len(items)
+    if L >= 2:
+        pos = items[(np.arange(L) + rng.integers(1, L, size=L)) % L]
+    else:
+        pos = items.copy()
+    need = L * n_neg
+    neg = np.zeros(0, np.int64)
+    while len(neg) < need:
+        cand = rng.integers(0, n_items, size=int((need - len(neg)) * 1.2) + 8)
+        neg = np.concatenate([neg, cand[~known_mask[cand]]])
+    return items, pos, neg[:need].reshape(L, n_neg)
+
+
+def contrastive_grad(table: np.ndarray, anchors, positives, negatives):
+    """(ids, rows, loss): the gradient of L_cl w.r.t. the touched item rows (sorted ids)."""
+    from fedrec.models.base import scatter_rows
+
+    L = len(anchors)
+    if L == 0:
+        return np.zeros(0, np.int64), np.zeros((0, table.shape[1]), np.float32), 0.0
+    A = table[anchors].astype(np.float64)  # (L, d)
+    X = table[np.concatenate([positives[:, None], negatives], 1)].astype(np.float64)  # (L, 1+P, d)
+    z = np.einsum("ld,lpd->lp", A, X)
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    s = e / e.sum(1, keepdims=True)
+    loss = float(-np.log(np.maximum(s[:, 0], 1e-300)).mean())
+    dz = s.copy()
+    dz[:, 0] -= 1.0
+    dz /= L  # mean over anchors
+    dA = np.einsum("lp,lpd->ld", dz, X)
+    dX = dz[:, :, None] * A[:, None, :]
+    ids = np.concatenate([anchors, positives, negatives.ravel()])
+    rows = np.concatenate([dA, dX[:, 0], dX[:, 1:].reshape(-1, table.shape[1])]).astype(np.float32)
+    uniq, summed = scatter_rows(ids, rows)
+    return uniq, summed, loss
+
+
+def contrastive_table_grad(table: np.ndarray, items, n_neg: int, rng) -> np.ndarray:
+    """The gradient of L_cl on the user's `items` as a dense (n_items, d) array."""
+    known = np.zeros(table.shape[0], bool)
+    known[np.asarray(items, np.int64)] = True
+    ids, rows, _ = contrastive_grad(table, *contrastive_samples(items, table.shape[0], known, n_neg, rng))
+    out = np.zeros(table.shape, np.float32)
+    out[ids] = rows
+    return out
