@@ -202,11 +202,14 @@ class OrderedStrategy(Strategy):
     """Delegates to the FedRecStrategy; fit results go to it in user order, and rounds are
     timed."""
 
-    def __init__(self, inner, manager: PartitionClientManager, timer: RoundTimer):
+    def __init__(self, inner, manager: PartitionClientManager, timer: RoundTimer, adversary=None):
         super().__init__()
         self.inner = inner
         self.manager = manager
         self.timer = timer
+        # simulation only (fedrec/adversary.py): called on the fit results before the strategy
+        self.adversary = adversary
+        self._runtime_checked = adversary is None
 
     def __getattr__(self, name):
         if name == "inner":
@@ -218,10 +221,30 @@ class OrderedStrategy(Strategy):
 
     def configure_fit(self, server_round, parameters, client_manager):
         self.timer.fit_start[server_round] = time.perf_counter()
-        return self.inner.configure_fit(server_round, parameters, client_manager)
+        ins = self.inner.configure_fit(server_round, parameters, client_manager)
+        if not self._runtime_checked and ins:
+            self._runtime_checked = True
+            self._check_runtime(ins[0][0])
+        return ins
+
+    def _check_runtime(self, proxy):
+        """Flower's simulation runtime hands the ServerApp an InMemoryGrid; a deployment does
+        not, and there the server can know nothing about who is malicious."""
+        grid = getattr(proxy, "grid", None)
+        if type(grid).__name__ == "InMemoryGrid":
+            return
+        if self.adversary.knowledge != "local":
+            raise RuntimeError(
+                f"attack {self.adversary.attack_cls.name!r} has {self.adversary.knowledge} knowledge, "
+                "which only a simulation can give (fedrec/adversary.py); a real deployment runs "
+                "local attacks only (attack.knowledge: local, or another attack)")
+        self.adversary = None  # local attacks run on the devices; the server keeps no ground truth
 
     def aggregate_fit(self, server_round, results, failures):
         results = sorted(results, key=lambda r: self.manager.partition_of(r[0].cid))
+        if self.adversary is not None:
+            results = apply_adversary(self.adversary, server_round, results, self.manager,
+                                      self.inner.global_arrays())
         return self.inner.aggregate_fit(server_round, results, failures)
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -233,6 +256,23 @@ class OrderedStrategy(Strategy):
 
     def evaluate(self, server_round, parameters):
         return self.inner.evaluate(server_round, parameters)
+
+
+def apply_adversary(adversary, server_round, results, manager, global_arrays):
+    """The adversary hook on Flower fit results (sorted by user): crafted uploads replace the
+    malicious clients' honest ones; the strategy gets ordinary (proxy, FitRes) pairs."""
+    from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
+
+    raw = [(manager.partition_of(proxy.cid), parameters_to_ndarrays(res.parameters),
+            res.num_examples, res.metrics) for proxy, res in results]
+    crafted = adversary.intervene(server_round, raw, global_arrays)
+    out = []
+    for (proxy, res), before, after in zip(results, raw, crafted):
+        if after[1] is not before[1]:
+            res = FitRes(status=res.status, parameters=ndarrays_to_parameters(after[1]),
+                         num_examples=res.num_examples, metrics=res.metrics)
+        out.append((proxy, res))
+    return out
 
 
 # ---------------------------------------------------------------------------- server_fn
@@ -311,7 +351,9 @@ def server_fn(context: Context, defaults: dict | None = None) -> ServerAppCompon
                               min_available_clients=cfg.flower.min_available_clients or n_users,
                               fraction_evaluate=fe if fe >= 0 else None)
     holder["strategy"] = strategy
-    ordered = OrderedStrategy(strategy, manager, timer)
+    from fedrec.adversary import make_adversary
+
+    ordered = OrderedStrategy(strategy, manager, timer, adversary=make_adversary(cfg, env, recorder))
     config = ServerConfig(num_rounds=cfg.train.rounds,
                           round_timeout=cfg.flower.round_timeout or None)
     server = Server(client_manager=manager, strategy=ordered)

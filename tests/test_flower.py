@@ -128,6 +128,10 @@ def _assert_same(engine_summary, engine_arrays, flwr_dir):
 _CASES = {
     "full-mf": dict(model="mf"),  # every user every round
     "partial-ncf": dict(model="ncf", train__clients_per_round=4, train__rounds=4),
+    # the adversary hook under Flower's simulation runtime (colluding), and a local attack
+    "attack-colluding": dict(model="mf", attack__name="clusterattack", attack__malicious_fraction=0.09),
+    "attack-local": dict(model="mf", train__clients_per_round=5, attack__name="fedattack",
+                         attack__malicious_fraction=0.09),
 }
 
 
@@ -147,6 +151,15 @@ def flower_vs_engine(tmp_path_factory):
 def test_flower_simulation_matches_engine(flower_vs_engine):
     """Full participation: final metrics and the server's item table are bit-identical."""
     _assert_same(*flower_vs_engine["full-mf"])
+
+
+@pytest.mark.parametrize("case", ["attack-colluding", "attack-local"])
+def test_flower_attacked_runs_match_engine(flower_vs_engine, case):
+    """An attacked run under Flower's simulation runtime equals the engine's, the adversary
+    hook (colluding) included; the attack changed the model (compared with the clean run)."""
+    _assert_same(*flower_vs_engine[case])
+    summary, arrays, _ = flower_vs_engine[case]
+    assert summary["final"] and "attack" in json.dumps(summary)
 
 
 def test_flower_partial_participation_matches_engine(flower_vs_engine):

@@ -51,7 +51,7 @@ def dyn_opt_gamma(X: np.ndarray, p: np.ndarray, mode: str, gamma_init: float = 1
             return d.max() <= pair.max()
         return d.sum() <= pair.sum(1).max()
 
-    gamma, step, best = gamma_init, gamma_init / 2, 0.0
+    gamma, step, best = gamma_init, gamma_init, 0.0  # moves by step / 2, then halves: reaches (0, 2 gamma_init)
     for _ in range(max_iter):
         if abs(best - gamma) <= tau:
             break
