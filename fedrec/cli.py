@@ -66,12 +66,18 @@ def _cmd_data_fetch(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from fedrec.results import format_table, report_rows
+    from fedrec.report import public, report_rows, seed_summary
+    from fedrec.results import format_table
 
     rows = report_rows(args.runs)
     if not rows:
         raise FedRecError(f"no run directories (with summary.json) under {' '.join(args.runs)}")
-    print(format_table(rows, "csv" if args.format == "csv" else "markdown"))
+    fmt = "csv" if args.format == "csv" else "markdown"
+    print(format_table(public(rows), fmt))
+    summary = seed_summary(rows)
+    if any(s["seeds"] > 1 for s in summary) or any("drop_hr@5%" in s for s in summary):
+        print()
+        print(format_table(public(summary), fmt))
     if args.plot:
         from fedrec.plots import plot_curves
 

@@ -118,6 +118,11 @@ class Engine:
         # simulation only: hands colluding/omniscient attacks their knowledge between the
         # clients and the strategy (the strategy never sees it)
         self.adversary = make_adversary(cfg, self.env, recorder=recorder)
+        from fedrec.build import malicious_set
+        from fedrec.evaluation import DetectionTracker
+
+        # scores the defense's drops against the ground truth (evaluation, not defense)
+        self.detection = DetectionTracker(malicious_set(self.env))
         self.progress = cfg.output.progress if progress is None else progress
         self.stores: dict = {}
         self.clients: dict = {}
@@ -181,6 +186,10 @@ class Engine:
         if self.adversary is not None:
             results = self.adversary.intervene(rnd, results, self.strategy.global_arrays())
         out = self.strategy.aggregate_uploads(rnd, results)
+        det = self.detection.update(users, self.strategy.last_dropped)
+        if self.recorder is not None:
+            self.recorder.log_fit(rnd, det)
+        out.update(det)
         if self.adversary is not None:
             out.update(self.adversary.last_diagnostics)
         return out
@@ -252,7 +261,8 @@ class Engine:
                 "rounds_per_s": rounds / elapsed if elapsed > 0 else float("inf"),
                 # training rounds alone (evaluation, every eval.every rounds, excluded)
                 "fit_rounds_per_s": rounds / fit_seconds if fit_seconds > 0 else float("inf"),
-                "invalid_uploads": dict(self.strategy.drop_counts)}
+                "invalid_uploads": dict(self.strategy.drop_counts),
+                "detection": self.detection.summary()}
 
 
 def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
@@ -278,4 +288,5 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
         fit_rounds_per_s=round(result["fit_rounds_per_s"], 3), workers=engine.workers,
         invalid_uploads=result["invalid_uploads"],
         invalid_uploads_total=sum(result["invalid_uploads"].values()),
+        detection=result["detection"],
         run_dir=str(run_dir))

@@ -84,3 +84,46 @@ def detection_metrics(flagged, malicious) -> dict:
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "tp": tp,
             "flagged": len(flagged), "malicious": len(malicious)}
+
+
+class DetectionTracker:
+    """Scores a defense's drops against the ground truth, per round and overall.
+
+    Evaluation code, not defense code: the defense only reports which uploads it dropped
+    (`FedRecStrategy.last_dropped`); the runner passes the round's users and its malicious
+    users here. Per round: det_tp / det_fp / det_fn and, where defined, det_precision
+    (of the dropped uploads, the malicious share), det_recall (of the malicious uploads, the
+    dropped share) and det_f1. Overall: the same over every round's counts.
+    """
+
+    def __init__(self, malicious):
+        self.malicious = {int(u) for u in malicious}
+        self.tp = self.fp = self.fn = 0
+        self.rounds = 0
+
+    def update(self, users, dropped) -> dict:
+        present = {int(u) for u in users}
+        dropped = {int(u) for u in dropped} & present
+        bad = present & self.malicious
+        tp, fp, fn = len(dropped & bad), len(dropped - bad), len(bad - dropped)
+        self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
+        self.rounds += 1
+        out = {"det_tp": tp, "det_fp": fp, "det_fn": fn}
+        out.update({f"det_{k}": v for k, v in _prf(tp, fp, fn).items()})
+        return out
+
+    def summary(self) -> dict:
+        return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "rounds": self.rounds,
+                **_prf(self.tp, self.fp, self.fn)}
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict:
+    out = {}
+    if tp + fp:
+        out["precision"] = tp / (tp + fp)
+    if tp + fn:
+        out["recall"] = tp / (tp + fn)
+    if "precision" in out and "recall" in out:
+        p, r = out["precision"], out["recall"]
+        out["f1"] = 2 * p * r / (p + r) if p + r else 0.0
+    return out

@@ -151,21 +151,6 @@ def find_runs(paths) -> list[Path]:
     return out
 
 
-def report_rows(paths, metrics=("test_hr@5", "test_ndcg@5", "test_hr@10", "test_ndcg@10")):
-    rows = []
-    for d in find_runs(paths):
-        s = load_summary(d)
-        row = {"run": Path(d).name, "status": s.get("status"), "seed": s.get("seed"),
-               "rounds": s.get("rounds"), "runner": s.get("runner")}
-        for m in metrics:
-            v = s.get("final", {}).get(m)
-            row[m] = v
-        row["invalid_uploads"] = s.get("invalid_uploads_total")
-        row["wall_time_s"] = s.get("wall_time_s")
-        rows.append(row)
-    return rows
-
-
 def format_table(rows, fmt="markdown") -> str:
     if not rows:
         return "no runs found"

@@ -202,14 +202,17 @@ class OrderedStrategy(Strategy):
     """Delegates to the FedRecStrategy; fit results go to it in user order, and rounds are
     timed."""
 
-    def __init__(self, inner, manager: PartitionClientManager, timer: RoundTimer, adversary=None):
+    def __init__(self, inner, manager: PartitionClientManager, timer: RoundTimer, adversary=None,
+                 detection=None):
         super().__init__()
         self.inner = inner
         self.manager = manager
         self.timer = timer
         # simulation only (fedrec/adversary.py): called on the fit results before the strategy
         self.adversary = adversary
-        self._runtime_checked = adversary is None
+        # simulation only: scores the strategy's drops against the ground truth (evaluation)
+        self.detection = detection
+        self._runtime_checked = adversary is None and detection is None
 
     def __getattr__(self, name):
         if name == "inner":
@@ -233,7 +236,8 @@ class OrderedStrategy(Strategy):
         grid = getattr(proxy, "grid", None)
         if type(grid).__name__ == "InMemoryGrid":
             return
-        if self.adversary.knowledge != "local":
+        self.detection = None  # a deployment's server has no ground truth to score against
+        if self.adversary is not None and self.adversary.knowledge != "local":
             raise RuntimeError(
                 f"attack {self.adversary.attack_cls.name!r} has {self.adversary.knowledge} knowledge, "
                 "which only a simulation can give (fedrec/adversary.py); a real deployment runs "
@@ -245,7 +249,15 @@ class OrderedStrategy(Strategy):
         if self.adversary is not None:
             results = apply_adversary(self.adversary, server_round, results, self.manager,
                                       self.inner.global_arrays())
-        return self.inner.aggregate_fit(server_round, results, failures)
+        out = self.inner.aggregate_fit(server_round, results, failures)
+        if self.detection is not None:
+            users = [self.manager.partition_of(proxy.cid) for proxy, _ in results]
+            dropped = [self.manager.partition_of(cid) for cid in self.inner.last_dropped]
+            det = self.detection.update(users, dropped)
+            rec = getattr(self.inner, "recorder", None)
+            if rec is not None:
+                getattr(rec, "recorder", rec).log_fit(server_round, det)
+        return out
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         self.timer.eval_start[server_round] = time.perf_counter()
@@ -343,6 +355,7 @@ def server_fn(context: Context, defaults: dict | None = None) -> ServerAppCompon
                 "seconds_per_round_after_first": None if spr is None else round(spr, 6),
                 "invalid_uploads": dict(strat.drop_counts),
                 "invalid_uploads_total": sum(strat.drop_counts.values()),
+                "detection": holder["detection"].summary(),
                 "supernodes": len(manager.partition), "run_dir": str(recorder.dir)}
 
     wrapped_recorder = FlowerRecorder(recorder, timer, extra)
@@ -353,7 +366,13 @@ def server_fn(context: Context, defaults: dict | None = None) -> ServerAppCompon
     holder["strategy"] = strategy
     from fedrec.adversary import make_adversary
 
-    ordered = OrderedStrategy(strategy, manager, timer, adversary=make_adversary(cfg, env, recorder))
+    from fedrec.build import malicious_set
+    from fedrec.evaluation import DetectionTracker
+
+    detection = DetectionTracker(malicious_set(env))
+    holder["detection"] = detection
+    ordered = OrderedStrategy(strategy, manager, timer, adversary=make_adversary(cfg, env, recorder),
+                              detection=detection)
     config = ServerConfig(num_rounds=cfg.train.rounds,
                           round_timeout=cfg.flower.round_timeout or None)
     server = Server(client_manager=manager, strategy=ordered)

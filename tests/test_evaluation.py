@@ -102,3 +102,19 @@ def test_engine_evaluate_equals_mean_of_client_evaluate(tmp_path):
     fed = engine.strategy.evaluate_results(rnd, per_client, final=False)
     assert fed == out
     assert out["test_users"] == 57 and 0 < out["test_hr@20"] < 1
+
+
+def test_detection_tracker_scores_drops_per_round_and_overall():
+    from fedrec.evaluation import DetectionTracker
+
+    t = DetectionTracker(malicious=[3, 7, 9])
+    r1 = t.update(users=[1, 3, 5, 7], dropped=[3, 5])  # tp 1 (3), fp 1 (5), fn 1 (7)
+    assert (r1["det_tp"], r1["det_fp"], r1["det_fn"]) == (1, 1, 1)
+    assert r1["det_precision"] == 0.5 and r1["det_recall"] == 0.5 and r1["det_f1"] == 0.5
+    r2 = t.update(users=[2, 4], dropped=[])  # nothing malicious, nothing dropped: undefined
+    assert "det_precision" not in r2 and "det_recall" not in r2
+    r3 = t.update(users=[9, 4], dropped=[9, 11])  # 11 was not in the round: ignored
+    assert (r3["det_tp"], r3["det_fp"], r3["det_fn"]) == (1, 0, 0)
+    s = t.summary()
+    assert (s["tp"], s["fp"], s["fn"], s["rounds"]) == (2, 1, 1, 3)
+    assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(2 / 3)

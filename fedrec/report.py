@@ -1,0 +1,128 @@
+"""`fedrec report`: per-run rows, the drop against the matching clean run, means over seeds.
+
+The matching clean run of an attacked run has the same config (defense, seed and all) except
+the `attack` section, whose name is `none`. The relative drop is (clean - attacked) / clean,
+in percent (positive = the attack hurt). Runs of one setting that differ only in `seed` are
+summarised as mean and (population) standard deviation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from fedrec.results import find_runs, load_summary
+
+METRICS = ("test_hr@5", "test_ndcg@5", "test_hr@10", "test_ndcg@10")
+DROPS = ("test_hr@5", "test_ndcg@5")
+DETECTION = ("det_precision", "det_recall", "det_f1")
+
+
+def _hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _config(run_dir) -> dict:
+    try:
+        return yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    except OSError:
+        return {}
+
+
+def clean_key(cfg: dict) -> str:
+    """Identifies the clean counterpart: the config without its attack and output sections."""
+    d = {k: v for k, v in cfg.items() if k not in ("attack", "output", "name")}
+    return _hash(d)
+
+
+def setting_key(cfg: dict) -> str:
+    """Identifies a setting across seeds."""
+    d = {k: v for k, v in cfg.items() if k not in ("seed", "output", "name")}
+    return _hash(d)
+
+
+def setting_label(cfg: dict) -> str:
+    a = cfg.get("attack") or {}
+    s = cfg.get("server") or {}
+    data = (cfg.get("data") or {}).get("dataset", "?")
+    model = (cfg.get("model") or {}).get("name", "?")
+    attack = a.get("name", "none")
+    if attack != "none":
+        params = a.get("params") or {}
+        extra = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+        attack = f"{attack}{'(' + extra + ')' if extra else ''}@{a.get('malicious_fraction')}"
+    defense = s.get("rule", "mean")
+    if s.get("filter", "none") != "none":
+        defense = f"{s['filter']}+{defense}"
+    return f"{data}/{model} {defense}/{s.get('aggregation', 'dense')} {attack}"
+
+
+def report_rows(paths, metrics=METRICS) -> list[dict]:
+    runs = []
+    for d in find_runs(paths):
+        s = load_summary(d)
+        runs.append((d, s, _config(d)))
+    clean = {}
+    for d, s, cfg in runs:
+        if (cfg.get("attack") or {}).get("name", "none") == "none" and s.get("status") == "complete":
+            clean[clean_key(cfg)] = s
+    rows = []
+    for d, s, cfg in runs:
+        final = s.get("final", {})
+        row = {"run": Path(d).name, "status": s.get("status"), "seed": s.get("seed"),
+               "rounds": s.get("rounds"), "runner": s.get("runner"), "setting": setting_label(cfg)}
+        for m in metrics:
+            row[m] = final.get(m)
+        ref = clean.get(clean_key(cfg))
+        attacked = (cfg.get("attack") or {}).get("name", "none") != "none"
+        for m in DROPS:
+            base = (ref or {}).get("final", {}).get(m)
+            v = final.get(m)
+            row[f"drop_{m.split('_', 1)[1]}%"] = (100.0 * (base - v) / base
+                                                   if attacked and base and v is not None else None)
+        det = s.get("detection") or {}
+        for k in DETECTION:
+            row[k] = det.get(k.split("_", 1)[1])
+        row["invalid_uploads"] = s.get("invalid_uploads_total")
+        row["wall_time_s"] = s.get("wall_time_s")
+        row["_setting"] = setting_key(cfg)
+        rows.append(row)
+    return rows
+
+
+def _mean_std(values):
+    vals = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+
+
+def seed_summary(rows) -> list[dict]:
+    """One row per setting: mean and std over its seeds of the metrics and drops."""
+    groups: dict = {}
+    for r in rows:
+        if r.get("status") == "complete":
+            groups.setdefault(r["_setting"], []).append(r)
+    out = []
+    for rs in groups.values():
+        row = {"setting": rs[0]["setting"], "seeds": len(rs)}
+        for k in [*METRICS[:2], "drop_hr@5%", "drop_ndcg@5%", *DETECTION, "wall_time_s"]:
+            m, sd = _mean_std(r.get(k) for r in rs)
+            if m is None:
+                continue
+            row[k] = f"{m:.4f} ± {sd:.4f}" if "drop" not in k and k != "wall_time_s" else \
+                f"{m:.1f} ± {sd:.1f}"
+        out.append(row)
+    return sorted(out, key=lambda r: r["setting"])
+
+
+def public(rows) -> list[dict]:
+    """Rows without internal keys, and without columns that are empty everywhere."""
+    keys = [k for k in rows[0] if not k.startswith("_")] if rows else []
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    return [{k: r.get(k) for k in keys} for r in rows]
