@@ -94,7 +94,11 @@ def test_run_report_and_grid_resume(tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped (already complete)") == 2
     assert main(["report", str(tmp_path / "runs"), "--format", "csv"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("run,") and len(out) == 3
+    per_run = out[:out.index("")]
+    assert per_run[0].startswith("run,") and len(per_run) == 3
+    # the two seeds of one setting are summarised (mean ± std) in a second table
+    means = [line for line in out[out.index(""):] if line]
+    assert means[0].startswith("setting,seeds,") and len(means) == 2 and ",2," in means[1]
     png = tmp_path / "hr.png"
     assert main(["report", str(tmp_path / "runs"), "--plot", str(png)]) == 0
     assert png.stat().st_size > 1000
