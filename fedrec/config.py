@@ -374,12 +374,18 @@ def expand(raw: dict, overrides: dict | None = None, base_dir: str = "") -> list
         if not isinstance(grid[k], list) or not grid[k]:
             raise ConfigError(f"grid.{k}: expected a non-empty list of values")
     combos = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
-    configs = []
+    configs, seen = [], set()
     for combo in combos:
         run_raw = copy.deepcopy(raw)
         for k, v in zip(keys, combo):
             _set_dotted(run_raw, k, v)
         cfg = from_dict(run_raw, base_dir)
+        if cfg.attack.name == "none" or cfg.attack.malicious_fraction == 0:
+            # every clean combination of a grid (attack none, or no attackers) is one run
+            cfg.attack = AttackConfig()
+            if keys and cfg.digest() in seen:
+                continue
+        seen.add(cfg.digest())
         if keys:
             label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
             # the digest keeps a finished run from being reused after a value outside the

@@ -61,6 +61,11 @@ def setting_label(cfg: dict) -> str:
     return f"{data}/{model} {defense}/{s.get('aggregation', 'dense')} {attack}"
 
 
+def _attacked(cfg: dict) -> bool:
+    a = cfg.get("attack") or {}
+    return a.get("name", "none") != "none" and float(a.get("malicious_fraction", 0) or 0) > 0
+
+
 def report_rows(paths, metrics=METRICS) -> list[dict]:
     runs = []
     for d in find_runs(paths):
@@ -68,7 +73,7 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
         runs.append((d, s, _config(d)))
     clean = {}
     for d, s, cfg in runs:
-        if (cfg.get("attack") or {}).get("name", "none") == "none" and s.get("status") == "complete":
+        if not _attacked(cfg) and s.get("status") == "complete":
             clean[clean_key(cfg)] = s
     rows = []
     for d, s, cfg in runs:
@@ -78,7 +83,7 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
         for m in metrics:
             row[m] = final.get(m)
         ref = clean.get(clean_key(cfg))
-        attacked = (cfg.get("attack") or {}).get("name", "none") != "none"
+        attacked = _attacked(cfg)
         for m in DROPS:
             base = (ref or {}).get("final", {}).get(m)
             v = final.get(m)

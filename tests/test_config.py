@@ -183,3 +183,16 @@ def test_digest_stable_and_sensitive():
     assert from_dict({"seed": 1, "server": {"lr": 0.003}}).digest() != a.digest()
     # output settings do not change what is computed
     assert from_dict({"seed": 1, "output": {"dir": "elsewhere", "progress": False}}).digest() == a.digest()
+
+
+def test_grid_keeps_one_clean_run_per_setting():
+    from fedrec.config import expand
+
+    raw = {"attack": {"name": "lie"},
+           "grid": {"attack.malicious_fraction": [0.0, 0.01, 0.05],
+                    "attack.name": ["none", "lie", "fang"]}}
+    cfgs = expand(raw)
+    clean = [c for c in cfgs if c.attack.name == "none"]
+    assert len(clean) == 1  # (0, *), (*, none) are all the same clean run
+    assert len(cfgs) == 1 + 2 * 2
+    assert len({c.digest() for c in cfgs}) == len(cfgs)
