@@ -9,7 +9,7 @@ predictor gradient) and, in `evaluate`, its own HR/NDCG.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from flwr.client import NumPyClient
@@ -19,7 +19,7 @@ from fedrec.optim import adam_catch_up, adam_step
 from fedrec.protocol import encode_upload
 
 # purposes in the per-client seed sequence [seed, user, purpose, round]
-_INIT, _STATIC_NEG, _ROUND = 1, 2, 3
+_INIT, _STATIC_NEG, _ROUND, _CONTRASTIVE = 1, 2, 3, 4
 
 
 class DictStore:
@@ -293,7 +293,7 @@ class BenignClient(NumPyClient):
                 [U[i] for i in batch], [jobs[i]["pos"] for i in batch],
                 [jobs[i]["neg"] for i in batch], [jobs[i]["rng"] for i in batch], **c0._wd())
             for i, g in zip(batch, out):
-                grads[i] = g
+                grads[i] = clients[i]._with_contrastive(g, parameters[0], rnd)
             b = np.array(batch)
             Ub, Mb, Vb = U[b], M[b], V[b]
             c0._update_users([states[i] for i in batch], Ub, Mb, Vb,
@@ -302,6 +302,25 @@ class BenignClient(NumPyClient):
         for i, s in enumerate(states):
             s["user"], s["m"], s["v"] = U[i].copy(), M[i].copy(), V[i].copy()
         return [c.finish_fit(j, g) for c, j, g in zip(clients, jobs, grads)]
+
+    def _with_contrastive(self, grad, item_table, rnd: int):
+        """UNION's client side (train.contrastive_alpha > 0): adds alpha times the gradient of
+        the contrastive loss on the user's positives (fedrec.models.losses) to the item rows,
+        from the client's own stream for it, so the recommendation gradient is unchanged."""
+        alpha = self.cfg.train.contrastive_alpha
+        if alpha <= 0 or not len(self.train_items):
+            return grad
+        from fedrec.models.losses import contrastive_grad, contrastive_samples
+
+        rng = self._rng(_CONTRASTIVE, rnd)
+        samples = contrastive_samples(self.train_items, self.model.n_items, self._exclusion_mask(),
+                                      self.cfg.train.contrastive_negatives, rng)
+        cl_ids, cl_rows, cl_loss = contrastive_grad(item_table, *samples)
+        ids = np.union1d(grad.item_ids, cl_ids)
+        rows = np.zeros((len(ids), grad.item_rows.shape[1]), np.float32)
+        rows[np.searchsorted(ids, grad.item_ids)] += grad.item_rows
+        rows[np.searchsorted(ids, cl_ids)] += np.float32(alpha) * cl_rows
+        return replace(grad, item_ids=ids, item_rows=rows, loss=grad.loss + alpha * cl_loss)
 
     def _wd(self) -> dict:
         t = self.cfg.train

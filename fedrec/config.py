@@ -82,6 +82,8 @@ class TrainConfig:
     sampling: str = "uniform"  # uniform | epoch (each user once per epoch)
     user_optimizer: str = "adam_sync"  # adam_sync | adam | sgd
     user_lr: float = -1.0  # < 0: same as server.lr
+    contrastive_alpha: float = 0.0  # UNION's client side: loss = BPR + alpha * contrastive (0 = off)
+    contrastive_negatives: int = 15  # negatives per anchor in the contrastive loss
 
     def validate(self):
         _range("train.rounds", self.rounds, 1, 10**8)
@@ -92,6 +94,11 @@ class TrainConfig:
         _range("train.local_epochs", self.local_epochs, 0, 1000)
         _choice("train.sampling", self.sampling, ("uniform", "epoch"))
         _choice("train.user_optimizer", self.user_optimizer, ("adam_sync", "adam", "sgd"))
+        _range("train.contrastive_alpha", self.contrastive_alpha, 0.0, 1e6)
+        _range("train.contrastive_negatives", self.contrastive_negatives, 1, 10_000)
+        if self.contrastive_alpha > 0 and self.local_epochs > 0:
+            raise ConfigError("train.contrastive_alpha: the contrastive loss is implemented for "
+                              "FedSGD uploads (train.local_epochs: 0)")
 
 
 @dataclass
