@@ -380,12 +380,29 @@ def expand(raw: dict, overrides: dict | None = None, base_dir: str = "") -> list
     for k in keys:
         if not isinstance(grid[k], list) or not grid[k]:
             raise ConfigError(f"grid.{k}: expected a non-empty list of values")
+    # a key that is not a config key and whose values are mappings is a bundle: each value
+    # sets several dotted keys at once (an optional `label` names it in the run directory)
+    known = set(valid_keys(ExperimentConfig))
+    bundles = {k for k in keys if k not in known and all(isinstance(v, dict) for v in grid[k])}
+    for k in bundles:
+        for v in grid[k]:
+            bad = sorted(set(v) - known - {"label"})
+            if bad:
+                raise ConfigError(f"grid.{k}: {bad[0]!r} is not a config key")
     combos = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
     configs, seen = [], set()
     for combo in combos:
         run_raw = copy.deepcopy(raw)
+        labels = []
         for k, v in zip(keys, combo):
-            _set_dotted(run_raw, k, v)
+            if k in bundles:  # a bundle: several keys set together, e.g. a whole defense
+                for kk, vv in v.items():
+                    if kk != "label":
+                        _set_dotted(run_raw, kk, vv)
+                labels.append(f"{k}={v.get('label') or ','.join(f'{a}={b}' for a, b in v.items())}")
+            else:
+                _set_dotted(run_raw, k, v)
+                labels.append(f"{k.split('.')[-1]}={v}")
         cfg = from_dict(run_raw, base_dir)
         if cfg.attack.name == "none" or cfg.attack.malicious_fraction == 0:
             # every clean combination of a grid (attack none, or no attackers) is one run
@@ -394,7 +411,7 @@ def expand(raw: dict, overrides: dict | None = None, base_dir: str = "") -> list
                 continue
         seen.add(cfg.digest())
         if keys:
-            label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
+            label = ",".join(labels)
             # the digest keeps a finished run from being reused after a value outside the
             # grid changed (runs are skipped only when their whole config matches)
             cfg.output.name = f"{cfg.output.name or cfg.name}[{label}]-{cfg.digest()[:6]}"

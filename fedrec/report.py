@@ -2,7 +2,9 @@
 
 The matching clean run of an attacked run has the same config (defense, seed and all) except
 the `attack` section, whose name is `none`. The relative drop is (clean - attacked) / clean,
-in percent (positive = the attack hurt). Runs of one setting that differ only in `seed` are
+in percent (positive = the attack hurt): `drop_*`. Under a defense, `drop0_*` is the drop
+against the run with neither attack nor defense (same seed; ClusterAttack's Figure 2 and
+Table 3 use that reference), so a defense's own cost on clean runs shows there too. Runs of one setting that differ only in `seed` are
 summarised as mean and (population) standard deviation.
 """
 
@@ -39,6 +41,28 @@ def clean_key(cfg: dict) -> str:
     return _hash(d)
 
 
+_DEFENSE_KEYS = {"server": ("rule", "rule_f", "multikrum_m", "norm_bound", "filter", "union_sample_items",
+                             "union_gap_b", "union_expected_attackers"),
+                  "train": ("contrastive_alpha", "contrastive_negatives")}
+
+
+def undefended_key(cfg: dict) -> str:
+    """Identifies the run with neither attack nor defense (rule mean, no filter, no
+    contrastive term): the reference of ClusterAttack's Figure 2 / Table 3 drops."""
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()
+         if k not in ("attack", "output", "name")}
+    for section, keys in _DEFENSE_KEYS.items():
+        for k in keys:
+            d.get(section, {}).pop(k, None)
+    return _hash(d)
+
+
+def _undefended(cfg: dict) -> bool:
+    s, t = cfg.get("server") or {}, cfg.get("train") or {}
+    return s.get("rule", "mean") == "mean" and s.get("filter", "none") == "none" \
+        and not float(t.get("contrastive_alpha", 0) or 0)
+
+
 def setting_key(cfg: dict) -> str:
     """Identifies a setting across seeds."""
     d = {k: v for k, v in cfg.items() if k not in ("seed", "output", "name")}
@@ -71,10 +95,12 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
     for d in find_runs(paths):
         s = load_summary(d)
         runs.append((d, s, _config(d)))
-    clean = {}
+    clean, base = {}, {}
     for d, s, cfg in runs:
         if not _attacked(cfg) and s.get("status") == "complete":
             clean[clean_key(cfg)] = s
+            if _undefended(cfg):
+                base[undefended_key(cfg)] = s
     rows = []
     for d, s, cfg in runs:
         final = s.get("final", {})
@@ -85,10 +111,16 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
         ref = clean.get(clean_key(cfg))
         attacked = _attacked(cfg)
         for m in DROPS:
-            base = (ref or {}).get("final", {}).get(m)
+            b = (ref or {}).get("final", {}).get(m)
             v = final.get(m)
-            row[f"drop_{m.split('_', 1)[1]}%"] = (100.0 * (base - v) / base
-                                                   if attacked and base and v is not None else None)
+            row[f"drop_{m.split('_', 1)[1]}%"] = (100.0 * (b - v) / b
+                                                   if attacked and b and v is not None else None)
+        # against the run with neither attack nor defense, where that is another run
+        ref0 = base.get(undefended_key(cfg))
+        if ref0 is not None and ref0 is not ref and not _undefended(cfg):
+            for m in DROPS:
+                b, v = ref0.get("final", {}).get(m), final.get(m)
+                row[f"drop0_{m.split('_', 1)[1]}%"] = 100.0 * (b - v) / b if b and v is not None else None
         det = s.get("detection") or {}
         for k in DETECTION:
             row[k] = det.get(k.split("_", 1)[1])
@@ -116,7 +148,8 @@ def seed_summary(rows) -> list[dict]:
     out = []
     for rs in groups.values():
         row = {"setting": rs[0]["setting"], "seeds": len(rs)}
-        for k in [*METRICS[:2], "drop_hr@5%", "drop_ndcg@5%", *DETECTION, "wall_time_s"]:
+        for k in [*METRICS[:2], "drop_hr@5%", "drop_ndcg@5%", "drop0_hr@5%", "drop0_ndcg@5%",
+                  *DETECTION, "wall_time_s"]:
             m, sd = _mean_std(r.get(k) for r in rs)
             if m is None:
                 continue

@@ -54,3 +54,37 @@ def test_drops_of_a_robust_rule_are_scored_against_ground_truth(tmp_path):
     assert det["tp"] + det["fn"] == sum(int(r["attack_uploads"] or 0) for r in rows)
     row = report_rows([tmp_path / "r"])[0]
     assert row["det_precision"] == det.get("precision")
+
+
+def test_defended_runs_also_report_the_drop_against_no_attack_no_defense(tmp_path):
+    root = tmp_path / "runs"
+    out = {}
+    for name, over in {"base": {}, "union-clean": {"server__filter": "union", "train__contrastive_alpha": 1.0},
+                       "union-hit": {"server__filter": "union", "train__contrastive_alpha": 1.0,
+                                     "attack__name": "clusterattack"}}.items():
+        c = cfg(tmp_path, over.pop("attack__name", "none"), 0, **over)
+        c.output.name = name
+        out[name] = run_experiment(c, output_root=root, progress=False)["final"]["test_hr@5"]
+    rows = {r["run"]: r for r in report_rows([root])}
+    assert rows["union-hit"]["drop_hr@5%"] == pytest.approx(100 * (out["union-clean"] - out["union-hit"]) / out["union-clean"])
+    assert rows["union-hit"]["drop0_hr@5%"] == pytest.approx(100 * (out["base"] - out["union-hit"]) / out["base"])
+    # UNION's own cost on a clean run
+    assert rows["union-clean"]["drop0_hr@5%"] == pytest.approx(100 * (out["base"] - out["union-clean"]) / out["base"])
+    assert rows["base"].get("drop0_hr@5%") is None
+
+
+def test_grid_bundles_set_several_keys_together(tmp_path):
+    from fedrec.config import expand
+    from fedrec.errors import ConfigError
+
+    raw = {"grid": {"defense": [{"label": "mk", "server.rule": "multikrum"},
+                                {"label": "union+nb", "server.rule": "norm_bound", "server.filter": "union",
+                                 "train.contrastive_alpha": 1.0}],
+                    "seed": [0, 1]}}
+    cfgs = expand(raw)
+    assert [(c.server.rule, c.server.filter, c.train.contrastive_alpha, c.seed) for c in cfgs] == [
+        ("multikrum", "none", 0.0, 0), ("multikrum", "none", 0.0, 1),
+        ("norm_bound", "union", 1.0, 0), ("norm_bound", "union", 1.0, 1)]
+    assert "defense=union+nb" in cfgs[2].output.name
+    with pytest.raises(ConfigError, match="grid.defense"):
+        expand({"grid": {"defense": [{"server.nope": 1}]}})
