@@ -178,11 +178,12 @@ def dense_updates(updates: list):
     -> (ids (R,), X (k, R, dim) float32 with zeros where an update did not send a row,
     predictor list of (k, *shape)). The statistical attacks (Gaussian, LIE, Fang, DYN-OPT)
     treat each update as one vector, as in the FL papers that define them."""
-    ids = np.unique(np.concatenate([u.item_ids for u in updates]))
+    all_ids = np.concatenate([u.item_ids for u in updates])
+    owner = np.repeat(np.arange(len(updates)), [len(u.item_ids) for u in updates])
+    ids, pos = np.unique(all_ids, return_inverse=True)
     dim = updates[0].item_rows.shape[1]
     X = np.zeros((len(updates), len(ids), dim), np.float32)
-    for k, u in enumerate(updates):  # one vectorised scatter per update (k <= clients per round)
-        X[k, np.searchsorted(ids, u.item_ids)] = u.item_rows
+    X[owner, pos] = np.concatenate([u.item_rows for u in updates])  # ids are unique per update
     pred = [np.stack([u.predictor[j] for u in updates]) for j in range(len(updates[0].predictor))]
     return ids, X, pred
 
