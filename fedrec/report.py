@@ -29,10 +29,15 @@ def _hash(d: dict) -> str:
 
 
 def _config(run_dir) -> dict:
+    """The run's resolved config, over today's defaults (so runs written before a key existed
+    group with runs that carry that key at its default)."""
+    from fedrec.config import ExperimentConfig, deep_merge
+
     try:
-        return yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+        raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
     except OSError:
         return {}
+    return deep_merge(ExperimentConfig().to_dict(), raw)
 
 
 def clean_key(cfg: dict) -> str:
@@ -121,7 +126,8 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
             for m in DROPS:
                 b, v = ref0.get("final", {}).get(m), final.get(m)
                 row[f"drop0_{m.split('_', 1)[1]}%"] = 100.0 * (b - v) / b if b and v is not None else None
-        det = s.get("detection") or {}
+        # detection scores only mean something where the defense can drop uploads
+        det = {} if _undefended(cfg) else (s.get("detection") or {})
         for k in DETECTION:
             row[k] = det.get(k.split("_", 1)[1])
         row["invalid_uploads"] = s.get("invalid_uploads_total")
