@@ -83,6 +83,11 @@ def _cmd_report(args) -> int:
 
         plot_curves(args.runs, args.plot, metric=args.metric)
         print(f"plot written to {args.plot}", file=sys.stderr)
+    if args.plot_detection:
+        from fedrec.plots import plot_detection
+
+        plot_detection(args.runs, args.plot_detection, window=args.window)
+        print(f"detection plot written to {args.plot_detection}", file=sys.stderr)
     return 0
 
 
@@ -133,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--format", choices=["markdown", "csv"], default="markdown")
     rp.add_argument("--plot", default=None, help="also write a PNG of metric vs round")
     rp.add_argument("--metric", default="test_hr@5")
+    rp.add_argument("--plot-detection", default=None,
+                    help="also write a PNG of the defense's detection precision/recall per round")
+    rp.add_argument("--window", type=int, default=200, help="rounds per point of --plot-detection")
     rp.set_defaults(fn=_cmd_report)
 
     k = sub.add_parser("keys", help="list every experiment YAML key with its default")

@@ -40,3 +40,58 @@ def plot_curves(paths, out: str, metric: str = "test_hr@5"):
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def detection_curves(run_dir, window: int = 200):
+    """(rounds, precision, recall) of a run's drops over a sliding window of rounds, from the
+    per-round det_tp / det_fp / det_fn counts (a round alone rarely holds an attacker)."""
+    import numpy as np
+
+    rounds, tp, fp, fn = [], [], [], []
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("det_tp") in (None, ""):
+                continue
+            rounds.append(int(row["round"]))
+            tp.append(float(row["det_tp"]))
+            fp.append(float(row["det_fp"]))
+            fn.append(float(row["det_fn"]))
+    if not rounds:
+        return [], [], []
+    k = np.ones(min(window, len(rounds)))
+    stp, sfp, sfn = (np.convolve(np.array(a), k, mode="valid") for a in (tp, fp, fn))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(stp + sfp > 0, stp / (stp + sfp), np.nan)
+        recall = np.where(stp + sfn > 0, stp / (stp + sfn), np.nan)
+    return rounds[len(k) - 1:], precision, recall
+
+
+def plot_detection(paths, out: str, window: int = 200):
+    """Detection precision and recall over rounds (sliding window) for every run given."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FedRecError("plotting needs matplotlib: pip install 'fedrec[plot]'") from None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    drawn = 0
+    for d in find_runs(paths):
+        xs, p, r = detection_curves(d, window)
+        if len(xs):
+            axes[0].plot(xs, p, label=Path(d).name)
+            axes[1].plot(xs, r, label=Path(d).name)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise FedRecError("no run has per-round detection counts (det_tp, det_fp, det_fn)")
+    for ax, name in zip(axes, ("precision", "recall")):
+        ax.set_xlabel("round")
+        ax.set_title(f"detection {name} (last {window} rounds)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -88,3 +88,18 @@ def test_grid_bundles_set_several_keys_together(tmp_path):
     assert "defense=union+nb" in cfgs[2].output.name
     with pytest.raises(ConfigError, match="grid.defense"):
         expand({"grid": {"defense": [{"server.nope": 1}]}})
+
+
+def test_detection_plot_from_per_round_counts(tmp_path):
+    from fedrec.cli import main
+    from fedrec.plots import detection_curves
+
+    c = cfg(tmp_path, "clusterattack", server__rule="multikrum", server__rule_f=2,
+            train__clients_per_round=20, train__rounds=8)
+    s = run_experiment(c, output_root=tmp_path / "r", progress=False)
+    xs, p, r = detection_curves(s["run_dir"], window=8)
+    det = s["detection"]
+    assert xs == [8] and r[0] == pytest.approx(det["recall"]) and p[0] == pytest.approx(det["precision"])
+    png = tmp_path / "det.png"
+    assert main(["report", str(tmp_path / "r"), "--plot-detection", str(png), "--window", "4"]) == 0
+    assert png.stat().st_size > 1000
