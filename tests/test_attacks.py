@@ -195,3 +195,19 @@ def test_bad_attack_parameters_are_clear_errors():
         parse_params(SpattackParams, {"variant": "X"}, "spattack")
     with pytest.raises(ConfigError, match="k_min"):
         parse_params(ClusterAttackParams, {"k0": 0}, "clusterattack")
+
+
+def test_dense_stats_equal_mean_and_std_of_the_dense_updates():
+    from clients.malicious.base import dense_stats
+
+    rng = np.random.default_rng(0)
+    ups = [upd(u, np.sort(rng.choice(30, int(rng.integers(1, 12)), replace=False)),
+               rng.normal(size=(12, 4))[:0].reshape(0, 4), pred=[rng.normal(size=3)]) for u in range(5)]
+    for u in ups:
+        u.item_rows = rng.normal(size=(len(u.item_ids), 4)).astype(np.float32)
+    ids, X, pred = dense_updates(ups)
+    ids2, mean, std, pstats = dense_stats(ups)
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_allclose(mean, X.mean(0), atol=1e-6)
+    np.testing.assert_allclose(std, X.std(0), atol=1e-6)
+    np.testing.assert_allclose(pstats[0][0], pred[0].mean(0), atol=1e-6)

@@ -188,6 +188,30 @@ def dense_updates(updates: list):
     return ids, X, pred
 
 
+def dense_stats(updates: list):
+    """Per-coordinate mean and (population) std of the updates as dense vectors, over the rows
+    any of them sent: -> (ids, mean (R, dim), std (R, dim), [(pred_mean, pred_std)]).
+
+    Same numbers as `dense_updates` then mean/std over axis 0, from per-row sums of x and x^2
+    (zeros contribute nothing), without building the (k, R, dim) array."""
+    import torch
+
+    k = len(updates)
+    all_ids = np.concatenate([u.item_ids for u in updates])
+    rows = torch.from_numpy(np.concatenate([u.item_rows for u in updates]).astype(np.float64))
+    ids, pos = np.unique(all_ids, return_inverse=True)
+    index = torch.from_numpy(pos.astype(np.int64))
+    s1 = torch.zeros((len(ids), rows.shape[1]), dtype=torch.float64).index_add_(0, index, rows).numpy()
+    s2 = torch.zeros_like(torch.from_numpy(s1)).index_add_(0, index, rows * rows).numpy()
+    mean = s1 / k
+    std = np.sqrt(np.maximum(s2 / k - mean * mean, 0.0))
+    preds = []
+    for j in range(len(updates[0].predictor)):
+        a = np.stack([u.predictor[j] for u in updates]).astype(np.float64)
+        preds.append((a.mean(0), a.std(0)))
+    return ids, mean, std, preds
+
+
 def knowledge_set(view: AdversaryView) -> list:
     """The updates whose statistics the attack may use: the benign ones when omniscient, else
     the malicious clients' own honest updates (colluding)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clients.malicious.base import MaliciousClient, dense_updates, knowledge_set
+from clients.malicious.base import MaliciousClient, dense_stats, knowledge_set
 
 
 def stat_opt(mean: np.ndarray, std: np.ndarray, gamma: float) -> np.ndarray:
@@ -39,7 +39,7 @@ class FangClient(MaliciousClient):
 
     @classmethod
     def craft_round(cls, view, params, memory, rng):
-        ids, X, pred = dense_updates(knowledge_set(view))
-        rows = stat_opt(X.mean(0), X.std(0), params.gamma)
-        p = [stat_opt(a.mean(0), a.std(0), params.gamma) for a in pred]
+        ids, mean, std, pred = dense_stats(knowledge_set(view))
+        rows = stat_opt(mean, std, params.gamma)
+        p = [stat_opt(m, s, params.gamma) for m, s in pred]
         return [(ids, rows, p) for _ in view.own], {"rows": len(ids)}

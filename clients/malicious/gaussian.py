@@ -9,7 +9,7 @@ vectors (zeros for rows an update did not send); the predictor likewise.
 
 from __future__ import annotations
 
-from clients.malicious.base import MaliciousClient, dense_updates, knowledge_set
+from clients.malicious.base import MaliciousClient, dense_stats, knowledge_set
 
 
 def gaussian_rows(mean, std, rng, shape_prefix=()):
@@ -23,10 +23,9 @@ class GaussianClient(MaliciousClient):
 
     @classmethod
     def craft_round(cls, view, params, memory, rng):
-        ids, X, pred = dense_updates(knowledge_set(view))
-        mu, sd = X.mean(0), X.std(0)
-        pmu = [p.mean(0) for p in pred]
-        psd = [p.std(0) for p in pred]
+        ids, mu, sd, pred = dense_stats(knowledge_set(view))
+        pmu = [m for m, _ in pred]
+        psd = [s for _, s in pred]
         out = [(ids, gaussian_rows(mu, sd, rng), [gaussian_rows(m, s, rng) for m, s in zip(pmu, psd)])
                for _ in view.own]
         return out, {"rows": len(ids)}

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from clients.malicious.base import MaliciousClient, dense_updates, knowledge_set
+from clients.malicious.base import MaliciousClient, dense_stats, knowledge_set
 
 
 def lie_z(n: int, m: int) -> float:
@@ -44,8 +44,8 @@ class LIEClient(MaliciousClient):
 
     @classmethod
     def craft_round(cls, view, params, memory, rng):
-        ids, X, pred = dense_updates(knowledge_set(view))
+        ids, mean, std, pred = dense_stats(knowledge_set(view))
         z = params.z if params.z >= 0 else lie_z(view.n_clients, len(view.own))
-        rows = lie_update(X.mean(0), X.std(0), z)
-        p = [lie_update(a.mean(0), a.std(0), z) for a in pred]
+        rows = lie_update(mean, std, z)
+        p = [lie_update(m, s, z) for m, s in pred]
         return [(ids, rows, p) for _ in view.own], {"z": z, "rows": len(ids)}
