@@ -293,15 +293,24 @@ class BenignClient(NumPyClient):
                 [U[i] for i in batch], [jobs[i]["pos"] for i in batch],
                 [jobs[i]["neg"] for i in batch], [jobs[i]["rng"] for i in batch], **c0._wd())
             for i, g in zip(batch, out):
-                grads[i] = clients[i]._with_contrastive(g, parameters[0], rnd)
+                grads[i] = clients[i]._with_contrastive(clients[i]._reduced(g), parameters[0], rnd)
             b = np.array(batch)
             Ub, Mb, Vb = U[b], M[b], V[b]
             c0._update_users([states[i] for i in batch], Ub, Mb, Vb,
-                             np.stack([g.user_grad for g in out]), rnd)
+                             np.stack([grads[i].user_grad for i in batch]), rnd)
             U[b], M[b], V[b] = Ub, Mb, Vb
         for i, s in enumerate(states):
             s["user"], s["m"], s["v"] = U[i].copy(), M[i].copy(), V[i].copy()
         return [c.finish_fit(j, g) for c, j, g in zip(clients, jobs, grads)]
+
+    def _reduced(self, grad):
+        """train.loss_reduction: "mean" keeps the gradient of the mean loss over the pairs;
+        "sum" scales it to the summed loss (FedRecAttack/Spattack's clients), user row included."""
+        if self.cfg.train.loss_reduction != "sum":
+            return grad
+        n = np.float32(grad.n_samples)
+        return replace(grad, item_rows=grad.item_rows * n, user_grad=grad.user_grad * n,
+                       predictor=[p * n for p in grad.predictor])
 
     def _with_contrastive(self, grad, item_table, rnd: int):
         """UNION's client side (train.contrastive_alpha > 0): adds alpha times the gradient of

@@ -82,6 +82,7 @@ class TrainConfig:
     sampling: str = "uniform"  # uniform | epoch (each user once per epoch)
     user_optimizer: str = "adam_sync"  # adam_sync | adam | sgd
     user_lr: float = -1.0  # < 0: same as server.lr
+    loss_reduction: str = "mean"  # mean | sum: the gradient of the mean or of the summed loss over the pairs
     contrastive_alpha: float = 0.0  # UNION's client side: loss = BPR + alpha * contrastive (0 = off)
     contrastive_negatives: int = 15  # negatives per anchor in the contrastive loss
 
@@ -94,6 +95,7 @@ class TrainConfig:
         _range("train.local_epochs", self.local_epochs, 0, 1000)
         _choice("train.sampling", self.sampling, ("uniform", "epoch"))
         _choice("train.user_optimizer", self.user_optimizer, ("adam_sync", "adam", "sgd"))
+        _choice("train.loss_reduction", self.loss_reduction, ("mean", "sum"))
         _range("train.contrastive_alpha", self.contrastive_alpha, 0.0, 1e6)
         _range("train.contrastive_negatives", self.contrastive_negatives, 1, 10_000)
         if self.contrastive_alpha > 0 and self.local_epochs > 0:

@@ -233,3 +233,20 @@ def test_cohort_negatives_equal_per_client_even_when_a_draw_falls_short(tmp_path
         expect = c._draw_negatives(c._rng(_ROUND, 4))
         assert np.array_equal(neg, expect)
         assert not np.isin(neg, c.known_sorted).any()
+
+
+def test_sum_reduction_scales_the_mean_gradient_by_the_pair_count(tmp_path):
+    from clients.benign import BenignClient, DictStore
+    from conftest import tiny_cfg
+    from fedrec.build import build_client, build_env, initial_arrays
+
+    out = {}
+    for red in ("mean", "sum"):
+        cfg = tiny_cfg(tmp_path, train__loss_reduction=red)
+        env = build_env(cfg)
+        c = build_client(env, 3, DictStore())
+        out[red] = c.fit(initial_arrays(cfg, env.model), {"round": 1})
+    (m, n, _), (s, n2, _) = out["mean"], out["sum"]
+    assert n == n2 > 1
+    np.testing.assert_array_equal(m[0], s[0])
+    np.testing.assert_allclose(s[1], m[1] * np.float32(n), rtol=1e-6)
