@@ -118,6 +118,7 @@ class ServerConfig:
     union_sample_items: int = 500  # item ids UNION samples (with replacement) per round
     union_gap_b: int = 50  # reference draws of the gap statistic
     union_expected_attackers: int = -1  # minor clusters this small are dropped (< 0: rule_f)
+    union_device: str = "cpu"  # cpu | cuda | auto: where UNION's pairwise distances are computed
     weighting: str = "samples"  # samples | uniform
     max_upload_rows: int = 0  # 0 = n_items; bigger uploads are dropped
     max_samples: int = 10_000_000  # a claimed sample count above this is dropped
@@ -133,6 +134,7 @@ class ServerConfig:
         _range("server.union_sample_items", self.union_sample_items, 2, 10**7)
         _range("server.union_gap_b", self.union_gap_b, 2, 10_000)
         _range("server.union_expected_attackers", self.union_expected_attackers, -1, 10**8)
+        _choice("server.union_device", self.union_device, ("cpu", "cuda", "auto"))
         if not self.norm_bound > 0:
             raise ConfigError(f"server.norm_bound: expected a number > 0, got {self.norm_bound!r}")
         if len(self.betas) != 2 or not all(0 <= float(b) < 1 for b in self.betas):

@@ -98,7 +98,27 @@ def _distances(a, b):
     return np.sqrt(d2, out=d2)
 
 
-def weighted_pair_sums(y, w) -> np.ndarray:
+def _weighted_pair_sums_torch(y, w, device) -> np.ndarray:
+    """weighted_pair_sums in float64 on a torch device (e.g. "cuda"): same formula and
+    blocking; sums may differ from the CPU's in the last bits (another summation order)."""
+    import torch
+
+    G, m, _ = y.shape
+    out = np.zeros(G)
+    per_block = max(1, _BLOCK // (m * m))
+    eye = torch.eye(m, dtype=torch.bool, device=device)
+    for lo in range(0, G, per_block):
+        x = torch.as_tensor(y[lo:lo + per_block], device=device)
+        x = x - x.mean(dim=1, keepdim=True)
+        sq = (x * x).sum(-1)
+        d2 = torch.baddbmm(sq[:, :, None] + sq[:, None, :], x, x.transpose(1, 2), alpha=-2.0)
+        dist = d2.clamp_min_(0).sqrt_().masked_fill_(eye, 0.0)
+        wb = torch.as_tensor(np.ascontiguousarray(w[lo:lo + per_block]), device=device)
+        out[lo:lo + per_block] = torch.einsum("ga,gab,gb->g", wb, dist, wb).cpu().numpy()
+    return out
+
+
+def weighted_pair_sums(y, w, device=None) -> np.ndarray:
     """(G,) sum_{a != b} w[g, a] w[g, b] ||y[g, a] - y[g, b]|| for y (G, m, d), w (G, m).
 
     Rows are centred per set (distances do not change; less cancellation in the Gram form)
@@ -111,6 +131,8 @@ def weighted_pair_sums(y, w) -> np.ndarray:
     out = np.zeros(G)
     if m < 2:
         return out
+    if device not in (None, "cpu"):
+        return _weighted_pair_sums_torch(y, w, device)
     per_block = max(1, _BLOCK // (m * m))
     for lo in range(0, G, per_block):  # blocks of sets
         x = y[lo:lo + per_block]
@@ -122,7 +144,7 @@ def weighted_pair_sums(y, w) -> np.ndarray:
     return out
 
 
-def uniformity(emb) -> np.ndarray:
+def uniformity(emb, device=None) -> np.ndarray:
     """(clients,) mean pairwise L2 distance among each client's s rows of emb (clients, s, d):
 
         d_c = 1 / (s (s - 1)) * sum_{a != b} ||emb[c, a] - emb[c, b]||_2
@@ -131,10 +153,10 @@ def uniformity(emb) -> np.ndarray:
     n, s, _ = emb.shape
     if s < 2:
         return np.zeros(n)
-    return weighted_pair_sums(emb, np.ones((n, s))) / (s * (s - 1))
+    return weighted_pair_sums(emb, np.ones((n, s)), device) / (s * (s - 1))
 
 
-def client_uniformities(common, weights, rows, owner, item, n_clients) -> np.ndarray:
+def client_uniformities(common, weights, rows, owner, item, n_clients, device=None) -> np.ndarray:
     """`uniformity` of every client's simulated sampled rows, from the rows that differ.
 
     common (U, d): the U distinct sampled items after the step with a zero gradient (what
@@ -161,7 +183,7 @@ def client_uniformities(common, weights, rows, owner, item, n_clients) -> np.nda
     if 2 * len(rows) > n_clients * U:  # dense uploads
         y = np.broadcast_to(common, (n_clients, U, common.shape[1])).copy()
         y[owner, item] = rows
-        return weighted_pair_sums(y, w) / (s * (s - 1))
+        return weighted_pair_sums(y, w, device) / (s * (s - 1))
     center = (w @ common) / s
     common = common - center
     rows = rows - center
@@ -186,7 +208,7 @@ def client_uniformities(common, weights, rows, owner, item, n_clients) -> np.nda
             wy = np.where(real, w[item[safe]], 0.0)
             own = item[safe]
             d_common = np.einsum("ga,gab,gb->g", wy, dist[own[:, :, None], own[:, None, :]], wy)
-            total[b.items] += weighted_pair_sums(rows[safe], wy) - d_common
+            total[b.items] += weighted_pair_sums(rows[safe], wy, device) - d_common
     return total / (s * (s - 1))
 
 
@@ -306,7 +328,23 @@ def gap_statistic_split(values, null_log_inertia, B: int = 50, rng=None):
 # ---------------------------------------------------------------------- the filter
 
 
-def union_uniformities(updates: RoundUpdates, sample_ids: np.ndarray, state: dict) -> np.ndarray:
+def resolve_device(device: str) -> str:
+    """server.union_device: cpu | cuda | auto (cuda when torch sees a GPU)."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"server.union_device: {device!r} is not one of cpu, cuda, auto")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise ConfigError("server.union_device: cuda, but torch sees no GPU")
+    return "cpu"
+
+
+def union_uniformities(updates: RoundUpdates, sample_ids: np.ndarray, state: dict,
+                       device=None) -> np.ndarray:
     """(n,) d_c of every upload for the sampled item ids (with repeats) under `state`."""
     if updates.item_table is None:
         raise ValueError("UNION needs the current item table (RoundUpdates.item_table)")
@@ -331,12 +369,14 @@ def union_uniformities(updates: RoundUpdates, sample_ids: np.ndarray, state: dic
     item, own = pos[sel], owner[sel]
     sim = simulated_item_rows(base[item], rows[sel], (m[item], v[item]) if adam else None,
                               lr=lr, **kw)
-    return client_uniformities(common, weights, sim, own, item, len(updates))
+    return client_uniformities(common, weights, sim, own, item, len(updates), device)
 
 
 def union_filter(updates: RoundUpdates, rng, *, sample_items: int = 500, gap_b: int = 50,
-                 expected_attackers: int = 1, state: dict | None = None, cache_dir=None):
+                 expected_attackers: int = 1, state: dict | None = None, cache_dir=None,
+                 device=None):
     """(positions to drop (sorted list), info) for one round; see the module docstring.
+    device: None/"cpu" (numpy), or a torch device ("cuda") for the pairwise distances.
 
     state: the item table's optimizer state (RoundUpdates.server_state's format,
     fedrec.optim.ServerOptimizer.item_state); None = updates.server_state.
@@ -349,7 +389,7 @@ def union_filter(updates: RoundUpdates, rng, *, sample_items: int = 500, gap_b: 
     if state is None:
         raise ValueError("UNION needs the server optimizer's settings (RoundUpdates.server_state)")
     sample_ids = rng.choice(updates.n_items, size=sample_items, replace=True)
-    d = union_uniformities(updates, sample_ids, state)
+    d = union_uniformities(updates, sample_ids, state, device)
     finite = np.isfinite(d)
     drop = ~finite  # cannot happen with validated uploads; never trust a nan
     values = d[finite]
@@ -392,7 +432,7 @@ class UnionRule(AggregationRule):
 
     def __init__(self, inner: AggregationRule, *, sample_items: int = 500, gap_b: int = 50,
                  expected_attackers: int = 1, seed: int = 0, cache_dir=None,
-                 optimizer: dict | None = None):
+                 optimizer: dict | None = None, device: str = "cpu"):
         super().__init__(inner.granularity)
         for key, value, lo in (("union_sample_items", sample_items, 2), ("union_gap_b", gap_b, 2),
                                ("union_expected_attackers", expected_attackers, 0)):
@@ -408,6 +448,7 @@ class UnionRule(AggregationRule):
         self.optimizer = optimizer or {"optimizer": "adam", "lr": 2e-3, "betas": (0.9, 0.999),
                                        "eps": 1e-8}
         self.rng = np.random.default_rng([int(seed), NULL_SEED])
+        self.device = resolve_device(device)
 
     @classmethod
     def from_config(cls, cfg, inner: AggregationRule):
@@ -418,13 +459,13 @@ class UnionRule(AggregationRule):
         return cls(inner, sample_items=s.union_sample_items, gap_b=s.union_gap_b,
                    expected_attackers=expected, seed=cfg.seed, cache_dir=cache_dir(cfg),
                    optimizer={"optimizer": s.optimizer, "lr": s.lr, "betas": tuple(s.betas),
-                              "eps": s.eps})
+                              "eps": s.eps}, device=s.union_device)
 
     def __call__(self, updates: RoundUpdates) -> Aggregate:
         state = updates.server_state if updates.server_state is not None else self.optimizer
         dropped, info = union_filter(updates, self.rng, sample_items=self.sample_items,
                                      gap_b=self.gap_b, expected_attackers=self.expected_attackers,
-                                     state=state, cache_dir=self.cache_dir)
+                                     state=state, cache_dir=self.cache_dir, device=self.device)
         keep = np.setdiff1d(np.arange(len(updates)), dropped)
         agg = self.inner(subset_updates(updates, keep) if dropped else updates)
         inner_dropped = [int(keep[i]) for i in agg.dropped]

@@ -281,3 +281,19 @@ def test_engine_runs_with_union(tmp_path, rule, aggregation):
     assert {"rule_union_dropped", "rule_inner_dropped", "rule_union_gap_more_than_one",
             "rule_dropped"} <= set(header)
     assert (tmp_path / "cache" / "union-null-n10.npz").is_file()
+
+
+def test_union_device_resolution_and_torch_path_agree():
+    import torch
+
+    from fedrec.errors import ConfigError
+    from strategies.union import _weighted_pair_sums_torch, resolve_device, weighted_pair_sums
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError):
+        resolve_device("tpu")
+    rng = np.random.default_rng(0)
+    y, w = rng.normal(size=(5, 30, 4)), rng.random((5, 30))
+    # the torch path (here on the CPU device) computes the same sums as numpy
+    np.testing.assert_allclose(_weighted_pair_sums_torch(y, w, "cpu"), weighted_pair_sums(y, w), rtol=1e-10)
