@@ -42,17 +42,19 @@ def contrastive_grad(table: np.ndarray, anchors, positives, negatives):
     L = len(anchors)
     if L == 0:
         return np.zeros(0, np.int64), np.zeros((0, table.shape[1]), np.float32), 0.0
-    A = table[anchors].astype(np.float64)  # (L, d)
-    X = table[np.concatenate([positives[:, None], negatives], 1)].astype(np.float64)  # (L, 1+P, d)
-    z = np.einsum("ld,lpd->lp", A, X)
+    # in the table's precision (float32 in training: the 16-candidate softmax is well
+    # conditioned after the max shift); batched matmuls rather than einsum
+    A = table[anchors]  # (L, d)
+    X = table[np.concatenate([positives[:, None], negatives], 1)]  # (L, 1+P, d)
+    z = np.matmul(X, A[:, :, None])[:, :, 0]
     z -= z.max(1, keepdims=True)
     e = np.exp(z)
     s = e / e.sum(1, keepdims=True)
-    loss = float(-np.log(np.maximum(s[:, 0], 1e-300)).mean())
-    dz = s.copy()
+    loss = float(-np.log(np.maximum(s[:, 0].astype(np.float64), 1e-300)).mean())
+    dz = s
     dz[:, 0] -= 1.0
     dz /= L  # mean over anchors
-    dA = np.einsum("lp,lpd->ld", dz, X)
+    dA = np.matmul(dz[:, None, :], X)[:, 0]
     dX = dz[:, :, None] * A[:, None, :]
     ids = np.concatenate([anchors, positives, negatives.ravel()])
     rows = np.concatenate([dA, dX[:, 0], dX[:, 1:].reshape(-1, table.shape[1])]).astype(np.float32)
