@@ -31,7 +31,12 @@ class Log:
         self.fit, self.eval = [], []
 
     def log_fit(self, rnd, metrics):
-        self.fit.append((rnd, dict(metrics)))
+        # several calls per round (strategy, detection, adversary) merge into one row, as
+        # RunRecorder does
+        if self.fit and self.fit[-1][0] == rnd:
+            self.fit[-1][1].update(metrics)
+        else:
+            self.fit.append((rnd, dict(metrics)))
 
     def log_eval(self, rnd, metrics, final):
         self.eval.append((rnd, dict(metrics), final))
