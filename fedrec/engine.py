@@ -71,6 +71,17 @@ def default_workers(cfg) -> int:
     return 1 if n is None else n
 
 
+def model_on_cuda(cfg) -> bool:
+    """Whether the experiment's model computes on a GPU (sequential models, model.device)."""
+    from fedrec.models import MODELS
+
+    if not getattr(MODELS.get(cfg.model.name), "sequential", False):
+        return False
+    from fedrec.models.sequential import resolve_device
+
+    return resolve_device(cfg.model.device).type == "cuda"
+
+
 def auto_workers(cfg) -> int:
     """`fedrec run`'s default: $FEDREC_WORKERS, else 2 processes (where there are 2 cores)
     for cohorts of 16 clients or more, else 1."""
@@ -81,6 +92,8 @@ def auto_workers(cfg) -> int:
     n = _env_workers()
     if n is not None:
         return n
+    if model_on_cuda(cfg):  # CUDA does not survive a fork, and one GPU is one queue anyway
+        return 1
     if multiprocessing.current_process().daemon:  # daemonic processes cannot have children
         return 1
     try:
@@ -108,6 +121,11 @@ class Engine:
         self.workers = default_workers(cfg) if workers is None else int(workers)
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        device = getattr(self.env.model, "device", None)
+        if self.workers > 1 and device is not None and device.type == "cuda":
+            raise ConfigError(f"{self.workers} worker processes with a model on CUDA: forked "
+                              "workers cannot use CUDA; set FEDREC_WORKERS=1 (one process "
+                              "drives the GPU) or model.device=cpu")
         self._pool = None
         self._sampled: dict = {}  # round -> users, drawn one round early with workers
         self._pool_started = False
