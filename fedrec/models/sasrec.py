@@ -36,8 +36,10 @@ class SASRec(SequentialModel):
     def train_example(self, history, neg, rng, train):
         window = history[-(self.max_len + 1):]
         n = len(window) - 1
-        if self.loss == "bce":
-            q = max(1, len(neg) // max(n, 1))
+        if self.loss == "bce":  # q negatives per target, in target order
+            q = len(neg) // max(n, 1)
+            if q < 1:
+                raise ValueError(f"SASRec's bce loss needs a negative per target: {len(neg)} for {n}")
             neg = neg[: n * q].reshape(n, q)
         ex = Example(ids=window[:-1], replace=None, tpos=np.arange(n), titems=window[1:],
                      neg=neg, length=self.padded_length(n))

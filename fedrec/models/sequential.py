@@ -142,7 +142,8 @@ class SequentialModel(RecModel):
             widths = self.spec.dropout_widths()
             keep = dropout_keep(rng, (ex.length * sum(widths),), self.dropout)
             scale = np.float32(1.0 / (1.0 - self.dropout))
-            parts = np.split(keep.astype(np.float32) * scale, np.cumsum([ex.length * w for w in widths])[:-1])
+            cuts = np.cumsum([ex.length * w for w in widths])[:-1]
+            parts = np.split(keep.astype(np.float32) * scale, cuts)
             ex.drops = [p.reshape(ex.length, w) for p, w in zip(parts, widths)]
         return ex
 
@@ -178,73 +179,75 @@ class SequentialModel(RecModel):
         h = encode(self.spec, P, x, torch.from_numpy(n).to(dev), drops)
         return h, E, ids, valid
 
-    def _group_grads(self, item_table, predictor, exs, weight_decay, weight_decay_all):
+    def _targets(self, item_table, h, P, exs):
+        """Output states at each client's target positions, padded to the group's target
+        length: (ht (B, T, d), their items (B, T), mask (B, T), counts (B,), item leaf)."""
         B, L, d, dev = len(exs), exs[0].length, self.dim, self.device
-        P = self._params(predictor, B, grad=True)
-        h, E, in_ids, in_valid = self._forward(item_table, P, exs, E_leaf=True)
         T = np.array([len(e.tpos) for e in exs])
-        Tm = exs[0].group[1]
-        tmask = np.arange(Tm)[None, :] < T[:, None]
+        tmask = np.arange(exs[0].group[1])[None, :] < T[:, None]
         n = np.array([len(e.ids) for e in exs])
-        tidx = np.zeros((B, Tm), np.int64)
-        titems = np.zeros((B, Tm), np.int64)
+        tidx = np.zeros(tmask.shape, np.int64)
+        titems = np.zeros(tmask.shape, np.int64)
         tidx[tmask] = np.concatenate([e.tpos for e in exs]) + np.repeat(L - n, T)
         titems[tmask] = np.concatenate([e.titems for e in exs])
-        ht = h.gather(1, torch.from_numpy(tidx).to(dev)[..., None].expand(-1, -1, d))
-        ht = self.head(ht, P)
+        ht = self.head(h.gather(1, torch.from_numpy(tidx).to(dev)[..., None].expand(-1, -1, d)), P)
         Epos = torch.from_numpy(item_table[titems]).to(dev).requires_grad_()
+        return ht, titems, tmask, T, Epos
+
+    def _target_losses(self, item_table, ht, Epos, exs, tmask):
+        """Loss per target (B, T), and the candidate items' leaf, ids and validity mask."""
+        B, dev = len(exs), self.device
         lpos = (ht * Epos).sum(-1)
-        cand_ids = None
         if self.loss == "bce":
-            q = exs[0].neg.shape[1]
-            neg = np.zeros((B, Tm, q), np.int64)
+            neg = np.zeros(tmask.shape + exs[0].neg.shape[1:], np.int64)
             neg[tmask] = np.concatenate([e.neg for e in exs])
             C = torch.from_numpy(item_table[neg]).to(dev).requires_grad_()
-            lneg = (ht[:, :, None, :] * C).sum(-1)
-            per_target = F.softplus(-lpos) + F.softplus(lneg).sum(-1)
-            cand_ids, cand_valid = neg, np.broadcast_to(tmask[..., None], neg.shape)
-        elif self.loss == "sampled_softmax":
+            per_target = F.softplus(-lpos) + F.softplus((ht[:, :, None, :] * C).sum(-1)).sum(-1)
+            return per_target, C, neg, np.broadcast_to(tmask[..., None], neg.shape)
+        if self.loss == "sampled_softmax":
             neg = np.stack([e.neg for e in exs])
             C = torch.from_numpy(item_table[neg]).to(dev).requires_grad_()
             logits = torch.cat([lpos[..., None], torch.bmm(ht, C.transpose(1, 2))], dim=-1)
-            per_target = torch.logsumexp(logits, dim=-1) - lpos
-            cand_ids, cand_valid = neg, np.ones(neg.shape, bool)
         else:  # full softmax over every item: a dense upload
+            neg = np.broadcast_to(np.arange(self.n_items), (B, self.n_items))
             C = torch.from_numpy(item_table).to(dev).expand(B, *item_table.shape).clone()
-            C.requires_grad_()
-            logits = torch.bmm(ht, C.transpose(1, 2))
-            per_target = torch.logsumexp(logits, dim=-1) - lpos
-            cand_ids = np.broadcast_to(np.arange(self.n_items), (B, self.n_items))
-            cand_valid = np.ones(cand_ids.shape, bool)
-        w = torch.from_numpy((tmask / T[:, None]).astype(np.float32)).to(dev)
-        per_client = (per_target * w).sum(-1)
-        per_client.sum().backward()
-        # item rows: inputs, then targets, then negatives, per client in that order
-        owner = np.arange(B)
-        parts = [(in_ids, in_valid, E.grad), (titems, tmask, Epos.grad), (cand_ids, cand_valid, C.grad)]
+            logits = torch.bmm(ht, C.requires_grad_().transpose(1, 2))
+        return torch.logsumexp(logits, dim=-1) - lpos, C, neg, np.ones(neg.shape, bool)
+
+    def _group_grads(self, item_table, predictor, exs, weight_decay, weight_decay_all):
+        """Each client's ClientGrad for a group of examples sharing one padded shape."""
+        B = len(exs)
+        P = self._params(predictor, B, grad=True)
+        h, E, in_ids, in_valid = self._forward(item_table, P, exs, E_leaf=True)
+        ht, titems, tmask, T, Epos = self._targets(item_table, h, P, exs)
+        per_target, C, cand_ids, cand_valid = self._target_losses(item_table, ht, Epos, exs, tmask)
+        weights = torch.from_numpy((tmask / T[:, None]).astype(np.float32)).to(self.device)
+        per_client = (per_target * weights).sum(-1)  # each client's mean over its targets
+        per_client.sum().backward()  # clients share nothing: each gets its own gradient
+        # item rows of each client: inputs, then targets, then candidates, summed per item
         keys, rows = [], []
-        for ids_, ok, g in parts:
+        for ids, ok, leaf in ((in_ids, in_valid, E), (titems, tmask, Epos), (cand_ids, cand_valid, C)):
             ok = np.ascontiguousarray(ok)
-            keys.append((np.broadcast_to(owner.reshape((B,) + (1,) * (ids_.ndim - 1)), ids_.shape)[ok]
-                         * self.n_items + ids_[ok]))
-            rows.append(g.detach().cpu().numpy()[ok])
+            owner = np.broadcast_to(np.arange(B).reshape((B,) + (1,) * (ids.ndim - 1)), ids.shape)
+            keys.append(owner[ok] * self.n_items + ids[ok])
+            rows.append(leaf.grad.detach().cpu().numpy()[ok])
         uniq, inv = np.unique(np.concatenate(keys), return_inverse=True)
         summed = segment_sum(inv, np.concatenate(rows), len(uniq))
         key_owner, key_item = np.divmod(uniq, self.n_items)
         kb = np.searchsorted(key_owner, np.arange(B + 1))
-        pgrads = {k: v.grad.detach().cpu().numpy() for k, v in P.items()}
+        pgrads = [P[name].grad.detach().cpu().numpy() for name in self.param_names]
         losses = per_client.detach().cpu().numpy().astype(np.float64)
+        wd = np.float32(weight_decay)
         out = []
         for b in range(B):
             ids_b, r = key_item[kb[b]:kb[b + 1]], summed[kb[b]:kb[b + 1]]
             if weight_decay_all:
-                full = np.float32(weight_decay) * item_table
+                full = wd * item_table
                 full[ids_b] += r
                 ids_b, r = np.arange(self.n_items), full
             elif weight_decay:
-                r += np.float32(weight_decay) * item_table[ids_b]
-            pred = [pgrads[name][b] + np.float32(weight_decay) * a if weight_decay else pgrads[name][b]
-                    for name, a in zip(self.param_names, predictor)]
+                r += wd * item_table[ids_b]
+            pred = [g[b] + wd * a if weight_decay else g[b] for g, a in zip(pgrads, predictor)]
             out.append(ClientGrad(ids_b, r, pred, np.zeros(0, np.float32), float(losses[b]),
                                   int(T[b])))
         return out
@@ -260,8 +263,9 @@ class SequentialModel(RecModel):
                          weight_decay=0.0, weight_decay_all=False, train=True):
         """pos_list: each client's history in order (the model builds inputs and targets from
         it); neg_list: its negatives (`negatives_needed` of them); users: ignored."""
-        exs = [self.train_example(np.asarray(p, np.int64), None if n is None else np.asarray(n, np.int64),
-                                  r, train) for p, n, r in zip(pos_list, neg_list, rngs)]
+        exs = [self.train_example(np.asarray(p, np.int64),
+                                  None if n is None else np.asarray(n, np.int64), r, train)
+               for p, n, r in zip(pos_list, neg_list, rngs)]
         out = [None] * len(exs)
         groups: dict = {}
         for i, e in enumerate(exs):
