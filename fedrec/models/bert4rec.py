@@ -43,6 +43,14 @@ class BERT4Rec(SequentialModel):
         return [("mask_emb", (d,)), ("emb_ln_w", (d,)), ("emb_ln_b", (d,)), *self.spec.shapes(),
                 ("head_w", (d, d)), ("head_b", (d,)), ("head_ln_w", (d,)), ("head_ln_b", (d,))]
 
+    def init_global(self, rng):
+        """As the other models, but BERT's N(0, 0.02^2) for the position table: Xavier's
+        0.09 at (200, 64) would drown the item embeddings (std 0.02) they are added to."""
+        table, pred = super().init_global(rng)
+        pred[self.param_names.index("pos_emb")] = \
+            (rng.standard_normal((self.max_len, self.dim)) * 0.02).astype(np.float32)
+        return table, pred
+
     def n_targets(self, n_train: int) -> int:
         return min(n_train, self.max_len)  # at most; the masked count is drawn per round
 

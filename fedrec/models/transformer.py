@@ -77,7 +77,7 @@ def init_arrays(rng: np.random.Generator, shapes) -> list:
         leaf = name.split(".")[-1]
         if leaf.endswith("_b"):
             out.append(np.zeros(shape, np.float32))
-        elif leaf.startswith("ln") and leaf.endswith("_w"):
+        elif leaf.endswith("_w") and any(p.startswith("ln") for p in leaf.split("_")[:-1]):
             out.append(np.ones(shape, np.float32))
         elif len(shape) == 2:
             out.append(xavier_normal(rng, shape))
