@@ -5,6 +5,8 @@
     python benchmarks/throughput.py --workers 1 2 --repeat 3   # worker processes, side by side
     python benchmarks/throughput.py --flwr          # also: seconds/round under `flwr run`
                                                     # against a bare Flower app (flwr_overhead.py)
+    python benchmarks/throughput.py --sasrec        # also ML-1M SASRec rows: CPU (1 and 2
+                                                    # workers) and, where torch sees one, a GPU
 
 Rounds are timed after a warm-up (the first rounds initialise every sampled user's private
 state), with evaluation off. Compare settings (--set) within one invocation or one session: the
@@ -52,6 +54,29 @@ def measure(experiment: str, overrides: list, rounds: int, warmup: int, workers=
             "clients_per_round": cfg.train.clients_per_round}
 
 
+def sasrec_rows(rounds: int, warmup: int, repeat: int, overrides: list) -> list:
+    """ML-1M SASRec (50 clients/round, 2 blocks, d=64, max_len 200): CPU with 1 and 2 worker
+    processes, and CUDA (one process) where torch sees a GPU."""
+    import torch
+
+    exp = "experiments/ml1m-sasrec.yaml"
+    settings = [("cpu", 1), ("cpu", 2)]
+    if torch.cuda.is_available():
+        settings.append(("cuda", 1))
+    rows = []
+    # CPU settings interleaved (drifting load hits all alike); the GPU last, so that no worker
+    # is forked from a process that has initialised CUDA
+    order = [s for _ in range(repeat) for s in settings if s[0] == "cpu"] + \
+        [s for _ in range(repeat) for s in settings if s[0] == "cuda"]
+    for device, workers in order:
+        row = measure(exp, overrides + [f"model.device={device}"], rounds, warmup, workers)
+        row["device"] = device
+        if device == "cuda":
+            row["gpu"] = torch.cuda.get_device_name(0)
+        rows.append(row)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--experiment", default="experiments/ml1m-mf.yaml")
@@ -62,12 +87,19 @@ def main():
     p.add_argument("--workers", type=int, nargs="+", default=None,
                    help="worker processes to compare, e.g. 1 2 (default: $FEDREC_WORKERS, else 1)")
     p.add_argument("--flwr", action="store_true", help="also run benchmarks/flwr_overhead.py")
+    p.add_argument("--sasrec", action="store_true",
+                   help="also time experiments/ml1m-sasrec.yaml on the CPU and, if any, the GPU")
+    p.add_argument("--sasrec-rounds", type=int, default=40)
+    p.add_argument("--sasrec-warmup", type=int, default=5,
+                   help="SASRec keeps no per-user state to initialise: a short warm-up suffices")
     args = p.parse_args()
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "platform": platform.platform()}, "in_process": []}
     for _ in range(args.repeat):  # settings interleaved, so drifting load hits all alike
         for w in args.workers or [None]:
             out["in_process"].append(measure(args.experiment, args.set, args.rounds, args.warmup, w))
+    if args.sasrec:
+        out["sasrec"] = sasrec_rows(args.sasrec_rounds, args.sasrec_warmup, args.repeat, args.set)
     if args.flwr:
         res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flwr_overhead.py")],
                              capture_output=True, text=True, cwd=ROOT)

@@ -1,8 +1,9 @@
 """The honest client: private user state in, sparse upload out.
 
-What stays on the device: the user representation and its optimizer state, the user's
-interactions (training and held-out items), its negatives, and (for subclasses) whether it
-is malicious. What leaves it: `fedrec.protocol`'s upload (touched item ids and rows, the
+What stays on the device: the user representation (MF/NCF: a private row and its optimizer
+state; SASRec/BERT4Rec: computed from the history whenever needed, never stored or sent), the
+user's interactions (training and held-out items), its negatives, and (for subclasses) whether
+it is malicious. What leaves it: `fedrec.protocol`'s upload (touched item ids and rows, the
 predictor gradient) and, in `evaluate`, its own HR/NDCG.
 """
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from flwr.client import NumPyClient
 
-from fedrec.evaluation import per_user_metrics, ranks_of_targets
+from clients.negatives import sample_negatives, sample_negatives_cohort  # noqa: F401 (re-exported)
+from fedrec.evaluation import user_metrics
 from fedrec.optim import adam_catch_up, adam_step
 from fedrec.protocol import encode_upload
 
@@ -63,63 +65,6 @@ class ClientEnv:
     data: object  # PreparedData
 
 
-def _first_draw(count: int, n_items: int, n_excluded: int) -> int:
-    return max(16, int(count * n_items / (n_items - n_excluded) * 1.2) + 8)
-
-
-def sample_negatives(rng, n_items: int, exclude_sorted: np.ndarray, count: int,
-                     exclude_mask: np.ndarray | None = None, start=None) -> np.ndarray:
-    """`count` uniform items not in `exclude_sorted` (with replacement), by vectorised rejection.
-
-    exclude_mask (optional, bool over items) is the same set as a lookup table: faster, same
-    result (the accept/reject decisions and so the random stream are identical).
-    """
-    free = n_items - len(exclude_sorted)
-    if free <= 0:
-        raise ValueError("the user has interacted with every item: no negatives exist")
-    out = start
-    while out is None or len(out) < count:
-        need = count - (0 if out is None else len(out))
-        cand = rng.integers(0, n_items, size=_first_draw(need, n_items, len(exclude_sorted)))
-        if exclude_mask is not None:
-            ok = ~exclude_mask[cand]
-        elif len(exclude_sorted):
-            pos = np.searchsorted(exclude_sorted, cand)
-            pos[pos == len(exclude_sorted)] = 0
-            ok = exclude_sorted[pos] != cand
-        else:
-            ok = np.ones(len(cand), bool)
-        out = cand[ok] if out is None else np.concatenate([out, cand[ok]])
-    return out[:count]
-
-
-def sample_negatives_cohort(clients, rngs, counts) -> list:
-    """sample_negatives for several clients at once: the same draws from each client's own
-    generator, the accept/reject lookups done in one pass. Identical results."""
-    n_items = clients[0].model.n_items
-    excl = [len(c.known_sorted) for c in clients]
-    draws = [_first_draw(n, n_items, e) for n, e in zip(counts, excl)]
-    cand = np.concatenate([r.integers(0, n_items, size=d) for r, d in zip(rngs, draws)])
-    owner = np.repeat(np.arange(len(clients)), draws)
-    masks = np.stack([c._exclusion_mask() for c in clients])
-    acc = np.flatnonzero(~masks[owner, cand])
-    acc_owner = owner[acc]
-    got = np.bincount(acc_owner, minlength=len(clients))
-    first = np.cumsum(got) - got
-    rank = np.arange(len(acc)) - first[acc_owner]
-    counts = np.asarray(counts)
-    taken = cand[acc[rank < counts[acc_owner]]]
-    bounds = np.concatenate([[0], np.cumsum(np.minimum(got, counts))])
-    out = []
-    for i, c in enumerate(clients):
-        neg = taken[bounds[i] : bounds[i + 1]]
-        if len(neg) < counts[i]:  # rare: continue this client's own stream, as one by one
-            neg = sample_negatives(rngs[i], n_items, c.known_sorted, int(counts[i]),
-                                   c._exclusion_mask(), start=neg)
-        out.append(neg)
-    return out
-
-
 class BenignClient(NumPyClient):
     """An honest user's device.
 
@@ -141,8 +86,9 @@ class BenignClient(NumPyClient):
         self.train_items = self.data.train_of(self.user)
         # Negatives are items the user never interacted with: its held-out validation and test
         # items are interactions on the device too, so they are excluded as well.
-        held = [i for i in (self.data.val_item[self.user], self.data.test_item[self.user]) if i >= 0]
-        self.known_sorted = np.unique(np.concatenate([self.train_items, np.array(held, np.int64)])) \
+        held = [np.array([i for i in (self.data.val_item[self.user], self.data.test_item[self.user])
+                          if i >= 0], np.int64), self.data.test_of(self.user)]
+        self.known_sorted = np.unique(np.concatenate([self.train_items, *held])) \
             if self.cfg.data.negatives_exclude == "all" else np.sort(self.train_items)
         self._known_mask = None  # built on first use (a lookup table over items)
         self._rng_bases: dict = {}
@@ -169,10 +115,11 @@ class BenignClient(NumPyClient):
     def _state(self) -> dict:
         state = self.store.load()
         if not state:
-            rng = self._rng(_INIT)
-            u = self.model.init_user(rng)
-            state = {"user": u, "m": np.zeros_like(u), "v": np.zeros_like(u),
-                     "clock": np.zeros(2, dtype=np.int64)}  # [last round applied, own steps]
+            state = {}
+            if self.model.has_user_row:  # sequential models have none: the history is the user
+                u = self.model.init_user(self._rng(_INIT))
+                state = {"user": u, "m": np.zeros_like(u), "v": np.zeros_like(u)}
+            state["clock"] = np.zeros(2, dtype=np.int64)  # [last round applied, own steps]
             if self.cfg.data.negatives == "static":
                 state["negatives"] = self._draw_negatives(self._rng(_STATIC_NEG))
         return state
@@ -185,7 +132,7 @@ class BenignClient(NumPyClient):
         return self._known_mask
 
     def _n_negatives(self) -> int:
-        return len(self.train_items) * self.cfg.data.neg_ratio
+        return self.model.negatives_needed(len(self.train_items), self.cfg.data.neg_ratio)
 
     def _draw_negatives(self, rng) -> np.ndarray:
         if self._predrawn is not None:  # drawn for the whole cohort by fit_cohort, same stream
@@ -199,15 +146,29 @@ class BenignClient(NumPyClient):
         lr = self.cfg.train.user_lr if self.cfg.train.user_lr >= 0 else s.lr
         return lr, float(s.betas[0]), float(s.betas[1]), float(s.eps)
 
-    def user_vector(self, state: dict, at_round: int) -> np.ndarray:
+    def history(self, split: str) -> np.ndarray:
+        """What the device has seen before `split`'s held-out item, oldest first: the training
+        items, plus the validation item before the test item."""
+        val = self.data.val_item[self.user]
+        return np.append(self.train_items, val) if split == "test" and val >= 0 else self.train_items
+
+    def user_vector(self, state: dict, at_round: int, split: str = "test", arrays=None) -> np.ndarray:
         """The user representation as of the end of `at_round` (a copy; state untouched)."""
-        return type(self).user_vectors([self], [state], at_round)[0]
+        return type(self).user_vectors([self], [state], at_round, split, arrays)[0]
 
     @classmethod
-    def user_vectors(cls, clients, states, at_round: int) -> np.ndarray:
-        """user_vector for many clients at once (same numbers as one by one)."""
-        U = np.stack([s["user"] for s in states]).astype(np.float32)
+    def user_vectors(cls, clients, states, at_round: int, split: str = "test",
+                     arrays=None) -> np.ndarray:
+        """user_vector for many clients at once (same numbers as one by one).
+
+        MF/NCF: the private rows (the same for both splits; `arrays` unused). Sequential models:
+        the global encoder (`arrays` = [item_table, *encoder]) over each device's history
+        before `split`'s held-out item."""
         c0 = clients[0]
+        if not c0.model.has_user_row:
+            return c0.model.user_vectors_from_history(
+                arrays[0], list(arrays[1:]), [c.history(split) for c in clients])
+        U = np.stack([s["user"] for s in states]).astype(np.float32)
         if c0.cfg.train.user_optimizer == "adam_sync" and len(states):
             lr, b1, b2, eps = c0._user_hparams()
             adam_catch_up(U, np.stack([s["m"] for s in states]), np.stack([s["v"] for s in states]),
@@ -219,7 +180,10 @@ class BenignClient(NumPyClient):
     def training_pairs(self, state: dict, rng) -> tuple[np.ndarray, np.ndarray]:
         """(positives, negatives) of this round; attacks that poison data override this."""
         q = self.cfg.data.neg_ratio
-        pos = np.repeat(self.train_items, q) if q > 1 else self.train_items
+        if self.model.sequential:  # the history itself, in order: the model makes the targets
+            pos = self.train_items
+        else:
+            pos = np.repeat(self.train_items, q) if q > 1 else self.train_items
         neg = state["negatives"] if "negatives" in state else self._draw_negatives(rng)
         return pos, neg
 
@@ -263,6 +227,8 @@ class BenignClient(NumPyClient):
                 clients[i]._predrawn = neg
         jobs = [c.prepare_fit(parameters, config, rng) for c, rng in zip(clients, rngs)]
         states = [j["state"] for j in jobs]
+        if not c0.model.has_user_row:
+            return {"clients": clients, "jobs": jobs, "round": rnd, "rows": None}
         # the cohort's private rows, stacked once (each row is only ever touched row-wise)
         U, M, V = (np.stack([s[k] for s in states]) for k in ("user", "m", "v"))
         if c0.cfg.train.user_optimizer == "adam_sync":
@@ -276,12 +242,12 @@ class BenignClient(NumPyClient):
     def compute_cohort(cls, prep: dict, parameters) -> list:
         """The rest of fit_cohort, on the current global arrays `parameters`."""
         clients, jobs, rnd = prep["clients"], prep["jobs"], prep["round"]
-        U, M, V = prep["rows"]
+        rows = prep["rows"]  # None: no private user rows (sequential models)
         c0 = clients[0]
         states = [j["state"] for j in jobs]
         for j in jobs:
             j["item_table"], j["predictor"] = parameters[0], list(parameters[1:])
-        if c0.cfg.train.user_optimizer == "adam_sync":
+        if rows is not None and c0.cfg.train.user_optimizer == "adam_sync":
             for s in states:
                 s["clock"][0] = rnd - 1
         batch = [i for i, j in enumerate(jobs)
@@ -290,17 +256,24 @@ class BenignClient(NumPyClient):
         if batch:
             out = c0.model.gradients_cohort(
                 parameters[0], list(parameters[1:]),
-                [U[i] for i in batch], [jobs[i]["pos"] for i in batch],
+                [rows[0][i] if rows else None for i in batch], [jobs[i]["pos"] for i in batch],
                 [jobs[i]["neg"] for i in batch], [jobs[i]["rng"] for i in batch], **c0._wd())
             for i, g in zip(batch, out):
                 grads[i] = clients[i]._with_contrastive(clients[i]._reduced(g), parameters[0], rnd)
-            b = np.array(batch)
-            Ub, Mb, Vb = U[b], M[b], V[b]
-            c0._update_users([states[i] for i in batch], Ub, Mb, Vb,
-                             np.stack([grads[i].user_grad for i in batch]), rnd)
-            U[b], M[b], V[b] = Ub, Mb, Vb
-        for i, s in enumerate(states):
-            s["user"], s["m"], s["v"] = U[i].copy(), M[i].copy(), V[i].copy()
+            if rows is None:
+                for i in batch:
+                    states[i]["clock"][0] = rnd
+                    states[i]["clock"][1] += 1
+            else:
+                U, M, V = rows
+                b = np.array(batch)
+                Ub, Mb, Vb = U[b], M[b], V[b]
+                c0._update_users([states[i] for i in batch], Ub, Mb, Vb,
+                                 np.stack([grads[i].user_grad for i in batch]), rnd)
+                U[b], M[b], V[b] = Ub, Mb, Vb
+        if rows is not None:
+            for i, s in enumerate(states):
+                s["user"], s["m"], s["v"] = rows[0][i].copy(), rows[1][i].copy(), rows[2][i].copy()
         return [c.finish_fit(j, g) for c, j, g in zip(clients, jobs, grads)]
 
     def _reduced(self, grad):
@@ -309,7 +282,8 @@ class BenignClient(NumPyClient):
         if self.cfg.train.loss_reduction != "sum":
             return grad
         n = np.float32(grad.n_samples)
-        return replace(grad, item_rows=grad.item_rows * n, user_grad=grad.user_grad * n,
+        user = None if grad.user_grad is None else grad.user_grad * n
+        return replace(grad, item_rows=grad.item_rows * n, user_grad=user,
                        predictor=[p * n for p in grad.predictor])
 
     def _with_contrastive(self, grad, item_table, rnd: int):
@@ -357,7 +331,7 @@ class BenignClient(NumPyClient):
         pos, neg = self.training_pairs(state, rng)
         return {"round": rnd, "state": state, "rng": rng, "pos": pos, "neg": neg,
                 "item_table": parameters[0], "predictor": list(parameters[1:]),
-                "skip": len(pos) == 0}
+                "skip": len(pos) < self.model.min_history}
 
     def finish_fit(self, job, grad):
         """Per client, after the gradient: the upload, and saving private state."""
@@ -385,27 +359,35 @@ class BenignClient(NumPyClient):
         lr = t.local_lr
         table = item_table.copy()
         pred = [p.copy() for p in predictor]
-        u = state["user"]
+        u = state.get("user")  # None for sequential models
+        seq = self.model.sequential
         losses, touched = [], []
+        n_samples = len(pos)
         for _ in range(t.local_epochs):
-            order = rng.permutation(len(pos))
-            for start in range(0, len(pos), t.batch_size):
-                b = order[start : start + t.batch_size]
-                g = self.model.gradients(table, pred, u, pos[b], neg[b], rng,
+            if seq:  # one history, one example: an epoch is one step on all of it
+                batches = [slice(None)]
+            else:
+                order = rng.permutation(len(pos))
+                batches = [order[start : start + t.batch_size]
+                           for start in range(0, len(pos), t.batch_size)]
+            for b in batches:
+                g = self.model.gradients(table, pred, u, pos[b], neg if seq else neg[b], rng,
                                          weight_decay=t.weight_decay,
                                          weight_decay_all=t.weight_decay_scope == "all")
                 table[g.item_ids] -= lr * g.item_rows
                 for p, gp in zip(pred, g.predictor):
                     p -= lr * gp
-                u -= lr * g.user_grad
+                if u is not None:
+                    u -= lr * g.user_grad
                 losses.append(g.loss)
                 touched.append(g.item_ids)
+                n_samples = g.n_samples if seq else n_samples
         state["clock"][0] = rnd
         state["clock"][1] += 1
         ids = np.unique(np.concatenate(touched))
         rows = (item_table[ids] - table[ids]) / lr
         pseudo = [(p0 - p1) / lr for p0, p1 in zip(predictor, pred)]
-        return ids, rows.astype(np.float32), pseudo, float(np.mean(losses)), len(pos)
+        return ids, rows.astype(np.float32), pseudo, float(np.mean(losses)), n_samples
 
     def evaluate(self, parameters, config):
         """This user's own full-ranking HR/NDCG on validation and test (0 examples if none)."""
@@ -414,18 +396,21 @@ class BenignClient(NumPyClient):
         if data.pool_mask[self.user] or self.is_malicious:
             return 0.0, 0, {}
         item_table, predictor = parameters[0], list(parameters[1:])
-        u = self.user_vector(self._state(), rnd)
-        scores = self.model.score(u[None, :], item_table, predictor)
+        state = self._state()
         ks = list(self.cfg.eval.ks)
         metrics = {}
-        for split, target in (("val", data.val_item[self.user]), ("test", data.test_item[self.user])):
-            if target < 0:
+        scores = None
+        for split, targets in (("val", data.val_item[self.user : self.user + 1]),
+                               ("test", data.test_of(self.user))):
+            if not len(targets) or targets[0] < 0:
                 continue
+            if scores is None or self.model.sequential:  # a sequence model's user differs per split
+                u = self.user_vector(state, rnd, split, parameters)
+                scores = self.model.score(u[None, :], item_table, predictor)
             masked = self.train_items
             if split == "test" and data.val_item[self.user] >= 0:
                 masked = np.append(masked, data.val_item[self.user])
-            rank = ranks_of_targets(scores, np.array([target]), np.zeros(len(masked), np.int64), masked)
-            for key, vals in per_user_metrics(rank, ks).items():
+            for key, vals in user_metrics(scores, [targets], [masked], ks).items():
                 metrics[f"{split}_{key}"] = float(vals[0])
         if not metrics:
             return 0.0, 0, {}

@@ -41,6 +41,8 @@ def load_data(cfg: ExperimentConfig) -> PreparedData:
     """Load (through the content-hash cache) and preprocess the experiment's data."""
     d = cfg.data
     prep = dict(kcore_k=d.kcore, split=d.split, attacker_pool=d.attacker_pool, seed=cfg.seed)
+    if d.fixed_test != "first":  # only then: the cache keys of every other setting stay as they were
+        prep["fixed_test"] = d.fixed_test
     if d.dataset == "synthetic":
         from fedrec.data.synthetic import generate_synthetic
 

@@ -45,12 +45,14 @@ class DataConfig:
     negatives: str = "static"  # static | fresh
     neg_ratio: int = 1
     negatives_exclude: str = "all"  # all: never any item of the user's history; train: training items only
+    fixed_test: str = "first"  # fixed published splits: first (one test item per user) | all
     cache_dir: str = ""  # "" = $FEDREC_CACHE or ~/.cache/fedrec
 
     def validate(self):
         _choice("data.split", self.split, ("auto", "time", "random"))
         _choice("data.negatives", self.negatives, ("static", "fresh"))
         _choice("data.negatives_exclude", self.negatives_exclude, ("all", "train"))
+        _choice("data.fixed_test", self.fixed_test, ("first", "all"))
         _range("data.attacker_pool", self.attacker_pool, 0.0, 0.9)
         _range("data.neg_ratio", self.neg_ratio, 1, 1000)
         _range("data.kcore", self.kcore, 0, 10_000)
@@ -58,16 +60,31 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mf"  # mf | ncf
+    name: str = "mf"  # mf | ncf | sasrec | bert4rec
     dim: int = 64
     dropout: float = 0.2
     mlp_layers: list = field(default_factory=lambda: [64, 32])  # NCF tower widths
+    # sequential models (sasrec, bert4rec)
+    max_len: int = 200  # items of history the encoder reads (200 for ML-1M, 50 for Beauty)
+    blocks: int = 2  # transformer blocks
+    heads: int = 1  # attention heads (dim must be a multiple)
+    loss: str = "auto"  # auto | bce | sampled_softmax | full_softmax_dense
+    softmax_samples: int = 100  # negatives per client for sampled_softmax
+    mask_prob: float = 0.2  # BERT4Rec cloze masking probability
+    device: str = "auto"  # auto | cpu | cuda (sequential models; auto = cuda when present)
 
     def validate(self):
         _range("model.dim", self.dim, 1, 4096)
         _range("model.dropout", self.dropout, 0.0, 0.95)
         if not all(isinstance(w, int) and w > 0 for w in self.mlp_layers):
             raise ConfigError("model.mlp_layers: expected a list of positive integers")
+        _range("model.max_len", self.max_len, 2, 100_000)
+        _range("model.blocks", self.blocks, 1, 64)
+        _range("model.heads", self.heads, 1, 64)
+        _choice("model.loss", self.loss, ("auto", "bce", "sampled_softmax", "full_softmax_dense"))
+        _range("model.softmax_samples", self.softmax_samples, 1, 10**7)
+        _range("model.mask_prob", self.mask_prob, 0.0, 1.0)
+        _choice("model.device", self.device, ("auto", "cpu", "cuda"))
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedrec.build import build_client, build_env, build_strategy
 from fedrec.errors import ConfigError
-from fedrec.evaluation import evaluate_users, per_user_metrics
+from fedrec.evaluation import evaluate_users
 from fedrec.results import RunRecorder, run_dir_for
 
 
@@ -83,6 +83,17 @@ def default_workers(cfg) -> int:
     return 1 if n is None else n
 
 
+def model_on_cuda(cfg) -> bool:
+    """Whether the experiment's model computes on a GPU (sequential models, model.device)."""
+    from fedrec.models import MODELS
+
+    if not getattr(MODELS.get(cfg.model.name), "sequential", False):
+        return False
+    from fedrec.models.sequential import resolve_device
+
+    return resolve_device(cfg.model.device).type == "cuda"
+
+
 def auto_workers(cfg) -> int:
     """`fedrec run`'s default: $FEDREC_WORKERS, else 2 processes (where there are 2 cores)
     for cohorts of 16 clients or more, else 1."""
@@ -93,6 +104,8 @@ def auto_workers(cfg) -> int:
     n = _env_workers()
     if n is not None:
         return n
+    if model_on_cuda(cfg):  # CUDA does not survive a fork, and one GPU is one queue anyway
+        return 1
     if multiprocessing.current_process().daemon:  # daemonic processes cannot have children
         return 1
     try:
@@ -130,6 +143,11 @@ class Engine:
         self.workers = default_workers(cfg) if workers is None else int(workers)
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        device = getattr(self.env.model, "device", None)
+        if self.workers > 1 and device is not None and device.type == "cuda":
+            raise ConfigError(f"{self.workers} worker processes with a model on CUDA: forked "
+                              "workers cannot use CUDA; set FEDREC_WORKERS=1 (one process "
+                              "drives the GPU) or model.device=cpu")
         self._pool = None
         self._sampled: dict = {}  # round -> users, drawn one round early with workers
         self._pool_started = False
@@ -200,26 +218,35 @@ class Engine:
         users = np.flatnonzero(((data.val_item >= 0) | (data.test_item >= 0)) & ~data.pool_mask)
         arrays = self.strategy.global_arrays()
         table, predictor = arrays[0], arrays[1:]
-        pool = self.pool()
-        if not len(users):
-            vecs = np.zeros((0, self.env.model.dim), np.float32)
-        elif pool is not None:
-            vecs = pool.user_vectors(users, rnd)
-        else:
-            clients = [self.client(u) for u in users]
-            vecs = type(clients[0]).user_vectors(clients, [c._state() for c in clients], rnd)
+        # MF/NCF: one private row per user, the same for both splits; sequential models
+        # encode the history before each split's held-out item
+        per_split = not self.env.model.has_user_row
+        vecs = None if per_split else self.user_vectors(users, rnd, "test")
         out = {}
         for split in ("val", "test"):
             target = data.val_item if split == "val" else data.test_item
             has = target[users] >= 0
-            res = evaluate_users(self.env.model, table, predictor, vecs[has], users[has], data,
+            v = self.user_vectors(users[has], rnd, split) if per_split else vecs[has]
+            res = evaluate_users(self.env.model, table, predictor, v, users[has], data,
                                  split, cfg.eval.ks, cfg.eval.batch_users)
-            for key, vals in per_user_metrics(res["ranks"], cfg.eval.ks).items():
+            for key, vals in res["per_user"].items():
                 out[f"{split}_{key}"] = math.fsum(vals.tolist()) / len(vals) if len(vals) else 0.0
             out[f"{split}_users"] = int(has.sum())
         if self.recorder is not None:
             self.recorder.log_eval(rnd, out, final)
         return out
+
+    def user_vectors(self, users, rnd: int, split: str) -> np.ndarray:
+        """The representations of `users` at round `rnd` for `split`, computed where their
+        clients live (this process or the workers)."""
+        if not len(users):
+            return np.zeros((0, self.env.model.dim), np.float32)
+        pool = self.pool()
+        if pool is not None:
+            return pool.user_vectors(users, rnd, split)
+        clients = [self.client(u) for u in users]
+        return type(clients[0]).user_vectors(clients, [c._state() for c in clients], rnd, split,
+                                             self.strategy.global_arrays())
 
     def run(self) -> dict:
         cfg = self.cfg

@@ -2,7 +2,12 @@
 
 Every item is ranked; the user's training items (and, for test, the validation item) are
 masked; a held-out item's rank is the number of unmasked items scoring strictly higher.
-HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2) (one held-out item, so IDCG = 1).
+One held-out item (leave-one-out): HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2)
+(IDCG = 1). Several held-out items (a fixed published split kept whole, `data.fixed_test:
+all`): HR@K = 1 if any of them ranks < K, NDCG@K = sum over those ranked < K of
+1 / log2(rank + 2), divided by IDCG = sum_{j < min(K, n)} 1 / log2(j + 2) for n held-out items;
+each is ranked among all unmasked items, the user's other held-out items included. With one
+item these are the leave-one-out formulas exactly.
 Scores are compared in float64 so that batch and per-user evaluation agree exactly.
 """
 
@@ -55,11 +60,57 @@ def per_user_metrics(ranks: np.ndarray, ks) -> dict:
     return out
 
 
+def multi_target_metrics(scores: np.ndarray, n_targets: np.ndarray, targets: np.ndarray,
+                         mask_rows, mask_cols, ks, chunk_entries: int = 1 << 24) -> dict:
+    """Per-row HR@K / NDCG@K with several held-out items per row (see the module docstring).
+
+    scores: (B, N); n_targets: (B,) held-out items per row (>= 1); targets: their ids, row by
+    row; mask_rows/mask_cols: the (row, item) entries to exclude.
+    """
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    scores[mask_rows, mask_cols] = -np.inf
+    owner = np.repeat(np.arange(len(n_targets)), n_targets)
+    ranks = np.empty(len(targets), dtype=np.int64)
+    step = max(1, chunk_entries // max(1, scores.shape[1]))
+    for a in range(0, len(targets), step):
+        rows, cols = owner[a:a + step], targets[a:a + step]
+        ts = scores[rows, cols]
+        ranks[a:a + step] = (~(scores[rows] <= ts[:, None])).sum(axis=1)
+    gain = 1.0 / np.log2(ranks + 2.0)
+    out = {}
+    for k in ks:
+        hit = ranks < k
+        ideal = np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))[np.minimum(n_targets, k) - 1]
+        out[f"hr@{k}"] = (np.bincount(owner, weights=hit, minlength=len(n_targets)) > 0).astype(np.float64)
+        out[f"ndcg@{k}"] = np.bincount(owner, weights=hit * gain, minlength=len(n_targets)) / ideal
+    return out
+
+
+def user_metrics(scores, targets_list, masked_list, ks) -> dict:
+    """Per-row metrics, row b holding out `targets_list[b]` with `masked_list[b]` masked:
+    the leave-one-out formulas when every row has one held-out item, else
+    `multi_target_metrics`."""
+    lens = np.array([len(m) for m in masked_list], dtype=np.int64)
+    rows = np.repeat(np.arange(len(masked_list)), lens)
+    cols = np.concatenate(masked_list).astype(np.int64) if len(masked_list) else np.zeros(0, np.int64)
+    n_t = np.array([len(t) for t in targets_list], dtype=np.int64)
+    if (n_t == 1).all():
+        ranks = ranks_of_targets(scores, np.concatenate(targets_list).astype(np.int64), rows, cols)
+        return per_user_metrics(ranks, ks)
+    return multi_target_metrics(scores, n_t, np.concatenate(targets_list).astype(np.int64),
+                                rows, cols, ks)
+
+
 def evaluate_users(model, item_table, predictor, user_vecs, users, data, split: str, ks,
                    batch_users: int = 1024) -> dict:
-    """Full-ranking metrics for `users` (their representations in `user_vecs`, same order)."""
+    """Full-ranking metrics for `users` (their representations in `user_vecs`, same order).
+
+    Returns the mean metrics and "per_user" ({metric: per-user array}); "ranks" too where
+    every user has a single held-out item."""
+    multi = split == "test" and data.test_indptr is not None
     target_all = data.test_item if split == "test" else data.val_item
     ranks = np.empty(len(users), dtype=np.int64)
+    per_user = {f"{m}@{k}": np.empty(len(users)) for k in ks for m in ("hr", "ndcg")}
     indptr, items = data.train_indptr, data.train_items
     for start in range(0, len(users), batch_users):
         batch = users[start : start + batch_users]
@@ -71,8 +122,21 @@ def evaluate_users(model, item_table, predictor, user_vecs, users, data, split: 
             has_val = data.val_item[batch] >= 0
             rows = np.concatenate([rows, np.flatnonzero(has_val)])
             cols = np.concatenate([cols, data.val_item[batch][has_val]])
-        ranks[start : start + len(batch)] = ranks_of_targets(scores, target_all[batch], rows, cols)
-    return {"ranks": ranks, **metrics_from_ranks(ranks, ks)}
+        if multi:
+            t_lens = data.test_indptr[batch + 1] - data.test_indptr[batch]
+            res = multi_target_metrics(scores, t_lens, data.test_items[csr_gather(
+                data.test_indptr[batch], t_lens)], rows, cols, ks)
+        else:
+            r = ranks_of_targets(scores, target_all[batch], rows, cols)
+            ranks[start : start + len(batch)] = r
+            res = per_user_metrics(r, ks)
+        for key, vals in res.items():
+            per_user[key][start : start + len(batch)] = vals
+    out = {"per_user": per_user,
+           **{key: float(v.mean()) if len(v) else 0.0 for key, v in per_user.items()}}
+    if not multi:
+        out["ranks"] = ranks
+    return out
 
 
 def detection_metrics(flagged, malicious) -> dict:

@@ -150,9 +150,10 @@ def _worker_main(engine, k: int, conn, arena: Arena, inherited):
                 prepared = None
                 reply = [(n, metrics, *_pack_upload(arena, up)) for up, n, metrics in outs]
             elif op == "vectors":
-                _, rnd, users = msg
+                _, rnd, users, split = msg
                 clients = [engine.client(u) for u in users]
-                vecs = type(clients[0]).user_vectors(clients, [c._state() for c in clients], rnd)
+                vecs = type(clients[0]).user_vectors(clients, [c._state() for c in clients], rnd,
+                                                     split, engine.strategy.global_arrays())
                 ref = arena.put(vecs)
                 reply = (True, ref) if ref is not None else (False, vecs)
             elif op == "call":  # tests and benchmarks: run a function in the worker
@@ -305,10 +306,11 @@ class WorkerPool:
                 out[i] = ([arena.view(r) for r in up] if in_arena else up, n, metrics)
         return out
 
-    def user_vectors(self, users, rnd: int) -> np.ndarray:
-        """Each user's vector as of `rnd`, computed by its owner, in the order of `users`."""
+    def user_vectors(self, users, rnd: int, split: str = "test") -> np.ndarray:
+        """Each user's vector as of `rnd` for `split`, computed by its owner, in the order of
+        `users`."""
         parts = self._split(users)
-        replies = self._exchange({k: ("vectors", int(rnd), [int(users[i]) for i in pos])
+        replies = self._exchange({k: ("vectors", int(rnd), [int(users[i]) for i in pos], split)
                                   for k, pos in parts.items()})
         vecs = None
         for k, pos in parts.items():

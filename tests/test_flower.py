@@ -1,7 +1,8 @@
 """The Flower apps: same results as the in-process runner, and what crosses the wire.
 
-- `test_flower_simulation_matches_engine` (MF, every user every round) and
-  `test_flower_partial_participation_matches_engine` (NCF, 4 of 12 users per round): tiny
+- `test_flower_simulation_matches_engine` (MF, every user every round),
+  `test_flower_partial_participation_matches_engine` (NCF, 4 of 12 users per round) and
+  `test_flower_sequential_model_matches_engine` (SASRec, 4 of 12 per round): tiny
   experiments through `fedrec.engine` and through Flower's simulation runtime
   (`run_simulation`, in one subprocess with a time limit); final metrics, per-round rows and
   the server's item table (and predictor) must be bit-identical. Skipped if Ray cannot start.
@@ -132,6 +133,9 @@ _CASES = {
     "attack-colluding": dict(model="mf", attack__name="clusterattack", attack__malicious_fraction=0.09),
     "attack-local": dict(model="mf", train__clients_per_round=5, attack__name="fedattack",
                          attack__malicious_fraction=0.09),
+    # no user row: each device encodes its own history, per split, with the global encoder
+    "partial-sasrec": dict(model="sasrec", train__clients_per_round=4, train__rounds=3,
+                           model__max_len=16, model__heads=2, model__device="cpu"),
 }
 
 
@@ -166,6 +170,12 @@ def test_flower_partial_participation_matches_engine(flower_vs_engine):
     """4 of 12 users per round, NCF (predictor arrays too): the server orders SuperNodes by
     partition-id, so its seeded sampling picks the engine's users, and aggregates in its order."""
     _assert_same(*flower_vs_engine["partial-ncf"])
+
+
+def test_flower_sequential_model_matches_engine(flower_vs_engine):
+    """SASRec under Flower: one user's upload and evaluation computed alone on its SuperNode
+    equal the engine's batched ones, so the whole run is bit-identical."""
+    _assert_same(*flower_vs_engine["partial-sasrec"])
 
 
 # ---------------------------------------------------------------------------- flwr run

@@ -29,6 +29,8 @@ class PreparedData:
     val_item/test_item: the held-out item per user, -1 when the user has none.
     attacker_pool: users that may be turned malicious; never evaluated, even in clean runs.
     split_kind: "time" (order known), "random" (seeded hold-out) or "fixed" (published split).
+    test_indptr/test_items: CSR of every held-out test item per user, kept only for a fixed
+    split prepared with fixed_test="all" (else None: one test item per user, `test_item`).
     """
 
     n_users: int
@@ -43,9 +45,18 @@ class PreparedData:
     name: str = "dataset"
     user_raw_ids: np.ndarray | None = None
     item_raw_ids: np.ndarray | None = None
+    test_indptr: np.ndarray | None = None
+    test_items: np.ndarray | None = None
 
     def train_of(self, user: int) -> np.ndarray:
         return self.train_items[self.train_indptr[user] : self.train_indptr[user + 1]]
+
+    def test_of(self, user: int) -> np.ndarray:
+        """Every held-out test item of `user` (empty if none)."""
+        if self.test_indptr is not None:
+            return self.test_items[self.test_indptr[user] : self.test_indptr[user + 1]]
+        t = self.test_item[user]
+        return np.array([t] if t >= 0 else [], dtype=np.int64)
 
     @cached_property
     def pool_mask(self) -> np.ndarray:
@@ -68,11 +79,13 @@ class PreparedData:
             "split": self.split_kind,
             "attacker_pool": int(len(self.attacker_pool)),
             "eval_users_test": int(len(self.eval_users("test"))),
+            "test_items": int(len(self.test_items)) if self.test_items is not None
+            else int((self.test_item >= 0).sum()),
         }
 
     # --- cache ------------------------------------------------------------------------
     _ARRAYS = ("train_indptr", "train_items", "val_item", "test_item", "attacker_pool",
-               "item_popularity", "user_raw_ids", "item_raw_ids")
+               "item_popularity", "user_raw_ids", "item_raw_ids", "test_indptr", "test_items")
 
     def save(self, path: Path):
         arrays = {k: getattr(self, k) for k in self._ARRAYS if getattr(self, k) is not None}
@@ -115,13 +128,15 @@ def kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
 
 
 def prepare(inter: Interactions, *, kcore_k: int = 0, split: str = "auto",
-            attacker_pool: float = 0.05, seed: int = 0) -> PreparedData:
+            attacker_pool: float = 0.05, seed: int = 0, fixed_test: str = "first") -> PreparedData:
     """Remap ids, apply the k-core, split leave-one-out, draw the attacker pool.
 
     split: "time" keeps the history order (needs `inter.order`; ties keep file order), last
     item -> test, second-to-last -> validation. "random" holds out two random items per user
     (seeded). "auto" = time when the order is known, random otherwise. Datasets with a fixed
-    published split keep their test rows; validation is one random training item.
+    published split keep their test rows out of training; validation is one random training
+    item; `fixed_test` = "first" evaluates the first listed test item per user (a random
+    hold-out of one), "all" evaluates every test item (multi-item HR/NDCG, see evaluation.py).
     Users with fewer than 3 interactions keep everything for training and are not evaluated.
     """
     rng = np.random.default_rng([seed, 7919])
@@ -168,6 +183,7 @@ def prepare(inter: Interactions, *, kcore_k: int = 0, split: str = "auto",
     fixed = fixed[dup_keep] if fixed is not None else None
 
     counts = np.bincount(u, minlength=n_users)
+    test_indptr = test_items = None
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     val_item = np.full(n_users, -1, dtype=np.int64)
     test_item = np.full(n_users, -1, dtype=np.int64)
@@ -191,6 +207,10 @@ def prepare(inter: Interactions, *, kcore_k: int = 0, split: str = "auto",
         val_item[cand] = i[vrows]
         held[vrows] = True
         test_item[train_counts < 1] = -1
+        if fixed_test == "all":  # every test row of users that are evaluated, in file order
+            keep_t = is_test & (train_counts[u] >= 1)
+            test_indptr = np.concatenate([[0], np.cumsum(np.bincount(u[keep_t], minlength=n_users))])
+            test_items = i[keep_t]
     else:
         ok = np.flatnonzero(counts >= 3)
         if split_kind == "time":
@@ -218,6 +238,8 @@ def prepare(inter: Interactions, *, kcore_k: int = 0, split: str = "auto",
         val_item=val_item, test_item=test_item, attacker_pool=pool.astype(np.int64),
         item_popularity=popularity.astype(np.int64), split_kind=split_kind, name=inter.name,
         user_raw_ids=user_raw, item_raw_ids=item_raw,
+        test_indptr=None if test_indptr is None else test_indptr.astype(np.int64),
+        test_items=None if test_items is None else test_items.astype(np.int64),
     )
 
 

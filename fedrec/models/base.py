@@ -35,6 +35,10 @@ class RecModel:
     """Base class. Subclasses define the three parameter groups and the gradient."""
 
     name = "base"
+    sequential = False  # True: the representation is computed from the history (SASRec, BERT4Rec)
+    has_user_row = True  # MF/NCF: one private row u per user, trained on the device
+    min_history = 1  # training items a client needs to have anything to train on
+    dense_upload = False  # True when every upload carries every item row
 
     def __init__(self, n_items: int, dim: int, dropout: float = 0.0, **kwargs):
         self.n_items = int(n_items)
@@ -52,6 +56,11 @@ class RecModel:
 
     def init_user(self, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
+
+    def negatives_needed(self, n_train: int, neg_ratio: int) -> int:
+        """Negatives a client with n_train training items draws per round: one per positive
+        per unit of data.neg_ratio."""
+        return n_train * neg_ratio
 
     # training ---------------------------------------------------------------------------
     def gradients(self, item_table, predictor, user, pos, neg, rng, *, weight_decay=0.0,
