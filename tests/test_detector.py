@@ -269,3 +269,18 @@ def test_train_needs_both_classes(tmp_path):
     (tmp_path / "bad.npz").write_text("x")
     with pytest.raises(FedRecError, match="not a `fedrec detector record` file"):
         train([tmp_path / "bad.npz"], tmp_path / "d.pkl")
+
+
+def test_experiment_yamls_load_with_a_detector_per_attack():
+    from pathlib import Path
+
+    from fedrec import config
+    from strategies.detector import resolve_detector_path
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    for name, model in (("ml1m-ncf-detector.yaml", "ncf"), ("ml1m-mf-detector.yaml", "mf")):
+        cfgs = config.load(root / name)
+        assert {c.model.name for c in cfgs} == {model} and len(cfgs) >= 6
+        for c in cfgs:
+            assert c.server.filter == "detector" and c.attack.malicious_fraction == 0.05
+            assert resolve_detector_path(c).endswith(f"det-{c.attack.name}.pkl")
