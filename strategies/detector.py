@@ -40,11 +40,10 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import dense_mean_stacked
-from strategies.robust import flat_predictors, row_sq_norms
+from strategies.robust import flat_predictors
 from strategies.rule import Aggregate, AggregationRule, RoundUpdates
 
 FORMAT = "fedrec-detector-v1"
@@ -53,7 +52,6 @@ SCALARS = ("log_norm", "log_norm_rel", "log_row_norm_mean", "row_norm_cv", "log_
            "log_rows", "log_rows_rel", "cos_mean_own_rows", "cos_mean_full", "log_dist_mean_rel",
            "log_mean_norm", "log_pred_norm", "cos_pred_mean", "log_pred_norm_rel",
            "log_num_examples", "log_examples_per_row")
-_CHUNK = 1 << 16  # rows per block of the sketch's outer products
 _TINY = 1e-30
 
 
@@ -92,16 +90,19 @@ def _ratio(a, b):
     return np.where(b > _TINY, a / np.maximum(b, _TINY), 0.0)
 
 
-def upload_sketches(ids, rows, owner, n: int, sketch: FeatureSketch) -> np.ndarray:
-    """(n, r * c) float64: S(g_c) = P_item[ids_c]^T rows_c P_dim, flattened, per upload."""
-    out = torch.zeros((n, sketch.size), dtype=torch.float64)
-    for lo in range(0, len(ids), _CHUNK):
-        sl = slice(lo, lo + _CHUNK)
-        a = sketch.p_item[ids[sl]]  # (B, r)
-        b = rows[sl].astype(np.float64) @ sketch.p_dim  # (B, c)
-        outer = (a[:, :, None] * b[:, None, :]).reshape(len(a), -1)
-        out.index_add_(0, torch.from_numpy(owner[sl]), torch.from_numpy(outer))
-    return out.numpy()
+def upload_sketches(rows64, owner, ids, n: int, sketch: FeatureSketch) -> np.ndarray:
+    """(n, r * c) float64: S(g_c) = P_item[ids_c]^T rows_c P_dim, flattened, per upload.
+
+    One (N, d) x (d, c) product for all rows, then one small (r, k_c) x (k_c, c) product per
+    upload (the rows are stacked upload by upload)."""
+    b = rows64 @ sketch.p_dim  # (N, c)
+    a = sketch.p_item[ids]  # (N, r)
+    bounds = np.searchsorted(owner, np.arange(n + 1))
+    out = np.zeros((n, sketch.item_proj, sketch.dim_proj))
+    for c in np.flatnonzero(bounds[1:] > bounds[:-1]):
+        lo, hi = bounds[c], bounds[c + 1]
+        out[c] = a[lo:hi].T @ b[lo:hi]
+    return out.reshape(n, -1)
 
 
 def upload_features(updates: RoundUpdates, sketch: FeatureSketch) -> np.ndarray:
@@ -111,9 +112,13 @@ def upload_features(updates: RoundUpdates, sketch: FeatureSketch) -> np.ndarray:
         raise ValueError(f"the sketch is for {sketch.n_items} items x {sketch.dim}, the round has "
                          f"{updates.n_items} x {updates.dim}")
     ids, rows, owner = updates.stacked
+    if len(owner) > 1 and (owner[1:] < owner[:-1]).any():  # stacked upload by upload
+        order = np.argsort(owner, kind="stable")
+        ids, rows, owner = ids[order], rows[order], owner[order]
+    rows64 = rows.astype(np.float64)
     w = np.asarray(updates.weights, np.float64)
     w = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / max(n, 1))
-    row_sq = row_sq_norms(rows)
+    row_sq = np.einsum("ij,ij->i", rows64, rows64)
     sq = np.bincount(owner, weights=row_sq, minlength=n)
     norm = np.sqrt(sq)
     count = np.bincount(owner, minlength=n).astype(np.float64)
@@ -126,7 +131,7 @@ def upload_features(updates: RoundUpdates, sketch: FeatureSketch) -> np.ndarray:
     mean = dense_mean_stacked(ids, rows, owner, w, updates.n_items).astype(np.float64)
     mean_sq = float(np.einsum("ij,ij->", mean, mean))
     m_rows = mean[ids]
-    dot = np.bincount(owner, weights=np.einsum("ij,ij->i", rows.astype(np.float64), m_rows),
+    dot = np.bincount(owner, weights=np.einsum("ij,ij->i", rows64, m_rows),
                       minlength=n)
     m_own = np.bincount(owner, weights=np.einsum("ij,ij->i", m_rows, m_rows), minlength=n)
     dist = np.sqrt(np.maximum(sq - 2 * dot + mean_sq, 0.0))
@@ -148,7 +153,7 @@ def upload_features(updates: RoundUpdates, sketch: FeatureSketch) -> np.ndarray:
         _log(_ratio(dist, np.sqrt(mean_sq))), np.full(n, _log(np.sqrt(mean_sq))),
         pnorm, pcos, prel, np.log(np.maximum(examples, 1.0)), np.log(np.maximum(examples, 1.0) / (1 + count)),
     ], axis=1)
-    sk = upload_sketches(ids, rows, owner, n, sketch)
+    sk = upload_sketches(rows64, owner, ids, n, sketch)
     mean_sk = w @ sk  # = S(M): the sketch is linear
     sk_rel = sk / np.maximum(norm, _TINY)[:, None]
     mean_rel = np.broadcast_to(mean_sk / max(np.sqrt(mean_sq), _TINY), sk.shape)
