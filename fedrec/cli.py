@@ -95,7 +95,7 @@ def _cmd_detector_record(args) -> int:
     over = list(args.set) + ([f"train.rounds={args.rounds}"] if args.rounds else [])
     cfgs = config.load(args.experiment, over)
     for s in record(cfgs, args.out, every=args.every, progress=not args.no_progress and None):
-        print(json.dumps(s))
+        print(json.dumps(s), flush=True)
     return 0
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from fedrec.errors import FedRecError
 
 SKETCH_DEFAULTS = {"item_proj": 16, "dim_proj": 4, "seed": 0}
+THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99)
 
 
 def _detector_module():
@@ -98,15 +99,14 @@ def save_records(records: list, out) -> dict:
             "features": len(first["feature_names"]), "runs": meta["runs"]}
 
 
-def record(cfgs, out: str, every: int = 1, progress=None) -> list:
-    """Record every config (a grid: every run); `{attack}` in `out` gives one file per attack."""
+def record(cfgs, out: str, every: int = 1, progress=None):
+    """Record every config (a grid: every run); `{attack}` in `out` gives one file per attack.
+    Yields each file's summary once it is written."""
     groups: dict = {}
     for cfg in cfgs:
         groups.setdefault(out.replace("{attack}", cfg.attack.name), []).append(cfg)
-    summaries = []
     for path, group in groups.items():
-        summaries.append(save_records([record_one(c, every, progress) for c in group], path))
-    return summaries
+        yield save_records([record_one(c, every, progress) for c in group], path)
 
 
 def load_records(paths) -> dict:
@@ -193,6 +193,11 @@ def train(paths, out, *, test_fraction: float = 0.2, seed: int = 0, hidden=(64, 
         prob = model.predict_proba(X[te])[:, 1]
         pred = (prob >= threshold).astype(np.int64)
         held = {"rounds": int(n_test), **scores(y[te], pred)}
+        # for choosing server.detector_threshold: the balanced training sample makes 0.5 flag
+        # too many benign updates when attackers are rare
+        held["by_threshold"] = {f"{t:g}": {k: v for k, v in scores(
+            y[te], (prob >= t).astype(np.int64)).items() if k in ("precision", "recall", "f1")}
+            for t in THRESHOLDS}
         if 0 < y[te].sum() < len(te):
             held["auc"] = float(roc_auc_score(y[te], prob))
             bal = balanced_sample(y[te], rng)  # the paper's balanced view

@@ -243,6 +243,7 @@ def test_record_train_filter_end_to_end(tmp_path, capsys):
                  "--test-fraction", "0.3"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["heldout"]["positives"] > 0 and 0 <= report["heldout"]["recall"] <= 1
+    assert report["heldout"]["by_threshold"]["0.5"]["recall"] == report["heldout"]["recall"]
     # the defended run (seed 0: other malicious users) drops malicious uploads
     cfg = tiny_cfg(tmp_path, server__filter="detector", output__dir=str(tmp_path / "def"),
                    server__detector_path=str(tmp_path / "det.pkl"), **attack)
