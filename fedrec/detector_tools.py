@@ -57,7 +57,8 @@ def record_one(cfg, every: int = 1, progress=None, sketch: dict | None = None) -
     engine.strategy.rule = recorder
     result = engine.run()
     bad = malicious_set(engine.env)
-    feats, labels, rounds, users = [], [], [], []
+    feats = [np.zeros((0, len(sk.feature_names())), np.float32)]
+    labels, rounds, users = [np.zeros(0, np.int8)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for rnd, X, clients in recorder.records:
         u = np.array([int(c) for c in clients], np.int64)
         attacking = rnd >= cfg.attack.start_round and cfg.attack.name != "none"
@@ -66,10 +67,8 @@ def record_one(cfg, every: int = 1, progress=None, sketch: dict | None = None) -
         rounds.append(np.full(len(u), rnd, np.int64))
         users.append(u)
     size = int(sum(np.prod(s) for s in model.predictor_shapes))
-    return {"X": np.concatenate(feats) if feats else np.zeros((0, len(sk.feature_names())), np.float32),
-            "y": np.concatenate(labels) if labels else np.zeros(0, np.int8),
-            "round": np.concatenate(rounds) if rounds else np.zeros(0, np.int64),
-            "user": np.concatenate(users) if users else np.zeros(0, np.int64),
+    return {"X": np.concatenate(feats), "y": np.concatenate(labels),
+            "round": np.concatenate(rounds), "user": np.concatenate(users),
             "sketch": sk.params(), "feature_names": sk.feature_names(), "predictor_size": size,
             "attack": cfg.attack.name, "name": cfg.output.name or cfg.name, "seed": cfg.seed,
             "final": result.get("final", {})}
@@ -118,8 +117,8 @@ def load_records(paths) -> dict:
                 X, y, rnd, run = f["X"], f["y"], f["round"], f["run"]
                 m = json.loads(str(f["meta"]))
         except (OSError, KeyError, ValueError) as e:
-            raise FedRecError(f"{p}: not a `fedrec detector record` file ({e.__class__.__name__})") \
-                from None
+            raise FedRecError(f"{p}: not a `fedrec detector record` file "
+                              f"({e.__class__.__name__})") from None
         if meta is not None and (m["sketch"], m["predictor_size"]) != \
                 (meta["sketch"], meta["predictor_size"]):
             raise FedRecError(f"{p}: recorded with another model or sketch than {paths[0]}")

@@ -40,10 +40,11 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import dense_mean_stacked
-from strategies.robust import flat_predictors
+from strategies.robust import flat_predictors, row_sq_norms
 from strategies.rule import Aggregate, AggregationRule, RoundUpdates
 
 FORMAT = "fedrec-detector-v1"
@@ -68,6 +69,8 @@ class FeatureSketch:
         self.p_item = (rng.standard_normal((self.n_items, self.item_proj))
                        / np.sqrt(self.item_proj))
         self.p_dim = rng.standard_normal((self.dim, self.dim_proj)) / np.sqrt(self.dim_proj)
+        self.p_item32 = self.p_item.astype(np.float32)
+        self.p_dim_t = torch.from_numpy(self.p_dim.astype(np.float32))
 
     def params(self) -> dict:
         return {"n_items": self.n_items, "dim": self.dim, "item_proj": self.item_proj,
@@ -90,13 +93,14 @@ def _ratio(a, b):
     return np.where(b > _TINY, a / np.maximum(b, _TINY), 0.0)
 
 
-def upload_sketches(rows64, owner, ids, n: int, sketch: FeatureSketch) -> np.ndarray:
+def upload_sketches(rows, owner, ids, n: int, sketch: FeatureSketch) -> np.ndarray:
     """(n, r * c) float64: S(g_c) = P_item[ids_c]^T rows_c P_dim, flattened, per upload.
 
     One (N, d) x (d, c) product for all rows, then one small (r, k_c) x (k_c, c) product per
-    upload (the rows are stacked upload by upload)."""
-    b = rows64 @ sketch.p_dim  # (N, c)
-    a = sketch.p_item[ids]  # (N, r)
+    upload (the rows are stacked upload by upload); float32 products, as the uploads."""
+    # torch: one intra-op thread (fedrec.runtime); numpy's BLAS threads spin on a busy machine
+    b = (torch.from_numpy(np.ascontiguousarray(rows)) @ sketch.p_dim_t).numpy()  # (N, c)
+    a = sketch.p_item32[ids]  # (N, r)
     bounds = np.searchsorted(owner, np.arange(n + 1))
     out = np.zeros((n, sketch.item_proj, sketch.dim_proj))
     for c in np.flatnonzero(bounds[1:] > bounds[:-1]):
@@ -115,10 +119,9 @@ def upload_features(updates: RoundUpdates, sketch: FeatureSketch) -> np.ndarray:
     if len(owner) > 1 and (owner[1:] < owner[:-1]).any():  # stacked upload by upload
         order = np.argsort(owner, kind="stable")
         ids, rows, owner = ids[order], rows[order], owner[order]
-    rows64 = rows.astype(np.float64)
     w = np.asarray(updates.weights, np.float64)
     w = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / max(n, 1))
-    row_sq = np.einsum("ij,ij->i", rows64, rows64)
+    row_sq = row_sq_norms(rows)
     sq = np.bincount(owner, weights=row_sq, minlength=n)
     norm = np.sqrt(sq)
     count = np.bincount(owner, minlength=n).astype(np.float64)
@@ -126,14 +129,17 @@ def upload_features(updates: RoundUpdates, sketch: FeatureSketch) -> np.ndarray:
     rn_mean = _ratio(np.bincount(owner, weights=row_norm, minlength=n), count)
     rn_var = np.maximum(_ratio(sq, count) - rn_mean ** 2, 0.0)
     rn_max = np.zeros(n)
-    np.maximum.at(rn_max, owner, row_norm)
+    bounds = np.searchsorted(owner, np.arange(n + 1))
+    full = np.flatnonzero(bounds[1:] > bounds[:-1])
+    if len(full):  # rows are stacked upload by upload: segment maxima
+        rn_max[full] = np.maximum.reduceat(row_norm, bounds[full])
     # the round's dense weighted mean M, and <g_c, M> over each client's rows
-    mean = dense_mean_stacked(ids, rows, owner, w, updates.n_items).astype(np.float64)
-    mean_sq = float(np.einsum("ij,ij->", mean, mean))
+    mean = dense_mean_stacked(ids, rows, owner, w, updates.n_items)  # float32, as the rule's
+    mean_sq = float(row_sq_norms(mean).sum())
     m_rows = mean[ids]
-    dot = np.bincount(owner, weights=np.einsum("ij,ij->i", rows64, m_rows),
-                      minlength=n)
-    m_own = np.bincount(owner, weights=np.einsum("ij,ij->i", m_rows, m_rows), minlength=n)
+    with np.errstate(over="ignore", invalid="ignore"):  # crafted huge rows: cleaned below
+        dot = np.bincount(owner, weights=np.einsum("ij,ij->i", rows, m_rows), minlength=n)
+    m_own = np.bincount(owner, weights=row_sq_norms(m_rows), minlength=n)
     dist = np.sqrt(np.maximum(sq - 2 * dot + mean_sq, 0.0))
     preds = flat_predictors(updates.uploads)
     if preds is None:
@@ -145,18 +151,20 @@ def upload_features(updates: RoundUpdates, sketch: FeatureSketch) -> np.ndarray:
         pcos = _ratio(preds @ pmean, pnorm * np.linalg.norm(pmean))
         prel = _log(_ratio(pnorm, np.median(pnorm)))
         pnorm = _log(pnorm)
-    examples = np.array([u.num_examples for u in updates.uploads], np.float64)
-    scalars = np.stack([
-        _log(norm), _log(_ratio(norm, np.median(norm))), _log(rn_mean), _ratio(np.sqrt(rn_var), rn_mean),
-        _log(_ratio(rn_max, rn_mean)), np.log1p(count), _log(_ratio(count, np.median(count))),
-        _ratio(dot, np.sqrt(sq * m_own)), _ratio(dot, norm * np.sqrt(mean_sq)),
-        _log(_ratio(dist, np.sqrt(mean_sq))), np.full(n, _log(np.sqrt(mean_sq))),
-        pnorm, pcos, prel, np.log(np.maximum(examples, 1.0)), np.log(np.maximum(examples, 1.0) / (1 + count)),
+    examples = np.maximum([u.num_examples for u in updates.uploads], 1.0)
+    mean_norm = np.sqrt(mean_sq)
+    scalars = np.stack([  # in the order of SCALARS
+        _log(norm), _log(_ratio(norm, np.median(norm))), _log(rn_mean),
+        _ratio(np.sqrt(rn_var), rn_mean), _log(_ratio(rn_max, rn_mean)), np.log1p(count),
+        _log(_ratio(count, np.median(count))), _ratio(dot, np.sqrt(sq * m_own)),
+        _ratio(dot, norm * mean_norm), _log(_ratio(dist, mean_norm)), np.full(n, _log(mean_norm)),
+        pnorm, pcos, prel, np.log(examples), np.log(examples / (1 + count)),
     ], axis=1)
-    sk = upload_sketches(rows64, owner, ids, n, sketch)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sk = upload_sketches(rows, owner, ids, n, sketch)
     mean_sk = w @ sk  # = S(M): the sketch is linear
     sk_rel = sk / np.maximum(norm, _TINY)[:, None]
-    mean_rel = np.broadcast_to(mean_sk / max(np.sqrt(mean_sq), _TINY), sk.shape)
+    mean_rel = np.broadcast_to(mean_sk / max(mean_norm, _TINY), sk.shape)
     out = np.concatenate([scalars, sk_rel, mean_rel], axis=1)
     return np.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6).astype(np.float32)
 

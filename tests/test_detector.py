@@ -127,8 +127,10 @@ def test_features_use_only_the_uploads_not_who_sent_them():
     v = _round(5, predictor=False)
     v.uploads[0] = Upload(v.uploads[0].item_ids, np.full_like(v.uploads[0].item_rows, 3e38), [],
                           7, "x")
+    v.uploads[1] = Upload(np.zeros(0, np.int64), np.zeros((0, DIM), np.float32), [], 3, "empty")
     Y = upload_features(_with(v, v.uploads), sk)
     assert np.isfinite(Y).all() and (Y[:, 11:14] == 0).all()
+    assert Y[1, 5] == 0 and (Y[1, 16:31] == 0).all()  # no rows: log(1 + 0), a zero sketch
     with pytest.raises(ValueError, match="sketch"):
         upload_features(u, FeatureSketch(N_ITEMS + 1, DIM))
 
@@ -180,7 +182,8 @@ def test_recorder_sees_the_round_and_passes_it_through():
 
 
 def _cfg(tmp_path, **over):
-    return tiny_cfg(tmp_path, **{"server__filter": "detector", "output__dir": str(tmp_path), **over})
+    return tiny_cfg(tmp_path, **{"server__filter": "detector", "output__dir": str(tmp_path),
+                                 **over})
 
 
 def test_bad_detector_path_is_a_one_line_config_error(tmp_path, capsys):
