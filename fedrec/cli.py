@@ -1,4 +1,4 @@
-"""`fedrec` command line: run | data info | data fetch | report | keys.
+"""`fedrec` command line: run | data info | data fetch | report | keys | detector record | detector train.
 
 User errors (bad config, missing or malformed data) print one line and exit with code 2.
 """
@@ -91,6 +91,34 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_detector_record(args) -> int:
+    from fedrec import config
+    from fedrec.detector_tools import record
+
+    if args.every < 1:
+        raise FedRecError(f"--every: expected a positive integer, got {args.every}")
+    over = list(args.set) + ([f"train.rounds={args.rounds}"] if args.rounds else [])
+    cfgs = config.load(args.experiment, over)
+    for s in record(cfgs, args.out, every=args.every, progress=not args.no_progress and None):
+        print(json.dumps(s), flush=True)
+    return 0
+
+
+def _cmd_detector_train(args) -> int:
+    from fedrec.detector_tools import train
+
+    try:
+        hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
+    except ValueError:
+        hidden = ()
+    if not hidden or min(hidden) < 1:
+        raise FedRecError(f"--hidden: expected comma-separated positive widths, got {args.hidden!r}")
+    print(json.dumps(train(args.records, args.out, test_fraction=args.test_fraction,
+                           seed=args.seed, hidden=hidden, max_iter=args.max_iter,
+                           threshold=args.threshold), indent=2))
+    return 0
+
+
 def _cmd_keys(args) -> int:
     import dataclasses
 
@@ -145,6 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keys", help="list every experiment YAML key with its default")
     k.set_defaults(fn=_cmd_keys)
+
+    det = sub.add_parser("detector", help="supervised malicious-update detector (FedAttack 4.4)")
+    dets = det.add_subparsers(dest="detector_cmd", required=True)
+    dr = dets.add_parser("record", help="run an experiment in-process and store labelled "
+                                        "upload features")
+    dr.add_argument("experiment")
+    dr.add_argument("--out", required=True, help=".npz to write ({attack} = attack.name)")
+    dr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    dr.add_argument("--rounds", type=int, default=0, help="override train.rounds")
+    dr.add_argument("--every", type=int, default=1, help="record every K-th round")
+    dr.add_argument("--no-progress", action="store_true")
+    dr.set_defaults(fn=_cmd_detector_record)
+    dt = dets.add_parser("train", help="train the detector; prints held-out scores as JSON")
+    dt.add_argument("records", nargs="+", help="files written by `fedrec detector record`")
+    dt.add_argument("--out", required=True, help="detector file (server.detector_path)")
+    dt.add_argument("--test-fraction", type=float, default=0.2,
+                    help="share of recorded rounds held out")
+    dt.add_argument("--seed", type=int, default=0)
+    dt.add_argument("--hidden", default="64,32", help="MLP hidden widths")
+    dt.add_argument("--max-iter", type=int, default=500)
+    dt.add_argument("--threshold", type=float, default=0.5, help="for the held-out scores")
+    dt.set_defaults(fn=_cmd_detector_train)
     return p
 
 

@@ -131,11 +131,13 @@ class ServerConfig:
     rule_f: int = 2  # robust rules: assumed Byzantine clients per round (trimmed per side)
     multikrum_m: int = 0  # updates Multi-Krum keeps (0 = n - rule_f)
     norm_bound: float = 0.1  # norm_bound: L2 clip (UNION code 0.1; FedAttack used 2)
-    filter: str = "none"  # none | union (UNION's uniformity filter before server.rule)
+    filter: str = "none"  # none | union | detector (a filter that drops uploads before server.rule)
     union_sample_items: int = 500  # item ids UNION samples (with replacement) per round
     union_gap_b: int = 50  # reference draws of the gap statistic
     union_expected_attackers: int = -1  # minor clusters this small are dropped (< 0: rule_f)
     union_device: str = "cpu"  # cpu | cuda | auto: where UNION's pairwise distances are computed
+    detector_path: str = ""  # detector: `fedrec detector train`'s file ({attack} = attack.name)
+    detector_threshold: float = 0.5  # detector: drop uploads scored at or above this
     weighting: str = "samples"  # samples | uniform
     max_upload_rows: int = 0  # 0 = n_items; bigger uploads are dropped
     max_samples: int = 10_000_000  # a claimed sample count above this is dropped
@@ -147,7 +149,10 @@ class ServerConfig:
         _range("server.lr", self.lr, 0.0, 100.0)
         _range("server.rule_f", self.rule_f, 0, 10**8)
         _range("server.multikrum_m", self.multikrum_m, 0, 10**8)
-        _choice("server.filter", self.filter, ("none", "union"))
+        _choice("server.filter", self.filter, ("none", "union", "detector"))
+        _range("server.detector_threshold", self.detector_threshold, 0.0, 1.0)
+        if self.filter == "detector" and not self.detector_path:
+            raise ConfigError("server.detector_path: required with server.filter: detector")
         _range("server.union_sample_items", self.union_sample_items, 2, 10**7)
         _range("server.union_gap_b", self.union_gap_b, 2, 10_000)
         _range("server.union_expected_attackers", self.union_expected_attackers, -1, 10**8)

@@ -25,6 +25,7 @@ RULES = {
 FILTERS = {
     "none": None,
     "union": "strategies.union:UnionRule",
+    "detector": "strategies.detector:DetectorRule",
 }
 
 

@@ -64,6 +64,9 @@ class FedRecStrategy(Strategy):
         self.optimizer = ServerOptimizer(model_arrays, server_cfg.optimizer, server_cfg.lr,
                                          server_cfg.betas, server_cfg.eps)
         self.rule = rule if rule is not None else MeanRule(server_cfg.aggregation)
+        check = getattr(self.rule, "check_model", None)  # e.g. a detector trained on other shapes
+        if check is not None:
+            check(self.n_items, self.dim, self.predictor_shapes)
         self.rng = np.random.default_rng([seed, 104729])  # sampling only
         self.eval_rng = np.random.default_rng([seed, 130363])
         self.clients_per_round = clients_per_round
