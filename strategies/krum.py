@@ -21,12 +21,14 @@ weighted by sample count (Krum is Multi-Krum with m = 1).
 Squared distances come from Gram matrices, ||a||^2 + ||b||^2 - 2<a, b>: per item a batched
 (m_i x m_i) float32 product (rows centred first), and for whole updates the sum over items
 of those products scattered to client pairs (float64), so no dense (n, n_items * dim)
-matrix is ever built.
+matrix is ever built. Items are handled in exact-size blocks (all items sent by exactly k
+clients at once, robust.count_blocks): the Python loops run over distinct m_i, never items.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import sparse_weighted_sum
@@ -34,58 +36,66 @@ from strategies.robust import (
     MEDIAN,
     RobustRule,
     coordinate_trimmed_mean,
+    count_blocks,
     flat_predictors,
-    group_rows,
+    gather_rows,
     row_sq_norms,
     unflatten,
 )
 from strategies.rule import Aggregate, RoundUpdates
 
 
-def group_grams(bucket, rows: np.ndarray, center: bool = False) -> np.ndarray:
-    """(U, width, width) Gram matrices of each group's rows (padding rows = 0).
+def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """(U, k, k) float64 squared L2 distances between the k rows of each of U groups
+    (x: (U, k, dim)), as ||a||^2 + ||b||^2 - 2<a, b> from the Gram of the centred rows.
+    counts: group g has only its first counts[g] rows, the rest is zero padding.
 
-    center=True subtracts each group's mean row first: distances do not change, and the
-    float32 products no longer carry the rows' common offset (less cancellation in
-    ||a||^2 + ||b||^2 - 2<a, b>). float32 unless that overflows (only crafted rows near
-    float32's limit do), then float64. numpy's batched matmul: torch.bmm with two
-    threads was ~10x slower on these many small matrices.
-    """
-    gathered = bucket.gather(rows, 0.0, groups_first=True)  # (U, width, dim)
-    for dtype in (np.float32, np.float64):
-        x = gathered.astype(dtype, copy=False)
-        with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow: checked below
-            if center:
-                mean = x.sum(axis=1, keepdims=True) / bucket.counts[:, None, None].astype(dtype)
-                x = (x - mean) * bucket.members[:, :, None]
-            gram = np.matmul(x, x.transpose(0, 2, 1))
-        if np.isfinite(gram).all():
+    Centring (subtracting each group's mean row) does not change distances, and the float32
+    products no longer carry the rows' common offset (less cancellation)."""
+    k = np.float32(x.shape[1]) if counts is None else counts[:, None, None].astype(np.float32)
+    for x in (x, x.astype(np.float64)):  # float64 only where float32 overflows
+        with np.errstate(over="ignore", invalid="ignore"):
+            centred = x - x.sum(axis=1, keepdims=True) / k
+            if counts is not None:
+                centred *= (np.arange(x.shape[1]) < counts[:, None])[:, :, None]
+        if np.isfinite(centred).all():
             break
-    return gram
-
-
-def group_sq_distances(bucket, rows: np.ndarray) -> np.ndarray:
-    """(U, width, width) squared L2 distances between the rows of each group of a bucket."""
-    gram = group_grams(bucket, rows, center=True).astype(np.float64)
+    gram = batched_gram(centred).astype(np.float64)
     sq = np.diagonal(gram, axis1=1, axis2=2)
     return np.maximum(sq[:, :, None] + sq[:, None, :] - 2 * gram, 0.0)
+
+
+def batched_gram(x: np.ndarray) -> np.ndarray:
+    """(U, k, k) Gram matrices of a (U, k, dim) stack: float32, or float64 where float32
+    overflows (only crafted rows near float32's limit). torch.bmm (one thread, see
+    fedrec.runtime): ~1.4x faster than numpy's matmul on these many small matrices."""
+    t = torch.from_numpy(x)
+    gram = torch.bmm(t, t.transpose(1, 2)).numpy()
+    if not np.isfinite(gram).all():
+        t = t.double()
+        gram = torch.bmm(t, t.transpose(1, 2)).numpy()
+    return gram
 
 
 def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np.ndarray:
     """(n, n) squared L2 distances between whole updates (untouched rows 0, + predictor).
 
-    Gram = sum over items of the items' row Gram matrices, scattered to client pairs (a
-    client sends an item at most once); the diagonal (squared norms) in float64.
+    Gram[a, b] = sum over the items i that both a and b sent of <g_a[i], g_b[i]>: per item
+    the (m_i x m_i) Gram of its rows, added to the client pairs (a client sends an item at
+    most once), O(sum_i m_i^2 dim) in all. The items come in exact-size blocks
+    (robust.count_blocks): one batched product per distinct m_i, one bincount. The diagonal
+    (squared norms) in float64.
     """
     n = n_clients
+    index, values = [], []
+    for k, block in count_blocks(ids, min_count=2):  # only shared items add cross terms
+        who = owner[block]  # (U, k)
+        index.append((who[:, :, None] * n + who[:, None, :]).ravel())
+        values.append(batched_gram(gather_rows(rows, block)).ravel())
     gram = np.zeros(n * n)
-    for b in group_rows(ids, min_count=2):  # only items two clients share add cross terms
-        item_gram = group_grams(b, rows)
-        who = np.where(b.rows >= 0, owner[np.maximum(b.rows, 0)], -1).T  # (U, width)
-        pair = (who[:, :, None] >= 0) & (who[:, None, :] >= 0)
-        pair &= who[:, :, None] != who[:, None, :]
-        index = who[:, :, None] * n + who[:, None, :]
-        gram += np.bincount(index[pair], weights=item_gram[pair], minlength=n * n)
+    if index:
+        gram = np.bincount(np.concatenate(index), np.concatenate(values).astype(np.float64),
+                           minlength=n * n)
     gram = gram.reshape(n, n)
     gram[np.diag_indices(n)] = np.bincount(owner, weights=row_sq_norms(rows), minlength=n)
     if predictors is not None:
@@ -154,18 +164,29 @@ class NeighbourOrder:
         return np.where(alive_sets, scores, np.inf)
 
 
-def krum_scores(sq_dist: np.ndarray, alive: np.ndarray, f: int) -> np.ndarray:
-    """(B, c) Krum scores within each of B sets of c members (see NeighbourOrder.scores)."""
-    return NeighbourOrder(sq_dist, alive).scores(alive, f)
+def krum_scores(sq_dist: np.ndarray, f: int) -> np.ndarray:
+    """(B, c) float64 Krum scores within each of B sets of c members (all present):
+
+        score(a) = sum of the k = max(1, c - f - 2) smallest ||x_a - x_b||^2, b != a
+
+    (all c - 1 others when fewer exist; a lone member scores 0). The distances are summed
+    as float32 values (clamped to float32's range: beyond it they stay the largest) in
+    float64, as `NeighbourOrder.scores` does."""
+    B, c, _ = sq_dist.shape
+    k = min(max(c - f - 2, 1), c - 1)
+    dist = np.minimum(sq_dist, np.finfo(np.float32).max).astype(np.float32)
+    dist[:, np.arange(c), np.arange(c)] = np.inf  # not one's own neighbour
+    nearest = np.sort(dist, axis=2)[:, :, :k]
+    return nearest.sum(axis=2, dtype=np.float64)
 
 
-def multikrum_keep(sq_dist: np.ndarray, alive: np.ndarray, f: int, keep: np.ndarray) -> np.ndarray:
-    """(B, c) bool: the keep[b] alive members of set b with the lowest Krum scores."""
-    scores = krum_scores(sq_dist, alive, f)
-    order = np.argsort(scores, axis=1, kind="stable")  # ties: the earlier client
+def multikrum_keep(sq_dist: np.ndarray, f: int, keep) -> np.ndarray:
+    """(B, c) bool: the `keep` (scalar or per set) members of each set with the lowest
+    Krum scores; ties: the earlier member."""
+    order = np.argsort(krum_scores(sq_dist, f), axis=1, kind="stable")
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
-    return (rank < np.asarray(keep)[:, None]) & alive
+    return rank < np.asarray(keep).reshape(-1, 1)
 
 
 def weighted_mean_of(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -179,7 +200,7 @@ def dense_multikrum(updates: RoundUpdates, f: int, keep: int):
     n = len(updates)
     preds = flat_predictors(updates.uploads)
     dist = client_sq_distances(ids, rows, owner, n, preds)
-    kept = multikrum_keep(dist[None], np.ones((1, n), bool), f, np.array([keep]))[0]
+    kept = multikrum_keep(dist[None], f, keep)[0]
     w = np.where(kept, updates.weights, 0.0)
     w = w / w.sum()
     item_grad = sparse_weighted_sum(ids, rows, w[owner], updates.n_items)
@@ -192,22 +213,23 @@ def item_level_multikrum(updates: RoundUpdates, f: int, drop: int):
     """Multi-Krum per item among its rows, keeping max(1, m_i - drop) rows of each item.
 
     Returns (item_grad, kept_rows (R,) bool, items on the median (count)). Rows of items
-    with m_i <= f + 2 count as kept: the median uses them all.
+    with m_i <= f + 2 count as kept: the median uses them all. Items come in exact-size
+    blocks (robust.count_blocks): per distinct m_i one batched distance, score and rank
+    computation over all items of that size.
     """
     ids, rows, owner = updates.stacked
     counts = np.bincount(ids, minlength=updates.n_items)
     scored = counts[ids] >= f + 3
     kept = ~scored
-    for b in group_rows(ids, min_count=f + 3):
-        keep = multikrum_keep(group_sq_distances(b, rows), b.members, f,
-                              np.maximum(1, b.counts - drop))
-        kept[b.rows.T[keep]] = True
+    for k, block in count_blocks(ids, min_count=f + 3):
+        keep = multikrum_keep(block_sq_distances(gather_rows(rows, block)), f, max(1, k - drop))
+        kept[block[keep]] = True
     w = np.where(kept & scored, updates.weights[owner], 0.0)
     item_grad = sparse_weighted_sum(ids, rows, w, updates.n_items)
     denom = np.bincount(ids, weights=w, minlength=updates.n_items)
     has = denom > 0
     item_grad[has] /= denom[has, None].astype(np.float32)
-    item_grad += coordinate_trimmed_mean(ids[~scored], rows[~scored], updates.n_items, MEDIAN)
+    coordinate_trimmed_mean(ids, rows, updates.n_items, MEDIAN, max_count=f + 3, out=item_grad)
     on_median = int(np.count_nonzero((counts > 0) & (counts < f + 3)))
     return item_grad, kept, on_median
 
@@ -252,8 +274,7 @@ class MultiKrumRule(RobustRule):
         preds = flat_predictors(updates.uploads)
         predictor = []
         if preds is not None:
-            pred_kept = multikrum_keep(vector_sq_distances(preds)[None], np.ones((1, n), bool),
-                                       self.f, np.array([keep]))[0]
+            pred_kept = multikrum_keep(vector_sq_distances(preds)[None], self.f, keep)[0]
             predictor = unflatten(weighted_mean_of(preds[pred_kept], updates.weights[pred_kept]),
                                   updates.uploads[0].predictor)
             used |= pred_kept
