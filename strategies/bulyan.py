@@ -28,11 +28,13 @@ from strategies.krum import (
 )
 from strategies.robust import (
     MEDIAN,
+    AugmentedOrder,
     RobustRule,
     coordinate_trimmed_mean,
     flat_predictors,
     group_rows,
     reduce_groups,
+    sort_padded,
     unflatten,
 )
 from strategies.rule import Aggregate, RoundUpdates
@@ -88,14 +90,17 @@ def item_level_bulyan(updates: RoundUpdates, f: int):
     """Bulyan among each item's rows: (item_grad, used_rows (R,) bool, items on the median)."""
     ids, rows, _ = updates.stacked
     counts = np.bincount(ids, minlength=updates.n_items)
-    eligible = counts[ids] >= 4 * f + 3
-    used = ~eligible  # the median fallback uses every row of its items
-    # size classes (padded), not exact sizes: the picks loop runs once per class
+    item_grad = np.zeros((updates.n_items, rows.shape[1]), np.float32)
+    used = counts[ids] < 4 * f + 3  # the median fallback uses every row of its items
+    # size classes (padded), not exact sizes: the picks loop runs once per class. Step 2
+    # sorts the block already gathered, the rows not picked set to +inf (past theta_i).
     for b in group_rows(ids, min_count=4 * f + 3):
         x = b.gather(rows, 0.0, groups_first=True)
-        picked = bulyan_select(block_sq_distances(x, b.counts), b.members, f, b.counts - 2 * f)
+        theta = b.counts - 2 * f
+        picked = bulyan_select(block_sq_distances(x, b.counts), b.members, f, theta)
         used[b.rows.T[picked]] = True
-    item_grad = nearest_to_median_mean(ids, rows, updates.n_items, f, keep=used & eligible)
+        slots = np.where(picked.T[:, :, None], x.transpose(1, 0, 2), np.float32(np.inf))
+        item_grad[b.items] = AugmentedOrder(sort_padded(slots), theta).nearest_mean(2 * f)
     coordinate_trimmed_mean(ids, rows, updates.n_items, MEDIAN, max_count=4 * f + 3,
                             out=item_grad)
     on_median = int(np.count_nonzero((counts > 0) & (counts < 4 * f + 3)))

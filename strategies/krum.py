@@ -39,6 +39,7 @@ from strategies.robust import (
     count_blocks,
     flat_predictors,
     gather_rows,
+    group_rows,
     row_sq_norms,
     unflatten,
 )
@@ -164,26 +165,35 @@ class NeighbourOrder:
         return np.where(alive_sets, scores, np.inf)
 
 
-def krum_scores(sq_dist: np.ndarray, f: int) -> np.ndarray:
-    """(B, c) float64 Krum scores within each of B sets of c members (all present):
+def krum_scores(sq_dist: np.ndarray, f: int, counts: np.ndarray | None = None) -> np.ndarray:
+    """(B, c) float64 Krum scores within each of B sets of c members:
 
-        score(a) = sum of the k = max(1, c - f - 2) smallest ||x_a - x_b||^2, b != a
+        score(a) = sum of the k = max(1, m - f - 2) smallest ||x_a - x_b||^2, b != a
 
-    (all c - 1 others when fewer exist; a lone member scores 0). The distances are summed
-    as float32 values (clamped to float32's range: beyond it they stay the largest) in
-    float64, as `NeighbourOrder.scores` does."""
+    among the m members of the set (all m - 1 others when fewer exist; a lone member
+    scores 0). counts: set b has only its first counts[b] members (the rest is padding,
+    scored inf); None: all c. The distances are summed as float32 values (clamped to
+    float32's range: beyond it they stay the largest) in float64, as
+    `NeighbourOrder.scores` does."""
     B, c, _ = sq_dist.shape
-    k = min(max(c - f - 2, 1), c - 1)
+    m = np.full(B, c) if counts is None else np.asarray(counts)
+    member = np.arange(c) < m[:, None]  # (B, c)
     dist = np.minimum(sq_dist, np.finfo(np.float32).max).astype(np.float32)
     dist[:, np.arange(c), np.arange(c)] = np.inf  # not one's own neighbour
-    nearest = np.sort(dist, axis=2)[:, :, :k]
-    return nearest.sum(axis=2, dtype=np.float64)
+    if counts is not None:
+        dist[~np.broadcast_to(member[:, None, :], dist.shape)] = np.inf
+    k = np.minimum(np.maximum(m - f - 2, 1), m - 1)
+    nearest = np.sort(dist, axis=2)  # padding and self last (inf)
+    scores = np.sum(nearest, axis=2, dtype=np.float64,
+                    where=(np.arange(c) < k[:, None])[:, None, :])
+    return np.where(member, scores, np.inf)
 
 
-def multikrum_keep(sq_dist: np.ndarray, f: int, keep) -> np.ndarray:
+def multikrum_keep(sq_dist: np.ndarray, f: int, keep, counts: np.ndarray | None = None
+                   ) -> np.ndarray:
     """(B, c) bool: the `keep` (scalar or per set) members of each set with the lowest
-    Krum scores; ties: the earlier member."""
-    order = np.argsort(krum_scores(sq_dist, f), axis=1, kind="stable")
+    Krum scores (see krum_scores for counts); ties: the earlier member."""
+    order = np.argsort(krum_scores(sq_dist, f, counts), axis=1, kind="stable")
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
     return rank < np.asarray(keep).reshape(-1, 1)
@@ -213,22 +223,26 @@ def item_level_multikrum(updates: RoundUpdates, f: int, drop: int):
     """Multi-Krum per item among its rows, keeping max(1, m_i - drop) rows of each item.
 
     Returns (item_grad, kept_rows (R,) bool, items on the median (count)). Rows of items
-    with m_i <= f + 2 count as kept: the median uses them all. Items come in exact-size
-    blocks (robust.count_blocks): per distinct m_i one batched distance, score and rank
-    computation over all items of that size.
+    with m_i <= f + 2 count as kept: the median uses them all. Items come in size classes
+    (robust.group_rows); per class one gather of the rows, then distances, scores, ranks
+    and the weighted mean of the kept rows on that block (float32, rows added in client
+    order, as sparse_weighted_sum does).
     """
     ids, rows, owner = updates.stacked
     counts = np.bincount(ids, minlength=updates.n_items)
-    scored = counts[ids] >= f + 3
-    kept = ~scored
-    for k, block in count_blocks(ids, min_count=f + 3):
-        keep = multikrum_keep(block_sq_distances(gather_rows(rows, block)), f, max(1, k - drop))
-        kept[block[keep]] = True
-    w = np.where(kept & scored, updates.weights[owner], 0.0)
-    item_grad = sparse_weighted_sum(ids, rows, w, updates.n_items)
-    denom = np.bincount(ids, weights=w, minlength=updates.n_items)
-    has = denom > 0
-    item_grad[has] /= denom[has, None].astype(np.float32)
+    item_grad = np.zeros((updates.n_items, rows.shape[1]), np.float32)
+    kept = np.ones(len(ids), bool)
+    weights = updates.weights[owner].astype(np.float32)
+    for b in group_rows(ids, min_count=f + 3):
+        x = b.gather(rows, 0.0, groups_first=True)  # (U, width, dim)
+        keep = multikrum_keep(block_sq_distances(x, b.counts), f,
+                              np.maximum(1, b.counts - drop), b.counts)
+        kept[b.rows.T[b.members & ~keep]] = False
+        w = np.where(keep, weights[np.maximum(b.rows.T, 0)], np.float32(0))
+        x *= w[:, :, None]
+        denom = w.sum(axis=1, dtype=np.float64)  # 0 only if every kept row weighs 0
+        item_grad[b.items] = x.sum(axis=1) / np.where(denom > 0, denom, 1.0).astype(
+            np.float32)[:, None]
     coordinate_trimmed_mean(ids, rows, updates.n_items, MEDIAN, max_count=f + 3, out=item_grad)
     on_median = int(np.count_nonzero((counts > 0) & (counts < f + 3)))
     return item_grad, kept, on_median

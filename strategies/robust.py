@@ -3,14 +3,9 @@
 An item-level rule works on each item's *group*: the rows g_c[i] of the clients C_i that
 uploaded item i, m_i = |C_i|. The dense form of the same rule works on all n clients, the
 n - m_i clients that did not upload row i counting as zero rows (as Flower's built-ins see
-dense updates). Both forms run on the same grouped rows:
+dense updates). Both forms run on the same grouped rows (strategies.groups: grouping by
+item into padded size classes, sorting networks, the item-level median):
 
-- `group_rows` sorts the stacked rows by item and gathers the groups into a few padded
-  blocks by size class (m_i in (2^(b-1), 2^b]), so padding at most doubles the work and all
-  arithmetic is elementwise over *lanes*, one lane per (item, coordinate).
-- `sort_slots` sorts every lane of a block. For narrow blocks it runs a Batcher sorting
-  network of np.minimum/np.maximum over all lanes at once: numpy's own sort pays ~100 ns of
-  overhead per lane, which for groups of a few rows costs more than the sorting itself.
 - `AugmentedOrder` reads order statistics of a lane's m sorted values *plus z zeros* without
   materialising the zeros; z = n - m_i gives the dense form, z = 0 the item-level form.
 - A dense array (the predictor) is one group in which every client has a row.
@@ -22,162 +17,22 @@ coordinates.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import numpy as np
 
 from fedrec.errors import ConfigError
+from strategies.groups import (  # noqa: F401 (group_rows & co. re-exported for the rules)
+    RowBucket,
+    count_blocks,
+    gather_rows,
+    group_rows,
+    grouped_order,
+    item_median,
+    sort_slots,
+    sorting_network,
+)
 from strategies.rule import Aggregate, AggregationRule, RoundUpdates
 
 MEDIAN = None  # `trim` value meaning: trim all but the middle one or two values
-NETWORK_MAX_WIDTH = 16  # wider blocks have few lanes: numpy's sort is cheaper there
-
-
-# ------------------------------------------------------------------------- grouping rows
-
-
-@dataclass
-class RowBucket:
-    """Groups of similar size: rows[s, g] = index of the s-th row of group g (-1 = padding)."""
-
-    items: np.ndarray  # (U,) item id of each group
-    counts: np.ndarray  # (U,) m_i
-    rows: np.ndarray  # (width, U) indices into the stacked rows
-
-    @property
-    def width(self) -> int:
-        return self.rows.shape[0]
-
-    @property
-    def members(self) -> np.ndarray:
-        """(U, width) bool: slot s of group g holds a row."""
-        return (self.rows >= 0).T
-
-    def gather(self, values: np.ndarray, fill: float, groups_first: bool = False) -> np.ndarray:
-        """(width, U, dim) values of the groups' rows, `fill` in the padding slots;
-        (U, width, dim) with groups_first."""
-        index = self.rows.T if groups_first else self.rows
-        out = np.take(values, np.maximum(index, 0).ravel(), axis=0)  # ~2x faster than []
-        out = out.reshape(index.shape + values.shape[1:])
-        out[np.nonzero(index < 0)] = fill
-        return out
-
-
-def item_order(ids: np.ndarray) -> np.ndarray:
-    """Stable argsort of the ids (a group lists its rows in client order). Ids that fit in
-    16 bits (catalogues up to 65,536 items) take numpy's radix sort: ~3x faster."""
-    if ids.max(initial=0) <= np.iinfo(np.uint16).max and ids.min(initial=0) >= 0:
-        return np.argsort(ids.astype(np.uint16), kind="stable")
-    return np.argsort(ids, kind="stable")
-
-
-def grouped_order(ids: np.ndarray, min_count: int = 1, max_count: int | None = None,
-                  keep: np.ndarray | None = None):
-    """(order, counts): the rows sorted by item (rows of an item in client order), only the
-    rows where `keep` (if given) of items with min_count <= m_i (< max_count, if given);
-    counts[r] = m_i of the r-th row's item (m_i counted over the kept rows)."""
-    order = item_order(ids)
-    if keep is not None:
-        order = order[keep[order]]
-    counts = np.bincount(ids[order], minlength=1)[ids[order]]
-    if min_count > 1 or max_count is not None:
-        inside = counts >= min_count
-        if max_count is not None:
-            inside &= counts < max_count
-        order, counts = order[inside], counts[inside]
-    return order, counts
-
-
-def group_rows(ids: np.ndarray, min_count: int = 1, max_count: int | None = None,
-               keep: np.ndarray | None = None) -> list[RowBucket]:
-    """Rows grouped by item id, in size classes: groups of min_count <= m_i (< max_count)
-    rows, among the rows where `keep` if given. Row indices refer to the full `ids`."""
-    order, _ = grouped_order(ids, min_count, max_count, keep)
-    if len(order) == 0:
-        return []
-    sorted_ids = ids[order]
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-    items = sorted_ids[starts]
-    counts = np.diff(np.r_[starts, len(order)])
-    size_class = np.ceil(np.log2(counts)).astype(np.int64)
-    buckets = []
-    for cls in np.unique(size_class):
-        sel = size_class == cls
-        width = int(counts[sel].max())
-        slot = np.arange(width)[:, None]
-        pos = np.minimum(starts[sel][None, :] + slot, len(order) - 1)
-        rows = np.where(slot < counts[sel][None, :], order[pos], -1)
-        buckets.append(RowBucket(items[sel], counts[sel], rows))
-    return buckets
-
-
-def gather_rows(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """rows[index] for an index array of any shape (np.take: ~2x faster than [])."""
-    return np.take(rows, index.ravel(), axis=0).reshape(index.shape + rows.shape[1:])
-
-
-def count_blocks(ids: np.ndarray, min_count: int = 1):
-    """The groups of min_count or more rows as exact-size blocks, without padding:
-    a list of (k, rows (U_k, k)), rows[g] = the row indices of the g-th item sent by
-    exactly k clients (in client order). Sorted by (m_i, item), every block is a slice of
-    one permutation: two stable radix sorts, no Python loop over items."""
-    order, counts = grouped_order(ids, min_count)
-    if len(order) == 0:
-        return []
-    by_count = np.argsort(counts.astype(np.uint16) if counts.max() <= np.iinfo(np.uint16).max
-                          else counts, kind="stable")
-    order, counts = order[by_count], counts[by_count]
-    ks, first = np.unique(counts, return_index=True)
-    ends = np.r_[first[1:], len(order)]
-    return [(int(k), order[a:b].reshape(-1, int(k))) for k, a, b in zip(ks, first, ends)]
-
-
-# ------------------------------------------------------------------------- sorting lanes
-
-
-@functools.lru_cache(maxsize=None)
-def sorting_network(width: int) -> tuple:
-    """Comparators (i, j), i < j, of Batcher's odd-even merge sort for `width` inputs.
-
-    Built for the next power of two; comparators reaching past `width` are dropped, which
-    is exact because virtual inputs past the end would hold +inf and never move.
-    """
-    size = 1 << max(0, width - 1).bit_length()
-    pairs = []
-    p = 1
-    while p < size:
-        k = p
-        while k >= 1:
-            for j in range(k % p, size - k, 2 * k):
-                for i in range(min(k, size - j - k)):
-                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
-                        pairs.append((i + j, i + j + k))
-            k //= 2
-        p *= 2
-    return tuple((a, b) for a, b in pairs if b < width)
-
-
-def sort_slots(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Every lane of x (width, lanes) sorted ascending along axis 0, into `out` if given.
-
-    x itself is used as scratch space and left in no particular order.
-    """
-    width = x.shape[0]
-    if out is None:
-        out = np.empty_like(x)
-    if width > NETWORK_MAX_WIDTH:
-        out[...] = np.sort(np.ascontiguousarray(x.T), axis=1).T
-        return out
-    rows = list(x)
-    if width > 1:
-        spare = np.empty_like(rows[0])
-        for i, j in sorting_network(width):
-            np.minimum(rows[i], rows[j], out=spare)
-            np.maximum(rows[i], rows[j], out=rows[j])
-            rows[i], spare = spare, rows[i]  # swap buffers instead of copying the minimum back
-    np.stack(rows, out=out)
-    return out
 
 
 class AugmentedOrder:
@@ -297,11 +152,16 @@ class AugmentedOrder:
 def sorted_groups(bucket: RowBucket, rows: np.ndarray) -> np.ndarray:
     """(width + 2, U, dim): each group's rows sorted per coordinate, +inf past m_i, between
     a row of -inf and a row of +inf (the sentinels AugmentedOrder reads out of range)."""
-    width, n_groups = bucket.rows.shape
-    dim = rows.shape[1]
-    padded = np.empty((width + 2, n_groups * dim), rows.dtype)
+    return sort_padded(bucket.gather(rows, np.inf))
+
+
+def sort_padded(slots: np.ndarray) -> np.ndarray:
+    """(width + 2, U, dim): slots (width, U, dim) sorted along axis 0, between a row of -inf
+    and a row of +inf. `slots` is used as scratch space."""
+    width, n_groups, dim = slots.shape
+    padded = np.empty((width + 2, n_groups * dim), slots.dtype)
     padded[0], padded[-1] = -np.inf, np.inf
-    sort_slots(bucket.gather(rows, np.inf).reshape(width, -1), out=padded[1:-1])
+    sort_slots(slots.reshape(width, -1), out=padded[1:-1])
     return padded.reshape(width + 2, n_groups, dim)
 
 
@@ -332,12 +192,25 @@ def coordinate_trimmed_mean(ids, rows, n_items: int, trim, n_clients: int | None
     Dense shortcut: an item with m_i <= t real values among N = n_clients has them all
     trimmed (its negatives sit in the t lowest ranks, its positives in the t highest), and
     one with m_i <= (N - 1) // 2 has a zero median; such items are 0 without sorting.
+    Item-level: an item with m_i <= 2t + 2 keeps its middle one or two values, its median:
+    those go through groups.item_median (a selection network, no full sort).
     subset: max_count, keep, out of reduce_groups.
     """
     min_count = 1
     if n_clients is not None:
         half = (n_clients - 1) // 2
         min_count = 1 + (half if trim is MEDIAN else min(trim, half))
+    else:
+        max_count = subset.pop("max_count", None)
+        median_below = None if trim is MEDIAN else 2 * trim + 3
+        if max_count is not None:
+            median_below = max_count if median_below is None else min(median_below, max_count)
+        out = item_median(ids, rows, n_items, subset.pop("out", None), median_below,
+                          subset.get("keep"))
+        if trim is MEDIAN or (max_count is not None and max_count <= 2 * trim + 3):
+            return out
+        min_count = 2 * trim + 3
+        subset.update(out=out, max_count=max_count)
     return reduce_groups(ids, rows, n_items, lambda aug: aug.trimmed_mean(trim), n_clients,
                          min_count, **subset)
 
