@@ -52,7 +52,8 @@ def bulyan_select(sq_dist: np.ndarray, alive: np.ndarray, f: int, theta: np.ndar
     theta = np.asarray(theta)
     for step in range(int(theta.max(initial=0))):
         picking = np.flatnonzero(step < theta)
-        best = np.argmin(neighbours.scores(alive, f, picking), axis=1)
+        every = len(picking) == len(theta)  # all sets pick: no subset copies
+        best = np.argmin(neighbours.scores(alive, f, None if every else picking), axis=1)
         selected[picking, best] = True
         alive[picking, best] = False
     return selected

@@ -108,25 +108,21 @@ def group_rows(ids: np.ndarray, min_count: int = 1, max_count: int | None = None
     return buckets
 
 
-def gather_rows(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """rows[index] for an index array of any shape (np.take: ~2x faster than [])."""
-    return np.take(rows, index.ravel(), axis=0).reshape(index.shape + rows.shape[1:])
-
-
-def count_blocks(ids: np.ndarray, min_count: int = 1):
-    """The groups of min_count or more rows as exact-size blocks, without padding:
-    a list of (k, rows (U_k, k)), rows[g] = the row indices of the g-th item sent by
-    exactly k clients (in client order). Sorted by (m_i, item), every block is a slice of
-    one permutation: two stable radix sorts, no Python loop over items."""
-    order, counts = grouped_order(ids, min_count)
+def count_blocks(ids: np.ndarray, min_count: int = 1, max_count: int | None = None):
+    """The groups of min_count <= m_i (< max_count) rows as exact-size blocks, without
+    padding: (order, blocks), order a permutation of those rows sorted by (m_i, item,
+    client), blocks a list of (k, start, stop): order[start:stop].reshape(-1, k) holds the
+    rows of the items sent by exactly k clients, one item per row. Two stable radix sorts,
+    no Python loop over items."""
+    order, counts = grouped_order(ids, min_count, max_count)
     if len(order) == 0:
-        return []
+        return order, []
     by_count = np.argsort(counts.astype(np.uint16) if counts.max() <= np.iinfo(np.uint16).max
                           else counts, kind="stable")
     order, counts = order[by_count], counts[by_count]
     ks, first = np.unique(counts, return_index=True)
     ends = np.r_[first[1:], len(order)]
-    return [(int(k), order[a:b].reshape(-1, int(k))) for k, a, b in zip(ks, first, ends)]
+    return order, [(int(k), int(a), int(b)) for k, a, b in zip(ks, first, ends)]
 
 
 # ------------------------------------------------------------------------- sorting lanes

@@ -22,7 +22,7 @@ Squared distances come from Gram matrices, ||a||^2 + ||b||^2 - 2<a, b>: per item
 (m_i x m_i) float32 product (rows centred first), and for whole updates the sum over items
 of those products scattered to client pairs (float64), so no dense (n, n_items * dim)
 matrix is ever built. Items are handled in exact-size blocks (all items sent by exactly k
-clients at once, robust.count_blocks): the Python loops run over distinct m_i, never items.
+clients at once, or padded size classes): the Python loops run over blocks, never items.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from strategies.robust import (
     coordinate_trimmed_mean,
     count_blocks,
     flat_predictors,
-    gather_rows,
     group_rows,
     row_sq_norms,
     unflatten,
@@ -49,33 +48,33 @@ from strategies.rule import Aggregate, RoundUpdates
 def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
     """(U, k, k) float64 squared L2 distances between the k rows of each of U groups
     (x: (U, k, dim)), as ||a||^2 + ||b||^2 - 2<a, b> from the Gram of the centred rows.
-    counts: group g has only its first counts[g] rows, the rest is zero padding.
+    counts: group g has only its first counts[g] rows, the rest is zero padding (its
+    entries are left meaningless: the callers mask them).
 
     Centring (subtracting each group's mean row) does not change distances, and the float32
-    products no longer carry the rows' common offset (less cancellation)."""
+    products no longer carry the rows' common offset (less cancellation). float64 only
+    where float32 overflows (crafted rows near float32's limit)."""
     k = np.float32(x.shape[1]) if counts is None else counts[:, None, None].astype(np.float32)
-    for x in (x, x.astype(np.float64)):  # float64 only where float32 overflows
+    for dtype in (np.float32, np.float64):
+        xx = x.astype(dtype, copy=False)
         with np.errstate(over="ignore", invalid="ignore"):
-            centred = x - x.sum(axis=1, keepdims=True) / k
-            if counts is not None:
-                centred *= (np.arange(x.shape[1]) < counts[:, None])[:, :, None]
-        if np.isfinite(centred).all():
+            gram = gram_of(xx - xx.sum(axis=1, keepdims=True) / k.astype(dtype))
+        if np.isfinite(gram).all():
             break
-    gram = batched_gram(centred).astype(np.float64)
+    gram = gram.astype(np.float64)
     sq = np.diagonal(gram, axis1=1, axis2=2)
     return np.maximum(sq[:, :, None] + sq[:, None, :] - 2 * gram, 0.0)
 
 
-def batched_gram(x: np.ndarray) -> np.ndarray:
-    """(U, k, k) Gram matrices of a (U, k, dim) stack: float32, or float64 where float32
-    overflows (only crafted rows near float32's limit). torch.bmm (one thread, see
+def gram_of(x: np.ndarray) -> np.ndarray:
+    """(U, k, k) Gram matrices of a (U, k, dim) stack. torch.bmm (one thread, see
     fedrec.runtime): ~1.4x faster than numpy's matmul on these many small matrices."""
-    t = torch.from_numpy(x)
-    gram = torch.bmm(t, t.transpose(1, 2)).numpy()
-    if not np.isfinite(gram).all():
-        t = t.double()
-        gram = torch.bmm(t, t.transpose(1, 2)).numpy()
-    return gram
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = torch.from_numpy(x)
+        return torch.bmm(t, t.transpose(1, 2)).numpy()
+
+
+EXACT_BLOCKS = 9  # client grams: items of m_i < 9 rows in exact-size blocks, the rest padded
 
 
 def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np.ndarray:
@@ -83,21 +82,34 @@ def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np
 
     Gram[a, b] = sum over the items i that both a and b sent of <g_a[i], g_b[i]>: per item
     the (m_i x m_i) Gram of its rows, added to the client pairs (a client sends an item at
-    most once), O(sum_i m_i^2 dim) in all. The items come in exact-size blocks
-    (robust.count_blocks): one batched product per distinct m_i, one bincount. The diagonal
-    (squared norms) in float64.
+    most once), O(sum_i m_i^2 dim) in all. Items of a few rows (most of them) come in
+    exact-size blocks (groups.count_blocks), the rest in padded size classes (padding rows
+    are zeros, booked to a dummy client n): one batched product per block, one bincount.
+    The diagonal (squared norms) in float64.
     """
     n = n_clients
-    index, values = [], []
-    for k, block in count_blocks(ids, min_count=2):  # only shared items add cross terms
-        who = owner[block]  # (U, k)
-        index.append((who[:, :, None] * n + who[:, None, :]).ravel())
-        values.append(batched_gram(gather_rows(rows, block)).ravel())
-    gram = np.zeros(n * n)
+    for dtype in (np.float32, np.float64):  # float64 only where float32 overflows
+        index, values = [], []
+        order, blocks = count_blocks(ids, 2, EXACT_BLOCKS)  # only shared items: cross terms
+        x_all = np.take(rows, order, axis=0).astype(dtype, copy=False)
+        who_all = owner[order]
+        for k, a, b in blocks:
+            who = who_all[a:b].reshape(-1, k)
+            index.append((who[:, :, None] * (n + 1) + who[:, None, :]).ravel())
+            values.append(gram_of(x_all[a:b].reshape(-1, k, rows.shape[1])).ravel())
+        for bucket in group_rows(ids, min_count=EXACT_BLOCKS):
+            who = np.where(bucket.rows >= 0, owner[np.maximum(bucket.rows, 0)], n).T
+            index.append((who[:, :, None] * (n + 1) + who[:, None, :]).ravel())
+            x = bucket.gather(rows, 0.0, groups_first=True).astype(dtype, copy=False)
+            values.append(gram_of(x).ravel())
+        values = np.concatenate(values) if values else np.zeros(0, dtype)
+        if np.isfinite(values).all():
+            break
+    gram = np.zeros((n + 1) ** 2)
     if index:
-        gram = np.bincount(np.concatenate(index), np.concatenate(values).astype(np.float64),
-                           minlength=n * n)
-    gram = gram.reshape(n, n)
+        gram = np.bincount(np.concatenate(index), values.astype(np.float64),
+                           minlength=(n + 1) ** 2)
+    gram = gram.reshape(n + 1, n + 1)[:n, :n].copy()
     gram[np.diag_indices(n)] = np.bincount(owner, weights=row_sq_norms(rows), minlength=n)
     if predictors is not None:
         p = predictors.astype(np.float64)
@@ -178,10 +190,9 @@ def krum_scores(sq_dist: np.ndarray, f: int, counts: np.ndarray | None = None) -
     B, c, _ = sq_dist.shape
     m = np.full(B, c) if counts is None else np.asarray(counts)
     member = np.arange(c) < m[:, None]  # (B, c)
-    dist = np.minimum(sq_dist, np.finfo(np.float32).max).astype(np.float32)
-    dist[:, np.arange(c), np.arange(c)] = np.inf  # not one's own neighbour
-    if counts is not None:
-        dist[~np.broadcast_to(member[:, None, :], dist.shape)] = np.inf
+    neighbour = member[:, None, :] & ~np.eye(c, dtype=bool)  # not oneself, not padding
+    dist = np.where(neighbour, np.minimum(sq_dist, np.finfo(np.float32).max), np.inf
+                    ).astype(np.float32)
     k = np.minimum(np.maximum(m - f - 2, 1), m - 1)
     nearest = np.sort(dist, axis=2)  # padding and self last (inf)
     scores = np.sum(nearest, axis=2, dtype=np.float64,
@@ -194,9 +205,10 @@ def multikrum_keep(sq_dist: np.ndarray, f: int, keep, counts: np.ndarray | None 
     """(B, c) bool: the `keep` (scalar or per set) members of each set with the lowest
     Krum scores (see krum_scores for counts); ties: the earlier member."""
     order = np.argsort(krum_scores(sq_dist, f, counts), axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
-    return rank < np.asarray(keep).reshape(-1, 1)
+    kept = np.zeros(order.shape, bool)
+    np.put_along_axis(kept, order, np.arange(order.shape[1]) < np.asarray(keep).reshape(-1, 1),
+                      axis=1)
+    return kept
 
 
 def weighted_mean_of(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -23,7 +23,6 @@ from fedrec.errors import ConfigError
 from strategies.groups import (  # noqa: F401 (group_rows & co. re-exported for the rules)
     RowBucket,
     count_blocks,
-    gather_rows,
     group_rows,
     grouped_order,
     item_median,
