@@ -86,9 +86,11 @@ def grouped_order(ids: np.ndarray, min_count: int = 1, max_count: int | None = N
 
 
 def group_rows(ids: np.ndarray, min_count: int = 1, max_count: int | None = None,
-               keep: np.ndarray | None = None) -> list[RowBucket]:
+               keep: np.ndarray | None = None, widths=None) -> list[RowBucket]:
     """Rows grouped by item id, in size classes: groups of min_count <= m_i (< max_count)
-    rows, among the rows where `keep` if given. Row indices refer to the full `ids`."""
+    rows, among the rows where `keep` if given. Row indices refer to the full `ids`.
+    Classes: m_i in (2^(b-1), 2^b], or, with `widths` (ascending), m_i in
+    (widths[j-1], widths[j]] (and powers of two beyond the last)."""
     order, _ = grouped_order(ids, min_count, max_count, keep)
     if len(order) == 0:
         return []
@@ -96,7 +98,7 @@ def group_rows(ids: np.ndarray, min_count: int = 1, max_count: int | None = None
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
     items = sorted_ids[starts]
     counts = np.diff(np.r_[starts, len(order)])
-    size_class = np.ceil(np.log2(counts)).astype(np.int64)
+    size_class = class_width(counts, (1,) if widths is None else widths)
     buckets = []
     for cls in np.unique(size_class):
         sel = size_class == cls
@@ -106,6 +108,15 @@ def group_rows(ids: np.ndarray, min_count: int = 1, max_count: int | None = None
         rows = np.where(slot < counts[sel][None, :], order[pos], -1)
         buckets.append(RowBucket(items[sel], counts[sel], rows))
     return buckets
+
+
+def class_width(counts: np.ndarray, widths) -> np.ndarray:
+    """The class of groups of m rows: the smallest of `widths` (ascending) >= m, beyond
+    the last the next power of two."""
+    widths = np.asarray(widths)
+    pow2 = 1 << np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64)
+    small = widths[np.minimum(np.searchsorted(widths, counts), len(widths) - 1)]
+    return np.where(counts <= widths[-1], small, pow2)
 
 
 def count_blocks(ids: np.ndarray, min_count: int = 1, max_count: int | None = None):
@@ -217,21 +228,12 @@ def select_middle(x: np.ndarray):
     return rows[lo], rows[hi]
 
 
-def median_width(counts: np.ndarray) -> np.ndarray:
-    """The block width of groups of m rows: the smallest of MEDIAN_WIDTHS >= m, beyond
-    them the next power of two."""
-    widths = np.asarray(MEDIAN_WIDTHS)
-    pow2 = 1 << np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64)
-    small = widths[np.minimum(np.searchsorted(widths, counts), len(widths) - 1)]
-    return np.where(counts <= widths[-1], small, pow2)
-
-
 def item_median(ids: np.ndarray, rows: np.ndarray, n_items: int, out: np.ndarray | None = None,
                 max_count: int | None = None, keep: np.ndarray | None = None) -> np.ndarray:
     """(n_items, dim): each item's coordinate-wise median over its uploaded rows (the mean
     of the two middle values for even m_i, as (a * 0.5 + b * 0.5)); 0 for absent items.
 
-    Groups of m rows go to blocks of width W >= m (median_width), padded with
+    Groups of m rows go to blocks of width W >= m (class_width), padded with
     floor((W - m) / 2) times -inf below and the rest +inf above: the median of a group then
     has rank (W - 1) // 2 (odd m) or ranks (W - 1) // 2 and W // 2 (even m) in every group
     of the block, so one median network serves the whole block, and no group needs its
@@ -246,7 +248,7 @@ def item_median(ids: np.ndarray, rows: np.ndarray, n_items: int, out: np.ndarray
     sorted_ids = ids[order]
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
     counts = np.diff(np.r_[starts, len(order)])
-    widths = median_width(counts)
+    widths = class_width(counts, MEDIAN_WIDTHS)
     dim = rows.shape[1]
     half = np.float32(0.5)
     for width in np.unique(widths):

@@ -74,7 +74,23 @@ def gram_of(x: np.ndarray) -> np.ndarray:
         return torch.bmm(t, t.transpose(1, 2)).numpy()
 
 
+SCORE_WIDTHS = None  # item-level Krum: size classes of the scored items (None: powers of 2)
 EXACT_BLOCKS = 9  # client grams: items of m_i < 9 rows in exact-size blocks, the rest padded
+
+
+def padded_block(order, k: int, a: int, b: int, exact_below: int):
+    """(width class, (U, k) row indices) of an exact-size block of count_blocks: the class
+    of k >= exact_below is the next power of two."""
+    return 1 << (k - 1).bit_length(), order[a:b].reshape(-1, k)
+
+
+def merge_padded(blocks):
+    """The (U, k) blocks of one width class stacked into (sum U, width), -1 = padding."""
+    widths = sorted({w for w, _ in blocks})
+    for width in widths:
+        parts = [np.pad(idx, ((0, 0), (0, width - idx.shape[1])), constant_values=-1)
+                 for w, idx in blocks if w == width]
+        yield np.concatenate(parts)
 
 
 def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np.ndarray:
@@ -88,19 +104,24 @@ def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np
     The diagonal (squared norms) in float64.
     """
     n = n_clients
+    order, blocks = count_blocks(ids, 2)  # only items two clients share add cross terms
+    who_all = owner[order]
+    exact = [blk for blk in blocks if blk[0] < EXACT_BLOCKS]
+    cut = exact[-1][2] if exact else 0  # the exact blocks come first (sorted by m_i)
+    padded = [padded_block(order, k, a, b, EXACT_BLOCKS) for k, a, b in blocks if k >= EXACT_BLOCKS]
     for dtype in (np.float32, np.float64):  # float64 only where float32 overflows
         index, values = [], []
-        order, blocks = count_blocks(ids, 2, EXACT_BLOCKS)  # only shared items: cross terms
-        x_all = np.take(rows, order, axis=0).astype(dtype, copy=False)
-        who_all = owner[order]
-        for k, a, b in blocks:
+        x_all = np.take(rows, order[:cut], axis=0).astype(dtype, copy=False)
+        for k, a, b in exact:
             who = who_all[a:b].reshape(-1, k)
             index.append((who[:, :, None] * (n + 1) + who[:, None, :]).ravel())
             values.append(gram_of(x_all[a:b].reshape(-1, k, rows.shape[1])).ravel())
-        for bucket in group_rows(ids, min_count=EXACT_BLOCKS):
-            who = np.where(bucket.rows >= 0, owner[np.maximum(bucket.rows, 0)], n).T
+        for rows_idx in merge_padded(padded):  # (U, width), -1 = padding
+            who = np.where(rows_idx >= 0, owner[np.maximum(rows_idx, 0)], n)
             index.append((who[:, :, None] * (n + 1) + who[:, None, :]).ravel())
-            x = bucket.gather(rows, 0.0, groups_first=True).astype(dtype, copy=False)
+            x = np.take(rows, np.maximum(rows_idx, 0).ravel(), axis=0).astype(dtype, copy=False)
+            x = x.reshape(rows_idx.shape + rows.shape[1:])
+            x[rows_idx < 0] = 0.0
             values.append(gram_of(x).ravel())
         values = np.concatenate(values) if values else np.zeros(0, dtype)
         if np.isfinite(values).all():
@@ -245,7 +266,7 @@ def item_level_multikrum(updates: RoundUpdates, f: int, drop: int):
     item_grad = np.zeros((updates.n_items, rows.shape[1]), np.float32)
     kept = np.ones(len(ids), bool)
     weights = updates.weights[owner].astype(np.float32)
-    for b in group_rows(ids, min_count=f + 3):
+    for b in group_rows(ids, min_count=f + 3, widths=SCORE_WIDTHS):
         x = b.gather(rows, 0.0, groups_first=True)  # (U, width, dim)
         keep = multikrum_keep(block_sq_distances(x, b.counts), f,
                               np.maximum(1, b.counts - drop), b.counts)
