@@ -46,24 +46,30 @@ from strategies.rule import Aggregate, RoundUpdates
 
 
 def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
-    """(U, k, k) float64 squared L2 distances between the k rows of each of U groups
-    (x: (U, k, dim)), as ||a||^2 + ||b||^2 - 2<a, b> from the Gram of the centred rows.
-    counts: group g has only its first counts[g] rows, the rest is zero padding (its
-    entries are left meaningless: the callers mask them).
+    """(U, k, k) float32 squared L2 distances between the k rows of each of U groups
+    (x: (U, k, dim)), as ||a||^2 + ||b||^2 - 2<a, b> from the Gram of the centred rows,
+    clamped to [0, float32's maximum]. counts: group g has only its first counts[g] rows,
+    the rest is zero padding (its entries are left meaningless: the callers mask them).
 
     Centring (subtracting each group's mean row) does not change distances, and the float32
-    products no longer carry the rows' common offset (less cancellation). float64 only
-    where float32 overflows (crafted rows near float32's limit)."""
+    products no longer carry the rows' common offset (less cancellation). The sum
+    ||a||^2 + ||b||^2 - 2<a, b> is taken in float32 (one rounding more than in float64:
+    ~1e-7 of the distance) unless it could overflow there; float64 throughout only where
+    the float32 products overflow (crafted rows near float32's limit)."""
     k = np.float32(x.shape[1]) if counts is None else counts[:, None, None].astype(np.float32)
+    big = np.finfo(np.float32).max
     for dtype in (np.float32, np.float64):
         xx = x.astype(dtype, copy=False)
         with np.errstate(over="ignore", invalid="ignore"):
             gram = gram_of(xx - xx.sum(axis=1, keepdims=True) / k.astype(dtype))
         if np.isfinite(gram).all():
             break
-    gram = gram.astype(np.float64)
+    if gram.dtype != np.float32 or np.abs(gram).max(initial=0) > big / 4:
+        gram = gram.astype(np.float64)  # the sum could overflow float32
     sq = np.diagonal(gram, axis1=1, axis2=2)
-    return np.maximum(sq[:, :, None] + sq[:, None, :] - 2 * gram, 0.0)
+    dist = sq[:, :, None] + sq[:, None, :]
+    dist -= 2 * gram
+    return np.clip(dist, 0, big, out=dist).astype(np.float32, copy=False)
 
 
 def gram_of(x: np.ndarray) -> np.ndarray:
@@ -78,21 +84,6 @@ SCORE_WIDTHS = None  # item-level Krum: size classes of the scored items (None: 
 EXACT_BLOCKS = 9  # client grams: items of m_i < 9 rows in exact-size blocks, the rest padded
 
 
-def padded_block(order, k: int, a: int, b: int, exact_below: int):
-    """(width class, (U, k) row indices) of an exact-size block of count_blocks: the class
-    of k >= exact_below is the next power of two."""
-    return 1 << (k - 1).bit_length(), order[a:b].reshape(-1, k)
-
-
-def merge_padded(blocks):
-    """The (U, k) blocks of one width class stacked into (sum U, width), -1 = padding."""
-    widths = sorted({w for w, _ in blocks})
-    for width in widths:
-        parts = [np.pad(idx, ((0, 0), (0, width - idx.shape[1])), constant_values=-1)
-                 for w, idx in blocks if w == width]
-        yield np.concatenate(parts)
-
-
 def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np.ndarray:
     """(n, n) squared L2 distances between whole updates (untouched rows 0, + predictor).
 
@@ -100,36 +91,32 @@ def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np
     the (m_i x m_i) Gram of its rows, added to the client pairs (a client sends an item at
     most once), O(sum_i m_i^2 dim) in all. Items of a few rows (most of them) come in
     exact-size blocks (groups.count_blocks), the rest in padded size classes (padding rows
-    are zeros, booked to a dummy client n): one batched product per block, one bincount.
+    are zeros, booked to a dummy client n): one batched product and bincount per block.
     The diagonal (squared norms) in float64.
     """
     n = n_clients
-    order, blocks = count_blocks(ids, 2)  # only items two clients share add cross terms
+    size = (n + 1) ** 2
+    gram = np.zeros(size)
+
+    def add(who, x):  # who (U, k) clients, x (U, k, dim) their rows
+        g = gram_of(x)
+        if not np.isfinite(g).all():  # float32 overflow: crafted rows near its limit
+            g = gram_of(x.astype(np.float64))
+        gram[:] += np.bincount((who[:, :, None] * (n + 1) + who[:, None, :]).ravel(),
+                               g.ravel(), size)
+
+    # only items two clients share add cross terms
+    order, exact, padded = count_blocks(ids, 2, EXACT_BLOCKS)
     who_all = owner[order]
-    exact = [blk for blk in blocks if blk[0] < EXACT_BLOCKS]
     cut = exact[-1][2] if exact else 0  # the exact blocks come first (sorted by m_i)
-    padded = [padded_block(order, k, a, b, EXACT_BLOCKS) for k, a, b in blocks if k >= EXACT_BLOCKS]
-    for dtype in (np.float32, np.float64):  # float64 only where float32 overflows
-        index, values = [], []
-        x_all = np.take(rows, order[:cut], axis=0).astype(dtype, copy=False)
-        for k, a, b in exact:
-            who = who_all[a:b].reshape(-1, k)
-            index.append((who[:, :, None] * (n + 1) + who[:, None, :]).ravel())
-            values.append(gram_of(x_all[a:b].reshape(-1, k, rows.shape[1])).ravel())
-        for rows_idx in merge_padded(padded):  # (U, width), -1 = padding
-            who = np.where(rows_idx >= 0, owner[np.maximum(rows_idx, 0)], n)
-            index.append((who[:, :, None] * (n + 1) + who[:, None, :]).ravel())
-            x = np.take(rows, np.maximum(rows_idx, 0).ravel(), axis=0).astype(dtype, copy=False)
-            x = x.reshape(rows_idx.shape + rows.shape[1:])
-            x[rows_idx < 0] = 0.0
-            values.append(gram_of(x).ravel())
-        values = np.concatenate(values) if values else np.zeros(0, dtype)
-        if np.isfinite(values).all():
-            break
-    gram = np.zeros((n + 1) ** 2)
-    if index:
-        gram = np.bincount(np.concatenate(index), values.astype(np.float64),
-                           minlength=(n + 1) ** 2)
+    x_all = np.take(rows, order[:cut], axis=0)
+    for k, a, b in exact:
+        add(who_all[a:b].reshape(-1, k), x_all[a:b].reshape(-1, k, rows.shape[1]))
+    for rows_idx in padded:  # (U, width), -1 = padding: zero rows of a dummy client n
+        x = np.take(rows, np.maximum(rows_idx, 0).ravel(), axis=0)
+        x = x.reshape(rows_idx.shape + rows.shape[1:])
+        x[rows_idx < 0] = 0.0
+        add(np.where(rows_idx >= 0, owner[np.maximum(rows_idx, 0)], n), x)
     gram = gram.reshape(n + 1, n + 1)[:n, :n].copy()
     gram[np.diag_indices(n)] = np.bincount(owner, weights=row_sq_norms(rows), minlength=n)
     if predictors is not None:
@@ -212,8 +199,9 @@ def krum_scores(sq_dist: np.ndarray, f: int, counts: np.ndarray | None = None) -
     m = np.full(B, c) if counts is None else np.asarray(counts)
     member = np.arange(c) < m[:, None]  # (B, c)
     neighbour = member[:, None, :] & ~np.eye(c, dtype=bool)  # not oneself, not padding
-    dist = np.where(neighbour, np.minimum(sq_dist, np.finfo(np.float32).max), np.inf
-                    ).astype(np.float32)
+    if sq_dist.dtype != np.float32:
+        sq_dist = np.minimum(sq_dist, np.finfo(np.float32).max).astype(np.float32)
+    dist = np.where(neighbour, sq_dist, np.float32(np.inf))
     k = np.minimum(np.maximum(m - f - 2, 1), m - 1)
     nearest = np.sort(dist, axis=2)  # padding and self last (inf)
     scores = np.sum(nearest, axis=2, dtype=np.float64,

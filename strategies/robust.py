@@ -98,8 +98,12 @@ class AugmentedOrder:
         if not self.augmented and lo.ndim == 1:
             return self._slot_sum(lo, hi)
         per_lane = lo.ndim == 2
-        low, high = self.value(lo, per_lane), self.value(hi - 1, per_lane)
-        if not per_lane:
+        return self.clipped_sum(lo, hi, self.value(lo, per_lane), self.value(hi - 1, per_lane))
+
+    def clipped_sum(self, lo, hi, low, high) -> np.ndarray:
+        """rank_sum(lo, hi) given low = a[lo] and high = a[hi - 1] (U, dim)."""
+        lo, hi = np.asarray(lo), np.asarray(hi)
+        if lo.ndim == 1:
             lo, hi = lo[:, None], hi[:, None]
         clipped = np.maximum(self.sorted, low, out=np.empty_like(self.sorted))
         np.minimum(clipped, high, out=clipped)
@@ -138,14 +142,19 @@ class AugmentedOrder:
         higher one). With left distances dl_k = median - a[k] and right distances
         dr_k = a[N-1-k] - median, both decreasing in k, the number dropped on the left is
         s = #{s in 1..slack : dl_{s-1} > dr_{slack-s}}; the kept ranks are [s, s + beta).
+        The kept range's ends a[s] and a[s + beta - 1] are among the ranks already read
+        for the comparisons (0..slack and N-1-slack..N-1), so they are picked from those.
         """
         median = self.median()
-        steps = np.arange(1, slack + 1)[:, None]  # s, as (slack, 1): all s at once
-        left = median - self.value(steps - 1)  # (slack, U, dim)
-        right = self.value(self.n - 1 - (slack - steps)) - median
-        n_left = np.count_nonzero(left > right, axis=0)
+        steps = np.arange(slack + 1)[:, None]  # all s at once
+        low_end = self.value(steps)  # (slack + 1, U, dim): ranks 0..slack
+        high_end = self.value(self.n - 1 - slack + steps)  # ranks N-1-slack..N-1
+        n_left = np.count_nonzero((median - low_end[:-1]) > (high_end[1:] - median), axis=0)
         beta = (self.n - slack)[:, None]
-        return (self.rank_sum(n_left, n_left + beta) / beta).astype(np.float32)
+        low = np.take_along_axis(low_end, n_left[None], axis=0)[0]  # a[s]
+        high = np.take_along_axis(high_end, n_left[None], axis=0)[0]  # a[s + beta - 1]
+        total = self.clipped_sum(n_left, n_left + beta, low, high)
+        return (total / beta).astype(np.float32)
 
 
 def sorted_groups(bucket: RowBucket, rows: np.ndarray) -> np.ndarray:

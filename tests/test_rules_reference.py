@@ -247,17 +247,19 @@ def test_item_median_subsets_and_output_table():
             assert (out[i] == 7).all(), (i, counts[i], kept_count[i])
 
 
-def test_count_blocks_partition_the_rows_by_exact_count():
-    ids = np.array([3, 1, 3, 2, 3, 1, 5, 0, 0, 0, 0])
-    order, blocks = count_blocks(ids, min_count=2)
+def test_count_blocks_partition_the_rows_by_item():
+    ids = np.array([3, 1, 3, 2, 3, 1, 5, 0, 0, 0, 0, 7, 7, 7, 7, 7])
+    order, exact, padded = count_blocks(ids, min_count=2, exact_below=4)
+    groups = [order[a:b].reshape(-1, k) for k, a, b in exact]
+    groups += [[r[r >= 0] for r in idx] for idx in padded]
     seen = []
-    for k, a, b in blocks:
-        block = order[a:b].reshape(-1, k)
+    for block in groups:
         for rows in block:
-            assert len(set(ids[rows])) == 1 and np.sum(ids == ids[rows[0]]) == k
+            assert len(set(ids[rows])) == 1 and np.sum(ids == ids[rows[0]]) == len(rows)
             assert list(rows) == sorted(rows)  # client order within an item
             seen += list(rows)
     assert sorted(seen) == [r for r in range(len(ids)) if np.sum(ids == ids[r]) >= 2]
+    assert [k for k, _, _ in exact] == [2, 3] and [idx.shape for idx in padded] == [(1, 4), (1, 5)]
 
 
 def test_client_distances_match_dense_updates():
