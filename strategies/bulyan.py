@@ -26,13 +26,13 @@ from strategies.krum import (
     client_sq_distances,
     vector_sq_distances,
 )
+from strategies.groups import group_rows
 from strategies.robust import (
     MEDIAN,
     AugmentedOrder,
     RobustRule,
     coordinate_trimmed_mean,
     flat_predictors,
-    group_rows,
     reduce_groups,
     sort_padded,
     unflatten,

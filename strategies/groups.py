@@ -276,7 +276,8 @@ def item_median(ids: np.ndarray, rows: np.ndarray, n_items: int, out: np.ndarray
         x = np.take(rows, index.ravel(), axis=0).reshape(width, len(sel) * dim)
         if not real.all():
             pad = ~real
-            x.reshape(width, len(sel), dim)[pad] = np.where(slot < below, -np.inf, np.inf)[pad][:, None]
+            fill = np.where(slot < below, -np.inf, np.inf)[pad]
+            x.reshape(width, len(sel), dim)[pad] = fill[:, None]
         a, b = select_middle(x)
         a, b = a.reshape(-1, dim), b.reshape(-1, dim)
         b = np.where((m % 2 == 1)[:, None], a, b)  # odd m: the single middle value

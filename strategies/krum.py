@@ -32,13 +32,12 @@ import torch
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import sparse_weighted_sum
+from strategies.groups import count_blocks, group_rows
 from strategies.robust import (
     MEDIAN,
     RobustRule,
     coordinate_trimmed_mean,
-    count_blocks,
     flat_predictors,
-    group_rows,
     row_sq_norms,
     unflatten,
 )
@@ -245,7 +244,7 @@ def item_level_multikrum(updates: RoundUpdates, f: int, drop: int):
 
     Returns (item_grad, kept_rows (R,) bool, items on the median (count)). Rows of items
     with m_i <= f + 2 count as kept: the median uses them all. Items come in size classes
-    (robust.group_rows); per class one gather of the rows, then distances, scores, ranks
+    (groups.group_rows); per class one gather of the rows, then distances, scores, ranks
     and the weighted mean of the kept rows on that block (float32, rows added in client
     order, as sparse_weighted_sum does).
     """

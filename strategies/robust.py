@@ -20,11 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedrec.errors import ConfigError
-from strategies.groups import (  # noqa: F401 (group_rows & co. re-exported for the rules)
+from strategies.groups import (  # noqa: F401 (sort_slots, sorting_network: re-exported)
     RowBucket,
-    count_blocks,
     group_rows,
-    grouped_order,
     item_median,
     sort_slots,
     sorting_network,
