@@ -2,6 +2,7 @@
 
     python benchmarks/aggregation.py                       # ML-1M MF, 50 clients per round
     python benchmarks/aggregation.py --set server.rule_f=5 --repeats 9
+    python benchmarks/aggregation.py --only krum,union     # some rules (and the mean)
 
 Realistic uploads: the in-process engine runs the experiment's benign clients for some
 warm-up rounds (the first rounds also initialise every sampled user's private state), then
@@ -162,6 +163,7 @@ def main():
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "platform": platform.platform(), "load_avg": list(os.getloadavg())},
            "experiment": args.experiment, "overrides": args.set,
+           "workers": eng.workers,  # client processes of the timed rounds ($FEDREC_WORKERS)
            "clients_per_round": cfg.train.clients_per_round, "dim": cfg.model.dim,
            "items": env.data.n_items, "rule_f": cfg.server.rule_f,
            "uploaded_rows_per_round": statistics.mean(rows),
