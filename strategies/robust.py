@@ -22,6 +22,7 @@ import numpy as np
 from fedrec.errors import ConfigError
 from strategies.groups import (  # noqa: F401 (sort_slots, sorting_network: re-exported)
     RowBucket,
+    dense_trimmed_mean,
     group_rows,
     item_median,
     sort_slots,
@@ -198,6 +199,8 @@ def coordinate_trimmed_mean(ids, rows, n_items: int, trim, n_clients: int | None
     Dense shortcut: an item with m_i <= t real values among N = n_clients has them all
     trimmed (its negatives sit in the t lowest ranks, its positives in the t highest), and
     one with m_i <= (N - 1) // 2 has a zero median; such items are 0 without sorting.
+    Dense, t < (N - 1) // 2: items with m_i <= N - t go through groups.dense_trimmed_mean
+    (zero-padded blocks, the middle slots summed), the rest through AugmentedOrder.
     Item-level: an item with m_i <= 2t + 2 keeps its middle one or two values, its median:
     those go through groups.item_median (a selection network, no full sort).
     subset: max_count, keep, out of reduce_groups.
@@ -206,6 +209,12 @@ def coordinate_trimmed_mean(ids, rows, n_items: int, trim, n_clients: int | None
     if n_clients is not None:
         half = (n_clients - 1) // 2
         min_count = 1 + (half if trim is MEDIAN else min(trim, half))
+        if trim is not MEDIAN and trim < half:  # zero-padded blocks up to m_i = N - t
+            out = subset.get("out")
+            if out is None:
+                out = subset["out"] = np.zeros((n_items, rows.shape[1]), np.float32)
+            dense_trimmed_mean(ids, rows, n_items, trim, n_clients, out, subset.get("keep"))
+            min_count = n_clients - trim + 1
     else:
         max_count = subset.pop("max_count", None)
         median_below = None if trim is MEDIAN else 2 * trim + 3
