@@ -26,7 +26,7 @@ from strategies.krum import (
     client_sq_distances,
     vector_sq_distances,
 )
-from strategies.groups import group_rows
+from strategies.groups import dense_nearest_mean, group_rows
 from strategies.robust import (
     MEDIAN,
     AugmentedOrder,
@@ -56,6 +56,7 @@ def bulyan_select(sq_dist: np.ndarray, alive: np.ndarray, f: int, theta: np.ndar
         best = np.argmin(neighbours.scores(alive, f, None if every else picking), axis=1)
         selected[picking, best] = True
         alive[picking, best] = False
+        neighbours.remove(picking, best)
     return selected
 
 
@@ -66,8 +67,16 @@ def nearest_to_median_mean(ids, rows, n_items: int, f: int, n_clients: int | Non
 
     Dense shortcut: an item with m_i <= min(2f, (N - 1) // 2) real values has median 0 and
     at least N - 2f zeros, which are the nearest values: its result is 0 without sorting.
+    Dense items with up to (N - 1) // 2 rows (median 0) go through
+    groups.dense_nearest_mean (zero-padded blocks, fixed slots), the rest through
+    robust.AugmentedOrder.
     """
     min_count = 1 if n_clients is None else 1 + min(2 * f, (n_clients - 1) // 2)
+    if n_clients is not None and 2 * f < (n_clients - 1) // 2:  # median 0: zero-padded blocks
+        if out is None:
+            out = np.zeros((n_items, rows.shape[1]), np.float32)
+        dense_nearest_mean(ids, rows, n_items, 2 * f, n_clients, out, keep)
+        min_count = (n_clients - 1) // 2 + 1
     return reduce_groups(ids, rows, n_items, lambda aug: aug.nearest_mean(2 * f), n_clients,
                          min_count, keep=keep, out=out)
 

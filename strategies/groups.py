@@ -323,3 +323,46 @@ def dense_trimmed_mean(ids: np.ndarray, rows: np.ndarray, n_items: int, trim: in
         total = middle.sum(axis=0, dtype=np.float64).reshape(len(sel), dim)
         out[sorted_ids[starts[sel]]] = total / (n_clients - 2 * trim)
     return out
+
+
+def dense_nearest_mean(ids: np.ndarray, rows: np.ndarray, n_items: int, slack: int,
+                       n_clients: int, out: np.ndarray, keep: np.ndarray | None = None
+                       ) -> np.ndarray:
+    """Bulyan's step 2, dense, for the items with slack < m_i <= (N - 1) // 2 rows, into out:
+    the mean of the beta = N - slack of the N values nearest their median (N = n_clients,
+    the N - m_i absent values zeros; see robust.AugmentedOrder.nearest_mean).
+
+    With at most (N - 1) // 2 rows the median is 0, and the values dropped (the farther end
+    each time, the higher on a tie) are among the `slack` lowest and highest values: those
+    of the item's rows and `slack` zeros. So each group is padded with zeros to a width
+    W >= m_i + slack and sorted per coordinate; the number s dropped at the low end comes
+    from the fixed slots [0, slack) and [W - slack, W) of the block, and the kept window
+    [s, W - slack + s) is the fixed middle [slack, W - slack) plus end slots chosen by s,
+    summed directly (float64).
+    """
+    order, _ = grouped_order(ids, slack + 1, (n_clients - 1) // 2 + 1, keep)
+    if len(order) == 0:
+        return out
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    counts = np.diff(np.r_[starts, len(order)])
+    widths = class_width(counts + slack, TRIM_WIDTHS)
+    dim = rows.shape[1]
+    ends = np.arange(slack)[:, None, None]  # slot j of each end
+    for width in np.unique(widths):
+        sel = np.flatnonzero(widths == width)
+        slot = np.arange(width)[:, None]
+        real = slot < counts[sel]  # (W, U)
+        index = np.where(real, order[np.minimum(starts[sel] + slot, len(order) - 1)], 0)
+        x = np.take(rows, index.ravel(), axis=0).reshape(width, len(sel), dim)
+        x[~real] = 0.0
+        b = sort_slots(x.reshape(width, -1)).reshape(width, len(sel), dim)
+        low_end, high_end = b[:slack], b[width - slack:]
+        # s = #{s in 1..slack : 0 - b[s - 1] > b[W - 1 - (slack - s)] - 0}
+        n_left = np.count_nonzero(-low_end > high_end, axis=0)
+        # kept: [s, W - slack + s) = the low end from s, the middle, the high end below s
+        total = b[slack:width - slack].sum(axis=0, dtype=np.float64)
+        total += np.where(ends >= n_left, low_end, np.float32(0)).sum(axis=0, dtype=np.float64)
+        total += np.where(ends < n_left, high_end, np.float32(0)).sum(axis=0, dtype=np.float64)
+        out[sorted_ids[starts[sel]]] = total / (n_clients - slack)
+    return out

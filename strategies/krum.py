@@ -138,10 +138,12 @@ def gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
 
 
 class NeighbourOrder:
-    """Each member's other members sorted by squared distance, for repeated Krum scoring.
+    """Each member's other members sorted by squared distance, for repeated Krum scoring
+    as members leave (Bulyan's picks).
 
     sq_dist (B, c, c) within B sets; members (B, c) marks real members (the rest is
-    padding). Sorting once lets Bulyan rescore after every pick without sorting again.
+    padding). Sorting once lets Bulyan rescore after every pick without sorting again;
+    `remove` takes a member out of its set's lists (one entry per list, not a rescan).
     """
 
     def __init__(self, sq_dist: np.ndarray, members: np.ndarray):
@@ -149,37 +151,41 @@ class NeighbourOrder:
         others = members[:, None, :] & ~np.eye(c, dtype=bool)[None]
         # ties: the earlier client
         order = np.argsort(np.where(others, sq_dist, np.inf), axis=2, kind="stable")
-        # flat indices: member (b, order[b, a, j]) of the (B * c) member table
-        self.flat_order = order + (np.arange(B) * c)[:, None, None]
+        self.rank = np.empty_like(order)  # rank[b, a, p]: where p sits in a's list
+        np.put_along_axis(self.rank, order, np.broadcast_to(np.arange(c), order.shape), axis=2)
         lanes = (np.arange(B * c) * c)[:, None]  # row (b, a) of the (B * c, c) tables
         picks = (lanes + order.reshape(B * c, c)).ravel()
-        self.is_other = others.ravel()[picks].reshape(B, c, c)
+        # live[b, a, j]: a's j-th nearest is another member still in the set
+        self.live = others.ravel()[picks].reshape(B, c, c)
         # float32, distances beyond its range clamped to its maximum (they stay the largest;
         # inf would turn the masked-out terms of the score's product into nan); 0 where not
-        # a neighbour
+        # a live neighbour
         nearest_first = np.minimum(sq_dist.ravel()[picks], np.finfo(np.float32).max)
-        self.sorted = np.where(self.is_other, nearest_first.reshape(B, c, c), 0.0
-                               ).astype(np.float32)
+        self.sorted = np.where(self.live, nearest_first.reshape(B, c, c), 0.0).astype(np.float32)
         self.count_dtype = np.int8 if c < 127 else np.int32
+
+    def remove(self, sets: np.ndarray, members: np.ndarray):
+        """Member members[i] leaves set sets[i]: its entry in every list of that set dies."""
+        c = self.live.shape[1]
+        pos = self.rank[sets, :, members]  # (S, c): its place in each list
+        lists = (sets[:, None], np.arange(c)[None, :], pos)
+        self.live[lists] = False
+        self.sorted[lists] = 0.0
 
     def scores(self, alive: np.ndarray, f: int, sets=None) -> np.ndarray:
         """(B, c) Krum scores among the alive members (of `sets` only, if given); inf for
-        the others.
+        the others. `alive` must match the removals so far.
 
         With r alive members, each alive a sums its k = max(1, r - f - 2) smallest
         distances to the other alive members (all of them when fewer exist: a lone member
-        scores 0): the first k alive entries of its sorted list.
+        scores 0): the first k live entries of its sorted list (dead entries hold 0).
         """
-        flat_order, dist, is_other = self.flat_order, self.sorted, self.is_other
-        alive_sets = alive
+        live, dist, alive_sets = self.live, self.sorted, alive
         if sets is not None:
-            flat_order, dist, is_other = flat_order[sets], dist[sets], is_other[sets]
-            alive_sets = alive[sets]
-        neighbour = is_other & np.take(alive.ravel(), flat_order)
+            live, dist, alive_sets = live[sets], dist[sets], alive[sets]
         r = alive_sets.sum(axis=1)
         k = np.minimum(np.maximum(r - f - 2, 1), r - 1).astype(self.count_dtype)
-        nearest = np.cumsum(neighbour, axis=2, dtype=self.count_dtype) <= k[:, None, None]
-        nearest &= neighbour
+        nearest = np.cumsum(live, axis=2, dtype=self.count_dtype) <= k[:, None, None]
         scores = np.einsum("bij,bij->bi", dist, nearest, dtype=np.float64)
         return np.where(alive_sets, scores, np.inf)
 

@@ -196,7 +196,7 @@ def test_krum_and_multikrum_match_the_reference(n, f, form):
             assert agg.dropped == list(np.flatnonzero(~kept)), rule.name
 
 
-@pytest.mark.parametrize("n, f", [r for r in ROUNDS if r[0] >= 4 * r[1] + 3])
+@pytest.mark.parametrize("n, f", [r for r in ROUNDS if r[0] >= 4 * r[1] + 3] + [(40, 3)])
 @pytest.mark.parametrize("form", ["item", "dense"])
 def test_bulyan_matches_the_reference(n, f, form):
     u = random_round(n, 200 + n + f)
