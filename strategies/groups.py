@@ -7,14 +7,18 @@ so a group lists its rows in client order), then:
 - `group_rows` gathers the groups into a few padded blocks by size class (m_i in
   (2^(b-1), 2^b]), so padding at most doubles the work and all arithmetic is elementwise
   over *lanes*, one lane per (item, coordinate);
-- `count_blocks` cuts them into exact-size blocks without padding (one per distinct m_i);
+- `count_blocks` cuts the small groups into exact-size blocks without padding (one per
+  distinct m_i) and the larger ones into padded size classes (the client Gram of Krum);
 - `sort_slots` sorts every lane of a block. For narrow blocks it runs a Batcher sorting
   network of np.minimum/np.maximum over all lanes at once: numpy's own sort pays ~100 ns of
   overhead per lane, which for groups of a few rows costs more than the sorting itself;
 - `item_median` takes the coordinate-wise median of every group with a median *selection*
   network: the sorting network pruned to the comparators the middle outputs depend on,
   each comparator computing only the side that is used later, on blocks padded evenly
-  with -inf and +inf so that every group's median sits on the same middle wires.
+  with -inf and +inf so that every group's median sits on the same middle wires;
+- `dense_trimmed_mean` and `dense_nearest_mean` (Bulyan's step 2) pad each group with just
+  enough zeros to stand for the N - m_i absent clients at the ranks that matter, so the
+  ranks to read are the same slots for a whole block.
 
 The Python loops run over size classes, comparators of a network of width <= 16, or
 distinct group sizes: never over items or coordinates.
@@ -86,11 +90,10 @@ def grouped_order(ids: np.ndarray, min_count: int = 1, max_count: int | None = N
 
 
 def group_rows(ids: np.ndarray, min_count: int = 1, max_count: int | None = None,
-               keep: np.ndarray | None = None, widths=None) -> list[RowBucket]:
-    """Rows grouped by item id, in size classes: groups of min_count <= m_i (< max_count)
-    rows, among the rows where `keep` if given. Row indices refer to the full `ids`.
-    Classes: m_i in (2^(b-1), 2^b], or, with `widths` (ascending), m_i in
-    (widths[j-1], widths[j]] (and powers of two beyond the last)."""
+               keep: np.ndarray | None = None) -> list[RowBucket]:
+    """Rows grouped by item id, in size classes m_i in (2^(b-1), 2^b]: groups of
+    min_count <= m_i (< max_count) rows, among the rows where `keep` if given. Row indices
+    refer to the full `ids`; a class is as wide as its largest group."""
     order, _ = grouped_order(ids, min_count, max_count, keep)
     if len(order) == 0:
         return []
@@ -98,7 +101,7 @@ def group_rows(ids: np.ndarray, min_count: int = 1, max_count: int | None = None
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
     items = sorted_ids[starts]
     counts = np.diff(np.r_[starts, len(order)])
-    size_class = class_width(counts, (1,) if widths is None else widths)
+    size_class = class_width(counts, (1,))
     buckets = []
     for cls in np.unique(size_class):
         sel = size_class == cls

@@ -79,7 +79,6 @@ def gram_of(x: np.ndarray) -> np.ndarray:
         return torch.bmm(t, t.transpose(1, 2)).numpy()
 
 
-SCORE_WIDTHS = None  # item-level Krum: size classes of the scored items (None: powers of 2)
 EXACT_BLOCKS = 9  # client grams: items of m_i < 9 rows in exact-size blocks, the rest padded
 
 
@@ -259,7 +258,7 @@ def item_level_multikrum(updates: RoundUpdates, f: int, drop: int):
     item_grad = np.zeros((updates.n_items, rows.shape[1]), np.float32)
     kept = np.ones(len(ids), bool)
     weights = updates.weights[owner].astype(np.float32)
-    for b in group_rows(ids, min_count=f + 3, widths=SCORE_WIDTHS):
+    for b in group_rows(ids, min_count=f + 3):
         x = b.gather(rows, 0.0, groups_first=True)  # (U, width, dim)
         keep = multikrum_keep(block_sq_distances(x, b.counts), f,
                               np.maximum(1, b.counts - drop), b.counts)
