@@ -53,10 +53,17 @@ def item_level_mean(ids_list, rows_list, weights, n_items: int) -> np.ndarray:
 def item_level_mean_stacked(ids, rows, owner, weights, n_items: int) -> np.ndarray:
     """item_level_mean on stacked uploads."""
     w = np.asarray(weights, dtype=np.float64)
-    total = sparse_weighted_sum(ids, rows, w[owner], n_items)
-    denom = np.bincount(ids, weights=w[owner], minlength=n_items)
-    touched = denom > 0
-    total[touched] /= denom[touched, None].astype(np.float32)
+    return item_level_weighted_mean(ids, rows, w[owner], w[owner], n_items)
+
+
+def item_level_weighted_mean(ids, rows, row_weights, denom_weights, n_items: int):
+    """G[i] = sum_r a_r rows[r] / sum_r b_r over the rows r of item i (0 where sum b = 0):
+    a = row_weights, b = denom_weights (a = b * scale for clipped rows)."""
+    total = sparse_weighted_sum(ids, rows, row_weights, n_items)
+    denom = np.bincount(ids, weights=denom_weights, minlength=n_items)
+    # where sum b = 0 the sum is 0 too: divide by 1 there (one pass over the table; a
+    # boolean gather and scatter of the touched rows costs ~2x more)
+    total /= np.where(denom > 0, denom, 1.0).astype(np.float32)[:, None]
     return total
 
 

@@ -22,17 +22,19 @@ import numpy as np
 
 from strategies.krum import (
     NeighbourOrder,
+    block_sq_distances,
     client_sq_distances,
-    group_sq_distances,
     vector_sq_distances,
 )
+from strategies.groups import dense_nearest_mean, group_rows
 from strategies.robust import (
     MEDIAN,
+    AugmentedOrder,
     RobustRule,
     coordinate_trimmed_mean,
     flat_predictors,
-    group_rows,
     reduce_groups,
+    sort_padded,
     unflatten,
 )
 from strategies.rule import Aggregate, RoundUpdates
@@ -50,21 +52,33 @@ def bulyan_select(sq_dist: np.ndarray, alive: np.ndarray, f: int, theta: np.ndar
     theta = np.asarray(theta)
     for step in range(int(theta.max(initial=0))):
         picking = np.flatnonzero(step < theta)
-        best = np.argmin(neighbours.scores(alive, f, picking), axis=1)
+        every = len(picking) == len(theta)  # all sets pick: no subset copies
+        best = np.argmin(neighbours.scores(alive, f, None if every else picking), axis=1)
         selected[picking, best] = True
         alive[picking, best] = False
+        neighbours.remove(picking, best)
     return selected
 
 
-def nearest_to_median_mean(ids, rows, n_items: int, f: int, n_clients: int | None = None):
-    """Step 2 per item and coordinate: mean of the N - 2f values nearest the median.
+def nearest_to_median_mean(ids, rows, n_items: int, f: int, n_clients: int | None = None,
+                           keep=None, out=None):
+    """Step 2 per item and coordinate: mean of the N - 2f values nearest the median, over
+    the rows where `keep` (all if None), into `out` if given (see robust.reduce_groups).
 
     Dense shortcut: an item with m_i <= min(2f, (N - 1) // 2) real values has median 0 and
     at least N - 2f zeros, which are the nearest values: its result is 0 without sorting.
+    Dense items with up to (N - 1) // 2 rows (median 0) go through
+    groups.dense_nearest_mean (zero-padded blocks, fixed slots), the rest through
+    robust.AugmentedOrder.
     """
     min_count = 1 if n_clients is None else 1 + min(2 * f, (n_clients - 1) // 2)
+    if n_clients is not None and 2 * f < (n_clients - 1) // 2:  # median 0: zero-padded blocks
+        if out is None:
+            out = np.zeros((n_items, rows.shape[1]), np.float32)
+        dense_nearest_mean(ids, rows, n_items, 2 * f, n_clients, out, keep)
+        min_count = (n_clients - 1) // 2 + 1
     return reduce_groups(ids, rows, n_items, lambda aug: aug.nearest_mean(2 * f), n_clients,
-                         min_count)
+                         min_count, keep=keep, out=out)
 
 
 def dense_bulyan(updates: RoundUpdates, f: int):
@@ -74,9 +88,8 @@ def dense_bulyan(updates: RoundUpdates, f: int):
     preds = flat_predictors(updates.uploads)
     dist = client_sq_distances(ids, rows, owner, n, preds)
     selected = bulyan_select(dist[None], np.ones((1, n), bool), f, np.array([n - 2 * f]))[0]
-    chosen = selected[owner]
-    item_grad = nearest_to_median_mean(ids[chosen], rows[chosen], updates.n_items, f,
-                                       n_clients=n - 2 * f)
+    item_grad = nearest_to_median_mean(ids, rows, updates.n_items, f, n_clients=n - 2 * f,
+                                       keep=selected[owner])
     predictor = [] if preds is None else unflatten(
         nearest_to_median_mean(np.zeros(n - 2 * f, np.int64), preds[selected], 1, f)[0],
         updates.uploads[0].predictor)
@@ -87,14 +100,19 @@ def item_level_bulyan(updates: RoundUpdates, f: int):
     """Bulyan among each item's rows: (item_grad, used_rows (R,) bool, items on the median)."""
     ids, rows, _ = updates.stacked
     counts = np.bincount(ids, minlength=updates.n_items)
-    eligible = counts[ids] >= 4 * f + 3
-    used = ~eligible  # the median fallback uses every row of its items
+    item_grad = np.zeros((updates.n_items, rows.shape[1]), np.float32)
+    used = counts[ids] < 4 * f + 3  # the median fallback uses every row of its items
+    # size classes (padded), not exact sizes: the picks loop runs once per class. Step 2
+    # sorts the block already gathered, the rows not picked set to +inf (past theta_i).
     for b in group_rows(ids, min_count=4 * f + 3):
-        picked = bulyan_select(group_sq_distances(b, rows), b.members, f, b.counts - 2 * f)
+        x = b.gather(rows, 0.0, groups_first=True)
+        theta = b.counts - 2 * f
+        picked = bulyan_select(block_sq_distances(x, b.counts), b.members, f, theta)
         used[b.rows.T[picked]] = True
-    chosen = used & eligible
-    item_grad = nearest_to_median_mean(ids[chosen], rows[chosen], updates.n_items, f)
-    item_grad += coordinate_trimmed_mean(ids[~eligible], rows[~eligible], updates.n_items, MEDIAN)
+        slots = np.where(picked.T[:, :, None], x.transpose(1, 0, 2), np.float32(np.inf))
+        item_grad[b.items] = AugmentedOrder(sort_padded(slots), theta).nearest_mean(2 * f)
+    coordinate_trimmed_mean(ids, rows, updates.n_items, MEDIAN, max_count=4 * f + 3,
+                            out=item_grad)
     on_median = int(np.count_nonzero((counts > 0) & (counts < 4 * f + 3)))
     return item_grad, used, on_median
 

@@ -21,72 +21,101 @@ weighted by sample count (Krum is Multi-Krum with m = 1).
 Squared distances come from Gram matrices, ||a||^2 + ||b||^2 - 2<a, b>: per item a batched
 (m_i x m_i) float32 product (rows centred first), and for whole updates the sum over items
 of those products scattered to client pairs (float64), so no dense (n, n_items * dim)
-matrix is ever built.
+matrix is ever built. Items are handled in exact-size blocks (all items sent by exactly k
+clients at once, or padded size classes): the Python loops run over blocks, never items.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import sparse_weighted_sum
+from strategies.groups import count_blocks, group_rows
 from strategies.robust import (
     MEDIAN,
     RobustRule,
     coordinate_trimmed_mean,
     flat_predictors,
-    group_rows,
     row_sq_norms,
     unflatten,
 )
 from strategies.rule import Aggregate, RoundUpdates
 
 
-def group_grams(bucket, rows: np.ndarray, center: bool = False) -> np.ndarray:
-    """(U, width, width) Gram matrices of each group's rows (padding rows = 0).
+def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """(U, k, k) float32 squared L2 distances between the k rows of each of U groups
+    (x: (U, k, dim)), as ||a||^2 + ||b||^2 - 2<a, b> from the Gram of the centred rows,
+    clamped to [0, float32's maximum]. counts: group g has only its first counts[g] rows,
+    the rest is zero padding (its entries are left meaningless: the callers mask them).
 
-    center=True subtracts each group's mean row first: distances do not change, and the
-    float32 products no longer carry the rows' common offset (less cancellation in
-    ||a||^2 + ||b||^2 - 2<a, b>). float32 unless that overflows (only crafted rows near
-    float32's limit do), then float64. numpy's batched matmul: torch.bmm with two
-    threads was ~10x slower on these many small matrices.
-    """
-    gathered = bucket.gather(rows, 0.0, groups_first=True)  # (U, width, dim)
+    Centring (subtracting each group's mean row) does not change distances, and the float32
+    products no longer carry the rows' common offset (less cancellation). The sum
+    ||a||^2 + ||b||^2 - 2<a, b> is taken in float32 (one rounding more than in float64:
+    ~1e-7 of the distance) unless it could overflow there; float64 throughout only where
+    the float32 products overflow (crafted rows near float32's limit)."""
+    k = np.float32(x.shape[1]) if counts is None else counts[:, None, None].astype(np.float32)
+    big = np.finfo(np.float32).max
     for dtype in (np.float32, np.float64):
-        x = gathered.astype(dtype, copy=False)
-        with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow: checked below
-            if center:
-                mean = x.sum(axis=1, keepdims=True) / bucket.counts[:, None, None].astype(dtype)
-                x = (x - mean) * bucket.members[:, :, None]
-            gram = np.matmul(x, x.transpose(0, 2, 1))
+        xx = x.astype(dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            gram = gram_of(xx - xx.sum(axis=1, keepdims=True) / k.astype(dtype))
         if np.isfinite(gram).all():
             break
-    return gram
-
-
-def group_sq_distances(bucket, rows: np.ndarray) -> np.ndarray:
-    """(U, width, width) squared L2 distances between the rows of each group of a bucket."""
-    gram = group_grams(bucket, rows, center=True).astype(np.float64)
+    if gram.dtype != np.float32 or np.abs(gram).max(initial=0) > big / 4:
+        gram = gram.astype(np.float64)  # the sum could overflow float32
     sq = np.diagonal(gram, axis1=1, axis2=2)
-    return np.maximum(sq[:, :, None] + sq[:, None, :] - 2 * gram, 0.0)
+    dist = sq[:, :, None] + sq[:, None, :]
+    dist -= 2 * gram
+    return np.clip(dist, 0, big, out=dist).astype(np.float32, copy=False)
+
+
+def gram_of(x: np.ndarray) -> np.ndarray:
+    """(U, k, k) Gram matrices of a (U, k, dim) stack. torch.bmm (one thread, see
+    fedrec.runtime): ~1.4x faster than numpy's matmul on these many small matrices."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = torch.from_numpy(x)
+        return torch.bmm(t, t.transpose(1, 2)).numpy()
+
+
+EXACT_BLOCKS = 9  # client grams: items of m_i < 9 rows in exact-size blocks, the rest padded
 
 
 def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np.ndarray:
     """(n, n) squared L2 distances between whole updates (untouched rows 0, + predictor).
 
-    Gram = sum over items of the items' row Gram matrices, scattered to client pairs (a
-    client sends an item at most once); the diagonal (squared norms) in float64.
+    Gram[a, b] = sum over the items i that both a and b sent of <g_a[i], g_b[i]>: per item
+    the (m_i x m_i) Gram of its rows, added to the client pairs (a client sends an item at
+    most once), O(sum_i m_i^2 dim) in all. Items of a few rows (most of them) come in
+    exact-size blocks (groups.count_blocks), the rest in padded size classes (padding rows
+    are zeros, booked to a dummy client n): one batched product and bincount per block.
+    The diagonal (squared norms) in float64.
     """
     n = n_clients
-    gram = np.zeros(n * n)
-    for b in group_rows(ids, min_count=2):  # only items two clients share add cross terms
-        item_gram = group_grams(b, rows)
-        who = np.where(b.rows >= 0, owner[np.maximum(b.rows, 0)], -1).T  # (U, width)
-        pair = (who[:, :, None] >= 0) & (who[:, None, :] >= 0)
-        pair &= who[:, :, None] != who[:, None, :]
-        index = who[:, :, None] * n + who[:, None, :]
-        gram += np.bincount(index[pair], weights=item_gram[pair], minlength=n * n)
-    gram = gram.reshape(n, n)
+    size = (n + 1) ** 2
+    gram = np.zeros(size)
+
+    def add(who, x):  # who (U, k) clients, x (U, k, dim) their rows
+        g = gram_of(x)
+        if not np.isfinite(g).all():  # float32 overflow: crafted rows near its limit
+            g = gram_of(x.astype(np.float64))
+        gram[:] += np.bincount((who[:, :, None] * (n + 1) + who[:, None, :]).ravel(),
+                               g.ravel(), size)
+
+    # only items two clients share add cross terms
+    order, exact, padded = count_blocks(ids, 2, EXACT_BLOCKS)
+    who_all = owner[order]
+    cut = exact[-1][2] if exact else 0  # the exact blocks come first (sorted by m_i)
+    x_all = np.take(rows, order[:cut], axis=0)
+    for k, a, b in exact:
+        add(who_all[a:b].reshape(-1, k), x_all[a:b].reshape(-1, k, rows.shape[1]))
+    for rows_idx in padded:  # (U, width), -1 = padding: zero rows of a dummy client n
+        x = np.take(rows, np.maximum(rows_idx, 0).ravel(), axis=0)
+        x = x.reshape(rows_idx.shape + rows.shape[1:])
+        x[rows_idx < 0] = 0.0
+        add(np.where(rows_idx >= 0, owner[np.maximum(rows_idx, 0)], n), x)
+    gram = gram.reshape(n + 1, n + 1)[:n, :n].copy()
     gram[np.diag_indices(n)] = np.bincount(owner, weights=row_sq_norms(rows), minlength=n)
     if predictors is not None:
         p = predictors.astype(np.float64)
@@ -108,10 +137,12 @@ def gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
 
 
 class NeighbourOrder:
-    """Each member's other members sorted by squared distance, for repeated Krum scoring.
+    """Each member's other members sorted by squared distance, for repeated Krum scoring
+    as members leave (Bulyan's picks).
 
     sq_dist (B, c, c) within B sets; members (B, c) marks real members (the rest is
-    padding). Sorting once lets Bulyan rescore after every pick without sorting again.
+    padding). Sorting once lets Bulyan rescore after every pick without sorting again;
+    `remove` takes a member out of its set's lists (one entry per list, not a rescan).
     """
 
     def __init__(self, sq_dist: np.ndarray, members: np.ndarray):
@@ -119,53 +150,78 @@ class NeighbourOrder:
         others = members[:, None, :] & ~np.eye(c, dtype=bool)[None]
         # ties: the earlier client
         order = np.argsort(np.where(others, sq_dist, np.inf), axis=2, kind="stable")
-        # flat indices: member (b, order[b, a, j]) of the (B * c) member table
-        self.flat_order = order + (np.arange(B) * c)[:, None, None]
+        self.rank = np.empty_like(order)  # rank[b, a, p]: where p sits in a's list
+        np.put_along_axis(self.rank, order, np.broadcast_to(np.arange(c), order.shape), axis=2)
         lanes = (np.arange(B * c) * c)[:, None]  # row (b, a) of the (B * c, c) tables
         picks = (lanes + order.reshape(B * c, c)).ravel()
-        self.is_other = others.ravel()[picks].reshape(B, c, c)
+        # live[b, a, j]: a's j-th nearest is another member still in the set
+        self.live = others.ravel()[picks].reshape(B, c, c)
         # float32, distances beyond its range clamped to its maximum (they stay the largest;
         # inf would turn the masked-out terms of the score's product into nan); 0 where not
-        # a neighbour
+        # a live neighbour
         nearest_first = np.minimum(sq_dist.ravel()[picks], np.finfo(np.float32).max)
-        self.sorted = np.where(self.is_other, nearest_first.reshape(B, c, c), 0.0
-                               ).astype(np.float32)
+        self.sorted = np.where(self.live, nearest_first.reshape(B, c, c), 0.0).astype(np.float32)
         self.count_dtype = np.int8 if c < 127 else np.int32
+
+    def remove(self, sets: np.ndarray, members: np.ndarray):
+        """Member members[i] leaves set sets[i]: its entry in every list of that set dies."""
+        c = self.live.shape[1]
+        pos = self.rank[sets, :, members]  # (S, c): its place in each list
+        lists = (sets[:, None], np.arange(c)[None, :], pos)
+        self.live[lists] = False
+        self.sorted[lists] = 0.0
 
     def scores(self, alive: np.ndarray, f: int, sets=None) -> np.ndarray:
         """(B, c) Krum scores among the alive members (of `sets` only, if given); inf for
-        the others.
+        the others. `alive` must match the removals so far.
 
         With r alive members, each alive a sums its k = max(1, r - f - 2) smallest
         distances to the other alive members (all of them when fewer exist: a lone member
-        scores 0): the first k alive entries of its sorted list.
+        scores 0): the first k live entries of its sorted list (dead entries hold 0).
         """
-        flat_order, dist, is_other = self.flat_order, self.sorted, self.is_other
-        alive_sets = alive
+        live, dist, alive_sets = self.live, self.sorted, alive
         if sets is not None:
-            flat_order, dist, is_other = flat_order[sets], dist[sets], is_other[sets]
-            alive_sets = alive[sets]
-        neighbour = is_other & np.take(alive.ravel(), flat_order)
+            live, dist, alive_sets = live[sets], dist[sets], alive[sets]
         r = alive_sets.sum(axis=1)
         k = np.minimum(np.maximum(r - f - 2, 1), r - 1).astype(self.count_dtype)
-        nearest = np.cumsum(neighbour, axis=2, dtype=self.count_dtype) <= k[:, None, None]
-        nearest &= neighbour
+        nearest = np.cumsum(live, axis=2, dtype=self.count_dtype) <= k[:, None, None]
         scores = np.einsum("bij,bij->bi", dist, nearest, dtype=np.float64)
         return np.where(alive_sets, scores, np.inf)
 
 
-def krum_scores(sq_dist: np.ndarray, alive: np.ndarray, f: int) -> np.ndarray:
-    """(B, c) Krum scores within each of B sets of c members (see NeighbourOrder.scores)."""
-    return NeighbourOrder(sq_dist, alive).scores(alive, f)
+def krum_scores(sq_dist: np.ndarray, f: int, counts: np.ndarray | None = None) -> np.ndarray:
+    """(B, c) float64 Krum scores within each of B sets of c members:
+
+        score(a) = sum of the k = max(1, m - f - 2) smallest ||x_a - x_b||^2, b != a
+
+    among the m members of the set (all m - 1 others when fewer exist; a lone member
+    scores 0). counts: set b has only its first counts[b] members (the rest is padding,
+    scored inf); None: all c. The distances are summed as float32 values (clamped to
+    float32's range: beyond it they stay the largest) in float64, as
+    `NeighbourOrder.scores` does."""
+    B, c, _ = sq_dist.shape
+    m = np.full(B, c) if counts is None else np.asarray(counts)
+    member = np.arange(c) < m[:, None]  # (B, c)
+    neighbour = member[:, None, :] & ~np.eye(c, dtype=bool)  # not oneself, not padding
+    if sq_dist.dtype != np.float32:
+        sq_dist = np.minimum(sq_dist, np.finfo(np.float32).max).astype(np.float32)
+    dist = np.where(neighbour, sq_dist, np.float32(np.inf))
+    k = np.minimum(np.maximum(m - f - 2, 1), m - 1)
+    nearest = np.sort(dist, axis=2)  # padding and self last (inf)
+    scores = np.sum(nearest, axis=2, dtype=np.float64,
+                    where=(np.arange(c) < k[:, None])[:, None, :])
+    return np.where(member, scores, np.inf)
 
 
-def multikrum_keep(sq_dist: np.ndarray, alive: np.ndarray, f: int, keep: np.ndarray) -> np.ndarray:
-    """(B, c) bool: the keep[b] alive members of set b with the lowest Krum scores."""
-    scores = krum_scores(sq_dist, alive, f)
-    order = np.argsort(scores, axis=1, kind="stable")  # ties: the earlier client
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
-    return (rank < np.asarray(keep)[:, None]) & alive
+def multikrum_keep(sq_dist: np.ndarray, f: int, keep, counts: np.ndarray | None = None
+                   ) -> np.ndarray:
+    """(B, c) bool: the `keep` (scalar or per set) members of each set with the lowest
+    Krum scores (see krum_scores for counts); ties: the earlier member."""
+    order = np.argsort(krum_scores(sq_dist, f, counts), axis=1, kind="stable")
+    kept = np.zeros(order.shape, bool)
+    np.put_along_axis(kept, order, np.arange(order.shape[1]) < np.asarray(keep).reshape(-1, 1),
+                      axis=1)
+    return kept
 
 
 def weighted_mean_of(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -179,7 +235,7 @@ def dense_multikrum(updates: RoundUpdates, f: int, keep: int):
     n = len(updates)
     preds = flat_predictors(updates.uploads)
     dist = client_sq_distances(ids, rows, owner, n, preds)
-    kept = multikrum_keep(dist[None], np.ones((1, n), bool), f, np.array([keep]))[0]
+    kept = multikrum_keep(dist[None], f, keep)[0]
     w = np.where(kept, updates.weights, 0.0)
     w = w / w.sum()
     item_grad = sparse_weighted_sum(ids, rows, w[owner], updates.n_items)
@@ -192,22 +248,27 @@ def item_level_multikrum(updates: RoundUpdates, f: int, drop: int):
     """Multi-Krum per item among its rows, keeping max(1, m_i - drop) rows of each item.
 
     Returns (item_grad, kept_rows (R,) bool, items on the median (count)). Rows of items
-    with m_i <= f + 2 count as kept: the median uses them all.
+    with m_i <= f + 2 count as kept: the median uses them all. Items come in size classes
+    (groups.group_rows); per class one gather of the rows, then distances, scores, ranks
+    and the weighted mean of the kept rows on that block (float32, rows added in client
+    order, as sparse_weighted_sum does).
     """
     ids, rows, owner = updates.stacked
     counts = np.bincount(ids, minlength=updates.n_items)
-    scored = counts[ids] >= f + 3
-    kept = ~scored
+    item_grad = np.zeros((updates.n_items, rows.shape[1]), np.float32)
+    kept = np.ones(len(ids), bool)
+    weights = updates.weights[owner].astype(np.float32)
     for b in group_rows(ids, min_count=f + 3):
-        keep = multikrum_keep(group_sq_distances(b, rows), b.members, f,
-                              np.maximum(1, b.counts - drop))
-        kept[b.rows.T[keep]] = True
-    w = np.where(kept & scored, updates.weights[owner], 0.0)
-    item_grad = sparse_weighted_sum(ids, rows, w, updates.n_items)
-    denom = np.bincount(ids, weights=w, minlength=updates.n_items)
-    has = denom > 0
-    item_grad[has] /= denom[has, None].astype(np.float32)
-    item_grad += coordinate_trimmed_mean(ids[~scored], rows[~scored], updates.n_items, MEDIAN)
+        x = b.gather(rows, 0.0, groups_first=True)  # (U, width, dim)
+        keep = multikrum_keep(block_sq_distances(x, b.counts), f,
+                              np.maximum(1, b.counts - drop), b.counts)
+        kept[b.rows.T[b.members & ~keep]] = False
+        w = np.where(keep, weights[np.maximum(b.rows.T, 0)], np.float32(0))
+        x *= w[:, :, None]
+        denom = w.sum(axis=1, dtype=np.float64)  # 0 only if every kept row weighs 0
+        item_grad[b.items] = x.sum(axis=1) / np.where(denom > 0, denom, 1.0).astype(
+            np.float32)[:, None]
+    coordinate_trimmed_mean(ids, rows, updates.n_items, MEDIAN, max_count=f + 3, out=item_grad)
     on_median = int(np.count_nonzero((counts > 0) & (counts < f + 3)))
     return item_grad, kept, on_median
 
@@ -252,8 +313,7 @@ class MultiKrumRule(RobustRule):
         preds = flat_predictors(updates.uploads)
         predictor = []
         if preds is not None:
-            pred_kept = multikrum_keep(vector_sq_distances(preds)[None], np.ones((1, n), bool),
-                                       self.f, np.array([keep]))[0]
+            pred_kept = multikrum_keep(vector_sq_distances(preds)[None], self.f, keep)[0]
             predictor = unflatten(weighted_mean_of(preds[pred_kept], updates.weights[pred_kept]),
                                   updates.uploads[0].predictor)
             used |= pred_kept

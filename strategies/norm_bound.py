@@ -17,8 +17,8 @@ import numpy as np
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import (
-    dense_mean_stacked,
-    item_level_mean_stacked,
+    item_level_weighted_mean,
+    sparse_weighted_sum,
     weighted_mean_arrays,
 )
 from strategies.robust import RobustRule, flat_predictors, row_sq_norms
@@ -80,10 +80,14 @@ class NormBoundRule(RobustRule):
         split the rows into uploads and stack them again)."""
         row_scale, pred_scale = clip_scales(updates, self.bound, self.granularity)
         ids, rows, owner = updates.stacked
-        clipped = (rows * row_scale[:, None]).astype(np.float32)
         w = np.asarray(updates.weights, dtype=np.float64)
-        mean = dense_mean_stacked if self.granularity == "dense" else item_level_mean_stacked
-        item_grad = mean(ids, clipped, owner, w, updates.n_items)
+        # the clipping factor folds into each row's weight: no clipped copy of the rows
+        if self.granularity == "dense":
+            row_w = (w / w.sum() if w.sum() > 0 else w)[owner] * row_scale
+            item_grad = sparse_weighted_sum(ids, rows, row_w, updates.n_items)
+        else:
+            item_grad = item_level_weighted_mean(ids, rows, w[owner] * row_scale, w[owner],
+                                                 updates.n_items)
         predictor = weighted_mean_arrays(
             [[a * s for a in u.predictor] for u, s in zip(updates.uploads, pred_scale)], w)
         # info["clipped"]: clients (dense) or rows (item-level) that were over the bound

@@ -3,14 +3,9 @@
 An item-level rule works on each item's *group*: the rows g_c[i] of the clients C_i that
 uploaded item i, m_i = |C_i|. The dense form of the same rule works on all n clients, the
 n - m_i clients that did not upload row i counting as zero rows (as Flower's built-ins see
-dense updates). Both forms run on the same grouped rows:
+dense updates). Both forms run on the same grouped rows (strategies.groups: grouping by
+item into padded size classes, sorting networks, the item-level median):
 
-- `group_rows` sorts the stacked rows by item and gathers the groups into a few padded
-  blocks by size class (m_i in (2^(b-1), 2^b]), so padding at most doubles the work and all
-  arithmetic is elementwise over *lanes*, one lane per (item, coordinate).
-- `sort_slots` sorts every lane of a block. For narrow blocks it runs a Batcher sorting
-  network of np.minimum/np.maximum over all lanes at once: numpy's own sort pays ~100 ns of
-  overhead per lane, which for groups of a few rows costs more than the sorting itself.
 - `AugmentedOrder` reads order statistics of a lane's m sorted values *plus z zeros* without
   materialising the zeros; z = n - m_i gives the dense form, z = 0 the item-level form.
 - A dense array (the predictor) is one group in which every client has a row.
@@ -22,116 +17,20 @@ coordinates.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import numpy as np
 
 from fedrec.errors import ConfigError
+from strategies.groups import (  # noqa: F401 (sort_slots, sorting_network: re-exported)
+    RowBucket,
+    dense_trimmed_mean,
+    group_rows,
+    item_median,
+    sort_slots,
+    sorting_network,
+)
 from strategies.rule import Aggregate, AggregationRule, RoundUpdates
 
 MEDIAN = None  # `trim` value meaning: trim all but the middle one or two values
-NETWORK_MAX_WIDTH = 16  # wider blocks have few lanes: numpy's sort is cheaper there
-
-
-# ------------------------------------------------------------------------- grouping rows
-
-
-@dataclass
-class RowBucket:
-    """Groups of similar size: rows[s, g] = index of the s-th row of group g (-1 = padding)."""
-
-    items: np.ndarray  # (U,) item id of each group
-    counts: np.ndarray  # (U,) m_i
-    rows: np.ndarray  # (width, U) indices into the stacked rows
-
-    @property
-    def width(self) -> int:
-        return self.rows.shape[0]
-
-    @property
-    def members(self) -> np.ndarray:
-        """(U, width) bool: slot s of group g holds a row."""
-        return (self.rows >= 0).T
-
-    def gather(self, values: np.ndarray, fill: float, groups_first: bool = False) -> np.ndarray:
-        """(width, U, dim) values of the groups' rows, `fill` in the padding slots;
-        (U, width, dim) with groups_first."""
-        index = self.rows.T if groups_first else self.rows
-        out = np.take(values, np.maximum(index, 0).ravel(), axis=0)  # ~2x faster than []
-        out = out.reshape(index.shape + values.shape[1:])
-        out[np.nonzero(index < 0)] = fill
-        return out
-
-
-def group_rows(ids: np.ndarray, min_count: int = 1) -> list[RowBucket]:
-    """Rows grouped by item id (groups with at least `min_count` rows), in size classes."""
-    if len(ids) == 0:
-        return []
-    order = np.argsort(ids, kind="stable")  # stable: a group lists its rows in client order
-    sorted_ids = ids[order]
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-    items = sorted_ids[starts]
-    counts = np.diff(np.r_[starts, len(ids)])
-    keep = counts >= min_count
-    items, starts, counts = items[keep], starts[keep], counts[keep]
-    size_class = np.ceil(np.log2(counts)).astype(np.int64)
-    buckets = []
-    for cls in np.unique(size_class):
-        sel = size_class == cls
-        width = int(counts[sel].max())
-        slot = np.arange(width)[:, None]
-        pos = np.minimum(starts[sel][None, :] + slot, len(order) - 1)
-        rows = np.where(slot < counts[sel][None, :], order[pos], -1)
-        buckets.append(RowBucket(items[sel], counts[sel], rows))
-    return buckets
-
-
-# ------------------------------------------------------------------------- sorting lanes
-
-
-@functools.lru_cache(maxsize=None)
-def sorting_network(width: int) -> tuple:
-    """Comparators (i, j), i < j, of Batcher's odd-even merge sort for `width` inputs.
-
-    Built for the next power of two; comparators reaching past `width` are dropped, which
-    is exact because virtual inputs past the end would hold +inf and never move.
-    """
-    size = 1 << max(0, width - 1).bit_length()
-    pairs = []
-    p = 1
-    while p < size:
-        k = p
-        while k >= 1:
-            for j in range(k % p, size - k, 2 * k):
-                for i in range(min(k, size - j - k)):
-                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
-                        pairs.append((i + j, i + j + k))
-            k //= 2
-        p *= 2
-    return tuple((a, b) for a, b in pairs if b < width)
-
-
-def sort_slots(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Every lane of x (width, lanes) sorted ascending along axis 0, into `out` if given.
-
-    x itself is used as scratch space and left in no particular order.
-    """
-    width = x.shape[0]
-    if out is None:
-        out = np.empty_like(x)
-    if width > NETWORK_MAX_WIDTH:
-        out[...] = np.sort(np.ascontiguousarray(x.T), axis=1).T
-        return out
-    rows = list(x)
-    if width > 1:
-        spare = np.empty_like(rows[0])
-        for i, j in sorting_network(width):
-            np.minimum(rows[i], rows[j], out=spare)
-            np.maximum(rows[i], rows[j], out=rows[j])
-            rows[i], spare = spare, rows[i]  # swap buffers instead of copying the minimum back
-    np.stack(rows, out=out)
-    return out
 
 
 class AugmentedOrder:
@@ -144,12 +43,17 @@ class AugmentedOrder:
         a[k] = min(s[k], max(s[k - z], 0)),   s[j] = +inf for j >= m, -inf for j < 0
 
     (below the negatives count: s[k]; among the zeros: 0; above: s[k - z]): two gathers of
-    (U, dim) rows. A real value s[j] sits at rank j if negative, j + z otherwise. z = 0 is
-    the item-level form (a = s).
+    (U, dim) rows. z = 0 is the item-level form (a = s).
 
-    Sums over a range of ranks add the values in the range directly. Subtracting the
-    trimmed values from a total (or prefix sums) would be cheaper but is not safe: a client
-    may send 1e30 (finite, so valid), and total - 1e30 loses every significant digit.
+    Sums over a range of ranks [lo, hi) use the clipping identity, with L = a[lo] and
+    H = a[hi - 1]:
+
+        sum_{lo <= k < hi} a[k] = sum_k clip(a[k], L, H) - lo * L - (N - hi) * H
+
+    (ranks below lo clip to L, ranks from hi on clip to H): one pass over the unsorted
+    order, the z zeros adding z * clip(0, L, H), whatever the bounds of each lane. Every
+    term lies in [L, H], the kept values' own range, so a crafted 1e30 that is trimmed
+    costs no precision (prefix sums, total - 1e30, would lose every digit).
     """
 
     def __init__(self, padded: np.ndarray, counts: np.ndarray, zeros=0):
@@ -163,41 +67,59 @@ class AugmentedOrder:
         self.augmented = bool(self.z.any())
         self._groups = np.arange(len(counts))
 
-    def _slot(self, j: np.ndarray) -> np.ndarray:
-        return self.padded[np.clip(j + 1, 0, len(self.padded) - 1), self._groups]
+    def _slot(self, j: np.ndarray, per_lane: bool) -> np.ndarray:
+        j = np.clip(j + 1, 0, len(self.padded) - 1)
+        if per_lane:  # j (U, dim)
+            return np.take_along_axis(self.padded, j[None], axis=0)[0]
+        return self.padded[j, self._groups]  # j (..., U): one rank per group
 
-    def value(self, k) -> np.ndarray:
-        """(U, dim): the rank-k value (k scalar or per group) of each lane."""
-        k = np.broadcast_to(np.asarray(k, dtype=np.int64), self.m.shape)
+    def value(self, k, per_lane: bool = False) -> np.ndarray:
+        """The rank-k value of each lane: (U, dim) for k scalar or per group (U,);
+        (L, U, dim) for L ranks per group (L, U) or L scalar ranks (L, 1); per_lane: k is
+        (U, dim), one rank per lane."""
+        k = np.asarray(k, dtype=np.int64)
+        if not per_lane:
+            k = np.broadcast_to(k, k.shape[:-1] + self.m.shape if k.ndim else self.m.shape)
         if not self.augmented:
-            return self._slot(k)
-        return np.minimum(self._slot(k), np.maximum(self._slot(k - self.z), np.float32(0)))
+            return self._slot(k, per_lane)
+        z = self.z[:, None] if per_lane else self.z
+        return np.minimum(self._slot(k, per_lane),
+                          np.maximum(self._slot(k - z, per_lane), np.float32(0)))
 
     def rank_sum(self, lo, hi) -> np.ndarray:
-        """(U, dim): the sum of the values of ranks [lo, hi); bounds per group (U,) or lane.
+        """(U, dim): the sum of the values of ranks [lo, hi) (lo < hi), bounds per
+        group (U,) or lane (U, dim), by the clipping identity (class docstring).
 
-        One pass per slot j (a loop over the <= n slots of a group). A real value s_j has
-        rank j if negative and j + z otherwise. Masks that vary only per group go through
-        ufunc `where=` (fast when broadcast); per-lane masks multiply the values (a 2-D
-        `where=` or np.where is ~10x slower), after the group mask has excluded padding.
-        """
+        Accumulated in float64 (float32 values summed exactly enough; no overflow from
+        the +inf padding slots, which clip to H and are taken out again, nor from 50
+        values near float32's limit)."""
+        lo, hi = np.asarray(lo), np.asarray(hi)
+        if not self.augmented and lo.ndim == 1:
+            return self._slot_sum(lo, hi)
+        per_lane = lo.ndim == 2
+        return self.clipped_sum(lo, hi, self.value(lo, per_lane), self.value(hi - 1, per_lane))
+
+    def clipped_sum(self, lo, hi, low, high) -> np.ndarray:
+        """rank_sum(lo, hi) given low = a[lo] and high = a[hi - 1] (U, dim)."""
         lo, hi = np.asarray(lo), np.asarray(hi)
         if lo.ndim == 1:
             lo, hi = lo[:, None], hi[:, None]
-        per_lane = lo.ndim == 2 and lo.shape[1] > 1
-        z = self.z[:, None]
+        clipped = np.maximum(self.sorted, low, out=np.empty_like(self.sorted))
+        np.minimum(clipped, high, out=clipped)
+        total = clipped.sum(axis=0, dtype=np.float64)
+        above = (len(self.sorted) - self.m + self.n)[:, None] - hi  # N - hi, + the padding
+        total -= lo * low.astype(np.float64) + above * high.astype(np.float64)
+        if self.augmented:
+            zero = np.minimum(np.maximum(np.float32(0), low), high)
+            total += self.z[:, None] * zero.astype(np.float64)
+        return total
+
+    def _slot_sum(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """rank_sum without zeros and with bounds per group: the sorted slots [lo, hi) of
+        each group added directly (float32, a masked add per slot: cheaper than clipping)."""
         total = np.zeros(self.sorted.shape[1:], np.float32)
         for j, s_j in enumerate(self.sorted):
-            real = (j < self.m)[:, None]  # (U, 1): slot j holds a value, not +inf padding
-            in_neg = (lo <= j) & (j < hi)  # where a negative s_j would count
-            in_pos = (lo <= j + z) & (j + z < hi) if self.augmented else in_neg
-            if not per_lane and np.array_equal(in_neg, in_pos):
-                np.add(total, s_j, out=total, where=real & in_neg)
-                continue
-            negative = s_j < 0
-            keep = (negative & in_neg) | (~negative & in_pos)
-            with np.errstate(invalid="ignore"):  # inf * 0 in the padding, masked by `real`
-                np.add(total, s_j * keep, out=total, where=real)
+            np.add(total, s_j, out=total, where=((lo <= j) & (j < hi))[:, None])
         return total
 
     def median(self) -> np.ndarray:
@@ -209,7 +131,7 @@ class AugmentedOrder:
         if trim is MEDIAN:
             return self.median()
         t = np.minimum(trim, (self.n - 1) // 2)
-        return self.rank_sum(t, self.n - t) / (self.n - 2 * t).astype(np.float32)[:, None]
+        return (self.rank_sum(t, self.n - t) / (self.n - 2 * t)[:, None]).astype(np.float32)
 
     def nearest_mean(self, slack: int) -> np.ndarray:
         """Mean of the beta = N - slack values nearest to each lane's median.
@@ -219,55 +141,93 @@ class AugmentedOrder:
         higher one). With left distances dl_k = median - a[k] and right distances
         dr_k = a[N-1-k] - median, both decreasing in k, the number dropped on the left is
         s = #{s in 1..slack : dl_{s-1} > dr_{slack-s}}; the kept ranks are [s, s + beta).
+        The kept range's ends a[s] and a[s + beta - 1] are among the ranks already read
+        for the comparisons (0..slack and N-1-slack..N-1), so they are picked from those.
         """
         median = self.median()
-        n_left = np.zeros(median.shape, np.int64)
-        for s in range(1, slack + 1):
-            n_left += (median - self.value(s - 1)) > (self.value(self.n - 1 - (slack - s)) - median)
+        steps = np.arange(slack + 1)[:, None]  # all s at once
+        low_end = self.value(steps)  # (slack + 1, U, dim): ranks 0..slack
+        high_end = self.value(self.n - 1 - slack + steps)  # ranks N-1-slack..N-1
+        n_left = np.count_nonzero((median - low_end[:-1]) > (high_end[1:] - median), axis=0)
         beta = (self.n - slack)[:, None]
-        return self.rank_sum(n_left, n_left + beta) / beta.astype(np.float32)
+        low = np.take_along_axis(low_end, n_left[None], axis=0)[0]  # a[s]
+        high = np.take_along_axis(high_end, n_left[None], axis=0)[0]  # a[s + beta - 1]
+        total = self.clipped_sum(n_left, n_left + beta, low, high)
+        return (total / beta).astype(np.float32)
 
 
 def sorted_groups(bucket: RowBucket, rows: np.ndarray) -> np.ndarray:
     """(width + 2, U, dim): each group's rows sorted per coordinate, +inf past m_i, between
     a row of -inf and a row of +inf (the sentinels AugmentedOrder reads out of range)."""
-    width, n_groups = bucket.rows.shape
-    dim = rows.shape[1]
-    padded = np.empty((width + 2, n_groups * dim), rows.dtype)
+    return sort_padded(bucket.gather(rows, np.inf))
+
+
+def sort_padded(slots: np.ndarray) -> np.ndarray:
+    """(width + 2, U, dim): slots (width, U, dim) sorted along axis 0, between a row of -inf
+    and a row of +inf. `slots` is used as scratch space."""
+    width, n_groups, dim = slots.shape
+    padded = np.empty((width + 2, n_groups * dim), slots.dtype)
     padded[0], padded[-1] = -np.inf, np.inf
-    sort_slots(bucket.gather(rows, np.inf).reshape(width, -1), out=padded[1:-1])
+    sort_slots(slots.reshape(width, -1), out=padded[1:-1])
     return padded.reshape(width + 2, n_groups, dim)
 
 
 def reduce_groups(ids, rows, n_items: int, reduce, n_clients: int | None = None,
-                  min_count: int = 1) -> np.ndarray:
+                  min_count: int = 1, max_count: int | None = None, keep=None,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """out[i] = reduce(AugmentedOrder of item i's rows), coordinate-wise; 0 for absent items.
 
     n_clients=None: item-level (each item over its own contributors); otherwise dense (each
     item over n_clients values, the n_clients - m_i absent rows counting as zeros).
     Items with fewer than min_count rows are left at 0: the caller knows the zeros decide
-    them (a dense median of mostly zeros is 0).
+    them (a dense median of mostly zeros is 0). max_count, keep: only items with fewer
+    rows, only the rows where keep (see group_rows); out: write into this table (the other
+    rows untouched) instead of a new one.
     """
-    out = np.zeros((n_items, rows.shape[1]), np.float32)
-    for b in group_rows(ids, min_count):
+    if out is None:
+        out = np.zeros((n_items, rows.shape[1]), np.float32)
+    for b in group_rows(ids, min_count, max_count, keep):
         zeros = 0 if n_clients is None else n_clients - b.counts
         out[b.items] = reduce(AugmentedOrder(sorted_groups(b, rows), b.counts, zeros))
     return out
 
 
-def coordinate_trimmed_mean(ids, rows, n_items: int, trim, n_clients: int | None = None):
+def coordinate_trimmed_mean(ids, rows, n_items: int, trim, n_clients: int | None = None,
+                            **subset):
     """Per item and coordinate, the mean after dropping `trim` values from each end.
 
     Dense shortcut: an item with m_i <= t real values among N = n_clients has them all
     trimmed (its negatives sit in the t lowest ranks, its positives in the t highest), and
     one with m_i <= (N - 1) // 2 has a zero median; such items are 0 without sorting.
+    Dense, t < (N - 1) // 2: items with m_i <= N - t go through groups.dense_trimmed_mean
+    (zero-padded blocks, the middle slots summed), the rest through AugmentedOrder.
+    Item-level: an item with m_i <= 2t + 2 keeps its middle one or two values, its median:
+    those go through groups.item_median (a selection network, no full sort).
+    subset: max_count, keep, out of reduce_groups.
     """
     min_count = 1
     if n_clients is not None:
         half = (n_clients - 1) // 2
         min_count = 1 + (half if trim is MEDIAN else min(trim, half))
+        if trim is not MEDIAN and trim < half:  # zero-padded blocks up to m_i = N - t
+            out = subset.get("out")
+            if out is None:
+                out = subset["out"] = np.zeros((n_items, rows.shape[1]), np.float32)
+            dense_trimmed_mean(ids, rows, n_items, trim, n_clients, out, subset.get("keep"))
+            min_count = n_clients - trim + 1
+    else:
+        max_count = subset.pop("max_count", None)
+        median_below = None if trim is MEDIAN else 2 * trim + 3
+        if max_count is not None:
+            median_below = max_count if median_below is None else min(median_below, max_count)
+        out = item_median(ids, rows, n_items, subset.pop("out", None), median_below,
+                          subset.get("keep"))
+        if trim is MEDIAN or (max_count is not None and max_count <= 2 * trim + 3):
+            return out
+        min_count = 2 * trim + 3
+        subset.update(out=out, max_count=max_count)
     return reduce_groups(ids, rows, n_items, lambda aug: aug.trimmed_mean(trim), n_clients,
-                         min_count)
+                         min_count, **subset)
 
 
 def row_sq_norms(rows: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.errors import ConfigError
-from strategies.robust import group_rows
+from strategies.groups import group_rows
 from strategies.rule import Aggregate, AggregationRule, RoundUpdates
 
 NULL_DRAWS = 10_000  # size of the cached pool of reference log-inertias
@@ -171,7 +171,7 @@ def client_uniformities(common, weights, rows, owner, item, n_clients, device=No
 
     (positions drawing the same item are at distance 0, as in `uniformity`). The cross
     term is one pass over the K rows; the last runs over each client's own rows, clients
-    grouped by row count (strategies.robust.group_rows). When the uploads cover most
+    grouped by row count (strategies.groups.group_rows). When the uploads cover most
     sampled items (dense uploads, K > n U / 2) every client's full set is built instead
     and `weighted_pair_sums` runs on it: the same value, half the work there.
     """
