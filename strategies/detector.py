@@ -45,7 +45,7 @@ import torch
 from fedrec.errors import ConfigError
 from strategies.aggregate import dense_mean_stacked
 from strategies.robust import flat_predictors, row_sq_norms
-from strategies.rule import Aggregate, AggregationRule, RoundUpdates
+from strategies.rule import Aggregate, AggregationRule, RoundUpdates, filter_then_aggregate
 
 FORMAT = "fedrec-detector-v1"
 SKETCH_SEED = 0x44455445  # "DETE": the projections' own stream
@@ -258,7 +258,6 @@ class DetectorRule(AggregationRule):
         return self.model.predict_proba(upload_features(updates, self.sketch))[:, 1]
 
     def __call__(self, updates: RoundUpdates) -> Aggregate:
-        from strategies.union import subset_updates
 
         score = self.scores(updates) if len(updates) else np.zeros(0)
         dropped = [int(i) for i in np.flatnonzero(score >= self.threshold)]
@@ -269,9 +268,4 @@ class DetectorRule(AggregationRule):
             pred = [np.zeros_like(a) for a in updates.uploads[0].predictor] if len(updates) else []
             return Aggregate(np.zeros((updates.n_items, updates.dim), np.float32), pred, dropped,
                              {**info, "inner_dropped": 0, "dropped": len(dropped)})
-        agg = self.inner(subset_updates(updates, keep) if dropped else updates)
-        inner_dropped = [int(keep[i]) for i in agg.dropped]
-        agg.dropped = sorted(set(dropped) | set(inner_dropped))
-        agg.info = {**agg.info, **info, "inner_dropped": len(inner_dropped),
-                    "dropped": len(agg.dropped)}
-        return agg
+        return filter_then_aggregate(self.inner, updates, dropped, info)

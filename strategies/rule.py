@@ -8,6 +8,7 @@ gradient, the aggregated predictor gradient, and which uploads it dropped (posit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -56,3 +57,28 @@ class AggregationRule:
 
     def __call__(self, updates: RoundUpdates) -> Aggregate:
         raise NotImplementedError
+
+
+def subset_updates(updates: RoundUpdates, keep: np.ndarray) -> RoundUpdates:
+    """The round restricted to the uploads at positions `keep` (sorted), stacked rows sliced."""
+    ids, rows, owner = updates.stacked
+    new_index = np.full(len(updates), -1, np.int64)
+    new_index[keep] = np.arange(len(keep))
+    sel = new_index[owner] >= 0
+    out = dataclasses.replace(updates, uploads=[updates.uploads[i] for i in keep],
+                              weights=np.asarray(updates.weights)[keep])
+    out.__dict__["stacked"] = (ids[sel], rows[sel], new_index[owner[sel]])
+    return out
+
+
+def filter_then_aggregate(inner: AggregationRule, updates: RoundUpdates, dropped: list,
+                          info: dict) -> Aggregate:
+    """A filter's drops, then `inner` on the uploads kept. Aggregate.dropped = the union of
+    both drop sets as positions in the original upload list; info gains inner_dropped and
+    dropped (the total)."""
+    keep = np.setdiff1d(np.arange(len(updates)), dropped)
+    agg = inner(subset_updates(updates, keep) if dropped else updates)
+    inner_dropped = [int(keep[i]) for i in agg.dropped]
+    agg.dropped = sorted(set(dropped) | set(inner_dropped))
+    agg.info = {**agg.info, **info, "inner_dropped": len(inner_dropped), "dropped": len(agg.dropped)}
+    return agg

@@ -37,7 +37,6 @@ MF, 50 clients, s = 500: ~40 ms a round instead of ~0.5 s).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -46,7 +45,8 @@ import numpy as np
 
 from fedrec.errors import ConfigError
 from strategies.groups import group_rows
-from strategies.rule import Aggregate, AggregationRule, RoundUpdates
+from strategies.rule import (Aggregate, AggregationRule, RoundUpdates, filter_then_aggregate,
+                             subset_updates)  # noqa: F401  (subset_updates: re-exported)
 
 NULL_DRAWS = 10_000  # size of the cached pool of reference log-inertias
 NULL_SEED = 0x554E494F  # "UNIO"
@@ -406,18 +406,6 @@ def union_filter(updates: RoundUpdates, rng, *, sample_items: int = 500, gap_b: 
     return [int(i) for i in np.flatnonzero(drop)], info
 
 
-def subset_updates(updates: RoundUpdates, keep: np.ndarray) -> RoundUpdates:
-    """The round restricted to the uploads at positions `keep` (sorted), stacked rows sliced."""
-    ids, rows, owner = updates.stacked
-    new_index = np.full(len(updates), -1, np.int64)
-    new_index[keep] = np.arange(len(keep))
-    sel = new_index[owner] >= 0
-    out = dataclasses.replace(updates, uploads=[updates.uploads[i] for i in keep],
-                              weights=np.asarray(updates.weights)[keep])
-    out.__dict__["stacked"] = (ids[sel], rows[sel], new_index[owner[sel]])
-    return out
-
-
 class UnionRule(AggregationRule):
     """UNION's filter, then `inner` on the uploads it kept (server.filter: union).
 
@@ -466,10 +454,4 @@ class UnionRule(AggregationRule):
         dropped, info = union_filter(updates, self.rng, sample_items=self.sample_items,
                                      gap_b=self.gap_b, expected_attackers=self.expected_attackers,
                                      state=state, cache_dir=self.cache_dir, device=self.device)
-        keep = np.setdiff1d(np.arange(len(updates)), dropped)
-        agg = self.inner(subset_updates(updates, keep) if dropped else updates)
-        inner_dropped = [int(keep[i]) for i in agg.dropped]
-        agg.dropped = sorted(set(dropped) | set(inner_dropped))
-        agg.info = {**agg.info, **info, "inner_dropped": len(inner_dropped),
-                    "dropped": len(agg.dropped)}
-        return agg
+        return filter_then_aggregate(self.inner, updates, dropped, info)
