@@ -86,7 +86,7 @@ def _cmd_report(args) -> int:
     if args.plot_detection:
         from fedrec.plots import plot_detection
 
-        plot_detection(args.runs, args.plot_detection, window=args.window)
+        plot_detection(args.runs, args.plot_detection, window=args.window, stage=args.stage)
         print(f"detection plot written to {args.plot_detection}", file=sys.stderr)
     return 0
 
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--plot-detection", default=None,
                     help="also write a PNG of the defense's detection precision/recall per round")
     rp.add_argument("--window", type=int, default=200, help="rounds per point of --plot-detection")
+    rp.add_argument("--stage", default="", choices=["", "filter"],
+                    help="--plot-detection: only the filter's own drops (UNION's, the detector's)")
     rp.set_defaults(fn=_cmd_report)
 
     k = sub.add_parser("keys", help="list every experiment YAML key with its default")

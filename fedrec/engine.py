@@ -204,7 +204,7 @@ class Engine:
         if self.adversary is not None:
             results = self.adversary.intervene(rnd, results, self.strategy.global_arrays())
         out = self.strategy.aggregate_uploads(rnd, results)
-        det = self.detection.update(users, self.strategy.last_dropped)
+        det = self.detection.update(users, self.strategy.last_dropped, self.strategy.last_dropped_by)
         if self.recorder is not None:
             self.recorder.log_fit(rnd, det)
         out.update(det)

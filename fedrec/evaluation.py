@@ -160,25 +160,39 @@ class DetectionTracker:
     dropped share) and det_f1. Overall: the same over every round's counts.
     """
 
-    def __init__(self, malicious):
+    def __init__(self, malicious, prefix: str = "det"):
         self.malicious = {int(u) for u in malicious}
+        self.prefix = prefix
         self.tp = self.fp = self.fn = 0
         self.rounds = 0
+        self.stages: dict = {}  # a filter's own drops, scored apart (det_filter_*)
 
-    def update(self, users, dropped) -> dict:
+    def update(self, users, dropped, dropped_by=None) -> dict:
+        out = {}
+        for stage, ids in (dropped_by or {}).items():
+            tracker = self.stages.setdefault(stage, DetectionTracker(self.malicious, f"det_{stage}"))
+            out.update(tracker.update(users, ids))
+        out.update(self._update(users, dropped))
+        return out
+
+    def _update(self, users, dropped) -> dict:
         present = {int(u) for u in users}
         dropped = {int(u) for u in dropped} & present
         bad = present & self.malicious
         tp, fp, fn = len(dropped & bad), len(dropped - bad), len(bad - dropped)
         self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
         self.rounds += 1
-        out = {"det_tp": tp, "det_fp": fp, "det_fn": fn}
-        out.update({f"det_{k}": v for k, v in _prf(tp, fp, fn).items()})
+        p = self.prefix
+        out = {f"{p}_tp": tp, f"{p}_fp": fp, f"{p}_fn": fn}
+        out.update({f"{p}_{k}": v for k, v in _prf(tp, fp, fn).items()})
         return out
 
     def summary(self) -> dict:
-        return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "rounds": self.rounds,
-                **_prf(self.tp, self.fp, self.fn)}
+        out = {"tp": self.tp, "fp": self.fp, "fn": self.fn, "rounds": self.rounds,
+               **_prf(self.tp, self.fp, self.fn)}
+        for stage, tracker in self.stages.items():
+            out[stage] = tracker.summary()
+        return out
 
 
 def _prf(tp: int, fp: int, fn: int) -> dict:

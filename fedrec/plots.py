@@ -42,20 +42,21 @@ def plot_curves(paths, out: str, metric: str = "test_hr@5"):
     plt.close(fig)
 
 
-def detection_curves(run_dir, window: int = 200):
+def detection_curves(run_dir, window: int = 200, stage: str = ""):
     """(rounds, precision, recall) of a run's drops over a sliding window of rounds, from the
     per-round det_tp / det_fp / det_fn counts (a round alone rarely holds an attacker)."""
     import numpy as np
 
+    p = f"det_{stage}" if stage else "det"
     rounds, tp, fp, fn = [], [], [], []
     with open(Path(run_dir) / "metrics.csv", newline="") as f:
         for row in csv.DictReader(f):
-            if row.get("det_tp") in (None, ""):
+            if row.get(f"{p}_tp") in (None, ""):
                 continue
             rounds.append(int(row["round"]))
-            tp.append(float(row["det_tp"]))
-            fp.append(float(row["det_fp"]))
-            fn.append(float(row["det_fn"]))
+            tp.append(float(row[f"{p}_tp"]))
+            fp.append(float(row[f"{p}_fp"]))
+            fn.append(float(row[f"{p}_fn"]))
     if not rounds:
         return [], [], []
     k = np.ones(min(window, len(rounds)))
@@ -66,8 +67,9 @@ def detection_curves(run_dir, window: int = 200):
     return rounds[len(k) - 1:], precision, recall
 
 
-def plot_detection(paths, out: str, window: int = 200):
-    """Detection precision and recall over rounds (sliding window) for every run given."""
+def plot_detection(paths, out: str, window: int = 200, stage: str = ""):
+    """Detection precision and recall over rounds (sliding window) for every run given;
+    stage "filter": only the filter's own drops (e.g. UNION's, not Multi-Krum's)."""
     try:
         import matplotlib
 
@@ -78,7 +80,7 @@ def plot_detection(paths, out: str, window: int = 200):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     drawn = 0
     for d in find_runs(paths):
-        xs, p, r = detection_curves(d, window)
+        xs, p, r = detection_curves(d, window, stage)
         if len(xs):
             axes[0].plot(xs, p, label=Path(d).name)
             axes[1].plot(xs, r, label=Path(d).name)
@@ -88,7 +90,7 @@ def plot_detection(paths, out: str, window: int = 200):
         raise FedRecError("no run has per-round detection counts (det_tp, det_fp, det_fn)")
     for ax, name in zip(axes, ("precision", "recall")):
         ax.set_xlabel("round")
-        ax.set_title(f"detection {name} (last {window} rounds)")
+        ax.set_title(f"{stage + ' ' if stage else ''}detection {name} (last {window} rounds)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)

@@ -21,7 +21,7 @@ from fedrec.results import find_runs, load_summary
 
 METRICS = ("test_hr@5", "test_ndcg@5", "test_hr@10", "test_ndcg@10")
 DROPS = ("test_hr@5", "test_ndcg@5")
-DETECTION = ("det_precision", "det_recall", "det_f1")
+DETECTION = ("det_precision", "det_recall", "det_f1", "det_filter_precision", "det_filter_recall")
 
 
 def _hash(d: dict) -> str:
@@ -129,7 +129,10 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
         # detection scores only mean something where the defense can drop uploads
         det = {} if _undefended(cfg) else (s.get("detection") or {})
         for k in DETECTION:
-            row[k] = det.get(k.split("_", 1)[1])
+            if k.startswith("det_filter_"):
+                row[k] = (det.get("filter") or {}).get(k.rsplit("_", 1)[1])
+            else:
+                row[k] = det.get(k.split("_", 1)[1])
         row["invalid_uploads"] = s.get("invalid_uploads_total")
         row["wall_time_s"] = s.get("wall_time_s")
         row["_setting"] = setting_key(cfg)

@@ -253,7 +253,9 @@ class OrderedStrategy(Strategy):
         if self.detection is not None:
             users = [self.manager.partition_of(proxy.cid) for proxy, _ in results]
             dropped = [self.manager.partition_of(cid) for cid in self.inner.last_dropped]
-            det = self.detection.update(users, dropped)
+            by = {k: [self.manager.partition_of(cid) for cid in v]
+                  for k, v in getattr(self.inner, "last_dropped_by", {}).items()}
+            det = self.detection.update(users, dropped, by)
             rec = getattr(self.inner, "recorder", None)
             if rec is not None:
                 getattr(rec, "recorder", rec).log_fit(server_round, det)

@@ -80,6 +80,7 @@ class FedRecStrategy(Strategy):
         self.ks = list(ks)
         self.drop_counts: Counter = Counter()
         self.last_dropped: list = []
+        self.last_dropped_by: dict = {}  # {"filter": client ids} when a filter wraps the rule
 
     # --- plain methods (shared by Flower and the in-process runner) ---------------------
     def global_arrays(self) -> list:
@@ -116,7 +117,7 @@ class FedRecStrategy(Strategy):
         out = {"clients": len(results), "accepted": len(uploads), "empty": empty,
                "invalid": sum(dropped.values()), "invalid_total": sum(self.drop_counts.values()),
                "train_loss": math.fsum(losses) / len(losses) if losses else float("nan")}
-        self.last_dropped = []
+        self.last_dropped, self.last_dropped_by = [], {}
         if uploads:
             weights = (np.array([u.num_examples for u in uploads], dtype=np.float64)
                        if self.server_cfg.weighting == "samples" else np.ones(len(uploads)))
@@ -125,6 +126,8 @@ class FedRecStrategy(Strategy):
             updates.__dict__["stacked"] = stacked  # already concatenated during validation
             agg = self.rule(updates)
             self.last_dropped = [uploads[i].client for i in agg.dropped]
+            self.last_dropped_by = {k: [uploads[i].client for i in v]
+                                    for k, v in getattr(agg, "dropped_by", {}).items()}
             out["rule_dropped"] = len(agg.dropped)
             out.update({f"rule_{k}": v for k, v in agg.info.items()})
             grads = [agg.item_grad, *agg.predictor] if agg.predictor else \

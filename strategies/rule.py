@@ -43,6 +43,9 @@ class Aggregate:
     predictor: list
     dropped: list = field(default_factory=list)  # positions in RoundUpdates.uploads
     info: dict = field(default_factory=dict)  # rule diagnostics for the per-round metrics
+    # a filter's own drops, apart from the inner rule's: {"filter": positions} (see
+    # filter_then_aggregate), so each stage can be scored on its own
+    dropped_by: dict = field(default_factory=dict)
 
 
 class AggregationRule:
@@ -80,5 +83,6 @@ def filter_then_aggregate(inner: AggregationRule, updates: RoundUpdates, dropped
     agg = inner(subset_updates(updates, keep) if dropped else updates)
     inner_dropped = [int(keep[i]) for i in agg.dropped]
     agg.dropped = sorted(set(dropped) | set(inner_dropped))
+    agg.dropped_by = {"filter": sorted(int(i) for i in dropped)}
     agg.info = {**agg.info, **info, "inner_dropped": len(inner_dropped), "dropped": len(agg.dropped)}
     return agg

@@ -103,3 +103,18 @@ def test_detection_plot_from_per_round_counts(tmp_path):
     png = tmp_path / "det.png"
     assert main(["report", str(tmp_path / "r"), "--plot-detection", str(png), "--window", "4"]) == 0
     assert png.stat().st_size > 1000
+
+
+def test_a_filters_own_drops_are_scored_apart(tmp_path):
+    c = cfg(tmp_path, "clusterattack", server__rule="multikrum", server__rule_f=2, server__filter="union",
+            server__union_expected_attackers=1, train__clients_per_round=20, train__rounds=8)
+    s = run_experiment(c, output_root=tmp_path / "r", progress=False)
+    with open(Path(s["run_dir"]) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    det = s["detection"]
+    union = sum(int(r["rule_union_dropped"]) for r in rows)
+    assert det["filter"]["tp"] + det["filter"]["fp"] == union
+    assert det["tp"] + det["fp"] == sum(int(r["rule_dropped"]) for r in rows)
+    assert det["filter"]["tp"] <= det["tp"]
+    row = report_rows([tmp_path / "r"])[0]
+    assert row["det_filter_recall"] == det["filter"].get("recall")
