@@ -67,10 +67,13 @@ def test_bert4rec_cloze_masking():
     assert np.array_equal(ex.ids, hist[-MAX_LEN:])
     assert ex.replace.any() and np.array_equal(np.flatnonzero(ex.replace), ex.tpos)
     assert np.array_equal(ex.titems, ex.ids[ex.tpos])  # targets are the hidden originals
-    rates = [m.cloze_mask(400, _gen(s)).mean() for s in range(5)]
+    rates = [m.cloze_mask(400, _gen(s)).mean() for s in range(5)]  # mask_last_prob 0 here
     assert abs(np.mean(rates) - 0.3) < 0.03
     never = BERT4Rec(N_ITEMS, DIM, mask_prob=0.0, max_len=MAX_LEN, device="cpu")
     assert list(never.cloze_mask(6, _gen(0))) == [False] * 5 + [True]  # at least one: the last
+    last = BERT4Rec(N_ITEMS, DIM, mask_prob=0.5, mask_last_prob=0.25, max_len=MAX_LEN, device="cpu")
+    only_last = [list(last.cloze_mask(60, _gen(s))) == [False] * 59 + [True] for s in range(400)]
+    assert 0.19 < np.mean(only_last) < 0.31  # the evaluation task, in a share of the rounds
     # a masked input position carries no information about its item
     replace = np.zeros(12, bool)
     replace[4] = True
