@@ -247,3 +247,23 @@ def test_engine_runs_and_workers_are_bit_identical(tmp_path, model):
     for other_final, other_arrays in runs[1:]:
         assert other_final == final
         assert all(np.array_equal(a, b) for a, b in zip(arrays, other_arrays))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("cls", [SASRec, BERT4Rec])
+def test_cuda_gradients_and_vectors_match_the_cpu(cls):
+    cpu, table, pred = _model(cls, dropout=0.2)
+    gpu = cls(N_ITEMS, DIM, dropout=0.2, max_len=MAX_LEN, heads=2, device="cuda")
+    hists = [np.arange(1, 12), np.arange(20, 45), np.array([3, 4])]
+    negs = [np.arange(30, 30 + cpu.negatives_needed(len(h), 1)) % N_ITEMS for h in hists]
+    a = cpu.gradients_cohort(table, pred, [None] * 3, hists, negs, [_gen(i) for i in range(3)])
+    b = gpu.gradients_cohort(table, pred, [None] * 3, hists, negs, [_gen(i) for i in range(3)])
+    for x, y in zip(a, b):  # the same dropout masks (drawn on the CPU), other kernels
+        np.testing.assert_array_equal(x.item_ids, y.item_ids)
+        np.testing.assert_allclose(x.item_rows, y.item_rows, rtol=1e-3, atol=1e-5)
+        for p, q in zip(x.predictor, y.predictor):
+            np.testing.assert_allclose(p, q, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(cpu.user_vectors_from_history(table, pred, hists),
+                               gpu.user_vectors_from_history(table, pred, hists), rtol=1e-4, atol=1e-5)
+    u = np.ones((2, DIM), np.float32)
+    np.testing.assert_allclose(cpu.score(u, table, pred), gpu.score(u, table, pred), rtol=1e-9)
