@@ -267,3 +267,18 @@ def test_cuda_gradients_and_vectors_match_the_cpu(cls):
                                gpu.user_vectors_from_history(table, pred, hists), rtol=1e-4, atol=1e-5)
     u = np.ones((2, DIM), np.float32)
     np.testing.assert_allclose(cpu.score(u, table, pred), gpu.score(u, table, pred), rtol=1e-9)
+
+
+def test_local_epochs_upload_a_pseudo_gradient(tmp_path):
+    env, arrays = _env(tmp_path, "sasrec", train__local_epochs=2, train__local_lr=0.05,
+                       data__negatives="static")
+    user = next(u for u in range(env.data.n_users) if len(env.data.train_of(u)) >= 6)
+    store = DictStore()
+    up, n, metrics = BenignClient(user, env, store).fit(arrays, {"round": 2})
+    window = env.data.train_of(user)[-17:]
+    np.testing.assert_array_equal(up[0], np.unique(np.concatenate([window, store.state["negatives"]])))
+    assert n == len(window) - 1 and list(store.state["clock"]) == [2, 1]
+    # two SGD steps on the device: the upload is (global - local) / local_lr, not one gradient
+    g = env.model.gradients(arrays[0], arrays[1:], None, env.data.train_of(user),
+                            store.state["negatives"], np.random.default_rng(0), weight_decay=1e-3)
+    assert np.isfinite(up[1]).all() and not np.allclose(up[1], g.item_rows, atol=1e-4)
