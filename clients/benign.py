@@ -256,7 +256,7 @@ class BenignClient(NumPyClient):
         if batch:
             out = c0.model.gradients_cohort(
                 parameters[0], list(parameters[1:]),
-                [rows[0][i] if rows else None for i in batch], [jobs[i]["pos"] for i in batch],
+                [None if rows is None else rows[0][i] for i in batch], [jobs[i]["pos"] for i in batch],
                 [jobs[i]["neg"] for i in batch], [jobs[i]["rng"] for i in batch], **c0._wd())
             for i, g in zip(batch, out):
                 grads[i] = clients[i]._with_contrastive(clients[i]._reduced(g), parameters[0], rnd)

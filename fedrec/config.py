@@ -71,6 +71,7 @@ class ModelConfig:
     loss: str = "auto"  # auto | bce | sampled_softmax | full_softmax_dense
     softmax_samples: int = 100  # negatives per client for sampled_softmax
     mask_prob: float = 0.2  # BERT4Rec cloze masking probability
+    mask_last_prob: float = 0.1  # BERT4Rec: share of client rounds that mask only the last item
     device: str = "auto"  # auto | cpu | cuda (sequential models; auto = cuda when present)
 
     def validate(self):
@@ -84,6 +85,7 @@ class ModelConfig:
         _choice("model.loss", self.loss, ("auto", "bce", "sampled_softmax", "full_softmax_dense"))
         _range("model.softmax_samples", self.softmax_samples, 1, 10**7)
         _range("model.mask_prob", self.mask_prob, 0.0, 1.0)
+        _range("model.mask_last_prob", self.mask_last_prob, 0.0, 1.0)
         _choice("model.device", self.device, ("auto", "cpu", "cuda"))
 
 

@@ -67,10 +67,13 @@ def test_bert4rec_cloze_masking():
     assert np.array_equal(ex.ids, hist[-MAX_LEN:])
     assert ex.replace.any() and np.array_equal(np.flatnonzero(ex.replace), ex.tpos)
     assert np.array_equal(ex.titems, ex.ids[ex.tpos])  # targets are the hidden originals
-    rates = [m.cloze_mask(400, _gen(s)).mean() for s in range(5)]
+    rates = [m.cloze_mask(400, _gen(s)).mean() for s in range(5)]  # mask_last_prob 0 here
     assert abs(np.mean(rates) - 0.3) < 0.03
     never = BERT4Rec(N_ITEMS, DIM, mask_prob=0.0, max_len=MAX_LEN, device="cpu")
     assert list(never.cloze_mask(6, _gen(0))) == [False] * 5 + [True]  # at least one: the last
+    last = BERT4Rec(N_ITEMS, DIM, mask_prob=0.5, mask_last_prob=0.25, max_len=MAX_LEN, device="cpu")
+    only_last = [list(last.cloze_mask(60, _gen(s))) == [False] * 59 + [True] for s in range(400)]
+    assert 0.19 < np.mean(only_last) < 0.31  # the evaluation task, in a share of the rounds
     # a masked input position carries no information about its item
     replace = np.zeros(12, bool)
     replace[4] = True
@@ -244,3 +247,38 @@ def test_engine_runs_and_workers_are_bit_identical(tmp_path, model):
     for other_final, other_arrays in runs[1:]:
         assert other_final == final
         assert all(np.array_equal(a, b) for a, b in zip(arrays, other_arrays))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("cls", [SASRec, BERT4Rec])
+def test_cuda_gradients_and_vectors_match_the_cpu(cls):
+    cpu, table, pred = _model(cls, dropout=0.2)
+    gpu = cls(N_ITEMS, DIM, dropout=0.2, max_len=MAX_LEN, heads=2, device="cuda")
+    hists = [np.arange(1, 12), np.arange(20, 45), np.array([3, 4])]
+    negs = [np.arange(30, 30 + cpu.negatives_needed(len(h), 1)) % N_ITEMS for h in hists]
+    a = cpu.gradients_cohort(table, pred, [None] * 3, hists, negs, [_gen(i) for i in range(3)])
+    b = gpu.gradients_cohort(table, pred, [None] * 3, hists, negs, [_gen(i) for i in range(3)])
+    for x, y in zip(a, b):  # the same dropout masks (drawn on the CPU), other kernels
+        np.testing.assert_array_equal(x.item_ids, y.item_ids)
+        np.testing.assert_allclose(x.item_rows, y.item_rows, rtol=1e-3, atol=1e-5)
+        for p, q in zip(x.predictor, y.predictor):
+            np.testing.assert_allclose(p, q, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(cpu.user_vectors_from_history(table, pred, hists),
+                               gpu.user_vectors_from_history(table, pred, hists), rtol=1e-4, atol=1e-5)
+    u = np.ones((2, DIM), np.float32)
+    np.testing.assert_allclose(cpu.score(u, table, pred), gpu.score(u, table, pred), rtol=1e-9)
+
+
+def test_local_epochs_upload_a_pseudo_gradient(tmp_path):
+    env, arrays = _env(tmp_path, "sasrec", train__local_epochs=2, train__local_lr=0.05,
+                       data__negatives="static")
+    user = next(u for u in range(env.data.n_users) if len(env.data.train_of(u)) >= 6)
+    store = DictStore()
+    up, n, metrics = BenignClient(user, env, store).fit(arrays, {"round": 2})
+    window = env.data.train_of(user)[-17:]
+    np.testing.assert_array_equal(up[0], np.unique(np.concatenate([window, store.state["negatives"]])))
+    assert n == len(window) - 1 and list(store.state["clock"]) == [2, 1]
+    # two SGD steps on the device: the upload is (global - local) / local_lr, not one gradient
+    g = env.model.gradients(arrays[0], arrays[1:], None, env.data.train_of(user),
+                            store.state["negatives"], np.random.default_rng(0), weight_decay=1e-3)
+    assert np.isfinite(up[1]).all() and not np.allclose(up[1], g.item_rows, atol=1e-4)

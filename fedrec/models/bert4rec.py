@@ -3,7 +3,10 @@
 Training input: the last `max_len` training items, oldest first. Each position is replaced by
 the [MASK] embedding with probability `model.mask_prob` (at least one position per client: the
 last one when the draw masks none), and the model predicts the original items at the masked
-positions from both sides. Every masked position is replaced by [MASK] (no 10% random / 10%
+positions from both sides. As in the BERT4Rec paper's data generation (one extra instance per
+user that masks only the last item, next to ten random ones), a client masks only its last item
+in a share `model.mask_last_prob` of its rounds: that is the task evaluation poses, and a model
+trained on interior positions alone does poorly at the edge. Every masked position is replaced by [MASK] (no 10% random / 10%
 unchanged variants). Embeddings: item + learned position (counted from the end), then
 LayerNorm and dropout; two post-LN blocks (GELU feed-forward of width 4 x dim, `model.heads`
 heads); an output head (dense, GELU, LayerNorm) before the dot product with the item table
@@ -55,8 +58,13 @@ class BERT4Rec(SequentialModel):
         return min(n_train, self.max_len)  # at most; the masked count is drawn per round
 
     def cloze_mask(self, n: int, rng) -> np.ndarray:
-        """Which of n positions to mask: each with probability mask_prob, at least one."""
-        masked = dropout_bits(rng, n) < dropout_threshold(self.mask_prob)
+        """Which of n positions to mask: with probability mask_last_prob only the last one (the
+        task evaluation poses), else each with probability mask_prob, at least one."""
+        if self.mask_last_prob > 0 and \
+                dropout_bits(rng, 1)[0] < dropout_threshold(self.mask_last_prob):
+            masked = np.zeros(n, bool)
+        else:
+            masked = dropout_bits(rng, n) < dropout_threshold(self.mask_prob)
         if not masked.any():
             masked[-1] = True
         return masked

@@ -17,4 +17,5 @@ def make_model(cfg, n_items: int):
     return MODELS[cfg.name](n_items=n_items, dim=cfg.dim, dropout=cfg.dropout,
                             mlp_layers=cfg.mlp_layers, max_len=cfg.max_len, blocks=cfg.blocks,
                             heads=cfg.heads, loss=cfg.loss, softmax_samples=cfg.softmax_samples,
-                            mask_prob=cfg.mask_prob, device=cfg.device)
+                            mask_prob=cfg.mask_prob, mask_last_prob=cfg.mask_last_prob,
+                            device=cfg.device)

@@ -74,7 +74,8 @@ class SequentialModel(RecModel):
     losses = LOSSES
 
     def __init__(self, n_items, dim, dropout=0.0, *, max_len=200, blocks=2, heads=1,
-                 loss="auto", softmax_samples=100, mask_prob=0.2, device="cpu", **kwargs):
+                 loss="auto", softmax_samples=100, mask_prob=0.2, mask_last_prob=0.0,
+                 device="cpu", **kwargs):
         super().__init__(n_items, dim, dropout)
         from fedrec.errors import ConfigError
 
@@ -87,6 +88,7 @@ class SequentialModel(RecModel):
             raise ConfigError(f"model.dim ({dim}) must be a multiple of model.heads ({heads})")
         self.softmax_samples = int(softmax_samples)
         self.mask_prob = float(mask_prob)
+        self.mask_last_prob = float(mask_last_prob)
         self.device = resolve_device(device)
         self.spec = self.encoder_spec()
         self.param_names = [n for n, _ in self.param_shapes()]
