@@ -1,7 +1,7 @@
 """The simulation-only adversary hook: colluding and omniscient attacks get their knowledge here.
 
 The runner calls `Adversary.intervene` between collecting a round's uploads and handing them
-to the strategy (the defense). It knows the ground truth (which users are malicious, from
+to the strategy (the defense), and records the diagnostics it returns. It knows the ground truth (which users are malicious, from
 `fedrec.roles`), builds the `AdversaryView` the attack's threat model grants (its own
 clients' honest updates; with `omniscient` also the round's benign updates), asks the attack
 class for the malicious uploads and puts them in place of the honest ones. The strategy then
@@ -30,7 +30,7 @@ def attack_class(cfg):
     return lookup(cfg.attack.name)
 
 
-def make_adversary(cfg, env, recorder=None):
+def make_adversary(cfg, env):
     """The run's Adversary (None for a clean run). For a local attack it crafts nothing and
     only logs how many malicious uploads each round had (the ground truth stays here)."""
     cls = attack_class(cfg)
@@ -38,11 +38,11 @@ def make_adversary(cfg, env, recorder=None):
         return None
     from fedrec.roles import malicious_users
 
-    return Adversary(cfg, env, cls, malicious_users(cfg, env.data), recorder=recorder)
+    return Adversary(cfg, env, cls, malicious_users(cfg, env.data))
 
 
 class Adversary:
-    def __init__(self, cfg, env, attack_cls, malicious, recorder=None):
+    def __init__(self, cfg, env, attack_cls, malicious):
         self.cfg = cfg
         self.attack_cls = attack_cls
         self.params = attack_cls.params_from(cfg)
@@ -50,29 +50,24 @@ class Adversary:
         self.malicious = set(int(u) for u in malicious)
         self.n_items = env.model.n_items
         self.data = env.data
-        self.recorder = recorder
         self.memory: dict = {}  # the attacker's state across rounds (e.g. ClusterAttack's K)
-        self.last_diagnostics: dict = {}
 
     def rng(self, rnd: int) -> np.random.Generator:
         return np.random.default_rng([self.cfg.seed, _ADVERSARY, int(rnd)])
 
-    def intervene(self, rnd: int, results: list, global_arrays: list) -> list:
-        """results: [(user, upload arrays, num_examples, metrics)] -> the same list with the
-        malicious uploads replaced (order and everything else unchanged)."""
+    def intervene(self, rnd: int, results: list, global_arrays: list) -> tuple[list, dict]:
+        """results: [(user, upload arrays, num_examples, metrics)] -> (the same list with the
+        malicious uploads replaced, order and everything else unchanged; the round's attack
+        diagnostics for the metrics row, {} when the attack did not act)."""
         from clients.malicious.base import AdversaryView, HonestUpdate
 
-        self.last_diagnostics = {}
         if rnd < self.cfg.attack.start_round:
-            return results
+            return results, {}
         own_pos = [i for i, r in enumerate(results) if int(r[0]) in self.malicious]
         if not own_pos:
-            return results
+            return results, {}
         if self.knowledge == "local":  # the clients crafted their uploads themselves
-            self.last_diagnostics = {"attack_uploads": len(own_pos)}
-            if self.recorder is not None:
-                self.recorder.log_fit(rnd, self.last_diagnostics)
-            return results
+            return results, {"attack_uploads": len(own_pos)}
 
         def view_of(i, own=False):
             user, up, n, _ = results[i]
@@ -99,8 +94,6 @@ class Adversary:
         for i, (ids, rows, pred) in zip(own_pos, crafted):
             user, _, n, metrics = out[i]
             out[i] = (user, encode_upload(ids, rows, pred), n, metrics)
-        self.last_diagnostics = {f"attack_{k}": v for k, v in diag.items()}
-        self.last_diagnostics["attack_uploads"] = len(own)
-        if self.recorder is not None:
-            self.recorder.log_fit(rnd, self.last_diagnostics)
-        return out
+        diagnostics = {f"attack_{k}": v for k, v in diag.items()}
+        diagnostics["attack_uploads"] = len(own)
+        return out, diagnostics

@@ -111,7 +111,7 @@ def build_client(env, user: int, store):
     return BenignClient(user, env, store)
 
 
-def build_strategy(cfg: ExperimentConfig, env, *, recorder=None, min_available_clients=None,
+def build_strategy(cfg: ExperimentConfig, env, *, min_available_clients=None,
                    fraction_evaluate=None):
     from fedrec.registry import make_rule
     from strategies.fedrec import FedRecStrategy
@@ -124,5 +124,5 @@ def build_strategy(cfg: ExperimentConfig, env, *, recorder=None, min_available_c
         num_rounds=cfg.train.rounds, eval_every=cfg.eval.every,
         fraction_evaluate=cfg.eval.fraction if fraction_evaluate is None else fraction_evaluate,
         min_available_clients=min_available_clients or env.data.n_users,
-        rule=make_rule(cfg), recorder=recorder, ks=cfg.eval.ks,
+        rule=make_rule(cfg), ks=cfg.eval.ks,
     )

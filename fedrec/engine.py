@@ -124,18 +124,19 @@ class Engine:
         configure_threads()
         self.cfg = cfg
         self.env = env or build_env(cfg)
-        self.recorder = recorder
-        self.strategy = build_strategy(cfg, self.env, recorder=recorder)
+        self.strategy = build_strategy(cfg, self.env)
         from fedrec.adversary import make_adversary
 
         # simulation only: hands colluding/omniscient attacks their knowledge between the
         # clients and the strategy (the strategy never sees it)
-        self.adversary = make_adversary(cfg, self.env, recorder=recorder)
+        self.adversary = make_adversary(cfg, self.env)
         from fedrec.build import malicious_set
         from fedrec.evaluation import DetectionTracker
+        from fedrec.ledger import RunLedger
 
-        # scores the defense's drops against the ground truth (evaluation, not defense)
-        self.detection = DetectionTracker(malicious_set(self.env))
+        # the only writer of the recorder; scores the defense's drops against the ground
+        # truth (evaluation, not defense)
+        self.ledger = RunLedger(recorder, DetectionTracker(malicious_set(self.env)))
         self.progress = cfg.output.progress if progress is None else progress
         self.stores: dict = {}
         self.clients: dict = {}
@@ -201,16 +202,11 @@ class Engine:
             clients = [self.client(u) for u in users]
             outs = fit_clients(clients, self.strategy.global_arrays(), {"round": rnd})
         results = [(u, up, n, metrics) for u, (up, n, metrics) in zip(users, outs)]
+        attack = {}
         if self.adversary is not None:
-            results = self.adversary.intervene(rnd, results, self.strategy.global_arrays())
-        out = self.strategy.aggregate_uploads(rnd, results)
-        det = self.detection.update(users, self.strategy.last_dropped, self.strategy.last_dropped_by)
-        if self.recorder is not None:
-            self.recorder.log_fit(rnd, det)
-        out.update(det)
-        if self.adversary is not None:
-            out.update(self.adversary.last_diagnostics)
-        return out
+            results, attack = self.adversary.intervene(rnd, results, self.strategy.global_arrays())
+        result = self.strategy.aggregate_uploads(rnd, results)
+        return self.ledger.fit(rnd, users, result, attack)
 
     def evaluate(self, rnd: int, final: bool) -> dict:
         """Full-ranking metrics for every benign user with a held-out item."""
@@ -232,9 +228,7 @@ class Engine:
             for key, vals in res["per_user"].items():
                 out[f"{split}_{key}"] = math.fsum(vals.tolist()) / len(vals) if len(vals) else 0.0
             out[f"{split}_users"] = int(has.sum())
-        if self.recorder is not None:
-            self.recorder.log_eval(rnd, out, final)
-        return out
+        return self.ledger.eval(rnd, out, final)
 
     def user_vectors(self, users, rnd: int, split: str) -> np.ndarray:
         """The representations of `users` at round `rnd` for `split`, computed where their
@@ -288,8 +282,7 @@ class Engine:
                 "rounds_per_s": rounds / elapsed if elapsed > 0 else float("inf"),
                 # training rounds alone (evaluation, every eval.every rounds, excluded)
                 "fit_rounds_per_s": rounds / fit_seconds if fit_seconds > 0 else float("inf"),
-                "invalid_uploads": dict(self.strategy.drop_counts),
-                "detection": self.detection.summary()}
+                **self.ledger.totals()}
 
 
 def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
@@ -314,6 +307,6 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
         rounds_per_s=round(result["rounds_per_s"], 3), eval_seconds=round(result["eval_seconds"], 3),
         fit_rounds_per_s=round(result["fit_rounds_per_s"], 3), workers=engine.workers,
         invalid_uploads=result["invalid_uploads"],
-        invalid_uploads_total=sum(result["invalid_uploads"].values()),
+        invalid_uploads_total=result["invalid_uploads_total"],
         detection=result["detection"],
         run_dir=str(run_dir))

@@ -15,8 +15,13 @@ Run config precedence: the app's pyproject defaults < `make_server_app(run_confi
 The run directory is the in-process runner's (`fedrec.results.RunRecorder`, runner "flwr"),
 named `<name>-<digest>-flwr` so the two runners never overwrite each other: config.yaml,
 metrics.csv (plus `round_time_s`, the fit phase's wall time, and `eval_time_s`) and
-summary.json, written when the last round's evaluation arrives. With FEDREC_SAVE_MODEL=1 the
+summary.json, written by `FlowerRun.execute` once Flower's server loop has returned
+(`complete` when the last round was evaluated, `failed` with the error if the loop raised). With FEDREC_SAVE_MODEL=1 the
 final global arrays are also saved to model.npz (`item_table`, `predictor_<j>`).
+
+The ServerApp's own flow (`FlowerRun`) builds everything, runs the legacy server loop
+(`start_grid`) and then finishes the run; `OrderedStrategy` writes each round's row through
+`fedrec.ledger.RunLedger`, the recorder's only writer, as the in-process runner does.
 
 Two things make a Flower run reproduce the in-process runner exactly:
 - `PartitionClientManager` waits for every SuperNode (round 1 can otherwise start early), asks
@@ -29,6 +34,7 @@ The legacy `Server` gets enough threads to send a round's cohort at once (`max_w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -36,9 +42,9 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.common import Context, GetPropertiesIns
+from flwr.common import Context, GetPropertiesIns, ndarrays_to_parameters
 from flwr.common.logger import log
-from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig
+from flwr.server import Server, ServerApp, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.strategy import Strategy
 
@@ -163,61 +169,36 @@ class RoundTimer:
         return (self.fit_end[last] - self.fit_start[first]) / (last - first + 1)
 
 
-class FlowerRecorder:
-    """Adds per-round wall times to a RunRecorder and writes summary.json after the last
-    round's evaluation (the strategy calls `log_eval(final=True)` there)."""
+def is_simulation(proxy) -> bool:
+    """Flower's simulation runtime hands the ServerApp an InMemoryGrid; a deployment does not,
+    and there the server can know nothing about who is malicious."""
+    return type(getattr(proxy, "grid", None)).__name__ == "InMemoryGrid"
 
-    def __init__(self, recorder, timer: RoundTimer, extra_fn):
-        self.recorder = recorder
-        self.timer = timer
-        self.extra_fn = extra_fn
-        self.summary = None
 
-    def __getattr__(self, name):
-        if name == "recorder":
-            raise AttributeError(name)
-        return getattr(self.recorder, name)
-
-    def log_fit(self, rnd: int, metrics: dict):
-        now = time.perf_counter()
-        self.timer.fit_end[rnd] = now
-        start = self.timer.fit_start.get(rnd, now)
-        self.recorder.log_fit(rnd, {**metrics, "round_time_s": round(now - start, 6)})
-
-    def log_eval(self, rnd: int, metrics: dict, final: bool):
-        start = self.timer.eval_start.get(rnd)
-        if start is not None:
-            row = self.recorder.rows.setdefault(rnd, {"round": rnd})
-            row["eval_time_s"] = round(time.perf_counter() - start, 6)
-        self.recorder.log_eval(rnd, metrics, final)
-        if final and self.summary is None:
-            self.summary = self.recorder.finish(status="complete", **self.extra_fn())
-            shown = {k: round(v, 4) for k, v in metrics.items()
-                     if k.startswith(("test_hr", "test_ndcg"))}
-            log(INFO, "fedrec: final %s", shown)
-            log(INFO, "fedrec: results in %s", self.recorder.dir)
+def check_deployable(adversary):
+    """A real deployment runs local attacks only (on the devices); one line otherwise."""
+    if adversary is not None and adversary.knowledge != "local":
+        raise RuntimeError(
+            f"attack {adversary.attack_cls.name!r} has {adversary.knowledge} knowledge, which "
+            "only a simulation can give (fedrec/adversary.py); a real deployment runs local "
+            "attacks only (attack.knowledge: local, or another attack)")
 
 
 class OrderedStrategy(Strategy):
-    """Delegates to the FedRecStrategy; fit results go to it in user order, and rounds are
-    timed."""
+    """The ServerApp's runner around the FedRecStrategy: fit results go to it in user order,
+    the simulation-only adversary hook runs before it, rounds are timed, and every round's
+    result is written through the ledger (the only writer of the recorder)."""
 
-    def __init__(self, inner, manager: PartitionClientManager, timer: RoundTimer, adversary=None,
-                 detection=None):
+    def __init__(self, inner, manager: PartitionClientManager, timer: RoundTimer, ledger,
+                 adversary=None):
         super().__init__()
         self.inner = inner
         self.manager = manager
         self.timer = timer
+        self.ledger = ledger
         # simulation only (fedrec/adversary.py): called on the fit results before the strategy
         self.adversary = adversary
-        # simulation only: scores the strategy's drops against the ground truth (evaluation)
-        self.detection = detection
-        self._runtime_checked = adversary is None and detection is None
-
-    def __getattr__(self, name):
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+        self._runtime_checked = False
 
     def initialize_parameters(self, client_manager):
         return self.inner.initialize_parameters(client_manager)
@@ -227,46 +208,42 @@ class OrderedStrategy(Strategy):
         ins = self.inner.configure_fit(server_round, parameters, client_manager)
         if not self._runtime_checked and ins:
             self._runtime_checked = True
-            self._check_runtime(ins[0][0])
+            if not is_simulation(ins[0][0]):
+                check_deployable(self.adversary)
+                # local attacks run on the devices; a deployment's server keeps no ground truth
+                self.adversary = None
+                self.ledger.detection = None
         return ins
-
-    def _check_runtime(self, proxy):
-        """Flower's simulation runtime hands the ServerApp an InMemoryGrid; a deployment does
-        not, and there the server can know nothing about who is malicious."""
-        grid = getattr(proxy, "grid", None)
-        if type(grid).__name__ == "InMemoryGrid":
-            return
-        self.detection = None  # a deployment's server has no ground truth to score against
-        if self.adversary is not None and self.adversary.knowledge != "local":
-            raise RuntimeError(
-                f"attack {self.adversary.attack_cls.name!r} has {self.adversary.knowledge} knowledge, "
-                "which only a simulation can give (fedrec/adversary.py); a real deployment runs "
-                "local attacks only (attack.knowledge: local, or another attack)")
-        self.adversary = None  # local attacks run on the devices; the server keeps no ground truth
 
     def aggregate_fit(self, server_round, results, failures):
         results = sorted(results, key=lambda r: self.manager.partition_of(r[0].cid))
+        attack = {}
         if self.adversary is not None:
-            results = apply_adversary(self.adversary, server_round, results, self.manager,
-                                      self.inner.global_arrays())
-        out = self.inner.aggregate_fit(server_round, results, failures)
-        if self.detection is not None:
-            users = [self.manager.partition_of(proxy.cid) for proxy, _ in results]
-            dropped = [self.manager.partition_of(cid) for cid in self.inner.last_dropped]
-            by = {k: [self.manager.partition_of(cid) for cid in v]
-                  for k, v in getattr(self.inner, "last_dropped_by", {}).items()}
-            det = self.detection.update(users, dropped, by)
-            rec = getattr(self.inner, "recorder", None)
-            if rec is not None:
-                getattr(rec, "recorder", rec).log_fit(server_round, det)
-        return out
+            results, attack = apply_adversary(self.adversary, server_round, results, self.manager,
+                                              self.inner.global_arrays())
+        result = self.inner.aggregate_fit_result(server_round, results, failures)
+        now = time.perf_counter()
+        self.timer.fit_end[server_round] = now
+        user = self.manager.partition_of
+        users = [user(proxy.cid) for proxy, _ in results]
+        by_user = dataclasses.replace(
+            result, dropped=[user(cid) for cid in result.dropped],
+            dropped_by={k: [user(cid) for cid in v] for k, v in result.dropped_by.items()})
+        start = self.timer.fit_start.get(server_round, now)
+        row = self.ledger.fit(server_round, users, by_user, attack,
+                              extra={"round_time_s": round(now - start, 6)})
+        return ndarrays_to_parameters(self.inner.global_arrays()), row
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         self.timer.eval_start[server_round] = time.perf_counter()
         return self.inner.configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(self, server_round, results, failures):
-        return self.inner.aggregate_evaluate(server_round, results, failures)
+        loss, metrics = self.inner.aggregate_evaluate(server_round, results, failures)
+        start = self.timer.eval_start.get(server_round)
+        extra = {} if start is None else {"eval_time_s": round(time.perf_counter() - start, 6)}
+        self.ledger.eval(server_round, metrics, server_round == self.inner.num_rounds, extra)
+        return loss, metrics
 
     def evaluate(self, server_round, parameters):
         return self.inner.evaluate(server_round, parameters)
@@ -279,14 +256,14 @@ def apply_adversary(adversary, server_round, results, manager, global_arrays):
 
     raw = [(manager.partition_of(proxy.cid), parameters_to_ndarrays(res.parameters),
             res.num_examples, res.metrics) for proxy, res in results]
-    crafted = adversary.intervene(server_round, raw, global_arrays)
+    crafted, diagnostics = adversary.intervene(server_round, raw, global_arrays)
     out = []
     for (proxy, res), before, after in zip(results, raw, crafted):
         if after[1] is not before[1]:
             res = FitRes(status=res.status, parameters=ndarrays_to_parameters(after[1]),
                          num_examples=res.num_examples, metrics=res.metrics)
         out.append((proxy, res))
-    return out
+    return out, diagnostics
 
 
 # ---------------------------------------------------------------------------- server_fn
@@ -322,71 +299,89 @@ def save_model(path: Path, arrays):
     np.savez(path, item_table=arrays[0], **{f"predictor_{j}": a for j, a in enumerate(arrays[1:])})
 
 
-def server_fn(context: Context, defaults: dict | None = None) -> ServerAppComponents:
-    from fedrec.build import build_env, build_strategy
-    from fedrec.results import RunRecorder
-    from fedrec.runtime import configure_threads
+class FlowerRun:
+    """One `flwr run`: the experiment from the run config, built through `fedrec.build`, the
+    legacy Server driving the OrderedStrategy, and the run directory, finished by `execute`
+    once the last round is done (not from inside a callback)."""
 
-    configure_threads()
-    run_config = app_run_config(context, defaults)
-    cfg, path, overrides = load_experiment(run_config)
-    env = build_env(cfg)
-    n_users = env.data.n_users
-    run_dir = flwr_run_dir(cfg, output_root(run_config, cfg))
-    log(INFO, "fedrec: experiment %s%s, %d users; run directory %s", path,
-        f" with {overrides}" if overrides else "", n_users, run_dir)
+    def __init__(self, context: Context, defaults: dict | None = None):
+        from fedrec.build import build_env, build_strategy, malicious_set
+        from fedrec.evaluation import DetectionTracker
+        from fedrec.adversary import make_adversary
+        from fedrec.ledger import RunLedger
+        from fedrec.results import RunRecorder
+        from fedrec.runtime import configure_threads
 
-    recorder = RunRecorder(cfg, run_dir, runner="flwr")
-    recorder.extra["data"] = env.data.summary()
-    recorder.extra["experiment"] = str(path)
-    recorder.extra["overrides"] = overrides
+        configure_threads()
+        run_config = app_run_config(context, defaults)
+        cfg, path, overrides = load_experiment(run_config)
+        env = build_env(cfg)
+        n_users = env.data.n_users
+        run_dir = flwr_run_dir(cfg, output_root(run_config, cfg))
+        log(INFO, "fedrec: experiment %s%s, %d users; run directory %s", path,
+            f" with {overrides}" if overrides else "", n_users, run_dir)
+        self.cfg = cfg
+        self.recorder = RunRecorder(cfg, run_dir, runner="flwr")
+        self.recorder.extra.update(data=env.data.summary(), experiment=str(path),
+                                   overrides=overrides)
+        self.timer = RoundTimer()
+        self.manager = PartitionClientManager(n_users)
+        fe = cfg.flower.fraction_evaluate
+        self.strategy = build_strategy(cfg, env,
+                                       min_available_clients=cfg.flower.min_available_clients or n_users,
+                                       fraction_evaluate=fe if fe >= 0 else None)
+        self.ledger = RunLedger(self.recorder, DetectionTracker(malicious_set(env)))
+        self.ordered = OrderedStrategy(self.strategy, self.manager, self.timer, self.ledger,
+                                       adversary=make_adversary(cfg, env))
+        self.config = ServerConfig(num_rounds=cfg.train.rounds,
+                                   round_timeout=cfg.flower.round_timeout or None)
+        self.server = Server(client_manager=self.manager, strategy=self.ordered)
+        self.server.set_max_workers(max_workers(cfg))
 
-    timer = RoundTimer()
-    manager = PartitionClientManager(n_users)
-    holder: dict = {}
+    def execute(self, grid) -> dict:
+        from flwr.server.compat import start_grid
 
-    def extra():
-        strat = holder["strategy"]
+        try:
+            start_grid(grid=grid, server=self.server, config=self.config)
+        except BaseException as e:
+            self.recorder.finish(status="failed", error=f"{type(e).__name__}: {e}")
+            raise
+        return self.finish()
+
+    def finish(self) -> dict:
+        """summary.json: complete once the last round's evaluation was recorded."""
+        timer, cfg = self.timer, self.cfg
         first = timer.fit_start[min(timer.fit_start)] if timer.fit_start else time.perf_counter()
         elapsed = time.perf_counter() - first
         if os.environ.get("FEDREC_SAVE_MODEL", "") not in ("", "0"):
-            save_model(recorder.dir / "model.npz", strat.global_arrays())
+            save_model(self.recorder.dir / "model.npz", self.strategy.global_arrays())
         spr = timer.seconds_per_round(2)
-        return {"train_seconds": round(elapsed, 3),
-                "rounds_per_s": round(cfg.train.rounds / elapsed, 3) if elapsed > 0 else None,
-                "seconds_per_round_after_first": None if spr is None else round(spr, 6),
-                "invalid_uploads": dict(strat.drop_counts),
-                "invalid_uploads_total": sum(strat.drop_counts.values()),
-                "detection": holder["detection"].summary(),
-                "supernodes": len(manager.partition), "run_dir": str(recorder.dir)}
-
-    wrapped_recorder = FlowerRecorder(recorder, timer, extra)
-    fe = cfg.flower.fraction_evaluate
-    strategy = build_strategy(cfg, env, recorder=wrapped_recorder,
-                              min_available_clients=cfg.flower.min_available_clients or n_users,
-                              fraction_evaluate=fe if fe >= 0 else None)
-    holder["strategy"] = strategy
-    from fedrec.adversary import make_adversary
-
-    from fedrec.build import malicious_set
-    from fedrec.evaluation import DetectionTracker
-
-    detection = DetectionTracker(malicious_set(env))
-    holder["detection"] = detection
-    ordered = OrderedStrategy(strategy, manager, timer, adversary=make_adversary(cfg, env, recorder),
-                              detection=detection)
-    config = ServerConfig(num_rounds=cfg.train.rounds,
-                          round_timeout=cfg.flower.round_timeout or None)
-    server = Server(client_manager=manager, strategy=ordered)
-    server.set_max_workers(max_workers(cfg))
-    return ServerAppComponents(server=server, config=config)
+        complete = bool(self.recorder.final)
+        summary = self.recorder.finish(
+            status="complete" if complete else "incomplete",
+            train_seconds=round(elapsed, 3),
+            rounds_per_s=round(cfg.train.rounds / elapsed, 3) if elapsed > 0 else None,
+            seconds_per_round_after_first=None if spr is None else round(spr, 6),
+            **self.ledger.totals(), supernodes=len(self.manager.partition),
+            run_dir=str(self.recorder.dir))
+        shown = {k: round(v, 4) for k, v in self.recorder.final.items()
+                 if k.startswith(("test_hr", "test_ndcg"))}
+        log(INFO, "fedrec: final %s", shown)
+        log(INFO, "fedrec: results in %s", self.recorder.dir)
+        return summary
 
 
 def make_server_app(run_config: dict | None = None) -> ServerApp:
     """A ServerApp; `run_config` ("experiment", "overrides", "output-dir") fills in what the
     context lacks (e.g. under `flwr.simulation.run_simulation`, which passes no run config)."""
     defaults = dict(run_config or {})
-    return ServerApp(server_fn=lambda context: server_fn(context, defaults))
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context: Context) -> None:
+        FlowerRun(context, defaults).execute(grid)
+
+    return app
 
 
-app = ServerApp(server_fn=server_fn)
+app = make_server_app()

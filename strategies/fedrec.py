@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.common import (
@@ -46,17 +47,35 @@ def sample_round(rng: np.random.Generator, n_candidates: int, k: int, mode: str,
     return np.sort(queue[:k])
 
 
+@dataclass
+class RoundResult:
+    """What one round's aggregation did, returned to the runner (which alone records it).
+
+    metrics: the round's fit metrics (clients, accepted, empty, invalid, train_loss, rule_*);
+    invalid: validation drops of this round by reason; dropped: ids of the clients whose valid
+    uploads the filters and the rule left out; dropped_by: a filter stage's own drops
+    ({stage: client ids}), so evaluation can score each stage apart; stepped: whether the server
+    optimizer took a step (False when no upload survived validation).
+    """
+
+    metrics: dict
+    invalid: Counter = field(default_factory=Counter)
+    dropped: list = field(default_factory=list)
+    dropped_by: dict = field(default_factory=dict)
+    stepped: bool = False
+
+
 class FedRecStrategy(Strategy):
     """Federated recommendation on sparse item uploads.
 
-    model_arrays: initial [item_table, *predictor]; rule: an AggregationRule (default mean);
-    recorder: optional object with log_fit(round, metrics) / log_eval(round, metrics, final).
+    model_arrays: initial [item_table, *predictor]; rule: an AggregationRule (default mean).
+    The strategy keeps no record of the run: its plain methods return a `RoundResult` (fit) or
+    a metrics dict (evaluation), and the runner writes them (fedrec.engine, fedrec.server_app).
     """
 
     def __init__(self, model_arrays, *, n_items, dim, predictor_shapes, server_cfg, seed=0,
                  clients_per_round=50, sampling="uniform", num_rounds=1, eval_every=0,
-                 fraction_evaluate=0.1, min_available_clients=1, rule=None, recorder=None,
-                 ks=(5, 10, 20)):
+                 fraction_evaluate=0.1, min_available_clients=1, rule=None, ks=(5, 10, 20)):
         super().__init__()
         self.n_items, self.dim = int(n_items), int(dim)
         self.predictor_shapes = [tuple(s) for s in predictor_shapes]
@@ -76,11 +95,7 @@ class FedRecStrategy(Strategy):
         self.eval_every = eval_every
         self.fraction_evaluate = fraction_evaluate
         self.min_available_clients = min_available_clients
-        self.recorder = recorder
         self.ks = list(ks)
-        self.drop_counts: Counter = Counter()
-        self.last_dropped: list = []
-        self.last_dropped_by: dict = {}  # {"filter": client ids} when a filter wraps the rule
 
     # --- plain methods (shared by Flower and the in-process runner) ---------------------
     def global_arrays(self) -> list:
@@ -95,8 +110,9 @@ class FedRecStrategy(Strategy):
         return server_round == self.num_rounds or (
             self.eval_every > 0 and server_round % self.eval_every == 0)
 
-    def aggregate_uploads(self, server_round: int, results) -> dict:
-        """results: list of (client_id, arrays, num_examples, metrics). Returns round metrics."""
+    def aggregate_uploads(self, server_round: int, results) -> RoundResult:
+        """results: list of (client_id, arrays, num_examples, metrics): validate, filter,
+        aggregate and step the server optimizer; returns what the round did."""
         items, metrics_of, dropped = [], {}, Counter()
         empty = 0
         for client_id, arrays, num_examples, metrics in results:
@@ -113,11 +129,10 @@ class FedRecStrategy(Strategy):
             dropped[e.reason] += 1
         losses = [float(m["loss"]) for m in (metrics_of[u.client] for u in uploads)
                   if isinstance(m.get("loss"), (int, float)) and math.isfinite(m["loss"])]
-        self.drop_counts.update(dropped)
         out = {"clients": len(results), "accepted": len(uploads), "empty": empty,
-               "invalid": sum(dropped.values()), "invalid_total": sum(self.drop_counts.values()),
+               "invalid": sum(dropped.values()),
                "train_loss": math.fsum(losses) / len(losses) if losses else float("nan")}
-        self.last_dropped, self.last_dropped_by = [], {}
+        result = RoundResult(out, invalid=dropped)
         if uploads:
             weights = (np.array([u.num_examples for u in uploads], dtype=np.float64)
                        if self.server_cfg.weighting == "samples" else np.ones(len(uploads)))
@@ -125,19 +140,17 @@ class FedRecStrategy(Strategy):
                                    self.optimizer.arrays()[0], self.optimizer.item_state())
             updates.__dict__["stacked"] = stacked  # already concatenated during validation
             agg = self.rule(updates)
-            self.last_dropped = [uploads[i].client for i in agg.dropped]
-            self.last_dropped_by = {k: [uploads[i].client for i in v]
-                                    for k, v in getattr(agg, "dropped_by", {}).items()}
+            result.dropped = [uploads[i].client for i in agg.dropped]
+            result.dropped_by = {k: [uploads[i].client for i in v] for k, v in agg.dropped_by.items()}
             out["rule_dropped"] = len(agg.dropped)
             out.update({f"rule_{k}": v for k, v in agg.info.items()})
             grads = [agg.item_grad, *agg.predictor] if agg.predictor else \
                 [agg.item_grad, *[np.zeros(s, np.float32) for s in self.predictor_shapes]]
             self.optimizer.step(grads)
-        if self.recorder is not None:
-            self.recorder.log_fit(server_round, out)
-        return out
+            result.stepped = True
+        return result
 
-    def evaluate_results(self, server_round: int, per_client_metrics: list, final: bool) -> dict:
+    def evaluate_results(self, server_round: int, per_client_metrics: list) -> dict:
         """Mean of per-user metrics (order-independent sums), e.g. from federated evaluation."""
         keys = sorted({k for m in per_client_metrics for k in m})
         out = {}
@@ -146,8 +159,6 @@ class FedRecStrategy(Strategy):
             out[k] = math.fsum(vals) / len(vals)
             split = k.split("_", 1)[0]
             out[f"{split}_users"] = len(vals)
-        if self.recorder is not None:
-            self.recorder.log_eval(server_round, out, final)
         return out
 
     # --- Flower Strategy API ------------------------------------------------------------
@@ -164,12 +175,18 @@ class FedRecStrategy(Strategy):
         ins = FitIns(ndarrays_to_parameters(self.global_arrays()), {"round": server_round})
         return [(proxy, ins) for proxy in chosen]
 
-    def aggregate_fit(self, server_round, results, failures):
+    def aggregate_fit_result(self, server_round, results, failures) -> RoundResult:
+        """aggregate_fit's work on Flower's (proxy, FitRes) pairs, returning the RoundResult
+        (the ServerApp's runner records it); client failures are counted in its metrics."""
         raw = [(proxy.cid, parameters_to_ndarrays(res.parameters), res.num_examples, res.metrics)
                for proxy, res in results]
-        metrics = self.aggregate_uploads(server_round, raw)
-        metrics["failures"] = len(failures)
-        return ndarrays_to_parameters(self.global_arrays()), metrics
+        result = self.aggregate_uploads(server_round, raw)
+        result.metrics["failures"] = len(failures)
+        return result
+
+    def aggregate_fit(self, server_round, results, failures):
+        result = self.aggregate_fit_result(server_round, results, failures)
+        return ndarrays_to_parameters(self.global_arrays()), result.metrics
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         if not self.is_eval_round(server_round):
@@ -185,7 +202,7 @@ class FedRecStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round, results, failures):
         per_client = [res.metrics for _, res in results if res.num_examples > 0]
-        out = self.evaluate_results(server_round, per_client, server_round == self.num_rounds)
+        out = self.evaluate_results(server_round, per_client)
         loss = None  # ranking metrics only; Flower's loss slot is unused
         return loss, out
 

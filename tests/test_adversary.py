@@ -141,19 +141,25 @@ def test_defenses_never_import_ground_truth():
 def test_deployment_rejects_non_local_attacks(tmp_path):
     from fedrec.adversary import make_adversary
     from fedrec.build import build_env
-    from fedrec.server_app import OrderedStrategy
+    from fedrec.server_app import check_deployable, is_simulation
+
+    class Grid:  # a deployment's grid (not Flower's InMemoryGrid)
+        pass
+
+    class InMemoryGrid:
+        pass
 
     class Proxy:
-        grid = object()  # not Flower's InMemoryGrid: a deployment
+        def __init__(self, grid):
+            self.grid = grid
 
+    assert not is_simulation(Proxy(Grid())) and is_simulation(Proxy(InMemoryGrid()))
     cfg = attacked(tmp_path, "clusterattack")
-    s = OrderedStrategy(None, None, None, adversary=make_adversary(cfg, build_env(cfg)))
     with pytest.raises(RuntimeError, match="only a simulation"):
-        s._check_runtime(Proxy())
-    cfg = attacked(tmp_path, "fedattack")
-    s = OrderedStrategy(None, None, None, adversary=make_adversary(cfg, build_env(cfg)))
-    s._check_runtime(Proxy())  # local: allowed, and the server keeps no ground truth
-    assert s.adversary is None
+        check_deployable(make_adversary(cfg, build_env(cfg)))
+    check_deployable(make_adversary(attacked(tmp_path, "fedattack"),
+                                    build_env(attacked(tmp_path, "fedattack"))))  # local: allowed
+    check_deployable(None)  # a clean run
 
 
 def test_knowledge_levels_are_checked(tmp_path):

@@ -99,7 +99,7 @@ def test_engine_evaluate_equals_mean_of_client_evaluate(tmp_path):
         if n:
             per_client.append(m)
     assert len(per_client) == 57  # 60 users less the 3 in the attacker pool
-    fed = engine.strategy.evaluate_results(rnd, per_client, final=False)
+    fed = engine.strategy.evaluate_results(rnd, per_client)
     assert fed == out
     assert out["test_users"] == 57 and 0 < out["test_hr@20"] < 1
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fedrec.config import from_dict
+from fedrec.ledger import RunLedger
 from fedrec.protocol import Upload, encode_upload
 from strategies.aggregate import dense_mean, item_level_mean, weighted_mean_arrays
 from strategies.fedrec import FedRecStrategy, sample_round
@@ -23,6 +24,10 @@ class Recorder:
 
     def log_eval(self, rnd, metrics, final):
         self.eval.append((rnd, metrics, final))
+
+
+def _metrics(strategy, rnd, results):
+    return strategy.aggregate_uploads(rnd, results).metrics
 
 
 def _strategy(seed=0, optimizer="sgd", lr=1.0, aggregation="dense", weighting="samples", **kw):
@@ -75,7 +80,7 @@ def test_dense_and_item_level_mean_hand_computed():
 def test_good_uploads_sgd_update_hand_computed():
     s = _strategy()
     table0 = s.global_arrays()[0].copy()
-    m = s.aggregate_uploads(1, GOOD)
+    m = _metrics(s, 1, GOOD)
     assert m["accepted"] == 2 and m["invalid"] == 0 and m["clients"] == 2
     assert m["train_loss"] == pytest.approx(0.6)
     expect = table0.copy()
@@ -102,23 +107,28 @@ def test_uniform_weighting():
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_bad_uploads_dropped_counted_and_update_from_good_only(optimizer):
     rec = Recorder()
-    mixed = _strategy(optimizer=optimizer, recorder=rec)
+    ledger = RunLedger(rec)
+    mixed = _strategy(optimizer=optimizer)
     clean = _strategy(optimizer=optimizer)
     results = [BAD[0], GOOD[0], BAD[1], BAD[2], GOOD[1], BAD[3], BAD[4]]
-    m = mixed.aggregate_uploads(1, results)
+    r = mixed.aggregate_uploads(1, results)
+    m = r.metrics
     clean.aggregate_uploads(1, GOOD)
-    assert m["clients"] == 7 and m["accepted"] == 2
-    assert m["invalid"] == 5 and m["invalid_total"] == 5
-    assert dict(mixed.drop_counts) == {"non_finite": 1, "ids_range": 1, "ids_repeated": 1,
-                                       "num_examples": 1, "array_count": 1}
+    assert m["clients"] == 7 and m["accepted"] == 2 and m["invalid"] == 5
+    assert dict(r.invalid) == {"non_finite": 1, "ids_range": 1, "ids_repeated": 1,
+                               "num_examples": 1, "array_count": 1}
+    assert r.stepped and r.dropped == [] and r.dropped_by == {}
     assert m["train_loss"] == pytest.approx(0.6)  # the dropped uploads' losses are ignored
     for a, b in zip(mixed.global_arrays(), clean.global_arrays()):
         assert np.array_equal(a, b)
-    assert rec.fit == [(1, m)]
+    row = ledger.fit(1, list("abcdefg"), r)
+    assert rec.fit == [(1, row)] and row == {**m, "invalid_total": 5}
     # the run goes on: a second round adds to the running total
-    m2 = mixed.aggregate_uploads(2, [BAD[0], GOOD[1]])
-    assert m2["invalid"] == 1 and m2["invalid_total"] == 6 and m2["accepted"] == 1
-    assert mixed.drop_counts["non_finite"] == 2
+    r2 = mixed.aggregate_uploads(2, [BAD[0], GOOD[1]])
+    row2 = ledger.fit(2, ["x", "b"], r2)
+    assert row2["invalid"] == 1 and row2["invalid_total"] == 6 and row2["accepted"] == 1
+    assert ledger.totals()["invalid_uploads"]["non_finite"] == 2
+    assert ledger.totals()["invalid_uploads_total"] == 6
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -127,12 +137,13 @@ def test_all_bad_round_leaves_model_unchanged(optimizer):
     if optimizer == "adam":
         s.aggregate_uploads(1, GOOD)  # momentum would move rows on any step
     before = [a.copy() for a in s.global_arrays()]
-    m = s.aggregate_uploads(2, BAD)
-    assert m["accepted"] == 0 and m["invalid"] == len(BAD)
+    r = s.aggregate_uploads(2, BAD)
+    m = r.metrics
+    assert m["accepted"] == 0 and m["invalid"] == len(BAD) and not r.stepped
     assert np.isnan(m["train_loss"])
     for a, b in zip(before, s.global_arrays()):
         assert np.array_equal(a, b)
-    m = s.aggregate_uploads(3, [])
+    m = _metrics(s, 3, [])
     assert m["clients"] == 0 and m["accepted"] == 0
 
 
@@ -140,10 +151,10 @@ def test_max_rows_and_samples_settings():
     server = from_dict({"server": {"optimizer": "sgd", "max_upload_rows": 1, "max_samples": 2}}).server
     s = FedRecStrategy([np.zeros((N_ITEMS, DIM), np.float32), np.zeros(3, np.float32)],
                        n_items=N_ITEMS, dim=DIM, predictor_shapes=SHAPES, server_cfg=server)
-    m = s.aggregate_uploads(1, GOOD)  # a: 2 rows; b: 3 samples
-    assert m["accepted"] == 0 and dict(s.drop_counts) == {"too_many_rows": 2}
+    r = s.aggregate_uploads(1, GOOD)  # a: 2 rows; b: 3 samples
+    assert r.metrics["accepted"] == 0 and dict(r.invalid) == {"too_many_rows": 2}
     ok = ("c", _up([1], [[1, 1]]), 2, {})
-    assert s.aggregate_uploads(2, [ok])["accepted"] == 1
+    assert _metrics(s, 2, [ok])["accepted"] == 1
 
 
 def test_uniform_sampling_is_seeded():
@@ -187,12 +198,10 @@ def test_strategy_sample_seeded_and_maps_candidates():
 
 
 def test_eval_rounds_and_evaluate_results():
-    rec = Recorder()
-    s = _strategy(num_rounds=10, eval_every=4, recorder=rec)
+    s = _strategy(num_rounds=10, eval_every=4)
     assert [r for r in range(1, 11) if s.is_eval_round(r)] == [4, 8, 10]
     assert [r for r in range(1, 6) if _strategy(num_rounds=5).is_eval_round(r)] == [5]
     out = s.evaluate_results(10, [{"test_hr@5": 1.0, "val_hr@5": 0.0},
                                   {"test_hr@5": 0.0, "val_hr@5": 1.0},
-                                  {"test_hr@5": 1.0}], final=True)
+                                  {"test_hr@5": 1.0}])
     assert out == {"test_hr@5": pytest.approx(2 / 3), "test_users": 3, "val_hr@5": 0.5, "val_users": 2}
-    assert rec.eval[-1][0] == 10 and rec.eval[-1][2] is True
