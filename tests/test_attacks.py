@@ -149,8 +149,15 @@ def test_spattack_o_rows_cancel_the_benign_sum(variant, weighting):
     for (ids, rows, _), u in zip(out, own):
         np.add.at(total, ids, w(u) * rows)
     np.testing.assert_allclose(total, 0, atol=1e-4)  # every item's weighted sum cancels
-    if variant == "O-S":
-        assert all(len(ids) < n_items or len(ids) == n_items for ids, _, _ in out)
+    sent = np.unique(np.concatenate([u.item_ids for u in benign]))
+    if variant == "O-D":
+        assert all(np.array_equal(ids, np.arange(n_items)) for ids, _, _ in out)
+    else:  # a sample as large as the largest benign upload (5), plus a share of the uncovered
+        # benign items; together the malicious uploads cover every item a benign client sent
+        extra = -(-len(sent) // len(own))
+        assert all(5 <= len(ids) <= 5 + extra and len(ids) < n_items for ids, _, _ in out)
+        assert all(np.array_equal(ids, np.unique(ids)) for ids, _, _ in out)
+        assert set(sent) <= set(np.concatenate([ids for ids, _, _ in out]))
 
 
 def test_spattack_s_samples_cover_every_required_item():
