@@ -19,12 +19,14 @@ class RunLedger:
         self.recorder = recorder
         self.detection = detection
         self.invalid: Counter = Counter()  # validation drops by reason, over the run
+        self.failures = 0  # client failures (a ClientApp that raised or timed out), over the run
 
     def fit(self, rnd: int, users, result, attack: dict | None = None,
             extra: dict | None = None) -> dict:
         """One round's fit row: the strategy's metrics, the running invalid total, detection
         scores of the round's drops among `users`, the attack's diagnostics and `extra`."""
         self.invalid.update(result.invalid)
+        self.failures += int(result.metrics.get("failures", 0))
         row = {**result.metrics, "invalid_total": sum(self.invalid.values())}
         if self.detection is not None:
             row.update(self.detection.update(users, result.dropped, result.dropped_by))
@@ -43,7 +45,7 @@ class RunLedger:
     def totals(self) -> dict:
         """The run's summary counts (summary.json)."""
         out = {"invalid_uploads": dict(self.invalid),
-               "invalid_uploads_total": sum(self.invalid.values())}
+               "invalid_uploads_total": sum(self.invalid.values()), "client_failures": self.failures}
         if self.detection is not None:
             out["detection"] = self.detection.summary()
         return out

@@ -68,12 +68,29 @@ try:
 except Exception as e:  # no Ray here: the tests are skipped
     print("RAY-START-FAILED:", repr(e), flush=True)
     sys.exit(77)
+from flwr.client import ClientApp
 from flwr.simulation import run_simulation
-from fedrec.client_app import make_client_app
+from fedrec.client_app import UserClient, app_run_config, make_client_app
 from fedrec.server_app import make_server_app
+
+
+class FailingClient(UserClient):
+    # user 3's device raises in round 2 (a crashed ClientApp)
+
+    def fit(self, ins):
+        if self.partition_id == 3 and int(ins.config["round"]) == 2:
+            raise RuntimeError("injected client failure")
+        return super().fit(ins)
+
+
+def failing_app(rc):
+    return ClientApp(client_fn=lambda context: FailingClient(context, app_run_config(context, rc)))
+
+
 for yaml_path in sys.argv[3:]:  # Flower shuts Ray down after each run; the next restarts it
     rc = {"experiment": yaml_path, "output-dir": out_root}
-    run_simulation(make_server_app(rc), make_client_app(rc), num_supernodes=n,
+    client_app = failing_app(rc) if "client-failure" in yaml_path else make_client_app(rc)
+    run_simulation(make_server_app(rc), client_app, num_supernodes=n,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
 """
 
@@ -136,6 +153,8 @@ _CASES = {
     # no user row: each device encodes its own history, per split, with the global encoder
     "partial-sasrec": dict(model="sasrec", train__clients_per_round=4, train__rounds=3,
                            model__max_len=16, model__heads=2, model__device="cpu"),
+    # user 3's ClientApp raises in round 2 (see _DRIVER)
+    "client-failure": dict(model="mf", train__rounds=3),
 }
 
 
@@ -176,6 +195,19 @@ def test_flower_sequential_model_matches_engine(flower_vs_engine):
     """SASRec under Flower: one user's upload and evaluation computed alone on its SuperNode
     equal the engine's batched ones, so the whole run is bit-identical."""
     _assert_same(*flower_vs_engine["partial-sasrec"])
+
+
+def test_a_failing_client_is_recorded_in_its_round(flower_vs_engine):
+    """A ClientApp that raises in round 2: the round goes on without its upload, metrics.csv
+    says so in that round's row, summary.json sums it, and the run completes."""
+    _, _, flwr_dir = flower_vs_engine["client-failure"]
+    with open(flwr_dir / "metrics.csv", newline="") as f:
+        rows = {int(r["round"]): r for r in csv.DictReader(f)}
+    assert {r: int(row["failures"]) for r, row in rows.items()} == {1: 0, 2: 1, 3: 0}
+    accepted = {r: int(row["accepted"]) for r, row in rows.items()}  # every user, every round
+    assert accepted[2] == accepted[1] - 1 and accepted[3] == accepted[1]
+    summary = json.loads((flwr_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["client_failures"] == 1
 
 
 # ---------------------------------------------------------------------------- flwr run
