@@ -52,6 +52,17 @@ class Adversary:
         self.data = env.data
         self.memory: dict = {}  # the attacker's state across rounds (e.g. ClusterAttack's K)
 
+    def state_dict(self) -> dict:
+        """The attacker's memory across rounds (its per-round generator derives from the seed)."""
+        import copy
+
+        return {"memory": copy.deepcopy(self.memory)}
+
+    def load_state_dict(self, state: dict):
+        import copy
+
+        self.memory = copy.deepcopy(state["memory"])
+
     def rng(self, rnd: int) -> np.random.Generator:
         return np.random.default_rng([self.cfg.seed, _ADVERSARY, int(rnd)])
 

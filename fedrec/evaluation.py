@@ -154,7 +154,7 @@ class DetectionTracker:
     """Scores a defense's drops against the ground truth, per round and overall.
 
     Evaluation code, not defense code: the defense only reports which uploads it dropped
-    (`FedRecStrategy.last_dropped`); the runner passes the round's users and its malicious
+    (`RoundResult.dropped`); the runner passes the round's users and its malicious
     users here. Per round: det_tp / det_fp / det_fn and, where defined, det_precision
     (of the dropped uploads, the malicious share), det_recall (of the malicious uploads, the
     dropped share) and det_f1. Overall: the same over every round's counts.
@@ -186,6 +186,17 @@ class DetectionTracker:
         out = {f"{p}_tp": tp, f"{p}_fp": fp, f"{p}_fn": fn}
         out.update({f"{p}_{k}": v for k, v in _prf(tp, fp, fn).items()})
         return out
+
+    def state_dict(self) -> dict:
+        return {"counts": (self.tp, self.fp, self.fn, self.rounds),
+                "stages": {k: t.state_dict() for k, t in self.stages.items()}}
+
+    def load_state_dict(self, state: dict):
+        self.tp, self.fp, self.fn, self.rounds = state["counts"]
+        self.stages = {}
+        for stage, sub in state["stages"].items():
+            tracker = self.stages[stage] = DetectionTracker(self.malicious, f"det_{stage}")
+            tracker.load_state_dict(sub)
 
     def summary(self) -> dict:
         out = {"tp": self.tp, "fp": self.fp, "fn": self.fn, "rounds": self.rounds,

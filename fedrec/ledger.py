@@ -42,6 +42,16 @@ class RunLedger:
             self.recorder.log_eval(rnd, row, final)
         return row
 
+    def state_dict(self) -> dict:
+        return {"invalid": dict(self.invalid), "failures": self.failures,
+                "detection": None if self.detection is None else self.detection.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.invalid = Counter(state["invalid"])
+        self.failures = int(state["failures"])
+        if self.detection is not None and state["detection"] is not None:
+            self.detection.load_state_dict(state["detection"])
+
     def totals(self) -> dict:
         """The run's summary counts (summary.json)."""
         out = {"invalid_uploads": dict(self.invalid),

@@ -8,6 +8,7 @@ same code.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +46,29 @@ def sample_round(rng: np.random.Generator, n_candidates: int, k: int, mode: str,
         queue = rng.permutation(n_candidates)
     epoch_state["queue"] = queue[k:]
     return np.sort(queue[:k])
+
+
+def rule_chain(rule) -> list:
+    """The rule and every step it wraps (`inner`), outermost first."""
+    chain = []
+    while rule is not None:
+        chain.append(rule)
+        rule = getattr(rule, "inner", None)
+    return chain
+
+
+def rule_memory(rule) -> list:
+    """Per step of the chain, its memory across rounds (None for stateless steps)."""
+    return [s.state_dict() if hasattr(s, "state_dict") else None for s in rule_chain(rule)]
+
+
+def load_rule_memory(rule, memory: list):
+    chain = rule_chain(rule)
+    if len(chain) != len(memory):
+        raise ValueError(f"checkpoint holds {len(memory)} rule steps, the strategy has {len(chain)}")
+    for step, state in zip(chain, memory):
+        if state is not None:
+            step.load_state_dict(state)
 
 
 @dataclass
@@ -160,6 +184,27 @@ class FedRecStrategy(Strategy):
             split = k.split("_", 1)[0]
             out[f"{split}_users"] = len(vals)
         return out
+
+    def state_dict(self) -> dict:
+        """What the server carries from round to round (a checkpoint, fedrec.checkpoint): the
+        global arrays, the optimizer's moments, the sampling generators and epoch queue, and
+        the memory of the rule and filters (their `state_dict`, where they have one)."""
+        return copy.deepcopy({
+            "arrays": self.global_arrays(), "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.bit_generator.state, "eval_rng": self.eval_rng.bit_generator.state,
+            "epoch_state": self.epoch_state, "rule": rule_memory(self.rule)})
+
+    def load_state_dict(self, state: dict):
+        """Restore `state_dict()`; the global arrays are written in place (they may live in
+        memory shared with worker processes)."""
+        state = copy.deepcopy(state)
+        for a, saved in zip(self.global_arrays(), state["arrays"]):
+            np.copyto(a, saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.eval_rng.bit_generator.state = state["eval_rng"]
+        self.epoch_state = state["epoch_state"]
+        load_rule_memory(self.rule, state["rule"])
 
     # --- Flower Strategy API ------------------------------------------------------------
     def initialize_parameters(self, client_manager):
