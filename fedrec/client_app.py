@@ -27,6 +27,7 @@ from pathlib import Path
 from flwr.client import Client, ClientApp
 from flwr.common import Code, Context, GetPropertiesIns, GetPropertiesRes, Status
 
+from fedrec import environment
 from fedrec.errors import ConfigError
 
 PARTITION_ID = "partition-id"
@@ -49,9 +50,9 @@ def search_roots() -> list[Path]:
     """Where a relative experiment path is looked up, in order: the app directory (the FAB
     ships `experiments/*.yaml`), $FEDREC_PROJECT_ROOT, the working directory."""
     roots = [app_dir()]
-    env = os.environ.get("FEDREC_PROJECT_ROOT")
-    if env:
-        roots.append(Path(env).expanduser())
+    project = environment.project_root()
+    if project is not None:
+        roots.append(project)
     roots.append(Path.cwd())
     return roots
 

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from fedrec import environment
 from fedrec.build import build_client, build_env, build_strategy
 from fedrec.errors import ConfigError
 from fedrec.evaluation import evaluate_users
@@ -64,22 +65,9 @@ def compute_clients(prepared, arrays) -> list:
     return results
 
 
-def _env_workers():
-    env = os.environ.get("FEDREC_WORKERS", "").strip()
-    if not env:
-        return None
-    try:
-        n = int(env)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ConfigError(f"FEDREC_WORKERS must be a positive integer, got {env!r}")
-    return n
-
-
 def default_workers(cfg) -> int:
     """Engine's default: $FEDREC_WORKERS, else 1."""
-    n = _env_workers()
+    n = environment.workers()
     return 1 if n is None else n
 
 
@@ -101,7 +89,7 @@ def auto_workers(cfg) -> int:
 
     from fedrec.parallel import fork_available
 
-    n = _env_workers()
+    n = environment.workers()
     if n is not None:
         return n
     if model_on_cuda(cfg):  # CUDA does not survive a fork, and one GPU is one queue anyway

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 
 def configure_threads():
     """Use one intra-op torch thread and one BLAS thread unless FEDREC_TORCH_THREADS /
@@ -18,10 +16,12 @@ def configure_threads():
     """
     import torch
 
-    n = int(os.environ.get("FEDREC_TORCH_THREADS", "1"))
+    from fedrec import environment
+
+    n = environment.torch_threads()
     if n > 0 and torch.get_num_threads() != n:
         torch.set_num_threads(n)
-    n = int(os.environ.get("FEDREC_BLAS_THREADS", "1"))
+    n = environment.blas_threads()
     if n > 0:
         try:  # threadpoolctl comes with scikit-learn
             from threadpoolctl import threadpool_limits

@@ -48,6 +48,7 @@ from flwr.server import Server, ServerApp, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.strategy import Strategy
 
+from fedrec import environment
 from fedrec.client_app import (
     NUM_PARTITIONS,
     PARTITION_ID,
@@ -273,7 +274,7 @@ def output_root(run_config, cfg) -> Path:
     spec = str(run_config.get("output-dir", "") or cfg.output.dir)
     p = Path(os.path.expandvars(os.path.expanduser(spec)))
     if not p.is_absolute():
-        p = Path(os.environ.get("FEDREC_PROJECT_ROOT") or Path.cwd()) / p
+        p = (environment.project_root() or Path.cwd()) / p
     return p
 
 
@@ -353,7 +354,7 @@ class FlowerRun:
         timer, cfg = self.timer, self.cfg
         first = timer.fit_start[min(timer.fit_start)] if timer.fit_start else time.perf_counter()
         elapsed = time.perf_counter() - first
-        if os.environ.get("FEDREC_SAVE_MODEL", "") not in ("", "0"):
+        if environment.save_model():
             save_model(self.recorder.dir / "model.npz", self.strategy.global_arrays())
         spr = timer.seconds_per_round(2)
         complete = bool(self.recorder.final)
