@@ -39,6 +39,8 @@ ATTACKS = {
     "fedattack": "clients.malicious.fedattack:FedAttackClient",
     "clusterattack": "clients.malicious.clusterattack:ClusterAttackClient",
     "spattack": "clients.malicious.spattack:SpattackClient",
+    # not an attack on the model: arbitrary bytes and metrics, to test the server (fedrec.fuzz)
+    "hostile": "clients.malicious.hostile:HostileClient",
 }
 
 
