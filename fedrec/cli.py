@@ -207,8 +207,14 @@ def main(argv=None) -> int:
     except FedRecError as e:
         print(f"fedrec: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fedrec: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        from fedrec.engine import RunInterrupted
+
+        if isinstance(e, RunInterrupted):
+            print(f"fedrec: stopped after round {e.round_done}, checkpoint saved; the same command "
+                  "resumes it", file=sys.stderr)
+        else:
+            print("fedrec: interrupted", file=sys.stderr)
         return 130
 
 

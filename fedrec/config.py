@@ -200,6 +200,12 @@ class OutputConfig:
     dir: str = "runs"
     name: str = ""  # "" = experiment name plus a hash of the config
     progress: bool = True
+    # `fedrec run` saves a checkpoint every this many rounds (and on SIGTERM/SIGINT); rerunning
+    # an interrupted run resumes from it. 0 = only on a signal
+    checkpoint_every: int = 500
+
+    def validate(self):
+        _range("output.checkpoint_every", self.checkpoint_every, 0, 10**9)
 
 
 @dataclass

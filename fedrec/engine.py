@@ -138,6 +138,8 @@ class Engine:
                               "workers cannot use CUDA; set FEDREC_WORKERS=1 (one process "
                               "drives the GPU) or model.device=cpu")
         self._pool = None
+        self.first_round = 1  # > 1 after load_state_dict (a resumed run)
+        self.timing = {"train_seconds": 0.0, "eval_seconds": 0.0}  # carried over by a resume
         self._sampled: dict = {}  # round -> users, drawn one round early with workers
         self._pool_started = False
         self._in_worker = False  # set in the forked copies (fedrec/parallel.py)
@@ -230,12 +232,55 @@ class Engine:
         return type(clients[0]).user_vectors(clients, [c._state() for c in clients], rnd, split,
                                              self.strategy.global_arrays())
 
-    def run(self) -> dict:
+    # --- checkpoints (fedrec.checkpoint) ------------------------------------------------------
+    def client_states(self) -> dict:
+        """{user: private device state} of every user that has one (simulation only: what a
+        checkpoint keeps of the devices), gathered from the workers when there are some."""
+        pool = self.pool()
+        if pool is None:
+            return _stored_states(self, 0)
+        merged = {}
+        for part in pool.call(_stored_states):
+            merged.update(part)
+        return merged
+
+    def load_client_states(self, states: dict):
+        pool = self.pool()
+        if pool is None:
+            _load_states(self, 0, states)
+        else:
+            pool.call(_load_states, states)
+
+    def state_dict(self, round_done: int) -> dict:
+        """Everything needed to continue after `round_done`: the server, the devices, the
+        users already drawn for the next round, the adversary's memory, the ledger's totals."""
+        return {"round": int(round_done), "strategy": self.strategy.state_dict(),
+                "clients": self.client_states(), "sampled": dict(self._sampled),
+                "adversary": None if self.adversary is None else self.adversary.state_dict(),
+                "ledger": self.ledger.state_dict(), "timing": dict(self.timing)}
+
+    def load_state_dict(self, state: dict):
+        self.strategy.load_state_dict(state["strategy"])
+        self.load_client_states(state["clients"])
+        self._sampled = dict(state["sampled"])
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state["adversary"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.timing = dict(state["timing"])
+        self.first_round = int(state["round"]) + 1
+
+    def run(self, save_checkpoint=None) -> dict:
+        """Rounds `first_round`..train.rounds. save_checkpoint(state): called with
+        `state_dict()` every output.checkpoint_every rounds and when SIGTERM/SIGINT asks the
+        run to stop (after the round in progress, which then raises RunInterrupted)."""
+        from fedrec.checkpoint import stop_on_signals
+
         cfg = self.cfg
         self._all_users = list(range(self.env.data.n_users))
-        rounds = cfg.train.rounds
+        rounds, every = cfg.train.rounds, cfg.output.checkpoint_every
         bar = None
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - self.timing["train_seconds"]
+        eval_start = self.timing["eval_seconds"]
         last_eval: dict = {}
         fit: dict = {}
         eval_seconds = 0.0
@@ -244,27 +289,36 @@ class Engine:
             if self.progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=rounds, desc=cfg.name, unit="round", dynamic_ncols=True,
-                           mininterval=0.5)
-            for rnd in range(1, rounds + 1):
-                fit = self.run_round(rnd)
-                if self.strategy.is_eval_round(rnd):
-                    t_eval = time.perf_counter()
-                    last_eval = self.evaluate(rnd, rnd == rounds)
-                    eval_seconds += time.perf_counter() - t_eval
-                if bar is not None:
-                    bar.update(1)
-                    if rnd % 50 == 0 or rnd == rounds or self.strategy.is_eval_round(rnd):
-                        post = {"loss": f"{fit.get('train_loss', float('nan')):.4f}"}
-                        for k in ("val_hr@10", "test_hr@5"):
-                            if k in last_eval:
-                                post[k] = f"{last_eval[k]:.4f}"
-                        bar.set_postfix(post, refresh=False)
+                bar = tqdm(total=rounds, initial=self.first_round - 1, desc=cfg.name,
+                           unit="round", dynamic_ncols=True, mininterval=0.5)
+            with stop_on_signals() as stop:
+                for rnd in range(self.first_round, rounds + 1):
+                    fit = self.run_round(rnd)
+                    if self.strategy.is_eval_round(rnd):
+                        t_eval = time.perf_counter()
+                        last_eval = self.evaluate(rnd, rnd == rounds)
+                        eval_seconds += time.perf_counter() - t_eval
+                    if bar is not None:
+                        bar.update(1)
+                        if rnd % 50 == 0 or rnd == rounds or self.strategy.is_eval_round(rnd):
+                            post = {"loss": f"{fit.get('train_loss', float('nan')):.4f}"}
+                            for k in ("val_hr@10", "test_hr@5"):
+                                if k in last_eval:
+                                    post[k] = f"{last_eval[k]:.4f}"
+                            bar.set_postfix(post, refresh=False)
+                    due = bool(stop) or (every > 0 and rnd % every == 0 and rnd < rounds)
+                    if save_checkpoint is not None and due:
+                        self.timing = {"train_seconds": time.perf_counter() - t0,
+                                       "eval_seconds": eval_start + eval_seconds}
+                        save_checkpoint(self.state_dict(rnd))
+                    if stop:
+                        raise RunInterrupted(rnd, stop.signal)
         finally:
             self.close()  # no worker outlives the run (error and Ctrl-C included)
             if bar is not None:
                 bar.close()
         elapsed = time.perf_counter() - t0
+        eval_seconds += eval_start
         fit_seconds = elapsed - eval_seconds
         return {"final": last_eval, "train_seconds": elapsed, "eval_seconds": eval_seconds,
                 "rounds_per_s": rounds / elapsed if elapsed > 0 else float("inf"),
@@ -273,8 +327,36 @@ class Engine:
                 **self.ledger.totals()}
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGTERM/SIGINT after `round_done`, its checkpoint written."""
+
+    def __init__(self, round_done: int, signum: int):
+        super().__init__(f"stopped by signal {signum} after round {round_done}")
+        self.round_done, self.signum = round_done, signum
+
+
+def _stored_states(host, k) -> dict:
+    """The private states held in this process (worker k, or the single process)."""
+    import copy
+
+    return {u: copy.deepcopy(store.state) for u, store in host.stores.items() if store.state}
+
+
+def _load_states(host, k, states: dict):
+    """Give this process's users (u % workers == k) their saved private state."""
+    from clients.benign import DictStore
+
+    import copy
+
+    for u, state in states.items():
+        if host.workers == 1 or u % host.workers == k:
+            host.stores.setdefault(u, DictStore()).save(copy.deepcopy(state))
+
+
 def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
-    """Run one config with the in-process runner, writing its run directory."""
+    """Run one config with the in-process runner, writing its run directory; an interrupted
+    run with a checkpoint resumes from it (`force` starts again from round 1)."""
+    from fedrec.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
     from fedrec.results import is_complete, load_summary
 
     run_dir = run_dir_for(cfg, output_root)
@@ -282,19 +364,35 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
         s = load_summary(run_dir)
         s["skipped"] = True
         return s
-    recorder = RunRecorder(cfg, run_dir, runner="engine")
-    engine = Engine(cfg, recorder=recorder, progress=progress, workers=auto_workers(cfg))
+    if force:
+        remove_checkpoint(run_dir)
+    saved = load_checkpoint(run_dir, cfg.digest())
+    engine = Engine(cfg, progress=progress, workers=auto_workers(cfg))
+    resume = None if saved is None else saved["round"]
+    recorder = RunRecorder(cfg, run_dir, runner="engine", resume_round=resume)
+    engine.ledger.recorder = recorder
     recorder.extra["data"] = engine.env.data.summary()
+    if saved is not None:
+        engine.load_state_dict(saved["state"])
+        recorder.extra["resumed_from_round"] = resume
+
+    def save(state):
+        recorder.flush()  # every row up to the checkpoint is on disk before it
+        size = save_checkpoint(run_dir, cfg.digest(), state["round"], state)
+        recorder.extra["checkpoint_bytes"] = size
+
     try:
-        result = engine.run()
+        result = engine.run(save_checkpoint=save)
     except KeyboardInterrupt:
         recorder.finish(status="interrupted")
         raise
-    return recorder.finish(
+    summary = recorder.finish(
         status="complete", train_seconds=round(result["train_seconds"], 3),
         rounds_per_s=round(result["rounds_per_s"], 3), eval_seconds=round(result["eval_seconds"], 3),
         fit_rounds_per_s=round(result["fit_rounds_per_s"], 3), workers=engine.workers,
         invalid_uploads=result["invalid_uploads"],
         invalid_uploads_total=result["invalid_uploads_total"],
-        detection=result["detection"],
+        client_failures=result["client_failures"], detection=result["detection"],
         run_dir=str(run_dir))
+    remove_checkpoint(run_dir)  # a complete run needs none
+    return summary

@@ -41,7 +41,10 @@ def is_complete(run_dir: Path) -> bool:
 class RunRecorder:
     """Receives per-round metrics from the strategy and writes the run directory."""
 
-    def __init__(self, cfg, run_dir: Path, runner: str):
+    def __init__(self, cfg, run_dir: Path, runner: str, resume_round: int | None = None):
+        """resume_round: continue a run checkpointed after that round: metrics.csv keeps its
+        rows up to it (later ones, written before the run stopped, are dropped) and new rows
+        are appended."""
         self.cfg = cfg
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -52,8 +55,21 @@ class RunRecorder:
         self.latest: dict = {}
         self.extra: dict = {}
         (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        kept, header = [], None
+        if resume_round is not None and (self.dir / "metrics.csv").exists():
+            with open(self.dir / "metrics.csv", newline="") as f:
+                reader = csv.DictReader(f)
+                header = reader.fieldnames
+                kept = [r for r in reader if r.get("round", "").isdigit()
+                        and int(r["round"]) <= resume_round]
         self._csv = open(self.dir / "metrics.csv", "w", newline="")
         self._header: list | None = None
+        if header:
+            self._header = list(header)
+            w = csv.DictWriter(self._csv, fieldnames=self._header)
+            w.writeheader()
+            w.writerows(kept)
+            self._csv.flush()
         self._pending: list = []
 
     def log_fit(self, rnd: int, metrics: dict):
