@@ -81,10 +81,9 @@ def fresh(updates):
     nothing else cached."""
     from strategies.rule import RoundUpdates
 
-    out = RoundUpdates(updates.uploads, updates.weights, updates.n_items, updates.dim,
-                       updates.server_round, updates.item_table, updates.server_state)
-    out.__dict__["stacked"] = updates.stacked
-    return out
+    return RoundUpdates(updates.uploads, updates.weights, updates.n_items, updates.dim,
+                        updates.server_round, updates.item_table, updates.server_state,
+                        stacked_rows=updates.stacked)
 
 
 def time_rules(rules: dict, rounds: list, repeats: int, eng, round_ms: list,
@@ -152,7 +151,8 @@ def main():
     rules = {}
     for label, name, filt in runs:
         for granularity in ("item", "dense"):
-            over = config.parse_overrides([f"server.rule={name}", f"server.filter={filt}",
+            over = config.parse_overrides([f"server.rule={name}", f"server.filters=[{filt}]"
+                                           if filt != "none" else "server.filters=[]",
                                            f"server.aggregation={granularity}"])
             rules[label, granularity] = make_rule(
                 config.from_dict(config.deep_merge(cfg.to_dict(), over)))

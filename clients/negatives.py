@@ -43,7 +43,7 @@ def sample_negatives_cohort(clients, rngs, counts) -> list:
     draws = [_first_draw(n, n_items, e) for n, e in zip(counts, excl)]
     cand = np.concatenate([r.integers(0, n_items, size=d) for r, d in zip(rngs, draws)])
     owner = np.repeat(np.arange(len(clients)), draws)
-    masks = np.stack([c._exclusion_mask() for c in clients])
+    masks = np.stack([c.exclusion_mask() for c in clients])
     acc = np.flatnonzero(~masks[owner, cand])
     acc_owner = owner[acc]
     got = np.bincount(acc_owner, minlength=len(clients))
@@ -57,6 +57,6 @@ def sample_negatives_cohort(clients, rngs, counts) -> list:
         neg = taken[bounds[i] : bounds[i + 1]]
         if len(neg) < counts[i]:  # rare: continue this client's own stream, as one by one
             neg = sample_negatives(rngs[i], n_items, c.known_sorted, int(counts[i]),
-                                   c._exclusion_mask(), start=neg)
+                                   c.exclusion_mask(), start=neg)
         out.append(neg)
     return out

@@ -10,16 +10,9 @@ import os
 from pathlib import Path
 
 from fedrec.config import ExperimentConfig
-from fedrec.data.prepare import PreparedData, cached_prepare, file_digest
+from fedrec.data.prepare import PreparedData, cache_dir, cached_prepare, file_digest
 from fedrec.errors import ConfigError
 from fedrec.models import make_model
-
-
-def cache_dir(cfg: ExperimentConfig) -> Path:
-    if cfg.data.cache_dir:
-        p = Path(os.path.expanduser(cfg.data.cache_dir))
-        return p if p.is_absolute() else Path(cfg.base_dir or ".") / p
-    return Path(os.environ.get("FEDREC_CACHE") or Path.home() / ".cache" / "fedrec")
 
 
 def _resolve_data_path(cfg: ExperimentConfig):
@@ -71,7 +64,7 @@ def initial_arrays(cfg: ExperimentConfig, model) -> list:
 
 
 def build_env(cfg: ExperimentConfig, data=None, model=None):
-    from clients.benign import ClientEnv
+    from clients.env import ClientEnv
 
     data = data if data is not None else load_data(cfg)
     model = model if model is not None else build_model(cfg, data)
@@ -112,7 +105,7 @@ def build_client(env, user: int, store):
 
 
 def build_strategy(cfg: ExperimentConfig, env, *, min_available_clients=None,
-                   fraction_evaluate=None):
+                   fraction_evaluate=None, extra_steps=()):
     from fedrec.registry import make_rule
     from strategies.fedrec import FedRecStrategy
 
@@ -124,5 +117,5 @@ def build_strategy(cfg: ExperimentConfig, env, *, min_available_clients=None,
         num_rounds=cfg.train.rounds, eval_every=cfg.eval.every,
         fraction_evaluate=cfg.eval.fraction if fraction_evaluate is None else fraction_evaluate,
         min_available_clients=min_available_clients or env.data.n_users,
-        rule=make_rule(cfg), ks=cfg.eval.ks,
+        rule=make_rule(cfg, extra_steps), ks=cfg.eval.ks,
     )

@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--plot-detection", default=None,
                     help="also write a PNG of the defense's detection precision/recall per round")
     rp.add_argument("--window", type=int, default=200, help="rounds per point of --plot-detection")
-    rp.add_argument("--stage", default="", choices=["", "filter"],
-                    help="--plot-detection: only the filter's own drops (UNION's, the detector's)")
+    rp.add_argument("--stage", default="",
+                    help="--plot-detection: only this filter's own drops (union, detector)")
     rp.set_defaults(fn=_cmd_report)
 
     k = sub.add_parser("keys", help="list every experiment YAML key with its default")

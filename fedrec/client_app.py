@@ -185,7 +185,7 @@ class UserClient(Client):
 
     def inner(self) -> Client:
         if self._inner is None:
-            from clients.benign import FlowerStore
+            from clients.state import FlowerStore
             from fedrec.build import build_client
 
             env = client_env(self.run_config)

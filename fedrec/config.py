@@ -133,7 +133,10 @@ class ServerConfig:
     rule_f: int = 2  # robust rules: assumed Byzantine clients per round (trimmed per side)
     multikrum_m: int = 0  # updates Multi-Krum keeps (0 = n - rule_f)
     norm_bound: float = 0.1  # norm_bound: L2 clip (UNION code 0.1; FedAttack used 2)
-    filter: str = "none"  # none | union | detector (a filter that drops uploads before server.rule)
+    # pre-aggregation steps, in order, before server.rule (fedrec/registry.py FILTERS):
+    # union | detector | clip, e.g. [clip] + rule krum = "clip, then Krum"
+    filters: list = field(default_factory=list)
+    filter: str = "none"  # the older single-step key: union | detector = filters: [that]
     union_sample_items: int = 500  # item ids UNION samples (with replacement) per round
     union_gap_b: int = 50  # reference draws of the gap statistic
     union_expected_attackers: int = -1  # minor clusters this small are dropped (< 0: rule_f)
@@ -152,9 +155,15 @@ class ServerConfig:
         _range("server.rule_f", self.rule_f, 0, 10**8)
         _range("server.multikrum_m", self.multikrum_m, 0, 10**8)
         _choice("server.filter", self.filter, ("none", "union", "detector"))
+        if not isinstance(self.filters, list) or not all(isinstance(f, str) for f in self.filters):
+            raise ConfigError(f"server.filters: expected a list of names, got {self.filters!r}")
+        if self.filters and self.filter != "none":
+            raise ConfigError("server.filter and server.filters are both set; list every step "
+                              "in server.filters")
+        # the names are checked against fedrec.registry.FILTERS when the strategy is built
         _range("server.detector_threshold", self.detector_threshold, 0.0, 1.0)
-        if self.filter == "detector" and not self.detector_path:
-            raise ConfigError("server.detector_path: required with server.filter: detector")
+        if "detector" in self.filter_steps() and not self.detector_path:
+            raise ConfigError("server.detector_path: required with the detector filter")
         _range("server.union_sample_items", self.union_sample_items, 2, 10**7)
         _range("server.union_gap_b", self.union_gap_b, 2, 10_000)
         _range("server.union_expected_attackers", self.union_expected_attackers, -1, 10**8)
@@ -163,6 +172,10 @@ class ServerConfig:
             raise ConfigError(f"server.norm_bound: expected a number > 0, got {self.norm_bound!r}")
         if len(self.betas) != 2 or not all(0 <= float(b) < 1 for b in self.betas):
             raise ConfigError("server.betas: expected two numbers in [0, 1)")
+
+    def filter_steps(self) -> list:
+        """The pre-aggregation steps in order (server.filters, or the older server.filter)."""
+        return list(self.filters) if self.filters else ([] if self.filter == "none" else [self.filter])
 
 
 @dataclass
@@ -247,6 +260,8 @@ class ExperimentConfig:
         """A short hash of the resolved config (output settings excluded)."""
         d = self.to_dict()
         d.pop("output", None)
+        if not d["server"]["filters"]:  # added later: the digests of older runs stay the same
+            del d["server"]["filters"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 

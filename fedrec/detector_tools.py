@@ -43,18 +43,20 @@ def _detector_module():
 
 def record_one(cfg, every: int = 1, progress=None, sketch: dict | None = None) -> dict:
     """Run `cfg` in-process and return its recorded features and labels (numpy arrays)."""
-    from fedrec.build import malicious_set
+    from fedrec.build import build_env, malicious_set
     from fedrec.engine import Engine, auto_workers
 
     det = _detector_module()
-    if cfg.server.filter == "detector":  # the detector does not exist yet: record undefended
-        print(f"{cfg.name}: recording with server.filter: none", file=sys.stderr)
+    if "detector" in cfg.server.filter_steps():  # the detector does not exist yet: without it
+        print(f"{cfg.name}: recording without the detector filter", file=sys.stderr)
+        cfg.server.filters = [s for s in cfg.server.filter_steps() if s != "detector"]
         cfg.server.filter = "none"
-    engine = Engine(cfg, progress=progress, workers=auto_workers(cfg))
+    env = build_env(cfg)
+    sk = det.FeatureSketch(env.model.n_items, env.model.dim, **{**SKETCH_DEFAULTS, **(sketch or {})})
+    recorder = det.FeatureRecorder(sk, every)  # the last step before the rule
+    engine = Engine(cfg, progress=progress, env=env, workers=auto_workers(cfg),
+                    extra_steps=[recorder])
     model = engine.env.model
-    sk = det.FeatureSketch(model.n_items, model.dim, **{**SKETCH_DEFAULTS, **(sketch or {})})
-    recorder = det.FeatureRecorder(engine.strategy.rule, sk, every)
-    engine.strategy.rule = recorder
     result = engine.run()
     bad = malicious_set(engine.env)
     feats = [np.zeros((0, len(sk.feature_names())), np.float32)]

@@ -1,8 +1,8 @@
 """The in-process runner: the same clients and strategy as `flwr run`, no Ray, no messages.
 
-Per round: the strategy samples users with its seeded RNG, each sampled user's
-`BenignClient.fit` runs on the current global arrays (passed by reference, no
-serialisation), and `FedRecStrategy.aggregate_uploads` validates, aggregates and steps the
+Per round: the strategy samples users with its seeded RNG, the sampled users' clients fit
+on the current global arrays (passed by reference, no serialisation; clients/cohort.py
+computes a round's clients together), and `FedRecStrategy.aggregate_uploads` validates, aggregates and steps the
 server optimizer. Evaluation ranks every item for every benign user in batches; per-user
 values are averaged with exact sums, so it matches Flower's federated evaluation.
 
@@ -12,6 +12,7 @@ With workers = W > 1 (argument, or $FEDREC_WORKERS) the clients live in W forked
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -19,6 +20,8 @@ import time
 
 import numpy as np
 
+from clients.cohort import fit_clients, user_vectors
+from clients.state import DictStore
 from fedrec import environment
 from fedrec.build import build_client, build_env, build_strategy
 from fedrec.errors import ConfigError
@@ -26,43 +29,23 @@ from fedrec.evaluation import evaluate_users
 from fedrec.results import RunRecorder, run_dir_for
 
 
-def fit_clients(clients, arrays, config) -> list:
-    """fit() for the round's clients, [(upload, num_examples, metrics)] in their order.
+class DeviceHost:
+    """The simulated devices held in one process (the runner's, or one worker's): each user's
+    client, built on first use, with its private state in a DictStore. What the worker pool
+    needs of a process (fedrec.parallel.ClientHost)."""
 
-    One cohort per client class (benign, each attack): a cohort's gradients are computed
-    together, and a client's result does not depend on its cohort (tests pin this).
-    """
-    return compute_clients(prepare_clients(clients, arrays, config), arrays)
+    def __init__(self, env, global_arrays):
+        self.env = env
+        self.global_arrays = global_arrays  # () -> the current global arrays
+        self.stores: dict = {}
+        self.clients: dict = {}
 
-
-def prepare_clients(clients, arrays, config, ahead: bool = False) -> list:
-    """The model-independent half of fit_clients (see BenignClient.prepare_cohort).
-
-    ahead=True (the parallel runner preparing the next round on the current model): classes
-    whose training pairs read the model (`pairs_need_model`, e.g. FedAttack) are left whole
-    for compute_clients."""
-    prepared = []
-    for cls in dict.fromkeys(type(c) for c in clients):
-        idx = [i for i, c in enumerate(clients) if type(c) is cls]
-        cohort = [clients[i] for i in idx]
-        if ahead and getattr(cls, "pairs_need_model", False):
-            prepared.append((cls, idx, ("deferred", cohort, dict(config))))
-        else:
-            prepared.append((cls, idx, cls.prepare_cohort(cohort, arrays, config)))
-    return prepared
-
-
-def compute_clients(prepared, arrays) -> list:
-    """The other half, on the current global arrays."""
-    results = [None] * sum(len(idx) for _, idx, _ in prepared)
-    for cls, idx, prep in prepared:
-        if isinstance(prep, tuple) and prep and prep[0] == "deferred":
-            outs = cls.fit_cohort(prep[1], arrays, prep[2])
-        else:
-            outs = cls.compute_cohort(prep, arrays)
-        for i, out in zip(idx, outs):
-            results[i] = out
-    return results
+    def client(self, user: int):
+        c = self.clients.get(user)
+        if c is None:
+            store = self.stores.setdefault(user, DictStore())
+            c = self.clients[user] = build_client(self.env, user, store)
+        return c
 
 
 def default_workers(cfg) -> int:
@@ -77,9 +60,9 @@ def model_on_cuda(cfg) -> bool:
 
     if not getattr(MODELS.get(cfg.model.name), "sequential", False):
         return False
-    from fedrec.models.sequential import resolve_device
+    from fedrec.runtime import resolve_device
 
-    return resolve_device(cfg.model.device).type == "cuda"
+    return resolve_device(cfg.model.device, "model.device").type == "cuda"
 
 
 def auto_workers(cfg) -> int:
@@ -106,13 +89,14 @@ def auto_workers(cfg) -> int:
 
 
 class Engine:
-    def __init__(self, cfg, recorder=None, progress=None, env=None, workers=None):
+    def __init__(self, cfg, recorder=None, progress=None, env=None, workers=None, extra_steps=()):
+        """extra_steps: pre-aggregation steps after the config's filters (e.g. a recorder)."""
         from fedrec.runtime import configure_threads
 
         configure_threads()
         self.cfg = cfg
         self.env = env or build_env(cfg)
-        self.strategy = build_strategy(cfg, self.env)
+        self.strategy = build_strategy(cfg, self.env, extra_steps=extra_steps)
         from fedrec.adversary import make_adversary
 
         # simulation only: hands colluding/omniscient attacks their knowledge between the
@@ -126,8 +110,8 @@ class Engine:
         # truth (evaluation, not defense)
         self.ledger = RunLedger(recorder, DetectionTracker(malicious_set(self.env)))
         self.progress = cfg.output.progress if progress is None else progress
-        self.stores: dict = {}
-        self.clients: dict = {}
+        # the devices: here, or (workers > 1) a forked copy in each worker process
+        self.host = DeviceHost(self.env, self.strategy.global_arrays)
         # workers > 1: clients live in forked worker processes (fedrec/parallel.py)
         self.workers = default_workers(cfg) if workers is None else int(workers)
         if self.workers < 1:
@@ -142,25 +126,19 @@ class Engine:
         self.timing = {"train_seconds": 0.0, "eval_seconds": 0.0}  # carried over by a resume
         self._sampled: dict = {}  # round -> users, drawn one round early with workers
         self._pool_started = False
-        self._in_worker = False  # set in the forked copies (fedrec/parallel.py)
 
     def client(self, user: int):
-        if self.workers > 1 and not self._in_worker:
+        """The user's client in this process (single-process mode only)."""
+        if self.workers > 1:
             raise RuntimeError("with workers > 1 the clients live in the worker processes")
-        c = self.clients.get(user)
-        if c is None:
-            from clients.benign import DictStore
-
-            store = self.stores.setdefault(user, DictStore())
-            c = self.clients[user] = build_client(self.env, user, store)
-        return c
+        return self.host.client(user)
 
     def pool(self):
         """The worker pool (workers > 1), started on first use; None in single-process mode."""
         if self.workers == 1:
             return None
         if self._pool is None:
-            from fedrec.parallel import WorkerPool, shared_empty
+            from fedrec.parallel import WorkerPool, arena_size, shared_empty
 
             if self._pool_started:  # the stopped workers held the clients' private state
                 raise RuntimeError("the engine's worker pool was stopped; its client state is gone")
@@ -168,7 +146,8 @@ class Engine:
             # parent's in-place optimizer steps, nothing is copied per round
             self.strategy.optimizer.relocate(shared_empty)
             self._pool_started = True
-            self._pool = WorkerPool(self, self.workers).start()
+            arena = arena_size(self.env.model, self.cfg.train.clients_per_round)
+            self._pool = WorkerPool(self.host, self.workers, arena).start()
         return self._pool
 
     def close(self):
@@ -228,9 +207,8 @@ class Engine:
         pool = self.pool()
         if pool is not None:
             return pool.user_vectors(users, rnd, split)
-        clients = [self.client(u) for u in users]
-        return type(clients[0]).user_vectors(clients, [c._state() for c in clients], rnd, split,
-                                             self.strategy.global_arrays())
+        return user_vectors([self.client(u) for u in users], rnd, split,
+                            self.strategy.global_arrays())
 
     # --- checkpoints (fedrec.checkpoint) ------------------------------------------------------
     def client_states(self) -> dict:
@@ -238,7 +216,7 @@ class Engine:
         checkpoint keeps of the devices), gathered from the workers when there are some."""
         pool = self.pool()
         if pool is None:
-            return _stored_states(self, 0)
+            return _stored_states(self.host, 0)
         merged = {}
         for part in pool.call(_stored_states):
             merged.update(part)
@@ -247,9 +225,9 @@ class Engine:
     def load_client_states(self, states: dict):
         pool = self.pool()
         if pool is None:
-            _load_states(self, 0, states)
+            _load_states(self.host, 0, states)
         else:
-            pool.call(_load_states, states)
+            pool.call(_load_states, states, self.workers)
 
     def state_dict(self, round_done: int) -> dict:
         """Everything needed to continue after `round_done`: the server, the devices, the
@@ -335,21 +313,15 @@ class RunInterrupted(KeyboardInterrupt):
         self.round_done, self.signum = round_done, signum
 
 
-def _stored_states(host, k) -> dict:
+def _stored_states(host: DeviceHost, k: int) -> dict:
     """The private states held in this process (worker k, or the single process)."""
-    import copy
-
     return {u: copy.deepcopy(store.state) for u, store in host.stores.items() if store.state}
 
 
-def _load_states(host, k, states: dict):
+def _load_states(host: DeviceHost, k: int, states: dict, workers: int = 1):
     """Give this process's users (u % workers == k) their saved private state."""
-    from clients.benign import DictStore
-
-    import copy
-
     for u, state in states.items():
-        if host.workers == 1 or u % host.workers == k:
+        if u % workers == k:
             host.stores.setdefault(u, DictStore()).save(copy.deepcopy(state))
 
 

@@ -57,6 +57,20 @@ def adam_catch_up(U, M, V, last_round, to_round, lr, b1, b2, eps):
     V *= (b2 ** gap)[:, None].astype(V.dtype)
 
 
+def adam_update(theta, m, v, g, t: int, lr, b1, b2, eps):
+    """torch.optim.Adam's step (no weight decay) out of place, in float64: -> (theta', m', v').
+
+        m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g^2
+        theta' = theta - lr / (1 - b1^t) * m' / (sqrt(v') / sqrt(1 - b2^t) + eps)
+
+    Arrays broadcast (e.g. rows (K, d) against many clients' gradients (C, K, d))."""
+    theta, g = np.asarray(theta, np.float64), np.asarray(g, np.float64)
+    m = b1 * np.asarray(m, np.float64) + (1 - b1) * g
+    v = b2 * np.asarray(v, np.float64) + (1 - b2) * g * g
+    denom = np.sqrt(v) / np.sqrt(1 - b2 ** t) + eps
+    return theta - (lr / (1 - b1 ** t)) * m / denom, m, v
+
+
 def adam_step(U, M, V, G, t, lr, b1, b2, eps):
     """One Adam step for rows U (C, dim) with gradients G; t: step count (scalar or (C,))."""
     t = np.asarray(t, dtype=np.float64).reshape(-1, 1)

@@ -1,23 +1,24 @@
 """Process-parallel client work for the in-process runner (`Engine(cfg, workers=W)`).
 
 W worker processes are forked from the runner, so they inherit the loaded data, model and
-config. Worker k owns the users u with u % W == k: their client objects and private state
-(DictStore) live only in that worker. A round is synchronous:
+config. The pool needs only a narrow host (`ClientHost`: a user's client, the global arrays);
+each worker gets its forked copy of the runner's host and owns the users u with u % W == k:
+their client objects and private state live only in that worker. A round is synchronous:
 
-1. the parent samples the round's users and sends each worker ("fit", round, its users in
-   sampled order);
+1. the parent samples the round's users and sends each worker a `FitRequest` (round, its
+   users in sampled order, its share of the next round's users);
 2. each worker runs the same per-class cohort fit as the single-process runner
-   (`fedrec.engine.fit_clients`) on the current global arrays, which live in shared memory
+   (`clients.cohort.fit_clients`) on the current global arrays, which live in shared memory
    (`shared_empty`, allocated before the fork: the parent's in-place optimizer steps are the
    workers' model, nothing is copied per round), writes its uploads into its own
-   shared-memory arena and replies with only (offset, shape, dtype) per array plus
-   num_examples and metrics;
+   shared-memory arena and replies with a `FitReply` per client: (offset, shape, dtype) per
+   array plus num_examples and metrics;
 3. once every worker has replied, the parent restores the sampled order and aggregates. The
    uploads it aggregates are views into the arenas: they are consumed within
    `aggregate_uploads` (validation concatenates them, the rule reduces them, the optimizer
    steps on the aggregate), and a worker overwrites its arena only when the next request
    arrives, after `aggregate_uploads` has returned. Nothing in the strategy or the rules keeps
-   an upload array past the round (`last_dropped` holds client ids); a rule that wanted to
+   an upload array past the round (`RoundResult.dropped` holds client ids); a rule that wanted to
    would have to copy it. An upload that is not a list of numeric arrays, or does not fit
    the arena, travels pickled through the pipe instead (same values either way). Measured
    on ML-1M MF, 2 workers: ~49 rounds/s through the arenas, ~41 with every upload pickled.
@@ -41,9 +42,13 @@ import pickle
 import signal
 import sys
 import traceback
+from dataclasses import dataclass
 from multiprocessing.connection import wait
+from typing import Any, Callable, Protocol
 
 import numpy as np
+
+from clients.cohort import compute_clients, fit_clients, prepare_clients, user_vectors
 
 _ALIGN = 64  # every array in an arena starts on a 64-byte boundary (as the allocator would)
 _MAX_ARENA = 256 << 20
@@ -51,6 +56,53 @@ _MAX_ARENA = 256 << 20
 
 class WorkerError(RuntimeError):
     """A worker process failed; the message carries the worker's traceback."""
+
+
+class ClientHost(Protocol):
+    """What the pool needs of the process it forks: the devices it holds and the model."""
+
+    def client(self, user: int): ...
+
+    def global_arrays(self) -> list: ...
+
+
+@dataclass
+class FitRequest:
+    round: int
+    users: list  # this worker's users of the round, in sampled order
+    next_users: list  # its share of the next round's users (prepared while the parent aggregates)
+
+
+@dataclass
+class VectorsRequest:
+    round: int
+    users: list
+    split: str
+
+
+@dataclass
+class CallRequest:
+    """fn(host, k, *args) in the worker (tests, checkpoints); fn must be picklable by name."""
+
+    fn: Callable
+    args: tuple
+
+
+@dataclass
+class FitReply:
+    """One client's result: its upload as arena references (in_arena) or the object itself."""
+
+    num_examples: Any
+    metrics: Any
+    in_arena: bool
+    upload: Any
+
+
+def arena_size(model, clients_per_round: int) -> int:
+    """Bytes of a worker's reply arena: a round's uploads if every client sent every row."""
+    per_client = model.n_items * (8 + 4 * model.dim) + sum(
+        4 * int(np.prod(s)) for s in model.predictor_shapes) + _ALIGN * (2 + len(model.predictor_shapes))
+    return min(max(per_client * int(clients_per_round), 1 << 20), _MAX_ARENA)
 
 
 def fork_available() -> bool:
@@ -113,11 +165,10 @@ def _pack_upload(arena: Arena, upload):
     return False, upload
 
 
-def _worker_main(engine, k: int, conn, arena: Arena, inherited):
+def _worker_main(host: ClientHost, k: int, conn, arena: Arena, inherited):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     for c in inherited:  # the parent's ends of every pipe: EOF must reach us if it dies
         c.close()
-    engine._in_worker = True
     gc.freeze()  # what the fork inherited is never collected here: no scans, no copy-on-write
     try:
         from threadpoolctl import threadpool_limits
@@ -125,8 +176,6 @@ def _worker_main(engine, k: int, conn, arena: Arena, inherited):
         threadpool_limits(1)  # W processes share the cores already
     except ImportError:
         pass
-    from fedrec.engine import compute_clients, fit_clients, prepare_clients
-
     prepared = None  # (round, users, prepared cohorts) for the next round, made while idle
 
     while True:
@@ -136,43 +185,40 @@ def _worker_main(engine, k: int, conn, arena: Arena, inherited):
             break
         try:
             msg = pickle.loads(raw)
-            op = msg[0]
-            if op == "stop":
+            if msg is None:  # stop
                 break
             arena.reset()
-            if op == "fit":
-                _, rnd, users, next_users = msg
-                arrays = engine.strategy.global_arrays()
-                if prepared is not None and prepared[0] == rnd and prepared[1] == users:
+            if isinstance(msg, FitRequest):
+                arrays = host.global_arrays()
+                if prepared is not None and prepared[0] == msg.round and prepared[1] == msg.users:
                     outs = compute_clients(prepared[2], arrays)
                 else:  # nothing (or something else) prepared: the whole fit now
-                    outs = fit_clients([engine.client(u) for u in users], arrays, {"round": rnd})
+                    outs = fit_clients([host.client(u) for u in msg.users], arrays,
+                                       {"round": msg.round})
                 prepared = None
-                reply = [(n, metrics, *_pack_upload(arena, up)) for up, n, metrics in outs]
-            elif op == "vectors":
-                _, rnd, users, split = msg
-                clients = [engine.client(u) for u in users]
-                vecs = type(clients[0]).user_vectors(clients, [c._state() for c in clients], rnd,
-                                                     split, engine.strategy.global_arrays())
+                reply = [FitReply(n, metrics, *_pack_upload(arena, up)) for up, n, metrics in outs]
+            elif isinstance(msg, VectorsRequest):
+                vecs = user_vectors([host.client(u) for u in msg.users], msg.round, msg.split,
+                                    host.global_arrays())
                 ref = arena.put(vecs)
                 reply = (True, ref) if ref is not None else (False, vecs)
-            elif op == "call":  # tests and benchmarks: run a function in the worker
-                reply = msg[1](engine, k, *msg[2:])
+            elif isinstance(msg, CallRequest):
+                reply = msg.fn(host, k, *msg.args)
             else:
-                raise ValueError(f"unknown request {op!r}")
+                raise ValueError(f"unknown request {msg!r}")
             data = pickle.dumps(("ok", reply), pickle.HIGHEST_PROTOCOL)
         except BaseException:
             data = pickle.dumps(("error", traceback.format_exc()), pickle.HIGHEST_PROTOCOL)
             msg = None
         conn.send_bytes(data)
-        if msg is not None and msg[0] == "fit" and msg[3]:
+        if isinstance(msg, FitRequest) and msg.next_users:
             # While the parent aggregates this round, prepare the next one: its users, their
             # negatives and caught-up rows need no model (private state is left untouched)
             try:
-                nxt = msg[1] + 1
-                prepared = (nxt, msg[3], prepare_clients([engine.client(u) for u in msg[3]],
-                                                         engine.strategy.global_arrays(),
-                                                         {"round": nxt}, ahead=True))
+                nxt = msg.round + 1
+                prepared = (nxt, msg.next_users,
+                            prepare_clients([host.client(u) for u in msg.next_users],
+                                            host.global_arrays(), {"round": nxt}, ahead=True))
             except BaseException:
                 prepared = None  # redone, and its error reported, when the round comes
     conn.close()
@@ -181,18 +227,13 @@ def _worker_main(engine, k: int, conn, arena: Arena, inherited):
 class WorkerPool:
     """W forked workers holding the clients u with u % W == k; see the module docstring."""
 
-    def __init__(self, engine, workers: int, arena_bytes: int | None = None):
+    def __init__(self, host: ClientHost, workers: int, arena_bytes: int):
         if workers < 2:
             raise ValueError("a worker pool needs at least 2 workers")
         if not fork_available():
             raise RuntimeError("process-parallel clients need the 'fork' start method (Linux, macOS)")
-        self.engine = engine
+        self.host = host
         self.workers = int(workers)
-        if arena_bytes is None:
-            m = engine.env.model
-            per_client = m.n_items * (8 + 4 * m.dim) + sum(
-                4 * int(np.prod(s)) for s in m.predictor_shapes) + _ALIGN * (2 + len(m.predictor_shapes))
-            arena_bytes = max(per_client * engine.cfg.train.clients_per_round, 1 << 20)
         self.arena_bytes = min(int(arena_bytes), _MAX_ARENA)
         self.procs: list = []
         self.conns: list = []
@@ -212,7 +253,7 @@ class WorkerPool:
                 arena = Arena(self.arena_bytes)
                 inherited = [*self.conns, parent_end]
                 p = ctx.Process(target=_worker_main, name=f"fedrec-worker-{k}",
-                                args=(self.engine, k, child_end, arena, inherited), daemon=True)
+                                args=(self.host, k, child_end, arena, inherited), daemon=True)
                 p.start()
                 child_end.close()
                 self.procs.append(p)
@@ -227,7 +268,7 @@ class WorkerPool:
         """Stop every worker (politely, then by force); safe to call twice."""
         for c in self.conns:
             try:
-                c.send(("stop",))
+                c.send(None)  # stop
             except (OSError, ValueError):
                 pass
         for p in self.procs:
@@ -291,26 +332,28 @@ class WorkerPool:
         """[(upload, num_examples, metrics)] in the order of `users` (as fit_clients).
 
         next_users: the next round's sample, if known; each worker prepares its share of it
-        right after replying (BenignClient.prepare_cohort), while this process aggregates."""
+        right after replying (clients.cohort.prepare_clients), while this process aggregates."""
         parts = self._split(users)
         owner = (np.asarray(next_users, dtype=np.int64) % self.workers) if next_users is not None \
             else None
         replies = self._exchange({
-            k: ("fit", int(rnd), [int(users[i]) for i in pos],
-                [int(u) for u, o in zip(next_users, owner) if o == k] if owner is not None else [])
+            k: FitRequest(int(rnd), [int(users[i]) for i in pos],
+                          [int(u) for u, o in zip(next_users, owner) if o == k]
+                          if owner is not None else [])
             for k, pos in parts.items()})
         out = [None] * len(users)
         for k, pos in parts.items():
             arena = self.arenas[k]
-            for i, (n, metrics, in_arena, up) in zip(pos.tolist(), replies[k]):
-                out[i] = ([arena.view(r) for r in up] if in_arena else up, n, metrics)
+            for i, r in zip(pos.tolist(), replies[k]):
+                upload = [arena.view(ref) for ref in r.upload] if r.in_arena else r.upload
+                out[i] = (upload, r.num_examples, r.metrics)
         return out
 
     def user_vectors(self, users, rnd: int, split: str = "test") -> np.ndarray:
         """Each user's vector as of `rnd` for `split`, computed by its owner, in the order of
         `users`."""
         parts = self._split(users)
-        replies = self._exchange({k: ("vectors", int(rnd), [int(users[i]) for i in pos], split)
+        replies = self._exchange({k: VectorsRequest(int(rnd), [int(users[i]) for i in pos], split)
                                   for k, pos in parts.items()})
         vecs = None
         for k, pos in parts.items():
@@ -322,6 +365,6 @@ class WorkerPool:
         return vecs
 
     def call(self, fn, *args) -> list:
-        """fn(engine, k, *args) in every worker (fn must be reachable through the fork)."""
-        replies = self._exchange({k: ("call", fn, *args) for k in range(self.workers)})
+        """fn(host, k, *args) in every worker k (fn must be picklable by name)."""
+        replies = self._exchange({k: CallRequest(fn, args) for k in range(self.workers)})
         return [replies[k] for k in range(self.workers)]

@@ -69,7 +69,7 @@ def detection_curves(run_dir, window: int = 200, stage: str = ""):
 
 def plot_detection(paths, out: str, window: int = 200, stage: str = ""):
     """Detection precision and recall over rounds (sliding window) for every run given;
-    stage "filter": only the filter's own drops (e.g. UNION's, not Multi-Krum's)."""
+    stage: a filter's name (e.g. "union"): only that filter's own drops (not Multi-Krum's)."""
     try:
         import matplotlib
 

@@ -1,31 +1,43 @@
-"""YAML names -> classes for aggregation rules (and, later, attacks and defenses).
+"""YAML names -> classes, and the one place that builds rules and filters from a config.
 
 Entries are "module:Class" strings imported on first use, so `fedrec/` never imports
-`strategies/` or `clients/` at module load. Adding a rule = one file + one line here.
+`strategies/` or `clients/` at module load. A rule or a pre-aggregation step takes only its
+own parameters; its entry says which config value feeds each constructor argument:
+"section.key" (a config key), or "@name" (a value derived here, see `_derived`). Adding a
+rule or a filter = one file + one line here.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from fedrec.errors import ConfigError
 
+# server.rule -> (class, {constructor argument: config source})
 RULES = {
-    "mean": "strategies.mean:MeanRule",
-    "median": "strategies.median:MedianRule",
-    "trimmed_mean": "strategies.trimmed_mean:TrimmedMeanRule",
-    "krum": "strategies.krum:KrumRule",
-    "multikrum": "strategies.krum:MultiKrumRule",
-    "bulyan": "strategies.bulyan:BulyanRule",
-    "norm_bound": "strategies.norm_bound:NormBoundRule",
+    "mean": ("strategies.mean:MeanRule", {"granularity": "server.aggregation"}),
+    "median": ("strategies.median:MedianRule", {"granularity": "server.aggregation", "f": "server.rule_f"}),
+    "trimmed_mean": ("strategies.trimmed_mean:TrimmedMeanRule",
+                     {"granularity": "server.aggregation", "f": "server.rule_f"}),
+    "krum": ("strategies.krum:KrumRule", {"granularity": "server.aggregation", "f": "server.rule_f"}),
+    "multikrum": ("strategies.krum:MultiKrumRule", {"granularity": "server.aggregation",
+                                                    "f": "server.rule_f", "m": "server.multikrum_m"}),
+    "bulyan": ("strategies.bulyan:BulyanRule", {"granularity": "server.aggregation", "f": "server.rule_f"}),
+    "norm_bound": ("strategies.norm_bound:NormBoundRule",
+                   {"granularity": "server.aggregation", "bound": "server.norm_bound"}),
 }
 
-
-# server.filter: a filter wraps the rule (it drops uploads, the rule aggregates the rest)
+# server.filters entries: pre-aggregation steps, applied in order before the rule
 FILTERS = {
-    "none": None,
-    "union": "strategies.union:UnionRule",
-    "detector": "strategies.detector:DetectorRule",
+    "union": ("strategies.union:UnionFilter", {
+        "sample_items": "server.union_sample_items", "gap_b": "server.union_gap_b",
+        "expected_attackers": "@union_expected_attackers", "seed": "seed",
+        "cache_dir": "@cache_dir", "optimizer": "@server_optimizer", "device": "@union_device"}),
+    "detector": ("strategies.detector:DetectorFilter", {
+        "detector": "@detector", "threshold": "server.detector_threshold"}),
+    "clip": ("strategies.clip:ClipFilter", {"bound": "server.norm_bound",
+                                            "granularity": "server.aggregation"}),
 }
 
 
@@ -55,17 +67,66 @@ def load_class(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def make_rule(cfg):
-    name = getattr(cfg.server, "rule", "mean")
-    if name not in RULES:
-        raise ConfigError(f"server.rule: {name!r} is not one of {', '.join(RULES)}")
-    cls = load_class(RULES[name])
-    # rules with parameters read them (server.rule_f, ..., train.clients_per_round) and
-    # check them against the round size themselves; the others only take the granularity
-    rule = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg.server.aggregation)
-    name = getattr(cfg.server, "filter", "none")
-    if name not in FILTERS:
-        raise ConfigError(f"server.filter: {name!r} is not one of {', '.join(FILTERS)}")
-    if FILTERS[name] is not None:
-        rule = load_class(FILTERS[name]).from_config(cfg, rule)
-    return rule
+def detector_path(cfg) -> str:
+    """server.detector_path with `{attack}` replaced by attack.name (one detector file per
+    attack); a relative path is taken from the YAML's directory when the file is there, else
+    from the working directory."""
+    raw = cfg.server.detector_path
+    if not raw:
+        raise ConfigError("server.detector_path: required with the detector filter")
+    spec = Path(str(raw).replace("{attack}", cfg.attack.name)).expanduser()
+    if not spec.is_absolute() and cfg.base_dir and (Path(cfg.base_dir) / spec).exists():
+        spec = Path(cfg.base_dir) / spec
+    return str(spec)
+
+
+def _derived(name: str, cfg):
+    s = cfg.server
+    if name == "cache_dir":
+        from fedrec.data.prepare import cache_dir
+
+        return cache_dir(cfg)
+    if name == "server_optimizer":
+        return {"optimizer": s.optimizer, "lr": s.lr, "betas": tuple(s.betas), "eps": s.eps}
+    if name == "union_expected_attackers":  # < 0: as many as the rule assumes
+        return s.union_expected_attackers if s.union_expected_attackers >= 0 else s.rule_f
+    if name == "union_device":
+        from fedrec.runtime import resolve_device
+
+        return resolve_device(s.union_device, "server.union_device").type
+    if name == "detector":
+        return load_class("strategies.detector:load_detector")(detector_path(cfg))
+    raise KeyError(f"no derived value {name!r}")
+
+
+def _build(table: dict, name: str, key: str, cfg):
+    if name not in table:
+        raise ConfigError(f"{key}: {name!r} is not one of {', '.join(table)}")
+    spec, sources = table[name]
+    kwargs = {}
+    for arg, source in sources.items():
+        if source.startswith("@"):
+            kwargs[arg] = _derived(source[1:], cfg)
+        else:
+            value = cfg
+            for part in source.split("."):
+                value = getattr(value, part)
+            kwargs[arg] = value
+    return load_class(spec)(**kwargs)
+
+
+def make_rule(cfg, extra_steps=()):
+    """The aggregation of `cfg`: its server.filters in order (then `extra_steps`, e.g. a
+    feature recorder), then server.rule; the rule's needs checked against the round size."""
+    rule = _build(RULES, cfg.server.rule, "server.rule", cfg)
+    problem = rule.requirement(int(cfg.train.clients_per_round))
+    if problem:
+        raise ConfigError(f"server.rule {cfg.server.rule!r} with train.clients_per_round="
+                          f"{cfg.train.clients_per_round}: {problem}")
+    steps = [_build(FILTERS, name, "server.filters", cfg) for name in cfg.server.filter_steps()]
+    steps += list(extra_steps)
+    if not steps:
+        return rule
+    from strategies.rule import FilterChain
+
+    return FilterChain(steps, rule)

@@ -21,7 +21,7 @@ from fedrec.results import find_runs, load_summary
 
 METRICS = ("test_hr@5", "test_ndcg@5", "test_hr@10", "test_ndcg@10")
 DROPS = ("test_hr@5", "test_ndcg@5")
-DETECTION = ("det_precision", "det_recall", "det_f1", "det_filter_precision", "det_filter_recall")
+DETECTION = ("det_precision", "det_recall", "det_f1")  # plus det_<stage>_precision/recall per filter
 
 
 def _hash(d: dict) -> str:
@@ -46,7 +46,8 @@ def clean_key(cfg: dict) -> str:
     return _hash(d)
 
 
-_DEFENSE_KEYS = {"server": ("rule", "rule_f", "multikrum_m", "norm_bound", "filter", "union_sample_items",
+_DEFENSE_KEYS = {"server": ("rule", "rule_f", "multikrum_m", "norm_bound", "filter", "filters",
+                             "union_sample_items",
                              "union_gap_b", "union_expected_attackers"),
                   "train": ("contrastive_alpha", "contrastive_negatives")}
 
@@ -62,9 +63,17 @@ def undefended_key(cfg: dict) -> str:
     return _hash(d)
 
 
+def filter_steps(server: dict) -> list:
+    """The pre-aggregation steps of a resolved server section (server.filters, or the older
+    single server.filter)."""
+    if server.get("filters"):
+        return list(server["filters"])
+    return [] if server.get("filter", "none") == "none" else [server["filter"]]
+
+
 def _undefended(cfg: dict) -> bool:
     s, t = cfg.get("server") or {}, cfg.get("train") or {}
-    return s.get("rule", "mean") == "mean" and s.get("filter", "none") == "none" \
+    return s.get("rule", "mean") == "mean" and not filter_steps(s) \
         and not float(t.get("contrastive_alpha", 0) or 0)
 
 
@@ -84,9 +93,7 @@ def setting_label(cfg: dict) -> str:
         params = a.get("params") or {}
         extra = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
         attack = f"{attack}{'(' + extra + ')' if extra else ''}@{a.get('malicious_fraction')}"
-    defense = s.get("rule", "mean")
-    if s.get("filter", "none") != "none":
-        defense = f"{s['filter']}+{defense}"
+    defense = "+".join([*filter_steps(s), s.get("rule", "mean")])
     return f"{data}/{model} {defense}/{s.get('aggregation', 'dense')} {attack}"
 
 
@@ -129,10 +136,11 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
         # detection scores only mean something where the defense can drop uploads
         det = {} if _undefended(cfg) else (s.get("detection") or {})
         for k in DETECTION:
-            if k.startswith("det_filter_"):
-                row[k] = (det.get("filter") or {}).get(k.rsplit("_", 1)[1])
-            else:
-                row[k] = det.get(k.split("_", 1)[1])
+            row[k] = det.get(k.split("_", 1)[1])
+        for stage, scores in det.items():  # each dropping filter's own drops
+            if isinstance(scores, dict):
+                for m in ("precision", "recall"):
+                    row[f"det_{stage}_{m}"] = scores.get(m)
         row["invalid_uploads"] = s.get("invalid_uploads_total")
         row["wall_time_s"] = s.get("wall_time_s")
         row["_setting"] = setting_key(cfg)

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import yaml
 
+from fedrec import environment
+
 METRIC_ORDER = ("round", "clients", "accepted", "invalid", "invalid_total", "train_loss")
 
 
 def run_dir_for(cfg, root=None) -> Path:
     root = Path(root or cfg.output.dir)
-    if not root.is_absolute() and cfg.base_dir and os.environ.get("FEDREC_RUNS_RELATIVE_TO_YAML"):
+    if not root.is_absolute() and cfg.base_dir and environment.runs_relative_to_yaml():
         root = Path(cfg.base_dir) / root
     name = cfg.output.name or f"{cfg.name}-{cfg.digest()}"
     safe = "".join(c if c.isalnum() or c in "-_.=,[]" else "_" for c in name)

@@ -34,8 +34,3 @@ def malicious_users(cfg, data) -> np.ndarray:
     rng = np.random.default_rng([cfg.seed, _ROLES])
     return np.sort(rng.choice(pool, size=k, replace=False)).astype(np.int64)
 
-
-def malicious_mask(cfg, data) -> np.ndarray:
-    mask = np.zeros(data.n_users, bool)
-    mask[malicious_users(cfg, data)] = True
-    return mask

@@ -28,3 +28,23 @@ def configure_threads():
         except ImportError:
             return
         threadpool_limits(n, user_api="blas")
+
+
+def resolve_device(name: str, key: str = "model.device"):
+    """`cpu`, `cuda[:k]` or `auto` (cuda when torch sees a GPU) -> torch.device; a one-line
+    ConfigError naming `key` for anything else, or cuda without a GPU."""
+    import torch
+
+    from fedrec.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key}: {name!r} is not a device (cpu, cuda, auto)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{key}: {name!r} is not one of cpu, cuda, auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}: {name}, but torch sees no GPU")
+    return device

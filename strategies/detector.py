@@ -45,7 +45,7 @@ import torch
 from fedrec.errors import ConfigError
 from strategies.aggregate import dense_mean_stacked
 from strategies.robust import flat_predictors, row_sq_norms
-from strategies.rule import Aggregate, AggregationRule, RoundUpdates, filter_then_aggregate
+from strategies.rule import Filtered, PreAggregationStep, RoundUpdates, drop_uploads
 
 FORMAT = "fedrec-detector-v1"
 SKETCH_SEED = 0x44455445  # "DETE": the projections' own stream
@@ -190,59 +190,47 @@ def load_detector(path) -> dict:
     return det
 
 
-def resolve_detector_path(cfg) -> str:
-    """server.detector_path with `{attack}` replaced by attack.name; a relative path is taken
-    from the YAML's directory when the file is there, else from the working directory."""
-    raw = cfg.server.detector_path
-    if not raw:
-        raise ConfigError("server.detector_path: required with server.filter: detector")
-    spec = Path(str(raw).replace("{attack}", cfg.attack.name)).expanduser()
-    if not spec.is_absolute() and cfg.base_dir and (Path(cfg.base_dir) / spec).exists():
-        spec = Path(cfg.base_dir) / spec
-    return str(spec)
-
-
-class FeatureRecorder(AggregationRule):
-    """Wraps a rule and keeps `upload_features` of every `every`-th round (for recording).
+class FeatureRecorder(PreAggregationStep):
+    """A step that passes every upload on and keeps `upload_features` of every `every`-th
+    round (`fedrec detector record`).
 
     records: list of (round, features (n, F), client ids (n,)); it sees only the round's uploads.
     """
 
     name = "feature_recorder"
+    drops = False
 
-    def __init__(self, inner: AggregationRule, sketch: FeatureSketch, every: int = 1):
-        super().__init__(inner.granularity)
-        self.inner, self.sketch, self.every = inner, sketch, max(1, int(every))
+    def __init__(self, sketch: FeatureSketch, every: int = 1):
+        self.sketch, self.every = sketch, max(1, int(every))
         self.records: list = []
 
-    def __call__(self, updates: RoundUpdates) -> Aggregate:
+    def state_dict(self) -> dict:
+        return {"records": list(self.records)}
+
+    def load_state_dict(self, state: dict):
+        self.records = list(state["records"])
+
+    def __call__(self, updates: RoundUpdates) -> Filtered:
         if updates.server_round % self.every == 0 and len(updates):
             self.records.append((updates.server_round, upload_features(updates, self.sketch),
                                  [u.client for u in updates.uploads]))
-        return self.inner(updates)
+        return Filtered(updates)
 
 
-class DetectorRule(AggregationRule):
-    """Drops the uploads the classifier scores >= threshold, then `inner` on the rest
-    (server.filter: detector). Aggregate.dropped = the detector's drops and the inner rule's
-    (positions in the original upload list); info adds detector_dropped, inner_dropped,
-    detector_score_mean and dropped (the total)."""
+class DetectorFilter(PreAggregationStep):
+    """Drops the uploads the classifier scores >= threshold (server.filters: [detector]).
+    info: detector_dropped, detector_score_mean."""
 
     name = "detector"
 
-    def __init__(self, inner: AggregationRule, detector: dict, threshold: float = 0.5):
-        super().__init__(inner.granularity)
+    def __init__(self, detector: dict, threshold: float = 0.5):
         if not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"server.detector_threshold: expected a number in [0, 1], "
                               f"got {threshold!r}")
-        self.inner, self.detector, self.threshold = inner, detector, float(threshold)
+        self.detector, self.threshold = detector, float(threshold)
         self.model = detector["model"]
         self.sketch = FeatureSketch(**detector["sketch"])
         self.predictor_size = detector.get("predictor_size")
-
-    @classmethod
-    def from_config(cls, cfg, inner: AggregationRule):
-        return cls(inner, load_detector(resolve_detector_path(cfg)), cfg.server.detector_threshold)
 
     def check_model(self, n_items: int, dim: int, predictor_shapes) -> None:
         """ConfigError unless the detector was trained on this model's shapes."""
@@ -257,15 +245,9 @@ class DetectorRule(AggregationRule):
         """P(malicious) of every upload."""
         return self.model.predict_proba(upload_features(updates, self.sketch))[:, 1]
 
-    def __call__(self, updates: RoundUpdates) -> Aggregate:
-
+    def __call__(self, updates: RoundUpdates) -> Filtered:
         score = self.scores(updates) if len(updates) else np.zeros(0)
-        dropped = [int(i) for i in np.flatnonzero(score >= self.threshold)]
-        keep = np.setdiff1d(np.arange(len(updates)), dropped)
+        dropped = np.flatnonzero(score >= self.threshold)
         info = {"detector_dropped": len(dropped),
                 "detector_score_mean": float(score.mean()) if len(score) else 0.0}
-        if not len(keep):  # everyone flagged: no update this round
-            pred = [np.zeros_like(a) for a in updates.uploads[0].predictor] if len(updates) else []
-            return Aggregate(np.zeros((updates.n_items, updates.dim), np.float32), pred, dropped,
-                             {**info, "inner_dropped": 0, "dropped": len(dropped)})
-        return filter_then_aggregate(self.inner, updates, dropped, info)
+        return drop_uploads(updates, dropped, info)

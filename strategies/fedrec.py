@@ -49,12 +49,9 @@ def sample_round(rng: np.random.Generator, n_candidates: int, k: int, mode: str,
 
 
 def rule_chain(rule) -> list:
-    """The rule and every step it wraps (`inner`), outermost first."""
-    chain = []
-    while rule is not None:
-        chain.append(rule)
-        rule = getattr(rule, "inner", None)
-    return chain
+    """The pre-aggregation steps and the rule (strategies.rule.FilterChain.parts), in order."""
+    parts = getattr(rule, "parts", None)
+    return parts() if parts is not None else [rule]
 
 
 def rule_memory(rule) -> list:
@@ -160,9 +157,10 @@ class FedRecStrategy(Strategy):
         if uploads:
             weights = (np.array([u.num_examples for u in uploads], dtype=np.float64)
                        if self.server_cfg.weighting == "samples" else np.ones(len(uploads)))
+            # the rows were concatenated during validation already
             updates = RoundUpdates(uploads, weights, self.n_items, self.dim, server_round,
-                                   self.optimizer.arrays()[0], self.optimizer.item_state())
-            updates.__dict__["stacked"] = stacked  # already concatenated during validation
+                                   self.optimizer.arrays()[0], self.optimizer.item_state(),
+                                   stacked_rows=stacked)
             agg = self.rule(updates)
             result.dropped = [uploads[i].client for i in agg.dropped]
             result.dropped_by = {k: [uploads[i].client for i in v] for k, v in agg.dropped_by.items()}

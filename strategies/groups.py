@@ -89,6 +89,25 @@ def grouped_order(ids: np.ndarray, min_count: int = 1, max_count: int | None = N
     return order, counts
 
 
+def group_bounds(ids: np.ndarray, order: np.ndarray):
+    """For rows `order` sorted by item: (the item of each group, where each group starts in
+    `order`, its row count m_i)."""
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    return sorted_ids[starts], starts, np.diff(np.r_[starts, len(order)])
+
+
+def gather_block(rows: np.ndarray, order: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                 width: int, offset=0):
+    """A block of groups as (x (W, U, dim), real (W, U)): slot w of group u holds the group's
+    row w - offset[u] where real, else row 0 (the caller fills the padding)."""
+    slot = np.arange(width)[:, None]
+    real = (slot >= offset) & (slot < offset + counts)
+    index = np.where(real, order[np.minimum(starts + slot - offset, len(order) - 1)], 0)
+    x = np.take(rows, index.ravel(), axis=0).reshape(width, len(starts), rows.shape[1])
+    return x, real
+
+
 def group_rows(ids: np.ndarray, min_count: int = 1, max_count: int | None = None,
                keep: np.ndarray | None = None) -> list[RowBucket]:
     """Rows grouped by item id, in size classes m_i in (2^(b-1), 2^b]: groups of
@@ -97,10 +116,7 @@ def group_rows(ids: np.ndarray, min_count: int = 1, max_count: int | None = None
     order, _ = grouped_order(ids, min_count, max_count, keep)
     if len(order) == 0:
         return []
-    sorted_ids = ids[order]
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-    items = sorted_ids[starts]
-    counts = np.diff(np.r_[starts, len(order)])
+    items, starts, counts = group_bounds(ids, order)
     size_class = class_width(counts, (1,))
     buckets = []
     for cls in np.unique(size_class):
@@ -135,10 +151,8 @@ def count_blocks(ids: np.ndarray, min_count: int = 1, exact_below: int | None = 
         return order, [], []
     by_count = np.argsort(counts.astype(np.uint16) if counts.max() <= np.iinfo(np.uint16).max
                           else counts, kind="stable")
-    order, counts = order[by_count], counts[by_count]
-    sorted_ids = ids[order]
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-    sizes = counts[starts]
+    order = order[by_count]
+    _, starts, sizes = group_bounds(ids, order)
     small = sizes < exact_below if exact_below is not None else np.ones(len(sizes), bool)
     ks, first = np.unique(sizes[small], return_index=True)
     ends = np.r_[first[1:], small.sum()]
@@ -264,27 +278,22 @@ def item_median(ids: np.ndarray, rows: np.ndarray, n_items: int, out: np.ndarray
     order, _ = grouped_order(ids, 1, max_count, keep)
     if len(order) == 0:
         return out
-    sorted_ids = ids[order]
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-    counts = np.diff(np.r_[starts, len(order)])
+    items, starts, counts = group_bounds(ids, order)
     widths = class_width(counts, MEDIAN_WIDTHS)
     dim = rows.shape[1]
     half = np.float32(0.5)
     for width in np.unique(widths):
         sel = np.flatnonzero(widths == width)
         m, below = counts[sel], (width - counts[sel]) // 2
-        slot = np.arange(width)[:, None]
-        real = (slot >= below) & (slot < below + m)  # (W, U)
-        index = np.where(real, order[np.minimum(starts[sel] + slot - below, len(order) - 1)], 0)
-        x = np.take(rows, index.ravel(), axis=0).reshape(width, len(sel) * dim)
+        x, real = gather_block(rows, order, starts[sel], m, width, below)
         if not real.all():
             pad = ~real
-            fill = np.where(slot < below, -np.inf, np.inf)[pad]
-            x.reshape(width, len(sel), dim)[pad] = fill[:, None]
-        a, b = select_middle(x)
+            fill = np.where(np.arange(width)[:, None] < below, -np.inf, np.inf)[pad]
+            x[pad] = fill[:, None]
+        a, b = select_middle(x.reshape(width, len(sel) * dim))
         a, b = a.reshape(-1, dim), b.reshape(-1, dim)
         b = np.where((m % 2 == 1)[:, None], a, b)  # odd m: the single middle value
-        out[sorted_ids[starts[sel]]] = a * half + b * half  # halves first: no overflow
+        out[items[sel]] = a * half + b * half  # halves first: no overflow
     return out
 
 
@@ -310,21 +319,16 @@ def dense_trimmed_mean(ids: np.ndarray, rows: np.ndarray, n_items: int, trim: in
     order, _ = grouped_order(ids, trim + 1, n_clients - trim + 1, keep)
     if len(order) == 0:
         return out
-    sorted_ids = ids[order]
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-    counts = np.diff(np.r_[starts, len(order)])
+    items, starts, counts = group_bounds(ids, order)
     widths = class_width(counts + trim, TRIM_WIDTHS)
     dim = rows.shape[1]
     for width in np.unique(widths):
         sel = np.flatnonzero(widths == width)
-        slot = np.arange(width)[:, None]
-        real = slot < counts[sel]  # (W, U)
-        index = np.where(real, order[np.minimum(starts[sel] + slot, len(order) - 1)], 0)
-        x = np.take(rows, index.ravel(), axis=0).reshape(width, len(sel), dim)
+        x, real = gather_block(rows, order, starts[sel], counts[sel], width)
         x[~real] = 0.0
         middle = sort_slots(x.reshape(width, -1))[trim:width - trim]
         total = middle.sum(axis=0, dtype=np.float64).reshape(len(sel), dim)
-        out[sorted_ids[starts[sel]]] = total / (n_clients - 2 * trim)
+        out[items[sel]] = total / (n_clients - 2 * trim)
     return out
 
 
@@ -346,18 +350,13 @@ def dense_nearest_mean(ids: np.ndarray, rows: np.ndarray, n_items: int, slack: i
     order, _ = grouped_order(ids, slack + 1, (n_clients - 1) // 2 + 1, keep)
     if len(order) == 0:
         return out
-    sorted_ids = ids[order]
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-    counts = np.diff(np.r_[starts, len(order)])
+    items, starts, counts = group_bounds(ids, order)
     widths = class_width(counts + slack, TRIM_WIDTHS)
     dim = rows.shape[1]
     ends = np.arange(slack)[:, None, None]  # slot j of each end
     for width in np.unique(widths):
         sel = np.flatnonzero(widths == width)
-        slot = np.arange(width)[:, None]
-        real = slot < counts[sel]  # (W, U)
-        index = np.where(real, order[np.minimum(starts[sel] + slot, len(order) - 1)], 0)
-        x = np.take(rows, index.ravel(), axis=0).reshape(width, len(sel), dim)
+        x, real = gather_block(rows, order, starts[sel], counts[sel], width)
         x[~real] = 0.0
         b = sort_slots(x.reshape(width, -1)).reshape(width, len(sel), dim)
         low_end, high_end = b[:slack], b[width - slack:]
@@ -367,5 +366,5 @@ def dense_nearest_mean(ids: np.ndarray, rows: np.ndarray, n_items: int, slack: i
         total = b[slack:width - slack].sum(axis=0, dtype=np.float64)
         total += np.where(ends >= n_left, low_end, np.float32(0)).sum(axis=0, dtype=np.float64)
         total += np.where(ends < n_left, high_end, np.float32(0)).sum(axis=0, dtype=np.float64)
-        out[sorted_ids[starts[sel]]] = total / (n_clients - slack)
+        out[items[sel]] = total / (n_clients - slack)
     return out

@@ -46,15 +46,18 @@ from strategies.rule import Aggregate, RoundUpdates
 
 def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
     """(U, k, k) float32 squared L2 distances between the k rows of each of U groups
-    (x: (U, k, dim)), as ||a||^2 + ||b||^2 - 2<a, b> from the Gram of the centred rows,
-    clamped to [0, float32's maximum]. counts: group g has only its first counts[g] rows,
-    the rest is zero padding (its entries are left meaningless: the callers mask them).
+    (x: (U, k, dim)), clamped to [0, float32's maximum]. counts: group g has only its first
+    counts[g] rows, the rest is zero padding (its entries are left meaningless: the callers
+    mask them).
 
-    Centring (subtracting each group's mean row) does not change distances, and the float32
-    products no longer carry the rows' common offset (less cancellation). The sum
-    ||a||^2 + ||b||^2 - 2<a, b> is taken in float32 (one rounding more than in float64:
-    ~1e-7 of the distance) unless it could overflow there; float64 throughout only where
-    the float32 products overflow (crafted rows near float32's limit)."""
+    Fast path: ||a||^2 + ||b||^2 - 2<a, b> from the Gram of the centred rows (centring on
+    each group's mean row does not change distances, and the products no longer carry the
+    rows' common offset), in float32 unless the sums could overflow there, float64 where
+    the float32 products overflow (crafted rows near float32's limit). Its rounding error
+    is about eps * (||a||^2 + ||b||^2) of the centred rows: one huge row drags the mean so
+    far that the small distances between the other rows cancel to nothing. Every group with
+    a pair whose distance is not at least 1e4 times that error bound is recomputed from
+    the exact differences in float64 (`exact_sq_distances`)."""
     k = np.float32(x.shape[1]) if counts is None else counts[:, None, None].astype(np.float32)
     big = np.finfo(np.float32).max
     for dtype in (np.float32, np.float64):
@@ -66,9 +69,35 @@ def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.nd
     if gram.dtype != np.float32 or np.abs(gram).max(initial=0) > big / 4:
         gram = gram.astype(np.float64)  # the sum could overflow float32
     sq = np.diagonal(gram, axis1=1, axis2=2)
-    dist = sq[:, :, None] + sq[:, None, :]
-    dist -= 2 * gram
-    return np.clip(dist, 0, big, out=dist).astype(np.float32, copy=False)
+    norms = sq[:, :, None] + sq[:, None, :]
+    dist = norms - 2 * gram
+    with np.errstate(over="ignore", invalid="ignore"):
+        unsure = dist < 1e4 * (4 * np.finfo(gram.dtype).eps) * norms
+    k_real = x.shape[1] if counts is None else counts
+    real = np.arange(x.shape[1])[None, :] < np.reshape(k_real, (-1, 1))
+    unsure &= real[:, :, None] & real[:, None, :]
+    unsure[:, np.arange(x.shape[1]), np.arange(x.shape[1])] = False
+    dist = np.clip(dist, 0, big, out=dist).astype(np.float32, copy=False)
+    redo = np.flatnonzero(unsure.any(axis=(1, 2)))
+    if len(redo):
+        dist[redo] = exact_sq_distances(x[redo])
+    return dist
+
+
+def exact_sq_distances(x: np.ndarray) -> np.ndarray:
+    """(U, k, k) float32: sum_d (x_a - x_b)^2 from the differences, in float64 (clamped to
+    float32's range), in blocks of at most 2**22 differences."""
+    U, k, dim = x.shape
+    out = np.empty((U, k, k), np.float32)
+    per_block = max(1, (1 << 22) // max(k * k * dim, 1))
+    big = np.finfo(np.float32).max
+    for lo in range(0, U, per_block):
+        xs = x[lo:lo + per_block].astype(np.float64)
+        with np.errstate(over="ignore"):
+            diff = xs[:, :, None, :] - xs[:, None, :, :]
+            d = np.einsum("uabd,uabd->uab", diff, diff)
+        out[lo:lo + per_block] = np.minimum(d, big)
+    return out
 
 
 def gram_of(x: np.ndarray) -> np.ndarray:
@@ -137,8 +166,8 @@ def gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
 
 
 class NeighbourOrder:
-    """Each member's other members sorted by squared distance, for repeated Krum scoring
-    as members leave (Bulyan's picks).
+    """Each member's other members sorted by squared distance: the Krum scores of a set, and
+    again as members leave (Bulyan's repeated picks).
 
     sq_dist (B, c, c) within B sets; members (B, c) marks real members (the rest is
     padding). Sorting once lets Bulyan rescore after every pick without sorting again;
@@ -196,21 +225,12 @@ def krum_scores(sq_dist: np.ndarray, f: int, counts: np.ndarray | None = None) -
 
     among the m members of the set (all m - 1 others when fewer exist; a lone member
     scores 0). counts: set b has only its first counts[b] members (the rest is padding,
-    scored inf); None: all c. The distances are summed as float32 values (clamped to
-    float32's range: beyond it they stay the largest) in float64, as
-    `NeighbourOrder.scores` does."""
+    scored inf); None: all c. One implementation for Krum, Multi-Krum and Bulyan's picks:
+    `NeighbourOrder.scores`."""
     B, c, _ = sq_dist.shape
     m = np.full(B, c) if counts is None else np.asarray(counts)
     member = np.arange(c) < m[:, None]  # (B, c)
-    neighbour = member[:, None, :] & ~np.eye(c, dtype=bool)  # not oneself, not padding
-    if sq_dist.dtype != np.float32:
-        sq_dist = np.minimum(sq_dist, np.finfo(np.float32).max).astype(np.float32)
-    dist = np.where(neighbour, sq_dist, np.float32(np.inf))
-    k = np.minimum(np.maximum(m - f - 2, 1), m - 1)
-    nearest = np.sort(dist, axis=2)  # padding and self last (inf)
-    scores = np.sum(nearest, axis=2, dtype=np.float64,
-                    where=(np.arange(c) < k[:, None])[:, None, :])
-    return np.where(member, scores, np.inf)
+    return NeighbourOrder(sq_dist, member).scores(member, f)
 
 
 def multikrum_keep(sq_dist: np.ndarray, f: int, keep, counts: np.ndarray | None = None
@@ -278,17 +298,11 @@ class MultiKrumRule(RobustRule):
 
     name = "multikrum"
 
-    def __init__(self, granularity: str = "dense", f: int = 0, m: int = 0,
-                 clients_per_round: int | None = None):
+    def __init__(self, granularity: str = "dense", f: int = 0, m: int = 0):
         if isinstance(m, bool) or int(m) != m or m < 0:
             raise ConfigError(f"server.multikrum_m: expected an integer >= 0, got {m!r}")
         self.m = int(m)
-        super().__init__(granularity, f, clients_per_round)
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(cfg.server.aggregation, f=cfg.server.rule_f, m=cfg.server.multikrum_m,
-                   clients_per_round=cfg.train.clients_per_round)
+        super().__init__(granularity, f)
 
     def requirement(self, n: int) -> str:
         if n < self.f + 3:
@@ -327,11 +341,5 @@ class KrumRule(MultiKrumRule):
 
     name = "krum"
 
-    def __init__(self, granularity: str = "dense", f: int = 0,
-                 clients_per_round: int | None = None):
-        super().__init__(granularity, f, 1, clients_per_round)
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(cfg.server.aggregation, f=cfg.server.rule_f,
-                   clients_per_round=cfg.train.clients_per_round)
+    def __init__(self, granularity: str = "dense", f: int = 0):
+        super().__init__(granularity, f, 1)

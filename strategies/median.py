@@ -7,23 +7,14 @@ coordinate-wise, for every item i (C_i: the clients that uploaded row i, m_i = |
 Even counts take the mean of the two middle values. Sample counts do not weight a median.
 The dense form returns 0 (or a value near 0) for an item fewer than half the clients sent;
 the item-level form always follows that item's own contributors. Predictor: the dense
-median of the flattened predictor gradients. Needs nothing of n; drops no client.
+median of the flattened predictor gradients. Needs nothing of n; drops no client. The math:
+strategies.robust.coordinate_trimmed_mean with trim = MEDIAN (n_clients given: dense).
 """
 
 from __future__ import annotations
 
-from strategies.robust import MEDIAN, RobustRule, coordinate_trimmed_mean, order_statistic_aggregate
+from strategies.robust import MEDIAN, RobustRule, order_statistic_aggregate
 from strategies.rule import Aggregate, RoundUpdates
-
-
-def item_level_median(ids, rows, n_items: int):
-    """(n_items, dim): each uploaded row's coordinate-wise median over its uploaders."""
-    return coordinate_trimmed_mean(ids, rows, n_items, MEDIAN)
-
-
-def dense_median(ids, rows, n_items: int, n_clients: int):
-    """(n_items, dim): coordinate-wise median over n_clients updates, absent rows = 0."""
-    return coordinate_trimmed_mean(ids, rows, n_items, MEDIAN, n_clients=n_clients)
 
 
 class MedianRule(RobustRule):

@@ -5,8 +5,9 @@
                 predictor clipped as one vector
 followed by the weighted mean of the same granularity (strategies.aggregate). B is
 server.norm_bound (0.1 in the UNION code; FedAttack used 2). Needs nothing of n and drops
-no client. `clip_updates` is a function of its own so that wrappers compose it (UNION:
-filter, then clip; REFERENCE.md section 4).
+no client. `clip_updates` is a function of its own: the `clip` pre-aggregation step
+(strategies/clip.py) composes it with any rule ("clip, then Krum"; UNION: filter, then clip,
+REFERENCE.md section 4).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from strategies.aggregate import (
 )
 from strategies.robust import RobustRule, flat_predictors, row_sq_norms
 from strategies.rule import Aggregate, RoundUpdates
+
+
+def check_bound(bound) -> float:
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
+        raise ConfigError(f"server.norm_bound: expected a number > 0, got {bound!r}")
+    return float(bound)
 
 
 def clip_scales(updates: RoundUpdates, bound: float, granularity: str = "dense"):
@@ -56,24 +63,15 @@ def scale_updates(updates: RoundUpdates, row_scale, predictor_scale) -> RoundUpd
     uploads = [dataclasses.replace(u, item_rows=r, predictor=[
         (a * s).astype(np.float32) for a in u.predictor])
         for u, r, s in zip(updates.uploads, np.split(clipped, bounds), predictor_scale)]
-    out = dataclasses.replace(updates, uploads=uploads)
-    out.__dict__["stacked"] = (ids, clipped, owner)  # fill the cached_property: same ids, owner
-    return out
+    return dataclasses.replace(updates, uploads=uploads, stacked_rows=(ids, clipped, owner))
 
 
 class NormBoundRule(RobustRule):
     name = "norm_bound"
 
-    def __init__(self, granularity: str = "dense", bound: float = 0.1, clients_per_round=None):
-        if not bound > 0:
-            raise ConfigError(f"server.norm_bound: expected a number > 0, got {bound!r}")
-        self.bound = float(bound)
-        super().__init__(granularity, 0, clients_per_round)
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(cfg.server.aggregation, bound=cfg.server.norm_bound,
-                   clients_per_round=cfg.train.clients_per_round)
+    def __init__(self, granularity: str = "dense", bound: float = 0.1):
+        super().__init__(granularity, 0)
+        self.bound = check_bound(bound)
 
     def aggregate(self, updates: RoundUpdates) -> Aggregate:
         """The clipped mean, computed on the stacked rows (clip_updates + MeanRule would

@@ -286,9 +286,10 @@ class RobustRule(AggregationRule):
     """Common parameters and the round-size check of the robust rules.
 
     f (server.rule_f) is the assumed number of Byzantine clients per round. `requirement(n)`
-    says what a rule needs of the round size n. It raises ConfigError at construction, with
-    n = train.clients_per_round. A round that arrives smaller (invalid uploads dropped,
-    fewer users than clients_per_round, an epoch's short last round) is aggregated with the
+    says what a rule needs of the round size n (fedrec/registry.py checks it against
+    train.clients_per_round when it builds the rule). A round that arrives smaller (invalid
+    uploads dropped, fewer users than clients_per_round, an epoch's short last round) is
+    aggregated with the
     coordinate-wise median of the same granularity and info["fallback"] = 1: the median
     needs nothing of n, and a fallback to the mean would let clients who can get their own
     uploads rejected switch the defense off.
@@ -296,26 +297,11 @@ class RobustRule(AggregationRule):
 
     name = "robust"
 
-    def __init__(self, granularity: str = "dense", f: int = 0,
-                 clients_per_round: int | None = None):
+    def __init__(self, granularity: str = "dense", f: int = 0):
         super().__init__(granularity)
         if isinstance(f, bool) or int(f) != f or f < 0:
             raise ConfigError(f"server.rule_f: expected an integer >= 0, got {f!r}")
         self.f = int(f)
-        if clients_per_round is not None:
-            problem = self.requirement(int(clients_per_round))
-            if problem:
-                raise ConfigError(f"server.rule {self.name!r} with train.clients_per_round="
-                                  f"{clients_per_round}: {problem}")
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(cfg.server.aggregation, f=cfg.server.rule_f,
-                   clients_per_round=cfg.train.clients_per_round)
-
-    def requirement(self, n: int) -> str:
-        """Why n clients are too few for this rule ("" when they are enough)."""
-        return ""
 
     def aggregate(self, updates: RoundUpdates) -> Aggregate:
         raise NotImplementedError

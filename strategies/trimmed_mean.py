@@ -9,23 +9,14 @@ Per coordinate, drop the t lowest and the t highest values and average the rest:
 
 f = server.rule_f (trimmed per side, as in REFERENCE.md section 4). Unweighted by sample
 count. Predictor: the dense trimmed mean of the flattened predictor gradients. Drops no
-client (every client may be trimmed in some coordinates and kept in others).
+client (every client may be trimmed in some coordinates and kept in others). The math:
+strategies.robust.coordinate_trimmed_mean (n_clients given: dense).
 """
 
 from __future__ import annotations
 
-from strategies.robust import RobustRule, coordinate_trimmed_mean, order_statistic_aggregate
+from strategies.robust import RobustRule, order_statistic_aggregate
 from strategies.rule import Aggregate, RoundUpdates
-
-
-def item_level_trimmed_mean(ids, rows, n_items: int, trim: int):
-    """(n_items, dim): each uploaded row's trimmed mean over its uploaders."""
-    return coordinate_trimmed_mean(ids, rows, n_items, trim)
-
-
-def dense_trimmed_mean(ids, rows, n_items: int, n_clients: int, trim: int):
-    """(n_items, dim): trimmed mean over n_clients updates, absent rows = 0."""
-    return coordinate_trimmed_mean(ids, rows, n_items, trim, n_clients=n_clients)
 
 
 class TrimmedMeanRule(RobustRule):

@@ -12,9 +12,9 @@ Each round (REFERENCE.md section 4):
 5. drop the minor cluster of the 2-means split of the d_c iff the gap statistic finds more
    than one cluster, or the minor cluster has at most server.union_expected_attackers members.
 
-`UnionRule` drops those uploads and hands the rest to the inner rule (server.rule): with
-Multi-Krum the dropped set is the union of both; with norm bound the kept uploads are
-clipped, i.e. "filter, then clip".
+`UnionFilter` is a pre-aggregation step (server.filters: [union]): it drops those uploads
+and hands the rest to the next step or the rule (server.rule); with Multi-Krum the dropped
+set is the union of both; with norm bound the kept uploads are clipped ("filter, then clip").
 
 Differences from the reference code, none of which changes a decision it would take:
 - 2-means in 1-D is solved exactly (sort, try every split) where the reference runs
@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.errors import ConfigError
+from fedrec.optim import adam_update
 from strategies.groups import group_rows
-from strategies.rule import (Aggregate, AggregationRule, RoundUpdates, filter_then_aggregate,
-                             subset_updates)  # noqa: F401  (subset_updates: re-exported)
+from strategies.rule import Filtered, PreAggregationStep, RoundUpdates, drop_uploads
 
 NULL_DRAWS = 10_000  # size of the cached pool of reference log-inertias
 NULL_SEED = 0x554E494F  # "UNIO"
@@ -62,24 +62,15 @@ def simulated_item_rows(item_rows, grads, adam_state_rows=None, step=0, lr=2e-3,
     """The rows after one server optimizer step driven by `grads` alone (float64).
 
     item_rows (..., d) broadcasts against grads (clients, s, d) or (K, d). Adam
-    (adam_state_rows = (exp_avg_rows, exp_avg_sq_rows), step = steps taken so far), exactly
-    torch.optim.Adam without weight decay, t = step + 1:
-
-        m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g^2
-        row' = row - lr / (1 - b1^t) * m' / (sqrt(v') / sqrt(1 - b2^t) + eps)
-
+    (adam_state_rows = (exp_avg_rows, exp_avg_sq_rows), step = steps taken so far): exactly
+    torch.optim.Adam without weight decay at t = step + 1 (fedrec.optim.adam_update).
     SGD (adam_state_rows None):  row' = row - lr * g.
     """
-    theta = np.asarray(item_rows, np.float64)
-    g = np.asarray(grads, np.float64)
     if adam_state_rows is None:
-        return theta - lr * g
-    b1, b2 = float(betas[0]), float(betas[1])
-    t = int(step) + 1
-    m = b1 * np.asarray(adam_state_rows[0], np.float64) + (1 - b1) * g
-    v = b2 * np.asarray(adam_state_rows[1], np.float64) + (1 - b2) * g * g
-    denom = np.sqrt(v) / math.sqrt(1 - b2 ** t) + eps
-    return theta - (lr / (1 - b1 ** t)) * m / denom
+        return np.asarray(item_rows, np.float64) - lr * np.asarray(grads, np.float64)
+    rows, _, _ = adam_update(item_rows, adam_state_rows[0], adam_state_rows[1], grads,
+                             int(step) + 1, lr, float(betas[0]), float(betas[1]), eps)
+    return rows
 
 
 # ---------------------------------------------------------------------- uniformity
@@ -250,27 +241,21 @@ def two_means_1d(values):
     return w1, w2, labels
 
 
-def _cache_root(cache_dir) -> Path:
-    if cache_dir:
-        return Path(cache_dir)
-    return Path(os.environ.get("FEDREC_CACHE") or Path.home() / ".cache" / "fedrec")
-
-
 def null_log_inertias(n: int, cache_dir=None, draws: int = NULL_DRAWS) -> np.ndarray:
     """(draws, 2): log W_1, log W_2 of exact 1-D k-means on n uniform points in [0, 1].
 
-    Seeded (NULL_SEED, n), computed in blocks of draws, cached in memory and on disk as
-    <cache>/union-null-n{n}.npz (cache: cache_dir, else $FEDREC_CACHE, else ~/.cache/fedrec).
+    Seeded (NULL_SEED, n), computed in blocks of draws, cached in memory and, with a
+    cache_dir, on disk as <cache_dir>/union-null-n{n}.npz.
     """
     if n < 3:
         raise ValueError(f"the gap statistic needs at least 3 values, got {n}")
-    path = _cache_root(cache_dir) / (f"union-null-n{n}.npz" if draws == NULL_DRAWS
-                                     else f"union-null-n{n}-d{draws}.npz")
-    key = str(path)
+    name = f"union-null-n{n}.npz" if draws == NULL_DRAWS else f"union-null-n{n}-d{draws}.npz"
+    path = Path(cache_dir) / name if cache_dir else None
+    key = str(path) if path is not None else name
     if key in _null_cache:
         return _null_cache[key]
     pool = None
-    if path.is_file():
+    if path is not None and path.is_file():
         try:
             with np.load(path) as f:
                 pool = f["log_inertia"]
@@ -287,10 +272,11 @@ def null_log_inertias(n: int, cache_dir=None, draws: int = NULL_DRAWS) -> np.nda
             w1, w2, _ = two_means_1d(rng.random((m, n)))
             pool[lo:lo + m, 0], pool[lo:lo + m, 1] = np.log(w1), np.log(w2)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, log_inertia=pool)
-            os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
+                np.savez(tmp, log_inertia=pool)
+                os.replace(tmp, path)  # atomic: concurrent runs never read half a file
         except OSError:
             pass  # a read-only cache only costs the recomputation
     _null_cache[key] = pool
@@ -326,21 +312,6 @@ def gap_statistic_split(values, null_log_inertia, B: int = 50, rng=None):
 
 
 # ---------------------------------------------------------------------- the filter
-
-
-def resolve_device(device: str) -> str:
-    """server.union_device: cpu | cuda | auto (cuda when torch sees a GPU)."""
-    if device not in ("cpu", "cuda", "auto"):
-        raise ConfigError(f"server.union_device: {device!r} is not one of cpu, cuda, auto")
-    if device == "cpu":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if device == "cuda":
-        raise ConfigError("server.union_device: cuda, but torch sees no GPU")
-    return "cpu"
 
 
 def union_uniformities(updates: RoundUpdates, sample_ids: np.ndarray, state: dict,
@@ -406,22 +377,21 @@ def union_filter(updates: RoundUpdates, rng, *, sample_items: int = 500, gap_b: 
     return [int(i) for i in np.flatnonzero(drop)], info
 
 
-class UnionRule(AggregationRule):
-    """UNION's filter, then `inner` on the uploads it kept (server.filter: union).
+class UnionFilter(PreAggregationStep):
+    """UNION's server-side filter as a pre-aggregation step (server.filters: [union]): drops
+    the uploads `union_filter` flags; the rule (or the next step) gets the rest.
 
-    Aggregate.dropped = UNION's drops and the inner rule's, as positions in the original
-    upload list. info: the inner rule's, plus union_dropped, inner_dropped,
-    union_gap_more_than_one, and dropped = the total. optimizer: the server optimizer's
-    settings ({"optimizer", "lr", "betas", "eps"}) used when a round carries no
-    server_state (moments then start at zero).
+    info: union_dropped, union_gap_more_than_one. optimizer: the server optimizer's settings
+    ({"optimizer", "lr", "betas", "eps"}) used when a round carries no server_state (moments
+    then start at zero). cache_dir: where the null pool is cached on disk (None: memory only).
+    device: cpu | cuda for the pairwise distances.
     """
 
     name = "union"
 
-    def __init__(self, inner: AggregationRule, *, sample_items: int = 500, gap_b: int = 50,
-                 expected_attackers: int = 1, seed: int = 0, cache_dir=None,
-                 optimizer: dict | None = None, device: str = "cpu"):
-        super().__init__(inner.granularity)
+    def __init__(self, *, sample_items: int = 500, gap_b: int = 50, expected_attackers: int = 1,
+                 seed: int = 0, cache_dir=None, optimizer: dict | None = None,
+                 device: str = "cpu"):
         for key, value, lo in (("union_sample_items", sample_items, 2), ("union_gap_b", gap_b, 2),
                                ("union_expected_attackers", expected_attackers, 0)):
             if isinstance(value, bool) or int(value) != value or value < lo:
@@ -429,29 +399,23 @@ class UnionRule(AggregationRule):
         if gap_b > NULL_DRAWS:
             raise ConfigError(f"server.union_gap_b: at most {NULL_DRAWS} (the null pool), "
                               f"got {gap_b}")
-        self.inner = inner
         self.sample_items, self.gap_b = int(sample_items), int(gap_b)
         self.expected_attackers = int(expected_attackers)
         self.cache_dir = cache_dir
         self.optimizer = optimizer or {"optimizer": "adam", "lr": 2e-3, "betas": (0.9, 0.999),
                                        "eps": 1e-8}
         self.rng = np.random.default_rng([int(seed), NULL_SEED])
-        self.device = resolve_device(device)
+        self.device = device
 
-    @classmethod
-    def from_config(cls, cfg, inner: AggregationRule):
-        from fedrec.build import cache_dir
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
 
-        s = cfg.server
-        expected = s.union_expected_attackers if s.union_expected_attackers >= 0 else s.rule_f
-        return cls(inner, sample_items=s.union_sample_items, gap_b=s.union_gap_b,
-                   expected_attackers=expected, seed=cfg.seed, cache_dir=cache_dir(cfg),
-                   optimizer={"optimizer": s.optimizer, "lr": s.lr, "betas": tuple(s.betas),
-                              "eps": s.eps}, device=s.union_device)
+    def load_state_dict(self, state: dict):
+        self.rng.bit_generator.state = state["rng"]
 
-    def __call__(self, updates: RoundUpdates) -> Aggregate:
+    def __call__(self, updates: RoundUpdates) -> Filtered:
         state = updates.server_state if updates.server_state is not None else self.optimizer
         dropped, info = union_filter(updates, self.rng, sample_items=self.sample_items,
                                      gap_b=self.gap_b, expected_attackers=self.expected_attackers,
                                      state=state, cache_dir=self.cache_dir, device=self.device)
-        return filter_then_aggregate(self.inner, updates, dropped, info)
+        return drop_uploads(updates, dropped, info)

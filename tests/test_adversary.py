@@ -35,7 +35,8 @@ def test_malicious_users_come_from_the_pool_by_fraction(tmp_path):
 
 
 def test_build_client_gives_malicious_users_the_attack_class(tmp_path):
-    from clients.benign import BenignClient, DictStore
+    from clients.benign import BenignClient
+    from clients.state import DictStore
     from clients.malicious.lie import LIEClient
     from fedrec.build import build_client, build_env, malicious_set
 

@@ -3,12 +3,15 @@
 import numpy as np
 import pytest
 
-from clients.benign import BenignClient, DictStore, sample_negatives
+from clients.benign import BenignClient
+from clients.cohort import fit_cohort
+from clients.negatives import sample_negatives
+from clients.state import DictStore
+from clients.streams import ROUND as _ROUND
 from fedrec.build import build_env, initial_arrays
 from fedrec.config import from_dict
 from fedrec.evaluation import ranks_of_targets
 
-_ROUND = 3  # the per-round purpose in the client's seed sequence
 
 
 def _env(tmp_path, **over):
@@ -40,7 +43,7 @@ def test_upload_is_the_sparse_gradient_and_never_the_user_row(tmp_path):
     user = _user_with(env)
     store = DictStore()
     c = _client(env, user, store)
-    u0 = c._state()["user"].copy()  # the initial row (state not saved yet)
+    u0 = c.private_state()["user"].copy()  # the initial row (state not saved yet)
     up, n, metrics = c.fit(arrays, {"round": 1})
     state = store.state
     train = env.data.train_of(user)
@@ -50,7 +53,7 @@ def test_upload_is_the_sparse_gradient_and_never_the_user_row(tmp_path):
     np.testing.assert_array_equal(ids, np.unique(np.concatenate([train, state["negatives"]])))
     assert ids.dtype == np.int64 and rows.shape == (len(ids), 8) and rows.dtype == np.float32
     # exactly the model's gradient at the global model, with this round's generator
-    g = env.model.gradients(arrays[0], [], u0, train, state["negatives"], c._rng(_ROUND, 1),
+    g = env.model.gradients(arrays[0], [], u0, train, state["negatives"], c.stream(_ROUND, 1),
                             weight_decay=1e-3)
     assert np.array_equal(rows, g.item_rows)
     # the user row (before or after its update) is nowhere in the upload
@@ -99,7 +102,7 @@ def test_cohort_fit_equals_single_fit_bit_for_bit(tmp_path):
     env, arrays = _env(tmp_path)
     users = [u for u in range(12) if len(env.data.train_of(u))]
     single = [_client(env, u).fit(arrays, {"round": 5}) for u in users]
-    cohort = BenignClient.fit_cohort([_client(env, u) for u in users], arrays, {"round": 5})
+    cohort = fit_cohort([_client(env, u) for u in users], arrays, {"round": 5})
     for (up1, n1, m1), (up2, n2, m2) in zip(single, cohort):
         assert n1 == n2 and m1 == m2
         assert all(np.array_equal(x, y) for x, y in zip(up1, up2))
@@ -130,9 +133,9 @@ def test_fresh_negatives_change_per_round(tmp_path):
     train = env.data.train_of(user)
     negs = []
     for rnd in (1, 2, 3):
-        state = c._state()
+        state = c.private_state()
         assert "negatives" not in state
-        pos, neg = c.training_pairs(state, c._rng(_ROUND, rnd))
+        pos, neg = c.training_pairs(state, c.stream(_ROUND, rnd))
         np.testing.assert_array_equal(pos, np.repeat(train, 2))
         assert len(neg) == 2 * len(train) and not set(neg.tolist()) & set(train.tolist())
         negs.append(neg)
@@ -161,7 +164,7 @@ def test_evaluate_pool_users_and_hand_ranked(tmp_path):
     loss, n, m = c.evaluate(arrays, {"round": 0})
     assert n == 1 and set(m) == {f"{s}_{k}@{K}" for s in ("val", "test") for k in ("hr", "ndcg")
                                  for K in (5, 10, 20)}
-    scores = arrays[0].astype(np.float64) @ c._state()["user"].astype(np.float64)
+    scores = arrays[0].astype(np.float64) @ c.private_state()["user"].astype(np.float64)
     train = set(d.train_of(user).tolist())
     for split, target, masked in (("val", d.val_item[user], train),
                                   ("test", d.test_item[user], train | {d.val_item[user]})):
@@ -180,12 +183,12 @@ def test_local_epochs_upload_is_pseudo_gradient(tmp_path):
     user = _user_with(env)
     store = DictStore()
     c = _client(env, user, store)
-    u0 = c._state()["user"].copy()
+    u0 = c.private_state()["user"].copy()
     up, n, _ = c.fit(arrays, {"round": 1})
     state = store.state
     pos, neg = env.data.train_of(user), state["negatives"]
     # replay: one epoch, one batch (batch_size > pairs) in the client's shuffled order
-    rng = c._rng(_ROUND, 1)
+    rng = c.stream(_ROUND, 1)
     order = rng.permutation(len(pos))
     g = env.model.gradients(arrays[0], [], u0, pos[order], neg[order], rng, weight_decay=1e-3)
     local = arrays[0].copy()
@@ -210,7 +213,7 @@ def test_cohort_fit_equals_one_by_one(tmp_path, negatives):
     group = {u: _client(env, u) for u in users}
     for rnd in (1, 2, 5):
         chosen = users[rnd % 3::2]
-        outs = BenignClient.fit_cohort([group[u] for u in chosen], arrays, {"round": rnd})
+        outs = fit_cohort([group[u] for u in chosen], arrays, {"round": rnd})
         for u, (up, n, m) in zip(chosen, outs):
             up1, n1, m1 = solo[u].fit(arrays, {"round": rnd})
             assert n == n1 and m == m1
@@ -220,23 +223,23 @@ def test_cohort_fit_equals_one_by_one(tmp_path, negatives):
 
 
 def test_cohort_negatives_equal_per_client_even_when_a_draw_falls_short(tmp_path):
-    from clients.benign import sample_negatives_cohort
+    from clients.negatives import sample_negatives_cohort
 
     # few items and long histories: the first draw often accepts too few candidates
     env, _ = _env(tmp_path, data__synthetic={"n_users": 40, "n_items": 30, "mean_history": 14})
     users = [u for u in range(env.data.n_users) if len(env.data.train_of(u)) >= 8][:10]
     a = [_client(env, u) for u in users]
     b = [_client(env, u) for u in users]
-    counts = [c._n_negatives() for c in a]
-    got = sample_negatives_cohort(a, [c._rng(_ROUND, 4) for c in a], counts)
+    counts = [c.negatives_count() for c in a]
+    got = sample_negatives_cohort(a, [c.stream(_ROUND, 4) for c in a], counts)
     for c, neg in zip(b, got):
-        expect = c._draw_negatives(c._rng(_ROUND, 4))
+        expect = c.draw_negatives(c.stream(_ROUND, 4))
         assert np.array_equal(neg, expect)
         assert not np.isin(neg, c.known_sorted).any()
 
 
 def test_sum_reduction_scales_the_mean_gradient_by_the_pair_count(tmp_path):
-    from clients.benign import BenignClient, DictStore
+    from clients.state import DictStore
     from conftest import tiny_cfg
     from fedrec.build import build_client, build_env, initial_arrays
 

@@ -6,19 +6,20 @@ from conftest import tiny_cfg
 
 
 def _fit(cfg, users, cohort):
-    from clients.benign import BenignClient, DictStore
+    from clients.cohort import fit_cohort
+    from clients.state import DictStore
     from fedrec.build import build_client, build_env, initial_arrays
 
     env = build_env(cfg)
     arrays = initial_arrays(cfg, env.model)
     clients = [build_client(env, u, DictStore()) for u in users]
     if cohort:
-        return BenignClient.fit_cohort(clients, arrays, {"round": 3}), env, arrays
+        return fit_cohort(clients, arrays, {"round": 3}), env, arrays
     return [c.fit(arrays, {"round": 3}) for c in clients], env, arrays
 
 
 def test_contrastive_term_adds_exactly_alpha_times_its_gradient(tmp_path):
-    from clients.benign import _CONTRASTIVE
+    from clients.streams import CONTRASTIVE as _CONTRASTIVE
     from fedrec.models.losses import contrastive_grad, contrastive_samples
 
     base, env, arrays = _fit(tiny_cfg(tmp_path), [4], cohort=False)
@@ -26,12 +27,12 @@ def test_contrastive_term_adds_exactly_alpha_times_its_gradient(tmp_path):
     (b_up, bn, bm), (c_up, cn, cm) = base[0], cl[0]
     assert bn == cn and cm["loss"] > bm["loss"]
     # rebuild the expected rows: BPR rows + 0.5 * contrastive rows on the union of ids
-    from clients.benign import DictStore
+    from clients.state import DictStore
     from fedrec.build import build_client
 
     c = build_client(env, 4, DictStore())
-    s = contrastive_samples(c.train_items, env.model.n_items, c._exclusion_mask(), 15,
-                            c._rng(_CONTRASTIVE, 3))
+    s = contrastive_samples(c.train_items, env.model.n_items, c.exclusion_mask(), 15,
+                            c.stream(_CONTRASTIVE, 3))
     ids, rows, _ = contrastive_grad(arrays[0], *s)
     want = {int(i): r.copy() for i, r in zip(b_up[0], b_up[1])}
     for i, r in zip(ids, rows):

@@ -12,7 +12,7 @@ from fedrec.errors import ConfigError, FedRecError
 from fedrec.protocol import Upload
 from fedrec.registry import make_rule
 from strategies.detector import (
-    DetectorRule,
+    DetectorFilter,
     FeatureRecorder,
     FeatureSketch,
     load_detector,
@@ -21,7 +21,7 @@ from strategies.detector import (
 from strategies.krum import MultiKrumRule
 from strategies.mean import MeanRule
 from strategies.norm_bound import NormBoundRule, clip_updates
-from strategies.rule import RoundUpdates
+from strategies.rule import FilterChain, RoundUpdates
 from tests.conftest import tiny_cfg
 
 N_ITEMS, DIM = 90, 6
@@ -141,38 +141,42 @@ def test_features_use_only_the_uploads_not_who_sent_them():
 def test_filter_drops_flagged_uploads_and_composes(tmp_path):
     u = _round(12, seed=3, loud=(2, 7))
     sk = FeatureSketch(N_ITEMS, DIM)
-    agg = DetectorRule(MeanRule(), _detector(sk))(u)
+    agg = FilterChain([DetectorFilter(_detector(sk))], MeanRule())(u)
     assert agg.dropped == [2, 7] and agg.info["detector_dropped"] == 2
+    assert agg.dropped_by == {"detector": [2, 7]}
     rest = _with(u, [x for i, x in enumerate(u.uploads) if i not in (2, 7)])
     np.testing.assert_allclose(agg.item_grad, MeanRule()(rest).item_grad, atol=1e-7)
     for a, b in zip(agg.predictor, MeanRule()(rest).predictor):
         np.testing.assert_allclose(a, b, atol=1e-7)
     # threshold above every score: nothing dropped, the inner rule on everything
-    keep_all = DetectorRule(MeanRule(), _detector(sk), threshold=1.0)
-    keep_all.model = type("Half", (), {"predict_proba": lambda s, X: np.full((len(X), 2), 0.5)})()
-    assert keep_all(u).dropped == []
+    half = {**_detector(sk), "model": type("Half", (), {
+        "predict_proba": lambda s, X: np.full((len(X), 2), 0.5)})()}
+    assert FilterChain([DetectorFilter(half, threshold=1.0)], MeanRule())(u).dropped == []
     # Multi-Krum on the kept uploads: the drop sets are unioned, in original positions
-    mk = DetectorRule(MultiKrumRule("dense", f=1), _detector(sk))(u)
+    mk = FilterChain([DetectorFilter(_detector(sk))], MultiKrumRule("dense", f=1))(u)
     keep = [i for i in range(12) if i not in (2, 7)]
     inner = MultiKrumRule("dense", f=1)(_with(u, [u.uploads[i] for i in keep]))
     assert mk.dropped == sorted({2, 7} | {keep[i] for i in inner.dropped})
     assert (mk.info["detector_dropped"], mk.info["inner_dropped"]) == (2, len(inner.dropped))
     # norm bound: filter, then clip the rest
-    nb = DetectorRule(NormBoundRule("dense", bound=0.05), _detector(sk))(u)
+    nb = FilterChain([DetectorFilter(_detector(sk))], NormBoundRule("dense", bound=0.05))(u)
     np.testing.assert_allclose(nb.item_grad, MeanRule()(clip_updates(rest, 0.05)).item_grad,
                                atol=1e-7)
     # everyone flagged: a zero update, everyone reported
-    allin = DetectorRule(MeanRule(), _detector(sk, NormModel(cut=-1e9)))(u)
+    allin = FilterChain([DetectorFilter(_detector(sk, NormModel(cut=-1e9)))], MeanRule())(u)
     assert allin.dropped == list(range(12)) and not allin.item_grad.any()
 
 
 def test_recorder_sees_the_round_and_passes_it_through():
     u = _round(6)
     sk = FeatureSketch(N_ITEMS, DIM)
-    rec = FeatureRecorder(MeanRule(), sk, every=3)
-    np.testing.assert_array_equal(rec(u).item_grad, MeanRule()(u).item_grad)
+    rec = FeatureRecorder(sk, every=3)
+    chain = FilterChain([rec], MeanRule())
+    agg = chain(u)
+    np.testing.assert_array_equal(agg.item_grad, MeanRule()(u).item_grad)
+    assert agg.dropped == [] and agg.dropped_by == {}  # a recorder is not a detection stage
     u.server_round = 4
-    rec(u)
+    chain(u)
     assert len(rec.records) == 1 and rec.records[0][0] == 3
     assert rec.records[0][2] == [f"user{c}" for c in range(6)]
     np.testing.assert_array_equal(rec.records[0][1], upload_features(_round(6), sk))
@@ -279,12 +283,12 @@ def test_experiment_yamls_load_with_a_detector_per_attack():
     from pathlib import Path
 
     from fedrec import config
-    from strategies.detector import resolve_detector_path
+    from fedrec.registry import detector_path
 
     root = Path(__file__).resolve().parents[1] / "experiments"
     for name, model in (("ml1m-ncf-detector.yaml", "ncf"), ("ml1m-mf-detector.yaml", "mf")):
         cfgs = config.load(root / name)
         assert {c.model.name for c in cfgs} == {model} and len(cfgs) >= 6
         for c in cfgs:
-            assert c.server.filter == "detector" and c.attack.malicious_fraction == 0.05
-            assert resolve_detector_path(c).endswith(f"det-{c.attack.name}.pkl")
+            assert c.server.filter_steps() == ["detector"] and c.attack.malicious_fraction == 0.05
+            assert detector_path(c).endswith(f"det-{c.attack.name}.pkl")

@@ -273,7 +273,7 @@ def test_client_app_uploads_only_items_and_keeps_user_state(tmp_path, model):
     from flwr.common import parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from clients.benign import DictStore, FlowerStore
+    from clients.state import DictStore, FlowerStore
     from fedrec.build import build_client, build_env, initial_arrays
     from fedrec.client_app import make_client_app
     from fedrec.config import load_one

@@ -18,6 +18,7 @@ FLOORS = {
     # 0: the core: configuration, data, models, the upload format, results, numerics
     "fedrec": 0, "fedrec.errors": 0, "fedrec.config": 0, "fedrec.data": 0, "fedrec.models": 0,
     "fedrec.protocol": 0, "fedrec.results": 0, "fedrec.optim": 0, "fedrec.runtime": 0,
+    "fedrec.environment": 0, "fedrec.fuzz": 0,
     # 1: the parts: devices, defenses, ground truth and scoring, the name registry
     "clients": 1, "strategies": 1, "fedrec.evaluation": 1, "fedrec.roles": 1, "fedrec.registry": 1,
     # 2: the simulation-only adversary hook (hands colluding attacks their knowledge)
@@ -25,7 +26,8 @@ FLOORS = {
     # 3: the one place that turns a config into data, model, clients and strategy
     "fedrec.build": 3,
     # 4: the runners and their tools
-    "fedrec.engine": 4, "fedrec.parallel": 4, "fedrec.ledger": 4, "fedrec.client_app": 4,
+    "fedrec.engine": 4, "fedrec.parallel": 4, "fedrec.ledger": 4, "fedrec.checkpoint": 4,
+    "fedrec.client_app": 4,
     "fedrec.server_app": 4, "fedrec.detector_tools": 4, "fedrec.report": 4, "fedrec.plots": 4,
     # 5: the command line
     "fedrec.cli": 5, "fedrec.__main__": 5,

@@ -42,8 +42,9 @@ class Log:
         self.eval.append((rnd, dict(metrics), final))
 
 
-def _states(engine, k=None):
-    return {u: {key: v.copy() for key, v in s.state.items()} for u, s in engine.stores.items()}
+def _states(host, k=None):
+    """The private states held by a DeviceHost (the engine's, or a worker's copy)."""
+    return {u: {key: v.copy() for key, v in s.state.items()} for u, s in host.stores.items()}
 
 
 def _run(cfg, workers):
@@ -52,15 +53,15 @@ def _run(cfg, workers):
     out = eng.run()
     table = [a.copy() for a in eng.strategy.global_arrays()]
     if workers == 1:
-        states = _states(eng)
+        states = _states(eng.host)
     else:
         states = {}
         assert not mp.active_children()
     return out, log, table, states, eng
 
 
-def _worker_states(engine, k):
-    return _states(engine)
+def _worker_states(host, k):
+    return _states(host)
 
 
 @pytest.mark.parametrize("negatives,dropout,workers", [

@@ -113,8 +113,8 @@ def test_a_filters_own_drops_are_scored_apart(tmp_path):
         rows = list(csv.DictReader(f))
     det = s["detection"]
     union = sum(int(r["rule_union_dropped"]) for r in rows)
-    assert det["filter"]["tp"] + det["filter"]["fp"] == union
+    assert det["union"]["tp"] + det["union"]["fp"] == union
     assert det["tp"] + det["fp"] == sum(int(r["rule_dropped"]) for r in rows)
-    assert det["filter"]["tp"] <= det["tp"]
+    assert det["union"]["tp"] <= det["tp"]
     row = report_rows([tmp_path / "r"])[0]
-    assert row["det_filter_recall"] == det["filter"].get("recall")
+    assert row["det_union_recall"] == det["union"].get("recall")

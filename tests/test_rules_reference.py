@@ -281,3 +281,25 @@ def test_krum_scores_on_padded_sets_match_the_reference():
     for b, m in enumerate(counts):
         close(scores[b, :m], ref_krum_order(vecs[b, :m], 1), scale=sq[b, :m, :m].max())
         assert np.isinf(scores[b, m:]).all()
+
+
+def test_item_krum_is_exact_next_to_a_huge_row():
+    """One row of 1000 among rows near 1e-3 (or the issue's [-1, -208000, 0, 2]): the centred
+    float32 Gram loses every small distance; the rule must still pick what a float64 loop
+    picks (issue 10: it picked wrongly 46 times in 50)."""
+    from strategies.krum import KrumRule, block_sq_distances
+
+    x = np.array([[[-1.0], [-208000.0], [0.0], [2.0]]], np.float32)
+    np.testing.assert_array_equal(block_sq_distances(x)[0][[0, 0, 2], [2, 3, 3]], [1, 9, 4])
+    rng = np.random.default_rng(7)
+    for trial in range(50):
+        n, dim, f = 12, 64, 2
+        rows = (rng.standard_normal((n, dim)) * 1e-3).astype(np.float32)
+        rows[rng.integers(n)] = 1000.0
+        u = RoundUpdates([Upload(np.array([0]), rows[c:c + 1], [], 1, str(c)) for c in range(n)],
+                         np.ones(n), 1, dim)
+        x64 = rows.astype(np.float64)
+        d = ((x64[:, None] - x64[None]) ** 2).sum(-1)
+        scores = [np.sort(np.delete(d[a], a))[:n - f - 2].sum() for a in range(n)]
+        agg = KrumRule("item", f=f)(u)
+        np.testing.assert_array_equal(agg.item_grad[0], rows[int(np.argmin(scores))], err_msg=trial)

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from clients.benign import BenignClient, DictStore
+from clients.benign import BenignClient
+from clients.cohort import fit_cohort, user_vectors
+from clients.state import DictStore
 from fedrec.build import build_env, initial_arrays
 from fedrec.config import from_dict
 from fedrec.errors import ConfigError
@@ -190,7 +192,7 @@ def test_representation_never_leaves_the_client(tmp_path, model):
         assert a.shape == tuple(shape) and a.dtype == np.float32
     # the representation the device computes is not among the uploaded numbers
     for split in ("val", "test"):
-        u = c.user_vector(store.state, 1, split, arrays)
+        u = c.user_vector(1, split, arrays)
         assert u.shape == (8,) and np.abs(u).sum() > 0
         for a in up:
             assert not np.isin(a.ravel(), u[u != 0]).any()
@@ -203,16 +205,16 @@ def test_cohort_fit_equals_single_fit_bit_for_bit(tmp_path, model, negatives):
     env, arrays = _env(tmp_path, model, data__negatives=negatives, model__dropout=0.3)
     users = list(range(14))
     single = [BenignClient(u, env, DictStore()).fit(arrays, {"round": 3}) for u in users]
-    cohort = BenignClient.fit_cohort([BenignClient(u, env, DictStore()) for u in users],
+    cohort = fit_cohort([BenignClient(u, env, DictStore()) for u in users],
                                      arrays, {"round": 3})
     for (up1, n1, m1), (up2, n2, m2) in zip(single, cohort):
         assert n1 == n2 and m1 == m2
         assert all(np.array_equal(x, y) for x, y in zip(up1, up2))
     # ... and evaluation vectors: one by one equals batched
     cl = [BenignClient(u, env, DictStore()) for u in users]
-    batch = BenignClient.user_vectors(cl, [c._state() for c in cl], 3, "test", arrays)
+    batch = user_vectors(cl, 3, "test", arrays)
     for c, v in zip(cl, batch):
-        assert np.array_equal(c.user_vector(c._state(), 3, "test", arrays), v)
+        assert np.array_equal(c.user_vector(3, "test", arrays), v)
 
 
 def test_config_rejects_what_a_model_cannot_do(tmp_path):

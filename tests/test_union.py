@@ -16,9 +16,9 @@ from fedrec.runtime import configure_threads
 from strategies.krum import MultiKrumRule
 from strategies.mean import MeanRule
 from strategies.norm_bound import NormBoundRule, clip_updates
-from strategies.rule import RoundUpdates
+from strategies.rule import FilterChain, RoundUpdates
 from strategies.union import (
-    UnionRule,
+    UnionFilter,
     gap_statistic_split,
     null_log_inertias,
     simulated_item_rows,
@@ -177,7 +177,8 @@ def test_gap_statistic_one_cluster_on_unimodal_two_on_bimodal(tmp_path):
 
 
 def _union(inner, **kw):
-    return UnionRule(inner, cache_dir=kw.pop("cache_dir"), **{"expected_attackers": 1, **kw})
+    return FilterChain([UnionFilter(cache_dir=kw.pop("cache_dir"), **{"expected_attackers": 1, **kw})],
+                       inner)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -196,6 +197,7 @@ def test_collapse_attack_is_dropped(tmp_path, optimizer):
     assert drop == [6] and info == {"union_dropped": 1, "union_gap_more_than_one": 1}
     agg = _union(MeanRule(), cache_dir=tmp_path)(u)
     assert agg.dropped == [6] and agg.info["union_dropped"] == 1
+    assert agg.dropped_by == {"union": [6]}
     rest = [x for i, x in enumerate(u.uploads) if i != 6]
     np.testing.assert_allclose(agg.item_grad, MeanRule()(_with(u, rest)).item_grad, atol=1e-7)
 
@@ -237,8 +239,8 @@ def test_union_composes_with_multikrum_and_norm_bound(tmp_path):
 def test_round_without_server_state_uses_the_configured_optimizer(tmp_path):
     u = _benign_round(8)
     u.server_state = None
-    rule = UnionRule(MeanRule(), cache_dir=tmp_path,
-                     optimizer={"optimizer": "sgd", "lr": 0.05})
+    rule = FilterChain([UnionFilter(cache_dir=tmp_path, optimizer={"optimizer": "sgd", "lr": 0.05})],
+                       MeanRule())
     assert rule(u).info["union_dropped"] >= 0
     small = _with(u, u.uploads[:2])  # too few for a gap statistic: nothing dropped
     small.server_state = {"optimizer": "sgd", "lr": 0.05}
@@ -258,28 +260,48 @@ def _cfg(tmp_path, rule="mean", **server):
                       "eval": {"every": 0}, "output": {"progress": False, "dir": str(tmp_path)}})
 
 
-def test_config_builds_the_wrapper_and_validates(tmp_path):
+def test_config_builds_the_chain_and_validates(tmp_path):
     rule = make_rule(_cfg(tmp_path, "multikrum", union_sample_items=100, union_gap_b=20))
-    assert isinstance(rule, UnionRule) and isinstance(rule.inner, MultiKrumRule)
-    assert (rule.sample_items, rule.gap_b, rule.expected_attackers) == (100, 20, 1)  # = rule_f
-    assert make_rule(_cfg(tmp_path, union_expected_attackers=3)).expected_attackers == 3
+    assert isinstance(rule, FilterChain) and isinstance(rule.rule, MultiKrumRule)
+    (union,) = rule.steps
+    assert (union.sample_items, union.gap_b, union.expected_attackers) == (100, 20, 1)  # = rule_f
+    assert union.cache_dir == tmp_path / "cache" and union.device == "cpu"
+    assert make_rule(_cfg(tmp_path, union_expected_attackers=3)).steps[0].expected_attackers == 3
     assert isinstance(make_rule(_cfg(tmp_path, filter="none")), MeanRule)
+    # the list form, and the older single key, build the same chain
+    listed = make_rule(_cfg(tmp_path, "multikrum", filter="none", filters=["union"]))
+    assert [type(s) for s in listed.steps] == [UnionFilter] and isinstance(listed.rule, MultiKrumRule)
     for key, bad in (("filter", "krum"), ("union_sample_items", 1), ("union_gap_b", 1),
-                     ("union_expected_attackers", -2)):
+                     ("union_expected_attackers", -2), ("filters", "union")):
         with pytest.raises(ConfigError, match=f"server.{key}"):
             _cfg(tmp_path, **{key: bad})
+    with pytest.raises(ConfigError, match="server.filter and server.filters"):
+        _cfg(tmp_path, filters=["clip"])
+    with pytest.raises(ConfigError, match="server.filters: 'krum' is not one of union, detector, clip"):
+        make_rule(_cfg(tmp_path, filter="none", filters=["krum"]))
 
 
 @pytest.mark.parametrize("rule, aggregation", [("mean", "dense"), ("multikrum", "item"),
                                                ("norm_bound", "dense")])
 def test_engine_runs_with_union(tmp_path, rule, aggregation):
-    s = run_experiment(_cfg(tmp_path, rule, aggregation=aggregation), progress=False)
+    """Under ClusterAttack: every round's UNION drops reach metrics.csv, and the union stage's
+    detection counts in summary.json are exactly those drops, scored against the attackers."""
+    import csv
+
+    cfg = _cfg(tmp_path, rule, aggregation=aggregation)
+    cfg = from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "attacker_pool": 0.2},
+                     "attack": {"name": "clusterattack", "malicious_fraction": 0.1},
+                     "train": {**cfg.to_dict()["train"], "rounds": 12}})
+    s = run_experiment(cfg, progress=False)
     assert s["status"] == "complete"
-    run_dir = tmp_path / s["run_dir"]
-    assert 0 <= json.loads((run_dir / "summary.json").read_text())["final"]["test_hr@10"] <= 1
-    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"rule_union_dropped", "rule_inner_dropped", "rule_union_gap_more_than_one",
-            "rule_dropped"} <= set(header)
+    with open(tmp_path / s["run_dir"] / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    union_drops = sum(int(r["rule_union_dropped"]) for r in rows)
+    stage = s["detection"]["union"]
+    assert stage["tp"] + stage["fp"] == union_drops == sum(int(r["det_union_tp"]) + int(r["det_union_fp"])
+                                                           for r in rows)
+    assert s["detection"]["tp"] + s["detection"]["fp"] == sum(int(r["rule_dropped"]) for r in rows)
+    assert stage["tp"] + stage["fn"] == sum(int(r["attack_uploads"] or 0) for r in rows)
     assert (tmp_path / "cache" / "union-null-n10.npz").is_file()
 
 
@@ -287,12 +309,13 @@ def test_union_device_resolution_and_torch_path_agree():
     import torch
 
     from fedrec.errors import ConfigError
-    from strategies.union import _weighted_pair_sums_torch, resolve_device, weighted_pair_sums
+    from fedrec.runtime import resolve_device
+    from strategies.union import _weighted_pair_sums_torch, weighted_pair_sums
 
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ConfigError):
-        resolve_device("tpu")
+    assert resolve_device("cpu", "server.union_device").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="server.union_device"):
+        resolve_device("tpu", "server.union_device")
     rng = np.random.default_rng(0)
     y, w = rng.normal(size=(5, 30, 4)), rng.random((5, 30))
     # the torch path (here on the CPU device) computes the same sums as numpy

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clients.benign import BenignClient
+from clients.base import FedRecClient
 from fedrec.errors import ConfigError
 
 KNOWLEDGE = ("local", "colluding", "omniscient")
@@ -95,17 +95,17 @@ def parse_params(cls, raw: dict, attack: str):
     return params
 
 
-class MaliciousClient(BenignClient):
+class MaliciousClient(FedRecClient):
     """Base class of every attack. Subclasses set `name`, `knowledge_levels` (first = default),
-    `Params`, and override one of `poison_pairs`, `poison_upload` or `craft_round`."""
+    `Params`, and override one of `poison_pairs`, `poison_upload` or `craft_round`; one that
+    reads the global model in `poison_pairs` sets `pairs_need_model = True`."""
 
     is_malicious = True
+    # poison_pairs may draw from the round's stream: each attacker draws its own negatives
+    batch_negatives = False
     name = "malicious"
     knowledge_levels: tuple = ("local",)
     Params = NoParams
-    # True when poison_pairs reads the global model (FedAttack): the parallel runner must then
-    # not prepare this client's round ahead of time, on the previous round's model
-    pairs_need_model = False
 
     def __init__(self, user: int, env, store):
         super().__init__(user, env, store)
@@ -133,10 +133,10 @@ class MaliciousClient(BenignClient):
         return (self._round if rnd is None else rnd) >= self.cfg.attack.start_round
 
     # --- local hooks --------------------------------------------------------------------------
-    def prepare_fit(self, parameters, config, rng=None) -> dict:
+    def prepare_fit(self, arrays, config, rng=None):
         self._round = int(config["round"])
-        self._global = parameters
-        return super().prepare_fit(parameters, config, rng)
+        self._global = arrays
+        return super().prepare_fit(arrays, config, rng)
 
     def training_pairs(self, state, rng):
         pos, neg = super().training_pairs(state, rng)
@@ -166,10 +166,6 @@ class MaliciousClient(BenignClient):
         `rng` is this round's adversary generator. Only called for colluding/omniscient runs.
         """
         raise NotImplementedError(f"{cls.name} has no colluding/omniscient form")
-
-    @classmethod
-    def uses_hook(cls, cfg) -> bool:
-        return cls.knowledge_from(cfg) in ("colluding", "omniscient")
 
 
 def dense_updates(updates: list):

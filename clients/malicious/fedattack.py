@@ -54,11 +54,11 @@ class FedAttackClient(MaliciousClient):
         if self.params.item_pool >= 1.0:
             return np.arange(n, dtype=np.int64)
         k = max(2, int(round(self.params.item_pool * n)))
-        return np.sort(self._rng(_POOL).choice(n, size=k, replace=False)).astype(np.int64)
+        return np.sort(self.stream(_POOL).choice(n, size=k, replace=False)).astype(np.int64)
 
     def poison_pairs(self, pos, neg, state, rng):
         table, predictor = self._global[0], list(self._global[1:])
-        u = self.user_vector(state, self._round - 1)  # the embedding as of the current model
+        u = self.user_vector(self._round - 1, state=state)  # the embedding as of the current model
         scores = self.model.score(u[None, :], table, predictor)[0]
-        hp, hn = hard_pairs(scores, self._item_pool(), self._exclusion_mask(), len(pos))
+        hp, hn = hard_pairs(scores, self._item_pool(), self.exclusion_mask(), len(pos))
         return hp, hn

@@ -25,7 +25,7 @@ from fedrec.errors import ConfigError
 from fedrec.fuzz import ARRAY_KINDS, BYTE_KINDS, hostile_arrays, hostile_metrics, hostile_tensors
 from fedrec.fuzz import METRIC_KINDS
 
-_HOSTILE, _BYTES = 21, 22  # the client's streams for its payloads and its byte corruption
+_HOSTILE, _BYTES, _EVAL = 21, 22, 23  # its streams: payloads, byte corruption, reports
 
 
 @dataclass
@@ -56,25 +56,25 @@ class HostileClient(MaliciousClient):
     knowledge_levels = ("local",)
     Params = HostileParams
 
-    def finish_fit(self, job, grad):
-        arrays, n, metrics = super().finish_fit(job, grad)
-        rnd = job.round if hasattr(job, "round") else job["round"]
+    def finish_fit(self, job, grad, arrays):
+        upload, n, metrics = super().finish_fit(job, grad, arrays)
+        rnd = job.round
         if not self.attacking(rnd):
-            return arrays, n, metrics
-        rng = self._rng(_HOSTILE, rnd)
+            return upload, n, metrics
+        rng = self.stream(_HOSTILE, rnd)
         if rng.random() < self.params.rate:
             kind = str(rng.choice(self.params.kind_list()))
-            arrays, n = hostile_arrays(rng, kind, self.model.n_items, self.model.dim,
+            upload, n = hostile_arrays(rng, kind, self.model.n_items, self.model.dim,
                                        self.model.predictor_shapes)
         if rng.random() < self.params.metric_rate:
             metrics = hostile_metrics(rng, str(rng.choice(METRIC_KINDS)))
-        return arrays, n, metrics
+        return upload, n, metrics
 
     def evaluate(self, parameters, config):
         rnd = int(config.get("round", 0))
         if not self.attacking(rnd):
             return super().evaluate(parameters, config)
-        rng = self._rng(_HOSTILE, -rnd - 1)
+        rng = self.stream(_EVAL, rnd)
         # evaluation reports count as one example each, whatever their values claim
         return 0.0, 1, hostile_metrics(rng, str(rng.choice(METRIC_KINDS)))
 
@@ -98,7 +98,7 @@ class _CorruptingTransport:
         res = self._inner.fit(ins)
         c = self._client
         rnd = int(ins.config.get("round", 0))
-        rng = c._rng(_BYTES, rnd)
+        rng = c.stream(_BYTES, rnd)
         if c.attacking(rnd) and rng.random() < c.params.byte_rate and res.parameters.tensors:
             import io
 

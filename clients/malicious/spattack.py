@@ -83,7 +83,7 @@ class SpattackClient(MaliciousClient):
     # --- L: a fixed N(0, 1) gradient, replayed ---------------------------------------------
     def poison_upload(self, ids, rows, predictor, state, rnd):
         n, dim = self.model.n_items, self.model.dim
-        rng = self._rng(_REPLAY)
+        rng = self.stream(_REPLAY)
         if self.params.variant == "L-D":
             item_ids = np.arange(n, dtype=np.int64)
         else:

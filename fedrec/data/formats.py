@@ -418,7 +418,9 @@ ALTERNATIVES = {
 def data_roots() -> list[Path]:
     """Where named datasets are looked for: $FEDREC_DATA (os.pathsep-separated), ../shared/data from
     the repository root, ../shared/data from the current directory, ~/.cache/fedrec/data."""
-    roots = [Path(p).expanduser() for p in os.environ.get("FEDREC_DATA", "").split(os.pathsep) if p]
+    from fedrec import environment
+
+    roots = environment.data_roots()
     repo = Path(__file__).resolve().parents[2]
     roots += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
               Path.home() / ".cache" / "fedrec" / "data"]

@@ -21,6 +21,17 @@ from fedrec.data.types import SPLIT_TEST, Interactions
 PREP_VERSION = 2  # 2: k-core counts distinct pairs
 
 
+def cache_dir(cfg) -> Path:
+    """data.cache_dir (relative to the YAML's folder), else $FEDREC_CACHE, else ~/.cache/fedrec:
+    prepared data, and UNION's null pool."""
+    from fedrec import environment
+
+    if cfg.data.cache_dir:
+        p = Path(os.path.expanduser(cfg.data.cache_dir))
+        return p if p.is_absolute() else Path(cfg.base_dir or ".") / p
+    return environment.cache_root()
+
+
 @dataclass
 class PreparedData:
     """Remapped, split data. Users are 0..n_users-1, items 0..n_items-1.

@@ -106,15 +106,6 @@ def dropout_keep(rng: np.random.Generator, shape, p: float) -> np.ndarray:
     return (dropout_bits(rng, n) >= dropout_threshold(p)).reshape(shape)
 
 
-def dropout_masks(rng: np.random.Generator, shape, p: float) -> np.ndarray:
-    """Inverted-dropout multipliers: 0 with probability p, else 1/(1-p) (float32).
-
-    Drawn from 16 random bits per entry, which is several times faster than uniform floats
-    and exact to 1/65536 in p.
-    """
-    return dropout_keep(rng, shape, p) * np.float32(1.0 / (1.0 - p))
-
-
 def segment_sum(index: np.ndarray, rows: np.ndarray, n_segments: int) -> np.ndarray:
     """out[s] = sum of rows[j] with index[j] == s, added in j order (float32, deterministic).
 

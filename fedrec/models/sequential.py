@@ -30,16 +30,10 @@ import torch.nn.functional as F
 
 from fedrec.models.base import ClientGrad, RecModel, dropout_keep, segment_sum, xavier_normal
 from fedrec.models.transformer import BUCKET, EncoderSpec, bucket_length, encode, init_arrays
+from fedrec.runtime import resolve_device
 
 LOSSES = ("bce", "sampled_softmax", "full_softmax_dense")
 EVAL_GROUP = 256  # users per batched forward in evaluation (bounds the attention tensors)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when torch sees a GPU, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass
@@ -89,7 +83,7 @@ class SequentialModel(RecModel):
         self.softmax_samples = int(softmax_samples)
         self.mask_prob = float(mask_prob)
         self.mask_last_prob = float(mask_last_prob)
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, "model.device")
         self.spec = self.encoder_spec()
         self.param_names = [n for n, _ in self.param_shapes()]
 
@@ -306,4 +300,4 @@ class SequentialModel(RecModel):
         return bucket_length(n, self.max_len)
 
 
-__all__ = ["BUCKET", "Example", "LOSSES", "SequentialModel", "resolve_device"]
+__all__ = ["BUCKET", "Example", "LOSSES", "SequentialModel"]
