@@ -54,7 +54,6 @@ def record_rounds(cfg, warmup: int, rounds: int):
 
     env = build_env(cfg)
     eng = Engine(cfg, env=env, progress=False)
-    eng._all_users = list(range(env.data.n_users))
     for r in range(1, warmup + 1):
         eng.run_round(r)
     recorded, round_ms, round_cpu_ms = [], [], []

@@ -199,7 +199,6 @@ def _engine_seconds_per_round(cfg, rounds: int) -> float:
     from fedrec.engine import Engine
 
     eng = Engine(cfg, progress=False)
-    eng._all_users = list(range(eng.env.data.n_users))
     eng.run_round(1)
     t0 = time.perf_counter()
     for rnd in range(2, rounds + 1):

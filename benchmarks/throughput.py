@@ -38,7 +38,6 @@ def measure(experiment: str, overrides: list, rounds: int, warmup: int, workers=
     env = build_env(cfg)
     load_s = time.perf_counter() - t0
     eng = Engine(cfg, env=env, progress=False, workers=workers)
-    eng._all_users = list(range(env.data.n_users))
     try:
         for r in range(1, warmup + 1):
             eng.run_round(r)

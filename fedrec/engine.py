@@ -110,6 +110,7 @@ class Engine:
         # truth (evaluation, not defense)
         self.ledger = RunLedger(recorder, DetectionTracker(malicious_set(self.env)))
         self.progress = cfg.output.progress if progress is None else progress
+        self.users = list(range(self.env.data.n_users))  # the candidates of every round
         # the devices: here, or (workers > 1) a forked copy in each worker process
         self.host = DeviceHost(self.env, self.strategy.global_arrays)
         # workers > 1: clients live in forked worker processes (fedrec/parallel.py)
@@ -159,13 +160,13 @@ class Engine:
     def run_round(self, rnd: int) -> dict:
         users = self._sampled.pop(rnd, None)
         if users is None:
-            users = self.strategy.sample(rnd, self._all_users)
+            users = self.strategy.sample(rnd, self.users)
         pool = self.pool()
         if pool is not None:
             # Sampling does not depend on the model, so the next round's users are drawn now
             # (the strategy's generator is used in the same order) and the workers prepare
             # them while this process aggregates.
-            self._sampled = {rnd + 1: self.strategy.sample(rnd + 1, self._all_users)}
+            self._sampled = {rnd + 1: self.strategy.sample(rnd + 1, self.users)}
             outs = pool.fit(rnd, users, self._sampled[rnd + 1])
         else:
             clients = [self.client(u) for u in users]
@@ -254,7 +255,6 @@ class Engine:
         from fedrec.checkpoint import stop_on_signals
 
         cfg = self.cfg
-        self._all_users = list(range(self.env.data.n_users))
         rounds, every = cfg.train.rounds, cfg.output.checkpoint_every
         bar = None
         t0 = time.perf_counter() - self.timing["train_seconds"]

@@ -61,11 +61,11 @@ def test_an_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch, worke
     class Capture(engine_mod.Engine):
         def run(self, save_checkpoint=None):
             out = super().run(save_checkpoint)
-            arrays[self._tag] = [a.copy() for a in self.strategy.global_arrays()]
+            arrays[self.tag] = [a.copy() for a in self.strategy.global_arrays()]
             return out
 
     def run(tag, force=False):
-        Capture._tag = tag
+        Capture.tag = tag
         return engine_mod.run_experiment(cfg, output_root=tmp_path / tag, progress=False,
                                          force=force)
 

@@ -72,7 +72,6 @@ def test_workers_give_bit_identical_results(tmp_path, negatives, dropout, worker
     # the same run again, with the private state fetched from the workers before they stop
     log = Log()
     eng = Engine(cfg, recorder=log, progress=False, workers=workers)
-    eng._all_users = list(range(eng.env.data.n_users))
     for rnd in range(1, cfg.train.rounds + 1):
         eng.run_round(rnd)
         if eng.strategy.is_eval_round(rnd):
@@ -140,12 +139,13 @@ def test_worker_error_surfaces_with_its_traceback(tmp_path, monkeypatch):
     text = str(info.value)
     assert "worker 1 failed" in text and "Traceback" in text and "ValueError: boom in user" in text
     assert "craft" in text  # the worker's own frames
-    assert eng._pool is None and not mp.active_children()
+    assert not mp.active_children()
+    with pytest.raises(RuntimeError, match="stopped"):  # the pool is gone with its clients' state
+        eng.run_round(1)
 
 
 def test_dead_worker_is_reported_and_the_pool_stops(tmp_path):
     eng = Engine(_cfg(tmp_path), progress=False, workers=2)
-    eng._all_users = list(range(eng.env.data.n_users))
     eng.run_round(1)
     victim = eng.pool().procs[0]
     os.kill(victim.pid, signal.SIGKILL)

@@ -208,6 +208,16 @@ def dense_stats(updates: list):
     return ids, mean, std, preds
 
 
+def statistical_round(view: AdversaryView, craft, diagnostics: dict | None = None):
+    """The statistical attacks' round (Fang, LIE): every own client uploads the same
+    craft(mean, std) of the known updates' per-coordinate statistics over the rows they sent,
+    the predictor likewise. -> (uploads, diagnostics with the row count)."""
+    ids, mean, std, pred = dense_stats(knowledge_set(view))
+    rows = craft(mean, std)
+    p = [craft(m, s) for m, s in pred]
+    return [(ids, rows, p) for _ in view.own], {**(diagnostics or {}), "rows": len(ids)}
+
+
 def knowledge_set(view: AdversaryView) -> list:
     """The updates whose statistics the attack may use: the benign ones when omniscient, else
     the malicious clients' own honest updates (colluding)."""

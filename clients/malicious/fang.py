@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clients.malicious.base import MaliciousClient, dense_stats, knowledge_set
+from clients.malicious.base import MaliciousClient, statistical_round
 
 
 def stat_opt(mean: np.ndarray, std: np.ndarray, gamma: float) -> np.ndarray:
@@ -39,7 +39,4 @@ class FangClient(MaliciousClient):
 
     @classmethod
     def craft_round(cls, view, params, memory, rng):
-        ids, mean, std, pred = dense_stats(knowledge_set(view))
-        rows = stat_opt(mean, std, params.gamma)
-        p = [stat_opt(m, s, params.gamma) for m, s in pred]
-        return [(ids, rows, p) for _ in view.own], {"rows": len(ids)}
+        return statistical_round(view, lambda mean, std: stat_opt(mean, std, params.gamma))

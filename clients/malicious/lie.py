@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from clients.malicious.base import MaliciousClient, dense_stats, knowledge_set
+from clients.malicious.base import MaliciousClient, statistical_round
 
 
 def lie_z(n: int, m: int) -> float:
@@ -44,8 +44,5 @@ class LIEClient(MaliciousClient):
 
     @classmethod
     def craft_round(cls, view, params, memory, rng):
-        ids, mean, std, pred = dense_stats(knowledge_set(view))
         z = params.z if params.z >= 0 else lie_z(view.n_clients, len(view.own))
-        rows = lie_update(mean, std, z)
-        p = [lie_update(m, s, z) for m, s in pred]
-        return [(ids, rows, p) for _ in view.own], {"z": z, "rows": len(ids)}
+        return statistical_round(view, lambda mean, std: lie_update(mean, std, z), {"z": z})

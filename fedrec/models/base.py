@@ -84,6 +84,21 @@ class RecModel:
         raise NotImplementedError
 
 
+class CohortModel(RecModel):
+    """A model whose gradient is written for a whole cohort (MF, the sequential models): one
+    client's `gradients` is a cohort of one, so the two cannot differ."""
+
+    def gradients(self, item_table, predictor, user, pos, neg, rng, *, weight_decay=0.0,
+                  weight_decay_all=False, train=True) -> ClientGrad:
+        return self.gradients_cohort(item_table, predictor, [user], [pos], [neg], [rng],
+                                     weight_decay=weight_decay,
+                                     weight_decay_all=weight_decay_all, train=train)[0]
+
+    def gradients_cohort(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
+                         weight_decay=0.0, weight_decay_all=False, train=True) -> list:
+        raise NotImplementedError
+
+
 def xavier_normal(rng: np.random.Generator, shape) -> np.ndarray:
     fan_out, fan_in = shape[0], shape[1]
     std = np.sqrt(2.0 / (fan_in + fan_out))

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrec.models.base import (ClientGrad, RecModel, dropout_bits, dropout_threshold,
+from fedrec.models.base import (ClientGrad, CohortModel, dropout_bits, dropout_threshold,
                                 segment_sum, xavier_normal)
 
 
-class MF(RecModel):
+class MF(CohortModel):
     """Dot-product MF. Dropout (inverted) applies to every embedding lookup of every pair."""
 
     name = "mf"
@@ -26,12 +26,6 @@ class MF(RecModel):
     def init_user(self, rng):
         std = np.sqrt(2.0 / (self.n_items + self.dim))
         return (rng.standard_normal(self.dim) * std).astype(np.float32)
-
-    def gradients(self, item_table, predictor, user, pos, neg, rng, *, weight_decay=0.0,
-                  weight_decay_all=False, train=True):
-        return self.gradients_cohort(item_table, predictor, [user], [pos], [neg], [rng],
-                                     weight_decay=weight_decay,
-                                     weight_decay_all=weight_decay_all, train=train)[0]
 
     def gradients_cohort(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
                          weight_decay=0.0, weight_decay_all=False, train=True):

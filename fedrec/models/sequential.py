@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedrec.models.base import ClientGrad, RecModel, dropout_keep, segment_sum, xavier_normal
+from fedrec.models.base import ClientGrad, CohortModel, dropout_keep, segment_sum, xavier_normal
 from fedrec.models.transformer import BUCKET, EncoderSpec, bucket_length, encode, init_arrays
 from fedrec.runtime import resolve_device
 
@@ -60,7 +60,7 @@ class Example:
         return self.length, -(-max(len(self.tpos), 1) // BUCKET) * BUCKET
 
 
-class SequentialModel(RecModel):
+class SequentialModel(CohortModel):
     sequential = True
     has_user_row = False
     min_history = 1
@@ -249,12 +249,6 @@ class SequentialModel(RecModel):
         return out
 
     # --- RecModel API ----------------------------------------------------------------------
-    def gradients(self, item_table, predictor, user, pos, neg, rng, *, weight_decay=0.0,
-                  weight_decay_all=False, train=True):
-        return self.gradients_cohort(item_table, predictor, [user], [pos], [neg], [rng],
-                                     weight_decay=weight_decay,
-                                     weight_decay_all=weight_decay_all, train=train)[0]
-
     def gradients_cohort(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
                          weight_decay=0.0, weight_decay_all=False, train=True):
         """pos_list: each client's history in order (the model builds inputs and targets from
