@@ -146,12 +146,17 @@ class ServerConfig:
     weighting: str = "samples"  # samples | uniform
     max_upload_rows: int = 0  # 0 = n_items; bigger uploads are dropped
     max_samples: int = 10_000_000  # a claimed sample count above this is dropped
+    # uploads with a value beyond +-this are dropped (honest gradients are ~1e-2; the bound
+    # keeps every sum, rule and Adam moment finite; see README "What the server guarantees")
+    max_abs_value: float = 1e4
 
     def validate(self):
         _choice("server.optimizer", self.optimizer, ("adam", "sgd"))
         _choice("server.aggregation", self.aggregation, ("dense", "item"))
         _choice("server.weighting", self.weighting, ("samples", "uniform"))
         _range("server.lr", self.lr, 0.0, 100.0)
+        _range("server.max_abs_value", self.max_abs_value, 1e-30, 1e20)
+        _range("server.max_samples", self.max_samples, 1, 10**9)
         _range("server.rule_f", self.rule_f, 0, 10**8)
         _range("server.multikrum_m", self.multikrum_m, 0, 10**8)
         _choice("server.filter", self.filter, ("none", "union", "detector"))

@@ -16,6 +16,10 @@ the pseudo-gradient (global - local) / local_lr, so the server treats both alike
 
 from __future__ import annotations
 
+import io
+import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,17 +46,117 @@ class UploadError(ValueError):
         self.reason = reason
 
 
+# ---------------------------------------------------------------------------- bytes
+
+
+def max_tensor_bytes(n_items: int, dim: int, predictor_shapes, max_rows: int = 0) -> int:
+    """The most bytes one tensor of a valid upload can need: 8-byte values (int64 ids,
+    float64 rows at most) for the largest array."""
+    rows = max_rows or n_items
+    biggest = max([rows * dim, rows] + [int(np.prod(s)) for s in predictor_shapes])
+    return 8 * biggest
+
+
+def decode_tensor(data, max_bytes: int) -> np.ndarray:
+    """One tensor of a Flower upload (the .npy bytes Flower's NumPyClient sends) -> array,
+    without trusting anything it claims: the header is parsed by numpy's safe header reader
+    (no pickle), only plain numeric dtypes are accepted, and the declared size is checked
+    against `max_bytes` and against the bytes actually present BEFORE anything is
+    allocated. Raises UploadError (reason tensor_*) for anything else."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UploadError("tensor_type", type(data).__name__)
+    if len(data) > max_bytes + 4096:  # the header is small; the rest must be the values
+        raise UploadError("tensor_size", f"{len(data)} bytes")
+    f = io.BytesIO(data)
+    try:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except Exception as e:  # noqa: BLE001 - any malformed header means: not a tensor
+        raise UploadError("tensor_bytes", type(e).__name__) from None
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+        raise UploadError("tensor_dtype", str(dtype))
+    if any(int(d) < 0 for d in shape):
+        raise UploadError("tensor_bytes", "negative dimension")
+    count = math.prod(int(d) for d in shape)
+    nbytes = count * dtype.itemsize
+    if nbytes > max_bytes:
+        raise UploadError("tensor_size", f"declares {nbytes} bytes")
+    if len(data) - f.tell() != nbytes:
+        raise UploadError("tensor_bytes", f"{len(data) - f.tell()} bytes for {nbytes}")
+    a = np.frombuffer(data, dtype=dtype, count=count, offset=f.tell())
+    return a.reshape(shape, order="F" if fortran else "C")
+
+
+def decode_tensors(tensors, n_arrays: int, max_bytes: int) -> list:
+    """A Flower upload's tensors -> arrays; UploadError if there are not n_arrays of them or
+    one does not decode (see decode_tensor)."""
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != n_arrays:
+        raise UploadError("array_count", f"expected {n_arrays} tensors")
+    return [decode_tensor(t, max_bytes) for t in tensors]
+
+
+# ---------------------------------------------------------------------------- metrics
+
+MAX_LOSS = 1e6  # a reported training loss above this is not believed
+_RANKING = re.compile(r"(val|test)_(hr|ndcg)@(\d+)")
+
+
+def valid_loss(value) -> float | None:
+    """A reported training loss as a float, or None when it is not a finite number in
+    [0, MAX_LOSS] (booleans, strings, lists, NaN, 1e308, negatives are not losses)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    v = float(value)
+    return v if math.isfinite(v) and 0.0 <= v <= MAX_LOSS else None
+
+
+def valid_ranking_metrics(metrics, ks) -> tuple[dict, int]:
+    """A client's reported evaluation metrics -> (the valid ones, how many were invalid):
+    only {val,test}_{hr,ndcg}@k for the run's ks, each a finite number in [0, 1]."""
+    if not isinstance(metrics, Mapping):
+        return {}, 1
+    ks = {int(k) for k in ks}
+    good, bad = {}, 0
+    for key, value in metrics.items():
+        m = _RANKING.fullmatch(key) if isinstance(key, str) else None
+        ok = (m is not None and int(m.group(3)) in ks and not isinstance(value, bool)
+              and isinstance(value, (int, float, np.integer, np.floating))
+              and math.isfinite(float(value)) and 0.0 <= float(value) <= 1.0)
+        if ok:
+            good[key] = float(value)
+        else:
+            bad += 1
+    return good, bad
+
+
 def encode_upload(item_ids, item_rows, predictor) -> list:
     return [np.asarray(item_ids, dtype=np.int64), np.asarray(item_rows, dtype=np.float32),
             *[np.asarray(p, dtype=np.float32) for p in predictor]]
 
 
+DEFAULT_MAX_ABS = 1e4  # server.max_abs_value: see the README, "What the server guarantees"
+
+
+def _value_problem(a: np.ndarray, max_abs: float) -> str | None:
+    """"non_finite" or "too_large" (a finite |value| > max_abs), else None; one pass."""
+    if a.size == 0:
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        top = np.abs(a).max()
+    if not np.isfinite(top):
+        return "non_finite"
+    return "too_large" if top > max_abs else None
+
+
 def decode_upload(arrays, num_examples, *, n_items: int, dim: int, predictor_shapes,
-                  max_rows: int = 0, max_examples: int = 10_000_000, client: str = "") -> Upload:
+                  max_rows: int = 0, max_examples: int = 10_000_000, client: str = "",
+                  max_abs: float = DEFAULT_MAX_ABS) -> Upload:
     """Check every property a server can check, then return the Upload.
 
     Raises UploadError on: wrong array count, dtype or shape; ids out of range, repeated;
-    non-finite values; more rows than allowed; a non-positive or absurd sample count.
+    non-finite values or values beyond max_abs; more rows than allowed; a non-positive or
+    absurd sample count.
     """
     n_pred = len(predictor_shapes)
     if not isinstance(arrays, (list, tuple)) or len(arrays) != 2 + n_pred:
@@ -77,17 +181,19 @@ def decode_upload(arrays, num_examples, *, n_items: int, dim: int, predictor_sha
             ids, rows = ids[order], rows[order]
     with np.errstate(over="ignore", invalid="ignore"):  # hostile values are expected here
         rows = rows.astype(np.float32, copy=False)  # check what the server will use: 1e39 -> inf
-        finite = np.isfinite(rows.sum()) or np.isfinite(rows).all()
-    if not finite:
-        raise UploadError("non_finite", "item rows")
+    problem = _value_problem(rows, max_abs)
+    if problem:
+        raise UploadError(problem, "item rows")
     pred = []
     for j, (a, shape) in enumerate(zip(arrays[2:], predictor_shapes)):
         a = np.asarray(a)
         if a.shape != tuple(shape) or a.dtype.kind != "f":
             raise UploadError("predictor_shape", f"predictor {j}: expected {tuple(shape)}, got {a.dtype}{a.shape}")
-        a = a.astype(np.float32, copy=False)
-        if not np.isfinite(a).all():
-            raise UploadError("non_finite", f"predictor {j}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            a = a.astype(np.float32, copy=False)
+        problem = _value_problem(a, max_abs)
+        if problem:
+            raise UploadError(problem, f"predictor {j}")
         pred.append(a)
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) \
             or not 0 < num_examples <= max_examples:
@@ -97,17 +203,21 @@ def decode_upload(arrays, num_examples, *, n_items: int, dim: int, predictor_sha
 
 
 def decode_uploads(items, *, n_items: int, dim: int, predictor_shapes, max_rows: int = 0,
-                   max_examples: int = 10_000_000):
+                   max_examples: int = 10_000_000, max_abs: float = DEFAULT_MAX_ABS):
     """decode_upload for a whole round, with the numeric checks done once over all rows.
 
-    items: list of (arrays, num_examples, client). Returns (uploads, stacked, errors):
-    uploads in input order (rejected ones left out); stacked = (all_ids, all_rows, owner) of
-    the accepted uploads, owner indexing `uploads`; errors = list of (client, UploadError).
-    Exactly the same accept/reject decisions as calling decode_upload on each.
+    items: list of (arrays, num_examples, client); `arrays` may be an UploadError already
+    (bytes that did not decode). Returns (uploads, stacked, errors): uploads in input order
+    (rejected ones left out); stacked = (all_ids, all_rows, owner) of the accepted uploads,
+    owner indexing `uploads`; errors = list of (client, UploadError). Exactly the same
+    accept/reject decisions as calling decode_upload on each.
     """
     limit = max_rows or n_items
     cand, errors = [], []
     for arrays, num_examples, client in items:
+        if isinstance(arrays, UploadError):
+            errors.append((client, arrays))
+            continue
         # the structural checks are cheap per upload; anything unusual takes the slow path
         try:
             ids, rows = np.asarray(arrays[0]), np.asarray(arrays[1])
@@ -124,7 +234,7 @@ def decode_uploads(items, *, n_items: int, dim: int, predictor_shapes, max_rows:
         try:
             up = decode_upload(arrays, num_examples, n_items=n_items, dim=dim,
                                predictor_shapes=predictor_shapes, max_rows=max_rows,
-                               max_examples=max_examples, client=client)
+                               max_examples=max_examples, client=client, max_abs=max_abs)
             cand.append((up.item_ids, up.item_rows, None, up, client))
         except UploadError as e:
             errors.append((client, e))
@@ -150,12 +260,9 @@ def decode_uploads(items, *, n_items: int, dim: int, predictor_shapes, max_rows:
     step_ok[starts[lens > 0]] = True
     unsorted = np.bincount(owner[~step_ok], minlength=len(cand)) > 0
     with np.errstate(over="ignore", invalid="ignore"):  # hostile values are expected here
-        row_sums = all_rows.sum(axis=1)
-    suspect = ~np.isfinite(row_sums)
-    if suspect.any():  # a finite row can overflow its sum: confirm element-wise
-        nonfinite = np.zeros(len(all_ids), dtype=bool)
-        nonfinite[suspect] = ~np.isfinite(all_rows[suspect]).all(axis=1)
-        flag(nonfinite, "non_finite")
+        row_top = np.abs(all_rows).max(axis=1, initial=0.0)
+    flag(~np.isfinite(row_top), "non_finite")
+    flag(row_top > max_abs, "too_large")
     uploads, keep = [], np.zeros(len(cand), dtype=bool)
     for i, (ids, rows, arrays, num_examples, client) in enumerate(cand):
         if arrays is None:  # already decoded on the slow path
@@ -168,11 +275,12 @@ def decode_uploads(items, *, n_items: int, dim: int, predictor_shapes, max_rows:
                 if unsorted[i]:
                     up = decode_upload(arrays, num_examples, n_items=n_items, dim=dim,
                                        predictor_shapes=predictor_shapes, max_rows=max_rows,
-                                       max_examples=max_examples, client=client)
+                                       max_examples=max_examples, client=client, max_abs=max_abs)
                 else:
                     for j, a in enumerate(arrays[2:]):
-                        if not np.isfinite(a).all():
-                            raise UploadError("non_finite", f"predictor {j}")
+                        problem = _value_problem(a, max_abs)
+                        if problem:
+                            raise UploadError(problem, f"predictor {j}")
                     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) \
                             or not 0 < num_examples <= max_examples:
                         raise UploadError("num_examples", f"{num_examples!r}")

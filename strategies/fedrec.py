@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,12 +19,18 @@ from flwr.common import (
     EvaluateIns,
     FitIns,
     ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.server.strategy import Strategy
 
 from fedrec.optim import ServerOptimizer
-from fedrec.protocol import decode_uploads
+from fedrec.protocol import (
+    UploadError,
+    decode_tensors,
+    decode_uploads,
+    max_tensor_bytes,
+    valid_loss,
+    valid_ranking_metrics,
+)
 from strategies.mean import MeanRule
 from strategies.rule import RoundUpdates
 
@@ -46,6 +53,21 @@ def sample_round(rng: np.random.Generator, n_candidates: int, k: int, mode: str,
         queue = rng.permutation(n_candidates)
     epoch_state["queue"] = queue[k:]
     return np.sort(queue[:k])
+
+
+def is_empty_upload(arrays, num_examples) -> bool:
+    """A client with nothing to train on this round (0 examples, no rows): not an attack."""
+    return (isinstance(num_examples, (int, np.integer)) and not isinstance(num_examples, bool)
+            and num_examples == 0 and isinstance(arrays, (list, tuple)) and len(arrays) > 0
+            and isinstance(arrays[0], np.ndarray) and arrays[0].size == 0)
+
+
+def decoded_or_error(fit_res, n_arrays: int, max_bytes: int):
+    """A FitRes's arrays, or the UploadError its bytes earned."""
+    try:
+        return decode_tensors(fit_res.parameters.tensors, n_arrays, max_bytes)
+    except UploadError as e:
+        return e
 
 
 def rule_chain(rule) -> list:
@@ -137,22 +159,24 @@ class FedRecStrategy(Strategy):
         items, metrics_of, dropped = [], {}, Counter()
         empty = 0
         for client_id, arrays, num_examples, metrics in results:
-            if num_examples == 0 and isinstance(arrays, (list, tuple)) and arrays \
-                    and np.size(arrays[0]) == 0:
+            if is_empty_upload(arrays, num_examples):
                 empty += 1  # a client with nothing to train on this round: not an attack
                 continue
             items.append((arrays, num_examples, str(client_id)))
-            metrics_of[str(client_id)] = metrics or {}
+            metrics_of[str(client_id)] = metrics
         uploads, stacked, errors = decode_uploads(
             items, n_items=self.n_items, dim=self.dim, predictor_shapes=self.predictor_shapes,
-            max_rows=self.server_cfg.max_upload_rows, max_examples=self.server_cfg.max_samples)
+            max_rows=self.server_cfg.max_upload_rows, max_examples=self.server_cfg.max_samples,
+            max_abs=self.server_cfg.max_abs_value)
         for _, e in errors:
             dropped[e.reason] += 1
-        losses = [float(m["loss"]) for m in (metrics_of[u.client] for u in uploads)
-                  if isinstance(m.get("loss"), (int, float)) and math.isfinite(m["loss"])]
+        # the accepted uploads' reported losses, where believable (clients choose them)
+        reported = [metrics_of[u.client] for u in uploads]
+        losses = [valid_loss(m.get("loss")) if isinstance(m, Mapping) else None for m in reported]
+        good = [v for v in losses if v is not None]
         out = {"clients": len(results), "accepted": len(uploads), "empty": empty,
-               "invalid": sum(dropped.values()),
-               "train_loss": math.fsum(losses) / len(losses) if losses else float("nan")}
+               "invalid": sum(dropped.values()), "invalid_metrics": len(losses) - len(good),
+               "train_loss": math.fsum(good) / len(good) if good else float("nan")}
         result = RoundResult(out, invalid=dropped)
         if uploads:
             weights = (np.array([u.num_examples for u in uploads], dtype=np.float64)
@@ -168,14 +192,22 @@ class FedRecStrategy(Strategy):
             out.update({f"rule_{k}": v for k, v in agg.info.items()})
             grads = [agg.item_grad, *agg.predictor] if agg.predictor else \
                 [agg.item_grad, *[np.zeros(s, np.float32) for s in self.predictor_shapes]]
-            self.optimizer.step(grads)
-            result.stepped = True
+            if all(np.isfinite(g).all() for g in grads):
+                self.optimizer.step(grads)
+                result.stepped = True
+            else:  # validated inputs cannot get here; never let a rule's bug reach the model
+                out["nonfinite_aggregate"] = 1
         return result
 
     def evaluate_results(self, server_round: int, per_client_metrics: list) -> dict:
-        """Mean of per-user metrics (order-independent sums), e.g. from federated evaluation."""
+        """Mean of per-user metrics (order-independent sums), e.g. from federated evaluation.
+        Clients report these themselves: only {val,test}_{hr,ndcg}@k for the run's ks, each in
+        [0, 1], count; the others are dropped and counted (eval_invalid_metrics)."""
+        checked = [valid_ranking_metrics(m, self.ks) for m in per_client_metrics]
+        per_client_metrics = [m for m, _ in checked]
+        invalid = sum(bad for _, bad in checked)
         keys = sorted({k for m in per_client_metrics for k in m})
-        out = {}
+        out = {"eval_invalid_metrics": invalid} if invalid else {}
         for k in keys:
             vals = [float(m[k]) for m in per_client_metrics if k in m]
             out[k] = math.fsum(vals) / len(vals)
@@ -220,9 +252,13 @@ class FedRecStrategy(Strategy):
 
     def aggregate_fit_result(self, server_round, results, failures) -> RoundResult:
         """aggregate_fit's work on Flower's (proxy, FitRes) pairs, returning the RoundResult
-        (the ServerApp's runner records it); client failures are counted in its metrics."""
-        raw = [(proxy.cid, parameters_to_ndarrays(res.parameters), res.num_examples, res.metrics)
-               for proxy, res in results]
+        (the ServerApp's runner records it); client failures are counted in its metrics. Each
+        upload's bytes are decoded under size limits (fedrec.protocol.decode_tensors): one
+        that does not decode is dropped and counted, never raised."""
+        limit = max_tensor_bytes(self.n_items, self.dim, self.predictor_shapes,
+                                 self.server_cfg.max_upload_rows)
+        raw = [(proxy.cid, decoded_or_error(res, 2 + len(self.predictor_shapes), limit),
+                res.num_examples, res.metrics) for proxy, res in results]
         result = self.aggregate_uploads(server_round, raw)
         result.metrics["failures"] = len(failures)
         return result

@@ -84,12 +84,25 @@ def test_float64_values_that_overflow_float32_are_non_finite():
         assert _reason([ids, rows, *p]) == "non_finite"
 
 
-def test_large_but_finite_rows_are_accepted():
+def test_values_beyond_max_abs_are_dropped_not_overflowed():
+    """server.max_abs_value (default 1e4): finite values up to it pass; beyond it the upload is
+    dropped as too_large (3e38 rows would overflow every float32 sum downstream)."""
+    from fedrec.protocol import DEFAULT_MAX_ABS, decode_uploads
+
     ids, rows, pred = _good()
-    big = np.full_like(rows, 3e38)  # the sum overflows, every value is finite
-    with np.errstate(over="ignore"):
-        up = _decode([ids, big, *pred])
-    assert np.isfinite(up.item_rows).all()
+    edge = np.full_like(rows, DEFAULT_MAX_ABS)
+    assert np.array_equal(_decode([ids, edge, *pred]).item_rows, edge)
+    for big in (3e38, DEFAULT_MAX_ABS * 1.001):
+        with pytest.raises(UploadError) as e:
+            _decode([ids, np.full_like(rows, big), *pred])
+        assert e.value.reason == "too_large"
+        # the round-level fast path decides the same
+        ups, _, errors = decode_uploads([([ids, np.full_like(rows, big), *pred], 3, "x")],
+                                        n_items=N_ITEMS, dim=DIM, predictor_shapes=SHAPES)
+        assert not ups and errors[0][1].reason == "too_large"
+    with pytest.raises(UploadError) as e:  # the predictor too
+        _decode([ids, rows, *[np.full_like(p, -2e4) for p in pred]])
+    assert e.value.reason == "too_large"
 
 
 @pytest.mark.parametrize("rows", [
