@@ -74,7 +74,8 @@ class Adversary:
 
         if rnd < self.cfg.attack.start_round:
             return results, {}
-        own_pos = [i for i, r in enumerate(results) if int(r[0]) in self.malicious]
+        own_pos = [i for i, r in enumerate(results) if int(r[0]) in self.malicious
+                   and isinstance(r[1], (list, tuple))]  # bytes that did not decode: nothing to know
         if not own_pos:
             return results, {}
         if self.knowledge == "local":  # the clients crafted their uploads themselves
@@ -92,7 +93,8 @@ class Adversary:
         if self.knowledge == "omniscient":
             mal = set(own_pos)
             benign = [view_of(i) for i in range(len(results))
-                      if i not in mal and int(results[i][2]) > 0]
+                      if i not in mal and isinstance(results[i][1], (list, tuple))
+                      and int(results[i][2]) > 0]
         view = AdversaryView(round=int(rnd), item_table=global_arrays[0],
                              predictor=list(global_arrays[1:]), own=own, benign=benign,
                              n_clients=len(results), n_items=self.n_items,

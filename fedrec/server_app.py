@@ -221,7 +221,7 @@ class OrderedStrategy(Strategy):
         attack = {}
         if self.adversary is not None:
             results, attack = apply_adversary(self.adversary, server_round, results, self.manager,
-                                              self.inner.global_arrays())
+                                              self.inner)
         result = self.inner.aggregate_fit_result(server_round, results, failures)
         now = time.perf_counter()
         self.timer.fit_end[server_round] = now
@@ -250,13 +250,16 @@ class OrderedStrategy(Strategy):
         return self.inner.evaluate(server_round, parameters)
 
 
-def apply_adversary(adversary, server_round, results, manager, global_arrays):
+def apply_adversary(adversary, server_round, results, manager, strategy):
     """The adversary hook on Flower fit results (sorted by user): crafted uploads replace the
-    malicious clients' honest ones; the strategy gets ordinary (proxy, FitRes) pairs."""
-    from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
+    malicious clients' honest ones; the strategy gets ordinary (proxy, FitRes) pairs. The
+    bytes are decoded as the strategy decodes them (an upload that does not decode stays as
+    it came, for the strategy to drop and count)."""
+    from flwr.common import FitRes, ndarrays_to_parameters
 
-    raw = [(manager.partition_of(proxy.cid), parameters_to_ndarrays(res.parameters),
+    raw = [(manager.partition_of(proxy.cid), strategy.decode_fit_res(res),
             res.num_examples, res.metrics) for proxy, res in results]
+    global_arrays = strategy.global_arrays()
     crafted, diagnostics = adversary.intervene(server_round, raw, global_arrays)
     out = []
     for (proxy, res), before, after in zip(results, raw, crafted):

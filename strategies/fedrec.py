@@ -255,13 +255,17 @@ class FedRecStrategy(Strategy):
         (the ServerApp's runner records it); client failures are counted in its metrics. Each
         upload's bytes are decoded under size limits (fedrec.protocol.decode_tensors): one
         that does not decode is dropped and counted, never raised."""
-        limit = max_tensor_bytes(self.n_items, self.dim, self.predictor_shapes,
-                                 self.server_cfg.max_upload_rows)
-        raw = [(proxy.cid, decoded_or_error(res, 2 + len(self.predictor_shapes), limit),
-                res.num_examples, res.metrics) for proxy, res in results]
+        raw = [(proxy.cid, self.decode_fit_res(res), res.num_examples, res.metrics)
+               for proxy, res in results]
         result = self.aggregate_uploads(server_round, raw)
         result.metrics["failures"] = len(failures)
         return result
+
+    def decode_fit_res(self, fit_res):
+        """A FitRes's arrays, or the UploadError its bytes earned (never raises)."""
+        limit = max_tensor_bytes(self.n_items, self.dim, self.predictor_shapes,
+                                 self.server_cfg.max_upload_rows)
+        return decoded_or_error(fit_res, 2 + len(self.predictor_shapes), limit)
 
     def aggregate_fit(self, server_round, results, failures):
         result = self.aggregate_fit_result(server_round, results, failures)

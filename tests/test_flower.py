@@ -155,6 +155,10 @@ _CASES = {
                            model__max_len=16, model__heads=2, model__device="cpu"),
     # user 3's ClientApp raises in round 2 (see _DRIVER)
     "client-failure": dict(model="mf", train__rounds=3),
+    # a quarter of the SuperNodes send hostile arrays, metrics and (half the time) bytes
+    "hostile": dict(model="ncf", train__rounds=4, attack__name="hostile",
+                    attack__malicious_fraction=0.25, data__attacker_pool=0.3,
+                    attack__params={"byte_rate": 0.5}),
 }
 
 
@@ -195,6 +199,20 @@ def test_flower_sequential_model_matches_engine(flower_vs_engine):
     """SASRec under Flower: one user's upload and evaluation computed alone on its SuperNode
     equal the engine's batched ones, so the whole run is bit-identical."""
     _assert_same(*flower_vs_engine["partial-sasrec"])
+
+
+def test_hostile_supernodes_cannot_break_the_server(flower_vs_engine):
+    """Hostile bytes, arrays and metrics from SuperNodes under Flower's runtime: the run
+    completes, the model stays finite, and each bad upload is counted by its reason (bytes
+    that do not decode included)."""
+    _, _, flwr_dir = flower_vs_engine["hostile"]
+    summary = json.loads((flwr_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["invalid_uploads_total"] > 0
+    assert any(r.startswith("tensor_") for r in summary["invalid_uploads"])
+    model = np.load(flwr_dir / "model.npz")
+    assert all(np.isfinite(model[k]).all() for k in model.files)
+    ranking = {k: v for k, v in summary["final"].items() if "_hr@" in k or "_ndcg@" in k}
+    assert ranking and all(0 <= v <= 1 for v in ranking.values())
 
 
 def test_a_failing_client_is_recorded_in_its_round(flower_vs_engine):
