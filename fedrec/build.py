@@ -52,6 +52,23 @@ def load_data(cfg: ExperimentConfig) -> PreparedData:
                           lambda: load_interactions(path, format=fmt, **options), **prep)
 
 
+def check_data(cfg: ExperimentConfig, data: PreparedData):
+    """What the experiment needs of its data, checked before anything runs (one line)."""
+    import numpy as np
+
+    if cfg.train.clients_per_round > data.n_users:
+        raise ConfigError(f"train.clients_per_round: {cfg.train.clients_per_round} is more than "
+                          f"the {data.n_users} users of the data set")
+    known = np.diff(data.train_indptr).astype(np.int64)
+    if cfg.data.negatives_exclude == "all":  # held-out items are the user's too
+        known += (data.val_item >= 0).astype(np.int64) + (data.test_item >= 0)
+    full = np.flatnonzero(known >= data.n_items)
+    if len(full):
+        raise ConfigError(f"user {int(full[0])} (of {len(full)}) has interacted with all "
+                          f"{data.n_items} items: no negatives exist; remove such users from the "
+                          "data (or use data.negatives_exclude: train)")
+
+
 def build_model(cfg: ExperimentConfig, data: PreparedData):
     return make_model(cfg.model, data.n_items)
 
@@ -67,6 +84,7 @@ def build_env(cfg: ExperimentConfig, data=None, model=None):
     from clients.env import ClientEnv
 
     data = data if data is not None else load_data(cfg)
+    check_data(cfg, data)
     model = model if model is not None else build_model(cfg, data)
     env = ClientEnv(cfg=cfg, model=model, data=data)
     if cfg.attack.name != "none":  # a bad attack name, parameter or pool size fails here

@@ -200,12 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def printable(text: str) -> str:
+    """One line of printable characters: control bytes, escapes and line breaks echoed from
+    a binary or corrupt input shown as \\xNN, never sent to the terminal."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256
+                   else f"\\u{ord(c):04x}" for c in text)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0
     except FedRecError as e:
-        print(f"fedrec: error: {e}", file=sys.stderr)
+        print(f"fedrec: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         from fedrec.engine import RunInterrupted

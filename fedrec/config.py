@@ -32,6 +32,16 @@ class SyntheticConfig:
     popularity_exponent: float = 1.0
     seed: int = 0  # the dataset's own seed: experiment seeds vary training, not the data
 
+    def validate(self):
+        _range("data.synthetic.n_users", self.n_users, 1, 10**8)
+        _range("data.synthetic.n_items", self.n_items, 4, 10**8)
+        _range("data.synthetic.dim", self.dim, 1, 10**4)
+        # histories are capped at n_items // 2 items, so every user keeps negatives
+        _range("data.synthetic.min_history", self.min_history, 1, self.n_items // 2)
+        _range("data.synthetic.mean_history", self.mean_history, 1, self.n_items)
+        _range("data.synthetic.popularity_exponent", self.popularity_exponent, 0.0, 100.0)
+        _seed("data.synthetic.seed", self.seed)
+
 
 @dataclass
 class DataConfig:
@@ -56,6 +66,7 @@ class DataConfig:
         _range("data.attacker_pool", self.attacker_pool, 0.0, 0.9)
         _range("data.neg_ratio", self.neg_ratio, 1, 1000)
         _range("data.kcore", self.kcore, 0, 10_000)
+        self.synthetic.validate()
 
 
 @dataclass
@@ -250,6 +261,7 @@ class ExperimentConfig:
     base_dir: str = ""  # directory of the YAML; relative data paths resolve against it
 
     def validate(self) -> "ExperimentConfig":
+        _seed("seed", self.seed)
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if hasattr(v, "validate"):
@@ -279,8 +291,14 @@ def _choice(key, value, choices):
 
 
 def _range(key, value, lo, hi):
-    if not (lo <= value <= hi):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= value <= hi):
         raise ConfigError(f"{key}: {value!r} is outside [{lo}, {hi}]")
+
+
+def _seed(key, value):
+    """Seeds feed numpy's SeedSequence: a non-negative integer below 2**63."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ConfigError(f"{key}: expected an integer in [0, 2**63), got {value!r}")
 
 
 def valid_keys(cls) -> list[str]:

@@ -329,9 +329,10 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
     """Run one config with the in-process runner, writing its run directory; an interrupted
     run with a checkpoint resumes from it (`force` starts again from round 1)."""
     from fedrec.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
-    from fedrec.results import is_complete, load_summary
+    from fedrec.results import check_output_dir, is_complete, load_summary
 
     run_dir = run_dir_for(cfg, output_root)
+    check_output_dir(run_dir)
     if not force and is_complete(run_dir):
         s = load_summary(run_dir)
         s["skipped"] = True

@@ -33,6 +33,17 @@ def run_dir_for(cfg, root=None) -> Path:
     return root / safe
 
 
+def check_output_dir(run_dir: Path):
+    """A one-line error if the run directory cannot be a directory (a file stands on its path)."""
+    for p in (Path(run_dir), *Path(run_dir).parents):
+        if p.exists():
+            if not p.is_dir():
+                from fedrec.errors import FedRecError
+
+                raise FedRecError(f"output.dir: {p} is a file, not a directory")
+            return
+
+
 def is_complete(run_dir: Path) -> bool:
     try:
         return json.loads((Path(run_dir) / "summary.json").read_text()).get("status") == "complete"

@@ -137,3 +137,48 @@ def test_keys_command_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in valid_keys(ExperimentConfig):
         assert key in out
+
+
+def _bad_input_cases(tmp_path):
+    (tmp_path / "afile").write_text("not a folder\n")
+    full = tmp_path / "full.tsv"  # user 1 has interacted with all 4 items
+    full.write_text("1\t1\t5\t1\n1\t2\t5\t2\n1\t3\t5\t3\n1\t4\t5\t4\n2\t1\t5\t1\n2\t2\t5\t2\n")
+    binary = tmp_path / "binary.dat"
+    binary.write_bytes(bytes(range(256)) * 3)
+    corrupt = tmp_path / "corrupt.gz"
+    corrupt.write_bytes(b"\x1f\x8b\x08\x00\x1b[31m\x07garbage")
+    ctl = tmp_path / "ctl.csv"
+    ctl.write_bytes(b"user,item\n1,2\n\x1b[31m\x07,\x00\n")
+    return {
+        "seed=-1": (["seed=-1"], "seed"),
+        "synthetic n_items=2": (["data.synthetic.n_items=2"], "data.synthetic.n_items"),
+        "synthetic min_history": (["data.synthetic.min_history=30"], "data.synthetic.min_history"),
+        "output.dir a file": ([f"output.dir={tmp_path / 'afile'}"], "is a file"),
+        "clients_per_round > users": (["train.clients_per_round=31"], "more than the 30 users"),
+        "every item interacted": ([f"data.dataset={full}", "data.format=ml-100k",
+                                   "train.clients_per_round=2"], "no negatives exist"),
+        "binary input": ([f"data.dataset={binary}", "data.format=ml-1m"], str(binary.name)),
+        "corrupt gzip": ([f"data.dataset={corrupt}", "data.format=csv"], str(corrupt.name)),
+        "control bytes": ([f"data.dataset={ctl}", "data.format=csv"], str(ctl.name)),
+    }
+
+
+@pytest.mark.parametrize("case", ["seed=-1", "synthetic n_items=2", "synthetic min_history",
+                                  "output.dir a file", "clients_per_round > users",
+                                  "every item interacted", "binary input", "corrupt gzip",
+                                  "control bytes"])
+def test_bad_inputs_are_one_printable_line_and_leave_no_run_directory(tmp_path, case):
+    overrides, words = _bad_input_cases(tmp_path)[case]
+    args = ["run", str(tiny_yaml(tmp_path))]
+    for o in overrides:
+        args += ["--set", o]
+    line = _one_line_error(run_cli(*args))
+    assert words in line, line
+    assert line.isprintable() and "\x1b" not in line and "\x07" not in line, repr(line)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_printable_escapes_control_characters():
+    from fedrec.cli import printable
+
+    assert printable("a\x1b[31mb\x07\n\u2028é") == "a\\x1b[31mb\\x07\\x0a\\u2028é"
