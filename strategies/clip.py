@@ -6,7 +6,7 @@ every uploaded row (item-level) scaled to L2 norm <= server.norm_bound, then han
 
 from __future__ import annotations
 
-from strategies.norm_bound import check_bound, clip_scales, clip_updates
+from strategies.norm_bound import check_bound, clip_scales, scale_updates
 from strategies.rule import Filtered, PreAggregationStep, RoundUpdates
 
 
@@ -22,5 +22,5 @@ class ClipFilter(PreAggregationStep):
     def __call__(self, updates: RoundUpdates) -> Filtered:
         row_scale, pred_scale = clip_scales(updates, self.bound, self.granularity)
         clipped = row_scale < 1 if self.granularity == "item" else pred_scale < 1
-        return Filtered(clip_updates(updates, self.bound, self.granularity),
+        return Filtered(scale_updates(updates, row_scale, pred_scale),
                         info={"clip_clipped": int(clipped.sum())})
