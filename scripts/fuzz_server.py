@@ -56,7 +56,7 @@ def train_detector(tmp: Path) -> str:
     from fedrec.detector_tools import record, train
 
     cfg = config.from_dict(base(tmp, 20, **{"attack.name": "gaussian"}))
-    record([cfg], str(tmp / "rec.npz"), every=1, progress=False)
+    list(record([cfg], str(tmp / "rec.npz"), every=1, progress=False))  # a generator
     train([str(tmp / "rec.npz")], str(tmp / "det.pkl"), max_iter=200)
     return str(tmp / "det.pkl")
 
