@@ -56,9 +56,6 @@ def check_data(cfg: ExperimentConfig, data: PreparedData):
     """What the experiment needs of its data, checked before anything runs (one line)."""
     import numpy as np
 
-    if cfg.train.clients_per_round > data.n_users:
-        raise ConfigError(f"train.clients_per_round: {cfg.train.clients_per_round} is more than "
-                          f"the {data.n_users} users of the data set")
     known = np.diff(data.train_indptr).astype(np.int64)
     if cfg.data.negatives_exclude == "all":  # held-out items are the user's too
         known += (data.val_item >= 0).astype(np.int64) + (data.test_item >= 0)
@@ -127,6 +124,9 @@ def build_strategy(cfg: ExperimentConfig, env, *, min_available_clients=None,
     from fedrec.registry import make_rule
     from strategies.fedrec import FedRecStrategy
 
+    if cfg.train.clients_per_round > env.data.n_users:  # an error, not a silent clamp
+        raise ConfigError(f"train.clients_per_round: {cfg.train.clients_per_round} is more than "
+                          f"the {env.data.n_users} users of the data set")
     model = env.model
     return FedRecStrategy(
         initial_arrays(cfg, model), n_items=model.n_items, dim=model.dim,
