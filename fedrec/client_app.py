@@ -174,6 +174,21 @@ def check_partitions(num_partitions: int, n_users: int):
 # ---------------------------------------------------------------------------- client
 
 
+def device_store(context: Context, cfg, user: int):
+    """Where this device keeps its private state: Flower's `context.state`, plus its own disk
+    (node config `state-dir`, else YAML flower.device_state_dir) when that is set, so a
+    resumed run finds it (clients.state.DeviceDiskStore)."""
+    from clients.state import DeviceDiskStore, FlowerStore
+
+    folder = str(context.node_config.get("state-dir", "") or cfg.flower.device_state_dir)
+    if not folder:
+        return FlowerStore(context)
+    root = Path(os.path.expandvars(os.path.expanduser(folder)))
+    if not root.is_absolute():
+        root = Path(cfg.base_dir or ".") / root
+    return DeviceDiskStore(context, root / f"{cfg.name}-{cfg.digest()}" / f"user-{user}.npz")
+
+
 class UserClient(Client):
     """The user's client, built on first use; `get_properties` answers without building it."""
 
@@ -182,16 +197,25 @@ class UserClient(Client):
         self.run_config = run_config
         self.partition_id, self.num_partitions = partition_of(context)
         self._inner = None
+        self.store = None
 
     def inner(self) -> Client:
         if self._inner is None:
-            from clients.state import FlowerStore
             from fedrec.build import build_client
 
             env = client_env(self.run_config)
             check_partitions(self.num_partitions, env.data.n_users)
-            self._inner = build_client(env, self.partition_id, FlowerStore(self.context)).to_client()
+            self.store = device_store(self.context, env.cfg, self.partition_id)
+            self._inner = build_client(env, self.partition_id, self.store).to_client()
         return self._inner
+
+    def _rounds_from(self, config):
+        """The server's checkpoint and resume rounds (public numbers) for a disk store."""
+        inner = self.inner()
+        if hasattr(self.store, "checkpoint_round"):
+            self.store.checkpoint_round = int(config.get("checkpoint_round", 0))
+            self.store.resume_round = int(config.get("resume_round", -1))
+        return inner
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
         return GetPropertiesRes(status=Status(code=Code.OK, message="Success"),
@@ -202,10 +226,10 @@ class UserClient(Client):
         return self.inner().get_parameters(ins)
 
     def fit(self, ins):
-        return self.inner().fit(ins)
+        return self._rounds_from(ins.config).fit(ins)
 
     def evaluate(self, ins):
-        return self.inner().evaluate(ins)
+        return self._rounds_from(ins.config).evaluate(ins)
 
 
 def make_client_app(run_config: dict | None = None) -> ClientApp:

@@ -244,6 +244,10 @@ class FlowerConfig:
     fraction_evaluate: float = -1.0  # < 0: eval.fraction
     min_available_clients: int = 0  # 0 = every user (wait for all SuperNodes)
     round_timeout: float = 0.0  # seconds; 0 = none
+    # where each device also keeps its private state on its own disk (simulation: one shared
+    # folder, a file per user); with it the ServerApp checkpoints every output.checkpoint_every
+    # rounds and a rerun resumes (README "Checkpoints and resuming"); "" = off
+    device_state_dir: str = ""
 
 
 @dataclass
@@ -279,6 +283,7 @@ class ExperimentConfig:
         d.pop("output", None)
         if not d["server"]["filters"]:  # added later: the digests of older runs stay the same
             del d["server"]["filters"]
+        del d["flower"]["device_state_dir"]  # where state is kept does not change results
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -49,6 +49,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.strategy import Strategy
 
 from fedrec import environment
+from fedrec.checkpoint import checkpoint_path, load_checkpoint, remove_checkpoint, save_checkpoint
 from fedrec.client_app import (
     NUM_PARTITIONS,
     PARTITION_ID,
@@ -200,13 +201,34 @@ class OrderedStrategy(Strategy):
         # simulation only (fedrec/adversary.py): called on the fit results before the strategy
         self.adversary = adversary
         self._runtime_checked = False
+        # checkpoints (FlowerRun): save(round_done) every `checkpoint_every` rounds; a resumed
+        # run skips the rounds before `first_round` and tells the devices where it resumed
+        self.save = None
+        self.checkpoint_every = 0
+        self.last_checkpoint = 0
+        self.first_round = 1
+        self.resume_round = -1
 
     def initialize_parameters(self, client_manager):
         return self.inner.initialize_parameters(client_manager)
 
+    def _rounds_config(self, ins):
+        """The public round numbers a device with a disk store needs (clients/state.py)."""
+        for _, one in ins:
+            one.config["checkpoint_round"] = self.last_checkpoint
+            one.config["resume_round"] = self.resume_round
+        return ins
+
     def configure_fit(self, server_round, parameters, client_manager):
+        if server_round < self.first_round:  # done before the checkpoint this run resumed
+            return []
+        done = server_round - 1  # round `done` is complete, its evaluation included
+        if (self.save is not None and self.checkpoint_every > 0 and done >= self.first_round
+                and done % self.checkpoint_every == 0):
+            self.save(done)
+            self.last_checkpoint = done
         self.timer.fit_start[server_round] = time.perf_counter()
-        ins = self.inner.configure_fit(server_round, parameters, client_manager)
+        ins = self._rounds_config(self.inner.configure_fit(server_round, parameters, client_manager))
         if not self._runtime_checked and ins:
             self._runtime_checked = True
             if not is_simulation(ins[0][0]):
@@ -236,8 +258,11 @@ class OrderedStrategy(Strategy):
         return ndarrays_to_parameters(self.inner.global_arrays()), row
 
     def configure_evaluate(self, server_round, parameters, client_manager):
+        if server_round < self.first_round:
+            return []
         self.timer.eval_start[server_round] = time.perf_counter()
-        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+        return self._rounds_config(self.inner.configure_evaluate(server_round, parameters,
+                                                                 client_manager))
 
     def aggregate_evaluate(self, server_round, results, failures):
         loss, metrics = self.inner.aggregate_evaluate(server_round, results, failures)
@@ -325,7 +350,11 @@ class FlowerRun:
         log(INFO, "fedrec: experiment %s%s, %d users; run directory %s", path,
             f" with {overrides}" if overrides else "", n_users, run_dir)
         self.cfg = cfg
-        self.recorder = RunRecorder(cfg, run_dir, runner="flwr")
+        # resuming needs the devices' own copies of their state (flower.device_state_dir)
+        self.resumable = bool(cfg.flower.device_state_dir) and cfg.output.checkpoint_every > 0
+        saved = load_checkpoint(run_dir, cfg.digest()) if self.resumable else None
+        self.recorder = RunRecorder(cfg, run_dir, runner="flwr",
+                                    resume_round=None if saved is None else saved["round"])
         self.recorder.extra.update(data=env.data.summary(), experiment=str(path),
                                    overrides=overrides)
         self.timer = RoundTimer()
@@ -337,10 +366,39 @@ class FlowerRun:
         self.ledger = RunLedger(self.recorder, DetectionTracker(malicious_set(env)))
         self.ordered = OrderedStrategy(self.strategy, self.manager, self.timer, self.ledger,
                                        adversary=make_adversary(cfg, env))
+        if self.resumable:
+            self.ordered.save = self.save_checkpoint
+            self.ordered.checkpoint_every = cfg.output.checkpoint_every
+        if saved is not None:
+            self.load_state_dict(saved["state"])
+            self.recorder.extra["resumed_from_round"] = saved["round"]
+            log(INFO, "fedrec: resuming after round %d from %s", saved["round"],
+                checkpoint_path(run_dir))
         self.config = ServerConfig(num_rounds=cfg.train.rounds,
                                    round_timeout=cfg.flower.round_timeout or None)
         self.server = Server(client_manager=self.manager, strategy=self.ordered)
         self.server.set_max_workers(max_workers(cfg))
+
+    def state_dict(self, round_done: int) -> dict:
+        """The server's part of a run after `round_done` (the devices keep theirs)."""
+        adversary = self.ordered.adversary
+        return {"round": int(round_done), "strategy": self.strategy.state_dict(),
+                "ledger": self.ledger.state_dict(),
+                "adversary": None if adversary is None else adversary.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.strategy.load_state_dict(state["strategy"])
+        self.ledger.load_state_dict(state["ledger"])
+        if self.ordered.adversary is not None and state["adversary"] is not None:
+            self.ordered.adversary.load_state_dict(state["adversary"])
+        self.ordered.first_round = self.ordered.last_checkpoint = int(state["round"])
+        self.ordered.first_round += 1
+        self.ordered.resume_round = int(state["round"])
+
+    def save_checkpoint(self, round_done: int):
+        self.recorder.flush()  # every row up to the checkpoint is on disk before it
+        save_checkpoint(self.recorder.dir, self.cfg.digest(), round_done,
+                        self.state_dict(round_done))
 
     def execute(self, grid) -> dict:
         from flwr.server.compat import start_grid
@@ -368,6 +426,8 @@ class FlowerRun:
             seconds_per_round_after_first=None if spr is None else round(spr, 6),
             **self.ledger.totals(), supernodes=len(self.manager.partition),
             run_dir=str(self.recorder.dir))
+        if complete:
+            remove_checkpoint(self.recorder.dir)
         shown = {k: round(v, 4) for k, v in self.recorder.final.items()
                  if k.startswith(("test_hr", "test_ndcg"))}
         log(INFO, "fedrec: final %s", shown)

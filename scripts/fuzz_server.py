@@ -105,7 +105,7 @@ def flower_run(tmp: Path, rounds: int) -> dict:
     path = tmp / "fuzz-flower.yaml"
     path.write_text(yaml.safe_dump(raw))
     driver = (
-        "import ray, sys; ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
+        "import ray, sys; ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
         "from flwr.simulation import run_simulation\n"
         "from fedrec.client_app import make_client_app\nfrom fedrec.server_app import make_server_app\n"
         f"rc = {{'experiment': {str(path)!r}, 'output-dir': {str(tmp / 'flwr')!r}}}\n"

@@ -64,7 +64,7 @@ import sys
 out_root, n = sys.argv[1], int(sys.argv[2])
 try:
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 except Exception as e:  # no Ray here: the tests are skipped
     print("RAY-START-FAILED:", repr(e), flush=True)
     sys.exit(77)
@@ -87,11 +87,36 @@ def failing_app(rc):
     return ClientApp(client_fn=lambda context: FailingClient(context, app_run_config(context, rc)))
 
 
+from fedrec import server_app
+
+
+class ServerDies(Exception):
+    pass
+
+
+def dies_at_round_5(self, server_round, results, failures):
+    # the ServerApp process dies in round 5 (after the checkpoint of round 4)
+    if server_round == 5:
+        raise ServerDies("the server died in round 5")
+    return REAL(self, server_round, results, failures)
+
+
+REAL = server_app.OrderedStrategy.aggregate_fit
 for yaml_path in sys.argv[3:]:  # Flower shuts Ray down after each run; the next restarts it
+    crash = yaml_path.startswith("CRASH:")
+    yaml_path = yaml_path.removeprefix("CRASH:")
     rc = {"experiment": yaml_path, "output-dir": out_root}
     client_app = failing_app(rc) if "client-failure" in yaml_path else make_client_app(rc)
-    run_simulation(make_server_app(rc), client_app, num_supernodes=n,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    server_app.OrderedStrategy.aggregate_fit = dies_at_round_5 if crash else REAL
+    try:
+        run_simulation(make_server_app(rc), client_app, num_supernodes=n,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    except Exception as e:  # the crash of a CRASH: run is expected; anything else is not
+        if not crash:
+            raise
+        print("CRASHED:", type(e).__name__, flush=True)
+        ray.shutdown()  # the dead run's actors must not outlive it
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 """
 
 
@@ -156,6 +181,10 @@ _CASES = {
     # user 3's ClientApp raises in round 2 (see _DRIVER)
     "client-failure": dict(model="mf", train__rounds=3),
     # a quarter of the SuperNodes send hostile arrays, metrics and (half the time) bytes
+    # partial participation and adam_sync user rows; the server dies in round 5 (see _DRIVER),
+    # a rerun resumes from the checkpoint of round 4 with the devices' own saved state
+    "resume": dict(model="mf", train__clients_per_round=4, train__rounds=8,
+                   output__checkpoint_every=2, flower__device_state_dir="DEVICES"),
     "hostile": dict(model="ncf", train__rounds=4, attack__name="hostile",
                     attack__malicious_fraction=0.25, data__attacker_pool=0.3,
                     attack__params={"byte_rate": 0.5}),
@@ -168,10 +197,15 @@ def flower_vs_engine(tmp_path_factory):
     out = tmp / "runs"
     paths, engine = {}, {}
     for name, kw in _CASES.items():
+        if kw.get("flower__device_state_dir") == "DEVICES":
+            kw = {**kw, "flower__device_state_dir": str(tmp / "devices")}
         paths[name] = _experiment(tmp, name=name, **kw)
         with pytest.MonkeyPatch.context() as mp:
             engine[name] = _engine_run(paths[name], out, mp)
-    _flower_simulation(list(paths.values()), out, n_users=12)
+    order = [str(p) for name, p in paths.items() if name != "resume"]
+    order += [f"CRASH:{paths['resume']}", str(paths["resume"])]  # dies in round 5, then reruns
+    proc = _flower_simulation(order, out, n_users=12)
+    assert "CRASHED: ServerDies" in proc.stdout, proc.stdout[-2000:]  # the crash did happen
     return {name: (*engine[name], _flwr_dir(out, name)) for name in _CASES}
 
 
@@ -213,6 +247,17 @@ def test_hostile_supernodes_cannot_break_the_server(flower_vs_engine):
     assert all(np.isfinite(model[k]).all() for k in model.files)
     ranking = {k: v for k, v in summary["final"].items() if "_hr@" in k or "_ndcg@" in k}
     assert ranking and all(0 <= v <= 1 for v in ranking.values())
+
+
+def test_a_flower_run_resumes_after_the_server_died(flower_vs_engine):
+    """The ServerApp died in round 5 of 8 (checkpoints every 2 rounds); rerunning it resumed
+    after round 4, the devices reloading their state as of round 4 from their own disks, and
+    the run ends bit-identical to the in-process runner's uninterrupted one."""
+    engine_summary, engine_arrays, flwr_dir = flower_vs_engine["resume"]
+    _assert_same(engine_summary, engine_arrays, flwr_dir)
+    summary = json.loads((flwr_dir / "summary.json").read_text())
+    assert summary["resumed_from_round"] == 4
+    assert not (flwr_dir / "checkpoint.pkl").exists()  # a complete run keeps none
 
 
 def test_a_failing_client_is_recorded_in_its_round(flower_vs_engine):
