@@ -2,8 +2,8 @@
 
 Per round: the strategy samples users with its seeded RNG, the sampled users' clients fit
 on the current global arrays (passed by reference, no serialisation; clients/cohort.py
-computes a round's clients together), and `FedRecStrategy.aggregate_uploads` validates, aggregates and steps the
-server optimizer. Evaluation ranks every item for every benign user in batches; per-user
+computes a round's clients together), `FedRecStrategy.aggregate_uploads` validates,
+filters, aggregates and steps the server optimizer, and the RunLedger writes the round. Evaluation ranks every item for every benign user in batches; per-user
 values are averaged with exact sums, so it matches Flower's federated evaluation.
 
 With workers = W > 1 (argument, or $FEDREC_WORKERS) the clients live in W forked processes
