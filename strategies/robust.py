@@ -20,13 +20,12 @@ from __future__ import annotations
 import numpy as np
 
 from fedrec.errors import ConfigError
-from strategies.groups import (  # noqa: F401 (sort_slots, sorting_network: re-exported)
+from strategies.groups import (
     RowBucket,
     dense_trimmed_mean,
     group_rows,
     item_median,
     sort_slots,
-    sorting_network,
 )
 from strategies.rule import Aggregate, AggregationRule, RoundUpdates
 

@@ -1,6 +1,5 @@
 """Malicious roles, the adversary hook, and the line between attack and defense."""
 
-import ast
 from pathlib import Path
 
 import numpy as np

@@ -1,7 +1,6 @@
 """Checkpoints: a run killed at any moment resumes from its last checkpoint, bit for bit."""
 
 import csv
-import io
 import json
 import os
 import signal

@@ -10,7 +10,6 @@ from clients.state import DictStore
 from clients.streams import ROUND as _ROUND
 from fedrec.build import build_env, initial_arrays
 from fedrec.config import from_dict
-from fedrec.evaluation import ranks_of_targets
 
 
 

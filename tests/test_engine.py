@@ -9,8 +9,7 @@ import yaml
 
 from clients.benign import BenignClient
 from fedrec.build import load_data
-from fedrec.config import from_dict
-from fedrec.engine import Engine, run_experiment
+from fedrec.engine import run_experiment
 from fedrec.report import report_rows
 from fedrec.results import RunRecorder, format_table
 from strategies.fedrec import sample_round

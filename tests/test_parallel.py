@@ -9,7 +9,6 @@ import pytest
 
 import fedrec.parallel
 from clients.benign import BenignClient
-from fedrec.config import from_dict
 from fedrec.engine import Engine
 from fedrec.errors import ConfigError
 from fedrec.parallel import WorkerError

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from fedrec.config import from_dict
-from fedrec.engine import run_experiment
 from fedrec.errors import ConfigError
 from fedrec.protocol import Upload
 from fedrec.registry import RULES, make_rule
@@ -15,7 +14,8 @@ from strategies.bulyan import BulyanRule
 from strategies.krum import KrumRule, MultiKrumRule
 from strategies.median import MedianRule
 from strategies.norm_bound import NormBoundRule, clip_updates
-from strategies.robust import MEDIAN, coordinate_trimmed_mean, sort_slots, sorting_network
+from strategies.groups import sort_slots, sorting_network
+from strategies.robust import MEDIAN, coordinate_trimmed_mean
 from strategies.rule import RoundUpdates
 from strategies.trimmed_mean import TrimmedMeanRule
 

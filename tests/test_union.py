@@ -1,7 +1,6 @@
 """UNION's server-side filter: uniformity, the simulated step, the gap statistic, the null
 pool, composition with mean / Multi-Krum / norm bound, engine runs, a collapse attack."""
 
-import json
 
 import numpy as np
 import pytest
