@@ -67,7 +67,7 @@ def one_run(raw: dict) -> dict:
     from strategies.fedrec import FedRecStrategy
 
     cfg = config.from_dict(raw)
-    nonfinite, hostile, benign_in = 0, 0, 0
+    nonfinite = 0
     real = FedRecStrategy.aggregate_uploads
 
     def watch(self, rnd, results):
