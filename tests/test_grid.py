@@ -116,3 +116,26 @@ def test_ray_grid_on_a_two_node_cluster_matches_sequential(tmp_path, capsys):
             ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
+
+
+def test_ray_results_are_written_on_the_driver_when_the_output_dir_is_not_shared(tmp_path):
+    from fedrec.config import load
+    from fedrec.grid import RunOutcome, RunTask, write_back
+
+    cfg = load(grid_yaml(tmp_path))[0]
+    task = RunTask(0, cfg, str(tmp_path / "driver"), force=False)
+    files = {"summary.json": json.dumps({"status": "complete", "final": {"test_hr@5": 0.5}}),
+             "metrics.csv": "round,train_loss\n1,0.5\n", "config.yaml": "name: g\n"}
+    outcome = RunOutcome(0, "g", {"status": "complete"}, files=files)
+    write_back(task, outcome)
+    (run_dir,) = (tmp_path / "driver").iterdir()
+    assert {p.name: p.read_text() for p in run_dir.iterdir()} == files
+    assert outcome.summary["run_dir"] == str(run_dir)
+
+
+def test_ray_resources_key_is_validated_and_left_out_of_the_digest():
+    from fedrec.config import ConfigError, from_dict
+
+    assert from_dict({"ray": {"num_gpus": 0.25}}).digest() == from_dict({}).digest()
+    with pytest.raises(ConfigError, match="ray.num_cpus"):
+        from_dict({"ray": {"num_cpus": -1}})
