@@ -167,8 +167,9 @@ class GridScheduler:
         from tqdm import tqdm
 
         if self.show_progress:
-            self._bar = tqdm(total=len(self.tasks), desc="grid", unit="run", dynamic_ncols=True,
-                             bar_format="{desc}: {bar} {postfix}", file=sys.stderr)
+            # the counts and the ETA are ours (tqdm's rate would count skipped runs as instant)
+            self._bar = tqdm(total=len(self.tasks), unit="run", dynamic_ncols=True,
+                             bar_format="grid {bar:20} {desc}", file=sys.stderr)
         try:
             outcomes = self._run_ray() if self.ray is not None else self._run_local()
         finally:
@@ -194,7 +195,7 @@ class GridScheduler:
 
     def _refresh(self, advance: int = 0):
         if self._bar is not None:
-            self._bar.set_postfix_str(progress_text(self.progress), refresh=False)
+            self._bar.set_description_str(progress_text(self.progress), refresh=False)
             self._bar.update(advance)
             self._bar.refresh()
 
@@ -227,12 +228,16 @@ class GridScheduler:
         ray.init(address=opts.address, ignore_reinit_error=True, log_to_driver=False)
         try:
             refs = {}
+            cpus_per_run = 1.0
             for task in self.tasks:
                 cpus = task.cfg.ray.num_cpus if opts.num_cpus is None else opts.num_cpus
                 gpus = task.cfg.ray.num_gpus if opts.num_gpus is None else opts.num_gpus
+                cpus_per_run = max(cpus_per_run, cpus)
                 remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_ray_run)
                 self._start(task)
                 refs[remote.remote(task)] = task
+            # runs at once on the cluster, for the ETA ("running" counts the runs sent to Ray)
+            self.progress.jobs = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_run))
             outcomes = []
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1)
