@@ -21,6 +21,10 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedrec.config import ExperimentConfig
 
 # the files of a run directory a Ray task sends back to the driver
 RUN_FILES = ("config.yaml", "metrics.csv", "summary.json")
@@ -35,7 +39,7 @@ class RunTask:
     """One run of a grid: its position, its config and where its run directory goes."""
 
     index: int
-    cfg: object  # fedrec.config.ExperimentConfig
+    cfg: ExperimentConfig
     output_root: str | None
     force: bool
 
@@ -74,6 +78,11 @@ class GridProgress:
     failed: int = 0
     running: int = 0
     walls: list[float] = field(default_factory=list)  # wall seconds of runs that ran here
+
+
+def one_line_error(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def run_label(cfg) -> str:
@@ -118,7 +127,7 @@ def run_one(task: RunTask, progress=False, collect_files=False, catch=True) -> R
     except Exception as e:  # noqa: BLE001 - reported as the run's one-line error
         if not catch:
             raise
-        return RunOutcome(task.index, label, None, error=f"{type(e).__name__}: {e}".splitlines()[0])
+        return RunOutcome(task.index, label, None, error=one_line_error(e))
     files = {}
     if collect_files:
         files = {n: (run_dir / n).read_text() for n in RUN_FILES if (run_dir / n).exists()}
@@ -246,7 +255,7 @@ class GridScheduler:
                     outcome = ray.get(ready[0])
                 except Exception as e:  # noqa: BLE001 - the task's process died
                     outcome = RunOutcome(task.index, run_label(task.cfg), None,
-                                         error=f"{type(e).__name__}: {e}".splitlines()[0])
+                                         error=one_line_error(e))
                 write_back(task, outcome)
                 outcomes.append(outcome)
                 self._finish(outcome)
@@ -260,7 +269,7 @@ def _outcome_of(fut, task: RunTask) -> RunOutcome:
         return fut.result()
     except Exception as e:  # noqa: BLE001 - the worker process died (killed, out of memory)
         return RunOutcome(task.index, run_label(task.cfg), None,
-                          error=f"{type(e).__name__}: {e}".splitlines()[0])
+                          error=one_line_error(e))
 
 
 def write_back(task: RunTask, outcome: RunOutcome):
