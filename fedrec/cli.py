@@ -14,24 +14,33 @@ from fedrec.errors import FedRecError
 
 def _cmd_run(args) -> int:
     from fedrec import config
-    from fedrec.engine import run_experiment
+    from fedrec.grid import RayOptions, run_grid
 
+    if args.jobs < 1:
+        raise FedRecError(f"--jobs: expected a positive integer, got {args.jobs}")
+    for flag, v in (("--ray-cpus", args.ray_cpus), ("--ray-gpus", args.ray_gpus)):
+        if v is not None and v < 0:
+            raise FedRecError(f"{flag}: expected a number >= 0, got {v}")
     cfgs = config.load(args.experiment, args.set)
-    results = []
-    for i, cfg in enumerate(cfgs, 1):
-        if len(cfgs) > 1:
-            print(f"[{i}/{len(cfgs)}] {cfg.output.name or cfg.name}", file=sys.stderr)
-        s = run_experiment(cfg, output_root=args.output, progress=not args.no_progress and None,
-                           force=args.force)
-        results.append(s)
+    ray = None
+    if args.ray is not False:
+        ray = RayOptions(address=args.ray, num_cpus=args.ray_cpus, num_gpus=args.ray_gpus)
+    outcomes = run_grid(cfgs, output_root=args.output, force=args.force, jobs=args.jobs, ray=ray,
+                        progress=not args.no_progress)
+    for o in outcomes:
+        if o.error:
+            print(f"{o.name}: FAILED: {o.error}")
+            continue
+        s = o.summary
         tag = "skipped (already complete)" if s.get("skipped") else f"{s['wall_time_s']:.1f}s"
         final = s.get("final", {})
         shown = ", ".join(f"{k}={final[k]:.4f}" for k in ("test_hr@5", "test_ndcg@5", "test_hr@10",
                                                           "test_ndcg@10") if k in final)
         print(f"{s.get('run_dir', s.get('dir'))}: {shown} [{tag}]")
     if args.json:
-        print(json.dumps(results, indent=2, default=str))
-    return 0
+        print(json.dumps([o.summary for o in outcomes if o.summary is not None], indent=2,
+                         default=str))
+    return 1 if any(o.error for o in outcomes) else 0
 
 
 def _cmd_data_info(args) -> int:
@@ -147,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="rerun runs that are already complete")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    r.add_argument("--jobs", type=int, default=1,
+                   help="run N runs of a grid at once on this machine (each single-process)")
+    r.add_argument("--ray", nargs="?", const=None, default=False, metavar="ADDRESS",
+                   help="run the grid's runs as Ray tasks: 'auto' (existing cluster), host:port, "
+                        "or no value (start a local Ray)")
+    r.add_argument("--ray-cpus", type=float, default=None,
+                   help="CPUs per run under --ray (default: the YAML's ray.num_cpus)")
+    r.add_argument("--ray-gpus", type=float, default=None,
+                   help="GPUs per run under --ray (default: the YAML's ray.num_gpus)")
     r.set_defaults(fn=_cmd_run)
 
     d = sub.add_parser("data", help="dataset tools")

@@ -251,6 +251,18 @@ class FlowerConfig:
 
 
 @dataclass
+class RayConfig:
+    """Resources of one run as a Ray task under `fedrec run --ray` (they do not change results)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def validate(self):
+        _range("ray.num_cpus", self.num_cpus, 0.0, 1024.0)
+        _range("ray.num_gpus", self.num_gpus, 0.0, 64.0)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -262,6 +274,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     base_dir: str = ""  # directory of the YAML; relative data paths resolve against it
 
     def validate(self) -> "ExperimentConfig":
@@ -278,12 +291,14 @@ class ExperimentConfig:
         return d
 
     def digest(self) -> str:
-        """A short hash of the resolved config (output settings excluded)."""
+        """A short hash of the resolved config (output and Ray resources excluded: they do not
+        change results, and run directories keep their names)."""
         d = self.to_dict()
         d.pop("output", None)
         if not d["server"]["filters"]:  # added later: the digests of older runs stay the same
             del d["server"]["filters"]
         del d["flower"]["device_state_dir"]  # where state is kept does not change results
+        d.pop("ray", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 

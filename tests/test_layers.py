@@ -29,6 +29,7 @@ FLOORS = {
     "fedrec.engine": 4, "fedrec.parallel": 4, "fedrec.ledger": 4, "fedrec.checkpoint": 4,
     "fedrec.client_app": 4, "fedrec.flower_nodes": 4,
     "fedrec.server_app": 4, "fedrec.detector_tools": 4, "fedrec.report": 4, "fedrec.plots": 4,
+    "fedrec.grid": 4,
     # 5: the command line
     "fedrec.cli": 5, "fedrec.__main__": 5,
 }
@@ -37,7 +38,7 @@ FLOORS = {
 # (it loads client classes by name)
 GROUND_TRUTH = ("fedrec.roles", "fedrec.adversary", "fedrec.evaluation", "fedrec.build",
                 "fedrec.registry", "fedrec.engine", "fedrec.parallel", "fedrec.server_app",
-                "fedrec.client_app", "fedrec.detector_tools", "clients")
+                "fedrec.client_app", "fedrec.detector_tools", "fedrec.grid", "clients")
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
