@@ -53,7 +53,10 @@ def measure(experiment: str, overrides: list, rounds: int, warmup: int, workers=
         dt = time.perf_counter() - t0
     finally:
         eng.close()
-    return {"experiment": experiment, "overrides": overrides, "workers": eng.workers,
+    import fedrec
+
+    return {"experiment": experiment, "fedrec": str(Path(fedrec.__file__).parents[1]),
+            "overrides": overrides, "workers": eng.workers,
             "rounds": rounds, "rounds_per_s": rounds / dt, "ms_per_round": 1e3 * dt / rounds,
             "data_load_s": load_s, "users": env.data.n_users, "items": env.data.n_items,
             "clients_per_round": cfg.train.clients_per_round}
