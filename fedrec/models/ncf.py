@@ -108,14 +108,13 @@ class NCF(RecModel):
         items = np.concatenate([np.asarray(x, np.int64) for p, n in zip(pos_list, neg_list)
                                 for x in (p, n)] or [np.zeros(0, np.int64)])
         U = np.asarray(np.stack(users), dtype=np.float32)
-        A = np.empty((len(items), 2 * d), dtype=np.float32)
-        A[:, :d] = U[row_owner]
-        A[:, d:] = item_table[items]
-        mask = None
+        V = item_table[items]
+        Ur = mask = None  # no dropout: a client's rows share its u (see _forward)
         if train and self.dropout > 0:
             mask = _dropout_mask(rngs, counts, blocks, d, self.dropout)
-            A *= mask
-        Ha, Z, S = _forward(A, W, blocks, d)
+            Ur = U[row_owner] * mask[:, :d]
+            V *= mask[:, d:]
+        Ha, Z, S = _forward(Ur, U, V, W, blocks)
         # pair k (client c) scores at rows blocks[c] + (k - bounds[c]) and that + n_c
         pos_rows = np.arange(len(owner)) + bounds[owner]
         neg_rows = pos_rows + counts[owner]
@@ -129,15 +128,16 @@ class NCF(RecModel):
             G, pair_loss = bpr_score_grad(x, counts[owner])
             dS[pos_rows], dS[neg_rows] = G, -G
         losses = np.bincount(owner, weights=pair_loss, minlength=n_clients) / np.maximum(counts, 1)
-        grads, dA = _backward(A, Ha, Z, dS, W, blocks, d)
+        grads, dU, dV = _backward(Ur, None if mask is None else mask[:, :d], U, V, Ha, Z, dS, W,
+                                  blocks)
         if mask is not None:
-            dA *= mask
+            dV *= mask[:, d:]
         wd = np.float32(weight_decay)
-        uploads = client_item_uploads(row_owner, items, dA[:, d:], n_clients, item_table,
+        uploads = client_item_uploads(row_owner, items, dV, n_clients, item_table,
                                       weight_decay, weight_decay_all)
         out = []
         for c, (ids, rows) in enumerate(uploads):
-            user_grad = dA[blocks[c] : blocks[c + 1], :d].sum(0) + wd * U[c]
+            user_grad = dU[c] + wd * U[c]
             pred = [g[c] + wd * p for g, p in zip(grads.to_list(), W.to_list())]
             out.append(ClientGrad(ids, rows, pred, user_grad, float(losses[c]), int(counts[c])))
         return out
@@ -181,53 +181,79 @@ def _dropout_mask(rngs, counts, blocks, d: int, p: float) -> np.ndarray:
     return mask
 
 
-def _forward(A, W: NCFWeights, blocks, d: int):
-    """(tanh hidden 1, tanh hidden 2, scores) of rows A = [u'; v'], products per client."""
-    Ha = np.empty((len(A), len(W.mlp_b1)), dtype=np.float32)
-    Z = np.empty((len(A), len(W.mlp_b2)), dtype=np.float32)
-    S = np.empty(len(A), dtype=np.float32)
-    for a, b in zip(blocks[:-1], blocks[1:]):
-        np.matmul(A[a:b], W.mlp_w1.T, out=Ha[a:b])
+def _forward(Ur, U, V, W: NCFWeights, blocks):
+    """(tanh hidden 1, tanh hidden 2, scores) of rows [u'; v'], products per client. Ur: the
+    rows' dropped-out u', or None without dropout, where a client's rows all share u and its
+    share of the first layer is one vector (half the first layer's work)."""
+    d = V.shape[1]
+    w1u, w1v = W.mlp_w1[:, :d], W.mlp_w1[:, d:]
+    Ha = np.empty((len(V), len(W.mlp_b1)), dtype=np.float32)
+    Z = np.empty((len(V), len(W.mlp_b2)), dtype=np.float32)
+    S = np.empty(len(V), dtype=np.float32)
+    for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
+        np.matmul(V[a:b], w1v.T, out=Ha[a:b])
+        Ha[a:b] += U[c] @ w1u.T if Ur is None else Ur[a:b] @ w1u.T
     Ha += W.mlp_b1
     np.tanh(Ha, out=Ha)
     for a, b in zip(blocks[:-1], blocks[1:]):
         np.matmul(Ha[a:b], W.mlp_w2.T, out=Z[a:b])
     Z += W.mlp_b2
     np.tanh(Z, out=Z)
-    for a, b in zip(blocks[:-1], blocks[1:]):
+    for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
         np.matmul(Z[a:b], W.out_w, out=S[a:b])
-    if W.gmf_h is not None:
-        gmf = A[:, :d] * A[:, d:]
-        for a, b in zip(blocks[:-1], blocks[1:]):
-            S[a:b] += gmf[a:b] @ W.gmf_h
+        if W.gmf_h is not None:
+            S[a:b] += V[a:b] @ (W.gmf_h * U[c]) if Ur is None else (Ur[a:b] * V[a:b]) @ W.gmf_h
     S += W.out_b[0]
     return Ha, Z, S
 
 
-def _backward(A, Ha, Z, dS, W: NCFWeights, blocks, d: int):
-    """(per-client predictor gradients (each array stacked over clients), dL/dA per row)."""
+def _backward(Ur, user_mask, U, V, Ha, Z, dS, W: NCFWeights, blocks):
+    """(per-client predictor gradients (each array stacked over clients), dL/du per client,
+    dL/dv' per row); Ur as in _forward, user_mask its dropout multipliers (dL/du' goes
+    through them before the per-client sum)."""
+    d = V.shape[1]
+    w1u, w1v = W.mlp_w1[:, :d], W.mlp_w1[:, d:]
     dZ = dS[:, None] * W.out_w
     dZ *= 1.0 - Z * Z  # through tanh
     dH = np.empty_like(Ha)
     for a, b in zip(blocks[:-1], blocks[1:]):
         np.matmul(dZ[a:b], W.mlp_w2, out=dH[a:b])
     dH *= 1.0 - Ha * Ha
-    dA = np.empty_like(A)
-    for a, b in zip(blocks[:-1], blocks[1:]):
-        np.matmul(dH[a:b], W.mlp_w1, out=dA[a:b])
+    dV = np.empty_like(V)
+    n_clients = len(blocks) - 1
+    dU = np.empty((n_clients, d), dtype=np.float32)
+    g_w1 = np.empty((n_clients,) + W.mlp_w1.shape, dtype=np.float32)
+    g_b1 = np.empty((n_clients,) + W.mlp_b1.shape, dtype=np.float32)
+    g_h = np.empty((n_clients, d), dtype=np.float32)
+    for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
+        np.matmul(dH[a:b], w1v, out=dV[a:b])
+        g_b1[c] = dH[a:b].sum(0)
+        np.matmul(dH[a:b].T, V[a:b], out=g_w1[c, :, d:])
+        if Ur is None:  # every row's u' is u: sum over the rows first
+            dU[c] = g_b1[c] @ w1u
+            g_w1[c, :, :d] = np.outer(g_b1[c], U[c])
+        else:
+            np.matmul(dH[a:b].T, Ur[a:b], out=g_w1[c, :, :d])
+        if W.gmf_h is not None:
+            g_h[c] = dS[a:b] @ (V[a:b] * U[c] if Ur is None else V[a:b] * Ur[a:b])
+            dV[a:b] += np.outer(dS[a:b], W.gmf_h * U[c]) if Ur is None else \
+                dS[a:b, None] * W.gmf_h * Ur[a:b]
+            if Ur is None:
+                dU[c] += W.gmf_h * (dS[a:b] @ V[a:b])
+    if Ur is not None:  # per-row dL/du' through the mask, then summed per client
+        dUr = np.empty_like(Ur)
+        for a, b in zip(blocks[:-1], blocks[1:]):
+            np.matmul(dH[a:b], w1u, out=dUr[a:b])
+        if W.gmf_h is not None:
+            dUr += dS[:, None] * W.gmf_h * V
+        dUr *= user_mask
+        for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
+            dU[c] = dUr[a:b].sum(0)
     grads = NCFWeights(
-        None,
-        np.stack([dH[a:b].T @ A[a:b] for a, b in zip(blocks[:-1], blocks[1:])]),
-        np.stack([dH[a:b].sum(0) for a, b in zip(blocks[:-1], blocks[1:])]),
+        g_h if W.gmf_h is not None else None, g_w1, g_b1,
         np.stack([dZ[a:b].T @ Ha[a:b] for a, b in zip(blocks[:-1], blocks[1:])]),
         np.stack([dZ[a:b].sum(0) for a, b in zip(blocks[:-1], blocks[1:])]),
         np.stack([dS[a:b] @ Z[a:b] for a, b in zip(blocks[:-1], blocks[1:])]),
         np.stack([dS[a:b].sum(0, keepdims=True) for a, b in zip(blocks[:-1], blocks[1:])]),
     )
-    if W.gmf_h is not None:
-        gmf = A[:, :d] * A[:, d:]
-        grads.gmf_h = np.stack([dS[a:b] @ gmf[a:b] for a, b in zip(blocks[:-1], blocks[1:])])
-        dSh = dS[:, None] * W.gmf_h
-        dA[:, :d] += dSh * A[:, d:]
-        dA[:, d:] += dSh * A[:, :d]
-    return grads, dA
+    return grads, dU, dV
