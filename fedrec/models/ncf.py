@@ -8,10 +8,11 @@
 The predictor (h, W1, b1, W2, b2, w, b; no h in the mlp form) is global; u is private; V is
 the item table. Trained with BPR or pointwise BCE (`model.loss`, fedrec.models.losses).
 
-The gradient is written out by hand in numpy for a whole cohort at once (per-client autograd
-cost ~25 ms a client in overhead alone). Elementwise work runs over the cohort's concatenated
-rows; every product that sums over rows or features runs per client on that client's block,
-so a client's upload is bit-identical alone or in a cohort (tests/test_models.py pins this).
+The gradient is written out by hand in numpy for a whole cohort at once, replacing one torch
+autograd graph per client. Elementwise work runs over the cohort's concatenated rows; every
+product that sums over rows or features runs per client on that client's block, so a client's
+upload is bit-identical alone or in a cohort (tests/test_models.py pins this). Without dropout
+a client's rows share u, so the first layer's user half is one vector per client.
 """
 
 from __future__ import annotations
