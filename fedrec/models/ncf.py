@@ -203,7 +203,7 @@ def _forward(Ur, U, V, W: NCFWeights, blocks):
     for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
         np.matmul(Z[a:b], W.out_w, out=S[a:b])
         if W.gmf_h is not None:
-            S[a:b] += V[a:b] @ (W.gmf_h * U[c]) if Ur is None else (Ur[a:b] * V[a:b]) @ W.gmf_h
+            S[a:b] += (V[a:b] * (U[c] if Ur is None else Ur[a:b])) @ W.gmf_h
     S += W.out_b[0]
     return Ha, Z, S
 
@@ -236,9 +236,9 @@ def _backward(Ur, user_mask, U, V, Ha, Z, dS, W: NCFWeights, blocks):
         else:
             np.matmul(dH[a:b].T, Ur[a:b], out=g_w1[c, :, :d])
         if W.gmf_h is not None:
-            g_h[c] = dS[a:b] @ (V[a:b] * U[c] if Ur is None else V[a:b] * Ur[a:b])
-            dV[a:b] += np.outer(dS[a:b], W.gmf_h * U[c]) if Ur is None else \
-                dS[a:b, None] * W.gmf_h * Ur[a:b]
+            u_rows = U[c] if Ur is None else Ur[a:b]  # broadcast over the rows without dropout
+            g_h[c] = dS[a:b] @ (V[a:b] * u_rows)
+            dV[a:b] += dS[a:b, None] * W.gmf_h * u_rows
             if Ur is None:
                 dU[c] += W.gmf_h * (dS[a:b] @ V[a:b])
     if Ur is not None:  # per-row dL/du' through the mask, then summed per client
