@@ -7,6 +7,10 @@
                                                     # against a bare Flower app (flwr_overhead.py)
     python benchmarks/throughput.py --sasrec        # also ML-1M SASRec rows: CPU (1 and 2
                                                     # workers) and, where torch sees one, a GPU
+    python benchmarks/throughput.py --ncf --baseline /tmp/fedrec-old --workers 1
+                                                    # also ML-1M NCF (FedAttack's setting, 16
+                                                    # clients/round); every row also timed on
+                                                    # another checkout of fedrec, interleaved
 
 Rounds are timed after a warm-up (the first rounds initialise every sampled user's private
 state), with evaluation off. Compare settings (--set) within one invocation or one session: the
@@ -24,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# the checkout whose fedrec is timed: this one, or --baseline's (set for its subprocess)
+ROOT = Path(os.environ.get("FEDREC_BENCH_ROOT", Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(ROOT))
 
 
@@ -47,10 +52,38 @@ def measure(experiment: str, overrides: list, rounds: int, warmup: int, workers=
         dt = time.perf_counter() - t0
     finally:
         eng.close()
-    return {"experiment": experiment, "overrides": overrides, "workers": eng.workers,
+    import fedrec
+
+    return {"experiment": experiment, "fedrec": str(Path(fedrec.__file__).parents[1]),
+            "overrides": overrides, "workers": eng.workers,
             "rounds": rounds, "rounds_per_s": rounds / dt, "ms_per_round": 1e3 * dt / rounds,
             "data_load_s": load_s, "users": env.data.n_users, "items": env.data.n_items,
             "clients_per_round": cfg.train.clients_per_round}
+
+
+def measure_at(root, experiment: str, overrides: list, rounds: int, warmup: int, workers=None) -> dict:
+    """`measure` here (root None) or, in a subprocess, with fedrec imported from checkout `root`."""
+    if root is None:
+        return {**measure(experiment, overrides, rounds, warmup, workers), "code": "this"}
+    cmd = [sys.executable, __file__, "--experiment", experiment, "--rounds", str(rounds),
+           "--warmup", str(warmup)] + [a for o in overrides for a in ("--set", o)]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "FEDREC_BENCH_ROOT": str(root)})
+    try:
+        row = json.loads(res.stdout)["in_process"][0]
+    except (ValueError, KeyError, IndexError):
+        row = {"experiment": experiment, "error": res.stderr[-2000:]}
+    return {**row, "code": str(root)}
+
+
+def ncf_rows(rounds: int, warmup: int, repeat: int, overrides: list, workers, baseline) -> list:
+    """ML-1M NCF in FedAttack's setting (experiments/ml1m-ncf.yaml: 16 clients/round, d=64),
+    this checkout and --baseline's alternately, so that drifting load hits both alike."""
+    roots = [None] + ([baseline] if baseline else [])
+    return [measure_at(root, "experiments/ml1m-ncf.yaml", overrides, rounds, warmup, w)
+            for _ in range(repeat) for w in workers or [None] for root in roots]
 
 
 def sasrec_rows(rounds: int, warmup: int, repeat: int, overrides: list) -> list:
@@ -88,15 +121,28 @@ def main():
     p.add_argument("--flwr", action="store_true", help="also run benchmarks/flwr_overhead.py")
     p.add_argument("--sasrec", action="store_true",
                    help="also time experiments/ml1m-sasrec.yaml on the CPU and, if any, the GPU")
+    p.add_argument("--ncf", action="store_true",
+                   help="also time experiments/ml1m-ncf.yaml (16 clients/round)")
+    p.add_argument("--ncf-rounds", type=int, default=300)
+    p.add_argument("--ncf-warmup", type=int, default=20)
+    p.add_argument("--baseline", default=None,
+                   help="another checkout of fedrec (e.g. `git worktree add /tmp/old main`): "
+                        "each in-process and --ncf row is also timed with its code")
     p.add_argument("--sasrec-rounds", type=int, default=40)
     p.add_argument("--sasrec-warmup", type=int, default=5,
                    help="SASRec keeps no per-user state to initialise: a short warm-up suffices")
     args = p.parse_args()
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "platform": platform.platform()}, "in_process": []}
+    roots = [None] + ([args.baseline] if args.baseline else [])
     for _ in range(args.repeat):  # settings interleaved, so drifting load hits all alike
         for w in args.workers or [None]:
-            out["in_process"].append(measure(args.experiment, args.set, args.rounds, args.warmup, w))
+            for root in roots:
+                out["in_process"].append(measure_at(root, args.experiment, args.set, args.rounds,
+                                                    args.warmup, w))
+    if args.ncf:
+        out["ncf"] = ncf_rows(args.ncf_rounds, args.ncf_warmup, args.repeat, args.set,
+                              args.workers, args.baseline)
     if args.sasrec:
         out["sasrec"] = sasrec_rows(args.sasrec_rounds, args.sasrec_warmup, args.repeat, args.set)
     if args.flwr:

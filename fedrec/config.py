@@ -79,7 +79,10 @@ class ModelConfig:
     max_len: int = 200  # items of history the encoder reads (200 for ML-1M, 50 for Beauty)
     blocks: int = 2  # transformer blocks
     heads: int = 1  # attention heads (dim must be a multiple)
-    loss: str = "auto"  # auto | bce | sampled_softmax | full_softmax_dense
+    ncf_form: str = "neumf"  # neumf (GMF + MLP, FedAttack) | mlp (MLP only, PipAttack)
+    # auto = bpr for mf/ncf (bpr | bce) and the model's own for sasrec/bert4rec (bce |
+    # sampled_softmax | full_softmax_dense); bce for mf/ncf: PipAttack's pointwise loss
+    loss: str = "auto"
     softmax_samples: int = 100  # negatives per client for sampled_softmax
     mask_prob: float = 0.2  # BERT4Rec cloze masking probability
     mask_last_prob: float = 0.1  # BERT4Rec: share of client rounds that mask only the last item
@@ -93,7 +96,10 @@ class ModelConfig:
         _range("model.max_len", self.max_len, 2, 100_000)
         _range("model.blocks", self.blocks, 1, 64)
         _range("model.heads", self.heads, 1, 64)
-        _choice("model.loss", self.loss, ("auto", "bce", "sampled_softmax", "full_softmax_dense"))
+        _choice("model.ncf_form", self.ncf_form, ("neumf", "mlp"))
+        pairwise = self.name in ("mf", "ncf")
+        _choice("model.loss", self.loss, ("auto", "bpr", "bce") if pairwise else
+                ("auto", "bce", "sampled_softmax", "full_softmax_dense"))
         _range("model.softmax_samples", self.softmax_samples, 1, 10**7)
         _range("model.mask_prob", self.mask_prob, 0.0, 1.0)
         _range("model.mask_last_prob", self.mask_last_prob, 0.0, 1.0)

@@ -27,8 +27,11 @@ def _sfc(seed):
     return np.random.Generator(np.random.SFC64(seed))
 
 
-def _mf_reference(table, user, pos, neg, wd, keep=None, p=0.0):
-    """Mean softplus(-(u'.(vi' - vj'))) + wd/2 (|u|^2 + sum over touched rows |v|^2), float64."""
+def _mf_reference(table, user, pos, neg, wd, keep=None, p=0.0, loss_name="bpr"):
+    """Mean softplus(-(u'.(vi' - vj'))) + wd/2 (|u|^2 + sum over touched rows |v|^2), float64.
+    loss_name="bce" (pos = each positive repeated q times): PipAttack's Eq. 2 over the distinct
+    positives and the negatives, divided by the number of positives (without dropout), or its
+    per-pair form mean(softplus(-s_pos) + q softplus(s_neg)) (with dropout)."""
     V = torch.tensor(table, dtype=torch.float64, requires_grad=True)
     u = torch.tensor(user, dtype=torch.float64, requires_grad=True)
     n = len(pos)
@@ -36,8 +39,15 @@ def _mf_reference(table, user, pos, neg, wd, keep=None, p=0.0):
     if keep is not None:
         k = torch.from_numpy(keep).double() / (1.0 - p)
         uu, vi, vj = uu * k[0], vi * k[1], vj * k[2]
-    x = (uu * (vi - vj)).sum(1)
-    loss = torch.nn.functional.softplus(-x).mean()
+    softplus = torch.nn.functional.softplus
+    if loss_name == "bpr":
+        loss = softplus(-(uu * (vi - vj)).sum(1)).mean()
+    elif keep is None:
+        distinct = torch.from_numpy(np.unique(pos))
+        loss = (softplus(-(V[distinct] @ u)).sum() + softplus(vj @ u).sum()) / len(distinct)
+    else:
+        q = n / len(np.unique(pos))
+        loss = (softplus(-(uu * vi).sum(1)) + q * softplus((uu * vj).sum(1))).mean()
     touched = torch.from_numpy(np.unique(np.concatenate([pos, neg])))
     total = loss + 0.5 * wd * ((u * u).sum() + (V[touched] ** 2).sum())
     total.backward()
@@ -188,7 +198,7 @@ def test_ncf_score_matches_pairwise_forward_and_reference():
     assert S.shape == (3, N_ITEMS)
     p = [torch.from_numpy(a) for a in pred]
     for b in range(3):
-        f = NCF._forward(torch.from_numpy(users[b]).expand(N_ITEMS, -1), torch.from_numpy(table), p)
+        f = _ncf_pair_scores(torch.from_numpy(users[b]).expand(N_ITEMS, -1), torch.from_numpy(table), p)
         np.testing.assert_allclose(S[b], f.detach().numpy(), rtol=1e-5, atol=1e-6)
     ref_score = _ncf_reference(table, users[0], pred, pos, neg, 0.0)[4]
     np.testing.assert_allclose(S[0], ref_score(np.arange(N_ITEMS)).detach().numpy(), rtol=1e-5, atol=1e-6)
@@ -220,3 +230,142 @@ def test_make_model_and_scatter_rows():
     ids, rows = scatter_rows(np.array([3, 1, 3]), np.array([[1.0], [2.0], [4.0]], np.float32))
     np.testing.assert_array_equal(ids, [1, 3])
     np.testing.assert_array_equal(rows, [[2.0], [5.0]])
+
+
+def _ncf_pair_scores(u, v, p):
+    """NCF scores of aligned rows u, v; p = predictor tensors (7: neumf, 6: mlp form)."""
+    *gmf, w1, b1, w2, b2, wo, bo = p
+    d = u.shape[-1]
+    z = torch.tanh(torch.tanh(u @ w1[:, :d].T + v @ w1[:, d:].T + b1) @ w2.T + b2)
+    return z @ wo + bo + ((u * v) @ gmf[0] if gmf else 0.0)
+
+
+def _ncf_autograd(model, table, pred, user, pos, neg, wd, keep=None, wd_all=False):
+    """fedrec's former NCF gradient (float32 torch autograd per client over its touched rows),
+    kept as the reference; dropout masks are given (layout mask, pair, dim) instead of drawn."""
+    n = len(pos)
+    ids, inv = np.unique(np.concatenate([pos, neg]), return_inverse=True)
+    rows = torch.tensor(table[ids], requires_grad=True)
+    u = torch.tensor(user, requires_grad=True)
+    p = [torch.tensor(a, requires_grad=True) for a in pred]
+    inv_t = torch.from_numpy(inv)
+    vi, vj, uu = rows[inv_t[:n]], rows[inv_t[n:]], u.expand(n, -1)
+    if keep is not None:
+        masks = torch.from_numpy(keep).float() / (1.0 - model.dropout)
+        uu, vi, vj = uu * masks[0], vi * masks[1], vj * masks[2]
+    s = _ncf_pair_scores(torch.cat([uu, uu]), torch.cat([vi, vj]), p)
+    softplus = torch.nn.functional.softplus
+    if model.loss == "bpr":
+        loss = softplus(-(s[:n] - s[n:])).mean()
+    else:
+        loss = (softplus(-s[:n]) + n / len(np.unique(pos)) * softplus(s[n:])).mean()
+    reg = (u * u).sum() + sum((a * a).sum() for a in p) + (0.0 if wd_all else (rows * rows).sum())
+    (loss + 0.5 * wd * reg).backward()
+    item_rows = rows.grad.numpy()
+    if wd_all:
+        full = wd * table
+        full[ids] += item_rows
+        ids, item_rows = np.arange(len(table)), full
+    return ids, item_rows, u.grad.numpy(), [a.grad.numpy() for a in p], float(loss.detach())
+
+
+def _close(actual, desired):
+    """Equal to float32 round-off, relative to the array's scale (sums cancel)."""
+    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-7 + 1e-5 * np.abs(desired).max())
+
+
+def _ncf_cohort_case(form, loss, dropout, seed=0):
+    rng = np.random.default_rng(seed)
+    n_items, d, q = 200, 8, 4
+    model = NCF(n_items, d, dropout=dropout, mlp_layers=(6, 5), loss=loss, ncf_form=form)
+    table, pred = model.init_global(rng)
+    pred = [(a + 0.3 * rng.standard_normal(a.shape)).astype(np.float32) for a in pred]
+    table *= 3
+    sizes = [1, 9, 40, 3]  # distinct positives per client
+    users = [(rng.standard_normal(d) * 0.5).astype(np.float32) for _ in sizes]
+    pos = [np.repeat(rng.choice(n_items, s, replace=False), q) for s in sizes]
+    neg = [rng.integers(0, n_items, len(p)) for p in pos]
+    return model, table, pred, users, pos, neg
+
+
+@pytest.mark.parametrize("form", ["neumf", "mlp"])
+@pytest.mark.parametrize("loss", ["bpr", "bce"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_ncf_cohort_matches_the_former_autograd_path(form, loss, dropout):
+    model, table, pred, users, pos, neg = _ncf_cohort_case(form, loss, dropout)
+    assert [a.shape for a in pred] == model.predictor_shapes
+    assert len(pred) == (7 if form == "neumf" else 6)
+    d = model.dim
+    for kw in ({"weight_decay": 1e-2}, {"weight_decay": 1e-2, "weight_decay_all": True}):
+        rngs = [_sfc([3, c]) for c in range(len(users))]
+        cohort = model.gradients_cohort(table, pred, users, pos, neg, rngs, **kw)
+        for c, g in enumerate(cohort):
+            n = len(pos[c])
+            keep = None
+            if dropout:
+                keep = (dropout_bits(_sfc([3, c]), 3 * n * d) >= dropout_threshold(dropout)).reshape(3, n, d)
+            ids, rows, ug, pg, ref_loss = _ncf_autograd(model, table, pred, users[c], pos[c], neg[c],
+                                                        kw["weight_decay"], keep,
+                                                        kw.get("weight_decay_all", False))
+            np.testing.assert_array_equal(g.item_ids, ids)
+            _close(g.item_rows, rows)
+            _close(g.user_grad, ug)
+            assert len(g.predictor) == len(pg)
+            for a, b in zip(g.predictor, pg):
+                assert a.shape == b.shape and a.dtype == np.float32
+                _close(a, b)
+            assert g.loss == pytest.approx(ref_loss, rel=1e-5) and g.n_samples == n
+
+
+@pytest.mark.parametrize("form,loss", [("neumf", "bpr"), ("mlp", "bce")])
+def test_ncf_cohort_equals_single_bit_for_bit(form, loss):
+    for dropout in (0.0, 0.2):
+        model, table, pred, users, pos, neg = _ncf_cohort_case(form, loss, dropout, seed=5)
+        for kw in ({"weight_decay": 1e-5}, {"weight_decay": 0.0},
+                   {"weight_decay": 1e-5, "weight_decay_all": True}):
+            rngs = [_sfc([7, c]) for c in range(len(users))]
+            cohort = model.gradients_cohort(table, pred, users, pos, neg, rngs, **kw)
+            for c in range(len(users)):
+                single = model.gradients(table, pred, users[c], pos[c], neg[c], _sfc([7, c]), **kw)
+                assert np.array_equal(cohort[c].item_ids, single.item_ids)
+                assert np.array_equal(cohort[c].item_rows, single.item_rows)
+                assert np.array_equal(cohort[c].user_grad, single.user_grad)
+                assert all(np.array_equal(a, b) for a, b in zip(cohort[c].predictor, single.predictor))
+                assert cohort[c].loss == single.loss
+        if dropout:  # the masks are per client
+            assert not np.array_equal(cohort[0].user_grad, cohort[3].user_grad)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_mf_bce_matches_autograd(dropout):
+    rng = np.random.default_rng(8)
+    table, user, _, _ = _setup(seed=8)
+    pos = np.repeat(rng.choice(N_ITEMS, 6, replace=False), 4)  # q = 4
+    neg = rng.integers(0, N_ITEMS, len(pos))
+    model = MF(N_ITEMS, DIM, dropout=dropout, loss="bce")
+    g = model.gradients(table, [], user, pos, neg, _sfc(5), weight_decay=1e-3)
+    keep = None
+    if dropout:
+        keep = (dropout_bits(_sfc(5), 3 * len(pos) * DIM) >= dropout_threshold(dropout)).reshape(3, -1, DIM)
+    Vg, ug, loss = _mf_reference(table, user, pos, neg, 1e-3, keep=keep, p=dropout, loss_name="bce")
+    np.testing.assert_allclose(g.item_rows, Vg[g.item_ids], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g.user_grad, ug, rtol=1e-5, atol=1e-7)
+    assert g.loss == pytest.approx(loss, rel=1e-6)
+    cohort = model.gradients_cohort(table, [], [user, -user], [pos, pos[:8]], [neg, neg[:8]],
+                                    [_sfc(5), _sfc(6)], weight_decay=1e-3)
+    assert np.array_equal(cohort[0].item_rows, g.item_rows)
+    assert np.array_equal(cohort[0].user_grad, g.user_grad)
+
+
+def test_pairwise_loss_and_ncf_form_keys():
+    from fedrec.config import from_dict
+    from fedrec.errors import ConfigError
+
+    m = make_model(from_dict({"model": {"name": "ncf", "dim": 4, "loss": "bce", "ncf_form": "mlp"}}).model, 10)
+    assert (m.loss, m.form, len(m.predictor_shapes)) == ("bce", "mlp", 6)
+    m = make_model(from_dict({"model": {"name": "mf", "dim": 4}}).model, 10)
+    assert m.loss == "bpr"
+    for bad in ({"name": "mf", "loss": "sampled_softmax"}, {"name": "ncf", "ncf_form": "gmf"},
+                {"name": "sasrec", "loss": "bpr"}):
+        with pytest.raises(ConfigError, match=f"model.{'loss' if 'loss' in bad else 'ncf_form'}"):
+            from_dict({"model": bad})

@@ -135,6 +135,53 @@ def segment_sum(index: np.ndarray, rows: np.ndarray, n_segments: int) -> np.ndar
     return out.numpy()
 
 
+def pairwise_loss(loss: str) -> str:
+    """model.loss for the pairwise models (MF, NCF): "auto" is BPR; bce is PipAttack's pointwise loss."""
+    from fedrec.errors import ConfigError
+
+    name = "bpr" if loss == "auto" else loss
+    if name not in ("bpr", "bce"):
+        raise ConfigError(f"model.loss: MF and NCF support bpr, bce (auto = bpr), not {loss!r}")
+    return name
+
+
+def cohort_layout(counts: np.ndarray):
+    """(bounds, owner) of a cohort's concatenated pairs: client c owns [bounds[c], bounds[c+1])."""
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return bounds, np.repeat(np.arange(len(counts)), counts)
+
+
+def positives_per_negative(pos_list) -> np.ndarray:
+    """q per client: its pairs over its distinct positives (pairs repeat each positive q times)."""
+    return np.array([len(p) / max(len(np.unique(p)), 1) for p in pos_list], dtype=np.float64)
+
+
+def client_item_uploads(owner, items, rows, n_clients: int, item_table, weight_decay: float,
+                        weight_decay_all: bool) -> list:
+    """Per client (sorted touched ids, summed rows [+ weight decay]) from per-(pair, item) rows.
+
+    The sums run per (client, item) key in pair order, so a client's rows are bit-identical
+    alone or in a cohort; weight_decay_all makes the upload dense (wd * V plus the rows)."""
+    n_items = item_table.shape[0]
+    keys = owner * n_items + items
+    uniq, inv = np.unique(keys, return_inverse=True)
+    item_rows = segment_sum(inv, rows, len(uniq))
+    key_owner, key_item = np.divmod(uniq, n_items)
+    kb = np.searchsorted(key_owner, np.arange(n_clients + 1))
+    out = []
+    for c in range(n_clients):
+        ids = key_item[kb[c] : kb[c + 1]]
+        r = item_rows[kb[c] : kb[c + 1]]
+        if weight_decay_all:
+            full = np.float32(weight_decay) * item_table
+            full[ids] += r
+            ids, r = np.arange(n_items), full
+        elif weight_decay:
+            r += np.float32(weight_decay) * item_table[ids]
+        out.append((ids, r))
+    return out
+
+
 def scatter_rows(ids: np.ndarray, rows: np.ndarray):
     """Sum rows that share an id: -> (sorted unique ids, summed rows)."""
     uniq, inv = np.unique(ids, return_inverse=True)

@@ -1,5 +1,13 @@
 """Losses shared by models and attacks.
 
+Pairwise models (MF, NCF; `model.loss`), over a client's n pairs (pos_k, neg_k), where the
+pairs repeat each of its P distinct positives q = n / P times (data.neg_ratio):
+- bpr (default): L = mean_k softplus(-(s(pos_k) - s(neg_k)));
+- bce (PipAttack, Eq. 2): per positive with its q negatives, averaged over positives,
+      L = 1/P sum_p [ -log sigma(s_p) - sum_{j in negs(p)} log(1 - sigma(s_j)) ]
+        = 1/n sum_k [ softplus(-s(pos_k)) + q softplus(s(neg_k)) ],
+  i.e. Eq. 2 (a sum over the labelled examples, 1:q) divided by P.
+
 UNION's contrastive loss (Yu et al., AAAI 2023, client side): for every positive item i of a
 user, anchor f(v_i), one positive f(v_i+) = another random positive of the same user, and P
 random items the user never interacted with as negatives; cross-entropy over the raw dot
@@ -14,6 +22,24 @@ of the anchors, positives and negatives, so uploads stay sparse.
 from __future__ import annotations
 
 import numpy as np
+
+
+def _sigmoid(x64: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x64))  # overflow-free
+
+
+def bpr_score_grad(x64: np.ndarray, pairs: np.ndarray):
+    """BPR on score differences x (float64): (dL/dx float32, per-pair loss float64), where each
+    pair's loss is divided by its client's pair count `pairs` (the mean over the pairs)."""
+    return (-_sigmoid(-x64) / pairs).astype(np.float32), np.logaddexp(0.0, -x64)
+
+
+def bce_score_grad(s_pos64: np.ndarray, s_neg64: np.ndarray, pairs: np.ndarray, q: np.ndarray):
+    """BCE (see the module docstring) per pair: (dL/ds_pos, dL/ds_neg float32, per-pair loss),
+    `pairs` and `q` per pair (its client's n and q)."""
+    d_pos = (-_sigmoid(-s_pos64) / pairs).astype(np.float32)
+    d_neg = (q * _sigmoid(s_neg64) / pairs).astype(np.float32)
+    return d_pos, d_neg, np.logaddexp(0.0, -s_pos64) + q * np.logaddexp(0.0, s_neg64)
 
 
 def contrastive_samples(items: np.ndarray, n_items: int, known_mask: np.ndarray, n_neg: int, rng):

@@ -1,100 +1,148 @@
-"""Neural collaborative filtering as in FedAttack: GMF plus a 2-layer tanh MLP, summed.
+"""Neural collaborative filtering, in two forms (`model.ncf_form`):
 
-score(u, i) = h . (u * v_i) + w . tanh(W2 tanh(W1 [u; v_i] + b1) + b2) + b
+- neumf (FedAttack's, the default): GMF plus a 2-layer tanh MLP, summed,
+      score(u, i) = h . (u * v_i) + w . tanh(W2 tanh(W1 [u; v_i] + b1) + b2) + b
+- mlp (PipAttack's base recommender): the MLP part alone, score = w . tanh(...) + b,
+  with P(interaction) = sigmoid(score) under the pointwise BCE loss.
 
-The predictor (h, W1, b1, W2, b2, w, b) is global; u is private; V is the item table.
-Gradients come from torch autograd over just the touched rows.
+The predictor (h, W1, b1, W2, b2, w, b; no h in the mlp form) is global; u is private; V is
+the item table. Trained with BPR or pointwise BCE (`model.loss`, fedrec.models.losses).
+
+The gradient is written out by hand in numpy for a whole cohort at once, replacing one torch
+autograd graph per client. Elementwise work runs over the cohort's concatenated rows; every
+product that sums over rows or features runs per client on that client's block, so a client's
+upload is bit-identical alone or in a cohort (tests/test_models.py pins this). Without dropout
+a client's rows share u, so the first layer's user half is one vector per client.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from fedrec.models.base import ClientGrad, RecModel, xavier_normal
+from fedrec.models.base import (ClientGrad, CohortModel, client_item_uploads, cohort_layout,
+                                dropout_bits, dropout_threshold, pairwise_loss,
+                                positives_per_negative, xavier_normal)
+from fedrec.models.losses import bce_score_grad, bpr_score_grad
 
-PREDICTOR_NAMES = ("gmf_h", "mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2", "out_w", "out_b")
+NCF_FORMS = ("neumf", "mlp")
 
 
-class NCF(RecModel):
+@dataclass
+class NCFWeights:
+    """The predictor arrays by name; gmf_h is None in the mlp form."""
+
+    gmf_h: np.ndarray | None
+    mlp_w1: np.ndarray  # (h1, 2d), acting on [u; v]
+    mlp_b1: np.ndarray
+    mlp_w2: np.ndarray  # (h2, h1)
+    mlp_b2: np.ndarray
+    out_w: np.ndarray  # (h2,)
+    out_b: np.ndarray  # (1,)
+
+    @classmethod
+    def from_list(cls, arrays, form: str) -> NCFWeights:
+        arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
+        return cls(*arrays) if form == "neumf" else cls(None, *arrays)
+
+    def to_list(self) -> list:
+        rest = [self.mlp_w1, self.mlp_b1, self.mlp_w2, self.mlp_b2, self.out_w, self.out_b]
+        return rest if self.gmf_h is None else [self.gmf_h] + rest
+
+
+class NCF(CohortModel):
     name = "ncf"
 
-    def __init__(self, n_items, dim, dropout=0.0, mlp_layers=(64, 32), **kwargs):
+    def __init__(self, n_items, dim, dropout=0.0, mlp_layers=(64, 32), loss="auto",
+                 ncf_form="neumf", **kwargs):
         super().__init__(n_items, dim, dropout)
         if len(mlp_layers) != 2:
             raise ValueError("NCF takes exactly two MLP widths (model.mlp_layers)")
+        if ncf_form not in NCF_FORMS:
+            raise ValueError(f"model.ncf_form: expected one of {NCF_FORMS}, got {ncf_form!r}")
         self.h1, self.h2 = int(mlp_layers[0]), int(mlp_layers[1])
+        self.loss = pairwise_loss(loss)
+        self.form = ncf_form
 
     @property
     def predictor_shapes(self):
         d, h1, h2 = self.dim, self.h1, self.h2
-        return [(d,), (h1, 2 * d), (h1,), (h2, h1), (h2,), (h2,), (1,)]
+        mlp = [(h1, 2 * d), (h1,), (h2, h1), (h2,), (h2,), (1,)]
+        return [(d,)] + mlp if self.form == "neumf" else mlp
 
     def init_global(self, rng):
         d, h1, h2 = self.dim, self.h1, self.h2
-        pred = [
-            np.full(d, 1.0, dtype=np.float32),  # GMF starts as a plain dot product
+        mlp = [
             xavier_normal(rng, (h1, 2 * d)), np.zeros(h1, np.float32),
             xavier_normal(rng, (h2, h1)), np.zeros(h2, np.float32),
             xavier_normal(rng, (1, h2))[0].copy(), np.zeros(1, np.float32),
         ]
-        return xavier_normal(rng, (self.n_items, d)), pred
+        gmf = [np.full(d, 1.0, dtype=np.float32)] if self.form == "neumf" else []  # a dot product
+        return xavier_normal(rng, (self.n_items, d)), gmf + mlp
 
     def init_user(self, rng):
         std = np.sqrt(2.0 / (self.n_items + self.dim))
         return (rng.standard_normal(self.dim) * std).astype(np.float32)
 
-    @staticmethod
-    def _forward(u, v, p):
-        """Scores for aligned rows u (n, d) and v (n, d); p = predictor tensors."""
-        h, w1, b1, w2, b2, wo, bo = p
-        d = u.shape[-1]
-        gmf = (u * v) @ h
-        pre = u @ w1[:, :d].T + v @ w1[:, d:].T + b1
-        z = torch.tanh(torch.tanh(pre) @ w2.T + b2)
-        return gmf + z @ wo + bo
-
-    def gradients(self, item_table, predictor, user, pos, neg, rng, *, weight_decay=0.0,
-                  weight_decay_all=False, train=True):
-        n = len(pos)
-        ids, inv = np.unique(np.concatenate([pos, neg]), return_inverse=True)
-        rows = torch.tensor(item_table[ids], requires_grad=True)
-        u = torch.tensor(np.asarray(user, dtype=np.float32), requires_grad=True)
-        p = [torch.tensor(a, requires_grad=True) for a in predictor]
-        inv_t = torch.from_numpy(inv)
-        vi, vj = rows[inv_t[:n]], rows[inv_t[n:]]
-        uu = u.expand(n, -1)
+    def gradients_cohort(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
+                         weight_decay=0.0, weight_decay_all=False, train=True):
+        """Client c's block of rows: its n_c positive rows then its n_c negative rows, each
+        row a = [u'; v'] with inverted dropout (u' = s*ku*u, shared by a pair's two rows;
+        v' = s*kv*v; masks drawn from the client's generator as MF's). Loss (mean over the
+        client's pairs) + wd/2 (|u|^2 + |P|^2 + touched rows |v|^2, or every row for
+        weight_decay_all: added to the upload densely)."""
+        W = NCFWeights.from_list(predictor, self.form)
+        d = self.dim
+        counts = np.array([len(p) for p in pos_list], dtype=np.int64)
+        n_clients = len(counts)
+        bounds, owner = cohort_layout(counts)
+        blocks = 2 * bounds  # client c's rows
+        row_owner = np.repeat(np.arange(n_clients), 2 * counts)
+        items = np.concatenate([np.asarray(x, np.int64) for p, n in zip(pos_list, neg_list)
+                                for x in (p, n)] or [np.zeros(0, np.int64)])
+        U = np.asarray(np.stack(users), dtype=np.float32)
+        V = item_table[items]
+        Ur = mask = None  # no dropout: a client's rows share its u (see _forward)
         if train and self.dropout > 0:
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            keep = 1.0 - self.dropout
-            masks = (torch.rand((3, n, self.dim), generator=gen) < keep).float() / keep
-            uu, vi, vj = uu * masks[0], vi * masks[1], vj * masks[2]
-        # one batched forward for positives and negatives
-        s = self._forward(torch.cat([uu, uu]), torch.cat([vi, vj]), p)
-        x = s[:n] - s[n:]
-        loss = torch.nn.functional.softplus(-x).mean()
-        if weight_decay:
-            reg = (u * u).sum() + sum((a * a).sum() for a in p)
-            if not weight_decay_all:
-                reg = reg + (rows * rows).sum()
-            loss_total = loss + 0.5 * weight_decay * reg
+            mask = _dropout_mask(rngs, counts, blocks, d, self.dropout)
+            Ur = U[row_owner] * mask[:, :d]
+            V *= mask[:, d:]
+        Ha, Z, S = _forward(Ur, U, V, W, blocks)
+        # pair k (client c) scores at rows blocks[c] + (k - bounds[c]) and that + n_c
+        pos_rows = np.arange(len(owner)) + bounds[owner]
+        neg_rows = pos_rows + counts[owner]
+        dS = np.empty_like(S)
+        if self.loss == "bce":
+            q = positives_per_negative(pos_list)[owner]
+            dS[pos_rows], dS[neg_rows], pair_loss = bce_score_grad(
+                S[pos_rows].astype(np.float64), S[neg_rows].astype(np.float64), counts[owner], q)
         else:
-            loss_total = loss
-        loss_total.backward()
-        item_rows = rows.grad.numpy()
-        if weight_decay and weight_decay_all:
-            full = weight_decay * item_table
-            full[ids] += item_rows
-            ids, item_rows = np.arange(self.n_items), full
-        return ClientGrad(ids, item_rows.astype(np.float32, copy=False),
-                          [a.grad.numpy() for a in p], u.grad.numpy(), float(loss.detach()), n)
+            x = (S[pos_rows] - S[neg_rows]).astype(np.float64)
+            G, pair_loss = bpr_score_grad(x, counts[owner])
+            dS[pos_rows], dS[neg_rows] = G, -G
+        losses = np.bincount(owner, weights=pair_loss, minlength=n_clients) / np.maximum(counts, 1)
+        grads, dU, dV = _backward(Ur, None if mask is None else mask[:, :d], U, V, Ha, Z, dS, W,
+                                  blocks)
+        if mask is not None:
+            dV *= mask[:, d:]
+        wd = np.float32(weight_decay)
+        uploads = client_item_uploads(row_owner, items, dV, n_clients, item_table,
+                                      weight_decay, weight_decay_all)
+        out = []
+        for c, (ids, rows) in enumerate(uploads):
+            user_grad = dU[c] + wd * U[c]
+            pred = [g[c] + wd * p for g, p in zip(grads.to_list(), W.to_list())]
+            out.append(ClientGrad(ids, rows, pred, user_grad, float(losses[c]), int(counts[c])))
+        return out
 
     @torch.no_grad()
     def score(self, users, item_table, predictor):
         """(B, N) scores; the MLP's (users x items x h1) activations are built in chunks of
         users so memory stays bounded (~64 MB) whatever the batch size."""
-        p = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in predictor]
-        h, w1, b1, w2, b2, wo, bo = p
+        W = NCFWeights.from_list(predictor, self.form)
+        w1, b1, w2, b2, wo, bo = (torch.from_numpy(a) for a in W.to_list()[-6:])
         d = self.dim
         u_all = torch.from_numpy(np.asarray(users, dtype=np.float32))
         v = torch.from_numpy(np.asarray(item_table, dtype=np.float32))
@@ -103,8 +151,104 @@ class NCF(RecModel):
         out = []
         for start in range(0, u_all.shape[0], chunk):
             u = u_all[start : start + chunk]
-            gmf = (u * h) @ v.T  # (b, N)
             pre = (u @ w1[:, :d].T)[:, None, :] + item_part[None, :, :]  # (b, N, h1)
-            z = torch.tanh(torch.tanh(pre) @ w2.T + b2)
-            out.append(gmf + z @ wo + bo)
+            s = torch.tanh(torch.tanh(pre) @ w2.T + b2) @ wo + bo
+            if W.gmf_h is not None:
+                s += (u * torch.from_numpy(W.gmf_h)) @ v.T  # (b, N)
+            out.append(s)
         return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, v.shape[0]))
+
+
+def _dropout_mask(rngs, counts, blocks, d: int, p: float) -> np.ndarray:
+    """(rows, 2d) inverted-dropout multipliers: per client 3 x n_c x d draws (user, positive
+    item, negative item masks per pair, as MF), the user mask shared by a pair's two rows."""
+    mask = np.empty((int(blocks[-1]), 2 * d), dtype=np.float32)
+    scale, threshold = np.float32(1.0 / (1.0 - p)), dropout_threshold(p)
+    for c, (r, n) in enumerate(zip(rngs, counts)):
+        n = int(n)
+        keep = (dropout_bits(r, 3 * n * d) >= threshold).reshape(3, n, d)
+        block = mask[blocks[c] : blocks[c + 1]]
+        block[:n, :d] = keep[0]
+        block[n:, :d] = keep[0]
+        block[:n, d:] = keep[1]
+        block[n:, d:] = keep[2]
+    mask *= scale
+    return mask
+
+
+def _forward(Ur, U, V, W: NCFWeights, blocks):
+    """(tanh hidden 1, tanh hidden 2, scores) of rows [u'; v'], products per client. Ur: the
+    rows' dropped-out u', or None without dropout, where a client's rows all share u and its
+    share of the first layer is one vector (half the first layer's work)."""
+    d = V.shape[1]
+    w1u, w1v = W.mlp_w1[:, :d], W.mlp_w1[:, d:]
+    Ha = np.empty((len(V), len(W.mlp_b1)), dtype=np.float32)
+    Z = np.empty((len(V), len(W.mlp_b2)), dtype=np.float32)
+    S = np.empty(len(V), dtype=np.float32)
+    for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
+        np.matmul(V[a:b], w1v.T, out=Ha[a:b])
+        Ha[a:b] += U[c] @ w1u.T if Ur is None else Ur[a:b] @ w1u.T
+    Ha += W.mlp_b1
+    np.tanh(Ha, out=Ha)
+    for a, b in zip(blocks[:-1], blocks[1:]):
+        np.matmul(Ha[a:b], W.mlp_w2.T, out=Z[a:b])
+    Z += W.mlp_b2
+    np.tanh(Z, out=Z)
+    for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
+        np.matmul(Z[a:b], W.out_w, out=S[a:b])
+        if W.gmf_h is not None:
+            S[a:b] += (V[a:b] * (U[c] if Ur is None else Ur[a:b])) @ W.gmf_h
+    S += W.out_b[0]
+    return Ha, Z, S
+
+
+def _backward(Ur, user_mask, U, V, Ha, Z, dS, W: NCFWeights, blocks):
+    """(per-client predictor gradients (each array stacked over clients), dL/du per client,
+    dL/dv' per row); Ur as in _forward, user_mask its dropout multipliers (dL/du' goes
+    through them before the per-client sum)."""
+    d = V.shape[1]
+    w1u, w1v = W.mlp_w1[:, :d], W.mlp_w1[:, d:]
+    dZ = dS[:, None] * W.out_w
+    dZ *= 1.0 - Z * Z  # through tanh
+    dH = np.empty_like(Ha)
+    for a, b in zip(blocks[:-1], blocks[1:]):
+        np.matmul(dZ[a:b], W.mlp_w2, out=dH[a:b])
+    dH *= 1.0 - Ha * Ha
+    dV = np.empty_like(V)
+    n_clients = len(blocks) - 1
+    dU = np.empty((n_clients, d), dtype=np.float32)
+    g_w1 = np.empty((n_clients,) + W.mlp_w1.shape, dtype=np.float32)
+    g_b1 = np.empty((n_clients,) + W.mlp_b1.shape, dtype=np.float32)
+    g_h = np.empty((n_clients, d), dtype=np.float32)
+    for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
+        np.matmul(dH[a:b], w1v, out=dV[a:b])
+        g_b1[c] = dH[a:b].sum(0)
+        np.matmul(dH[a:b].T, V[a:b], out=g_w1[c, :, d:])
+        if Ur is None:  # every row's u' is u: sum over the rows first
+            dU[c] = g_b1[c] @ w1u
+            g_w1[c, :, :d] = np.outer(g_b1[c], U[c])
+        else:
+            np.matmul(dH[a:b].T, Ur[a:b], out=g_w1[c, :, :d])
+        if W.gmf_h is not None:
+            u_rows = U[c] if Ur is None else Ur[a:b]  # broadcast over the rows without dropout
+            g_h[c] = dS[a:b] @ (V[a:b] * u_rows)
+            dV[a:b] += dS[a:b, None] * W.gmf_h * u_rows
+            if Ur is None:
+                dU[c] += W.gmf_h * (dS[a:b] @ V[a:b])
+    if Ur is not None:  # per-row dL/du' through the mask, then summed per client
+        dUr = np.empty_like(Ur)
+        for a, b in zip(blocks[:-1], blocks[1:]):
+            np.matmul(dH[a:b], w1u, out=dUr[a:b])
+        if W.gmf_h is not None:
+            dUr += dS[:, None] * W.gmf_h * V
+        dUr *= user_mask
+        for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
+            dU[c] = dUr[a:b].sum(0)
+    grads = NCFWeights(
+        g_h if W.gmf_h is not None else None, g_w1, g_b1,
+        np.stack([dZ[a:b].T @ Ha[a:b] for a, b in zip(blocks[:-1], blocks[1:])]),
+        np.stack([dZ[a:b].sum(0) for a, b in zip(blocks[:-1], blocks[1:])]),
+        np.stack([dS[a:b] @ Z[a:b] for a, b in zip(blocks[:-1], blocks[1:])]),
+        np.stack([dS[a:b].sum(0, keepdims=True) for a, b in zip(blocks[:-1], blocks[1:])]),
+    )
+    return grads, dU, dV
