@@ -224,3 +224,24 @@ def test_runs_with_hostile_clients_complete_with_a_finite_model(tmp_path, monkey
     assert sum(int(r["invalid"]) for r in rows) == s["invalid_uploads_total"] > 0
     assert sum(s["invalid_uploads"].values()) == s["invalid_uploads_total"]
     assert np.isfinite(s["final"]["test_hr@10"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600), cut=st.integers(0, 200), flip=st.integers(0, 255))
+def test_any_bytes_decode_or_raise_upload_error(data, cut, flip):
+    """Random bytes, and honest tensors truncated or with one byte changed: decode_tensor
+    returns an array within the size limit or raises UploadError, nothing else."""
+    buf = io.BytesIO()
+    np.save(buf, np.arange(12, dtype=np.float32).reshape(3, 4), allow_pickle=False)
+    honest = bytearray(buf.getvalue())
+    mutated = bytes(honest[:len(honest) - cut]) if cut else bytes(honest)
+    if flip < len(mutated):
+        b = bytearray(mutated)
+        b[flip] ^= 0xFF
+        mutated = bytes(b)
+    for payload in (data, mutated, b"\x93NUMPY\x01\x00" + data):
+        try:
+            a = decode_tensor(payload, 1024)
+        except UploadError:
+            continue
+        assert isinstance(a, np.ndarray) and a.nbytes <= 1024 and a.dtype.kind in "biuf"
