@@ -14,8 +14,8 @@ from fedrec.errors import ConfigError
 
 # name -> what it does (the README's table is checked against these names)
 VARIABLES = {
-    "FEDREC_WORKERS": "client worker processes of `fedrec run` (default: 2 on Linux with 2+ cores "
-                      "for rounds of 16+ clients, else 1)",
+    "FEDREC_WORKERS": "client worker processes of `fedrec run` (default: 2 on Linux for rounds "
+                      "of 16+ clients when two cores are free of other work, else 1)",
     "FEDREC_TORCH_THREADS": "torch intra-op threads per process (default 1; 0 = torch's default)",
     "FEDREC_BLAS_THREADS": "BLAS threads per process (default 1; 0 = the library's default)",
     "FEDREC_CACHE": "cache directory for prepared data and UNION's null pool (default "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def configure_threads():
     """Use one intra-op torch thread and one BLAS thread unless FEDREC_TORCH_THREADS /
@@ -48,3 +50,18 @@ def resolve_device(name: str, key: str = "model.device"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}: {name}, but torch sees no GPU")
     return device
+
+
+def busy_cores() -> float:
+    """How many cores other work keeps busy now: the larger of the 1-minute load average and
+    the processes runnable right now besides this one (/proc/loadavg); 0 where unknown."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0]) - 1  # this process is one
+    except (OSError, ValueError, IndexError):
+        running = 0
+    return max(load, float(running))

@@ -185,7 +185,14 @@ def test_workers_from_the_environment(tmp_path, monkeypatch):
 def test_fedrec_run_uses_two_processes_for_large_cohorts(tmp_path, monkeypatch):
     from fedrec.engine import auto_workers, run_experiment
 
+    import fedrec.runtime
+
     monkeypatch.delenv("FEDREC_WORKERS", raising=False)
+    # a busy machine (another job on one of two cores) gets one process: two were slower there
+    monkeypatch.setattr(fedrec.runtime, "busy_cores", lambda: 1.0)
+    if len(os.sched_getaffinity(0)) <= 2:
+        assert auto_workers(_cfg(tmp_path, train__clients_per_round=16)) == 1
+    monkeypatch.setattr(fedrec.runtime, "busy_cores", lambda: 0.0)  # a quiet machine
     two = min(2, len(os.sched_getaffinity(0)))
     assert auto_workers(_cfg(tmp_path, train__clients_per_round=16)) == two
     assert auto_workers(_cfg(tmp_path, train__clients_per_round=15)) == 1
