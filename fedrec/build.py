@@ -94,6 +94,27 @@ def build_env(cfg: ExperimentConfig, data=None, model=None):
     return env
 
 
+def build_device_env(cfg: ExperimentConfig, data, malicious: bool):
+    """A device's env from its exported partition (fedrec.partition.device_data): the model
+    from the experiment and the server's number of items, the device's own role, no data set."""
+    from clients.env import ClientEnv
+
+    check_data(cfg, data)
+    env = ClientEnv(cfg=cfg, model=build_model(cfg, data), data=data)
+    users = [int(u) for u in data.attacker_pool] if malicious else []
+    object.__setattr__(env, "_malicious", frozenset(users))
+    if malicious:
+        from fedrec.adversary import attack_class
+
+        if cfg.attack.name == "none":
+            raise ConfigError("data-path: this partition is malicious, but the run's attack.name "
+                              "is none (exported with another experiment?)")
+        cls = attack_class(cfg)
+        cls.params_from(cfg)
+        cls.knowledge_from(cfg)
+    return env
+
+
 def malicious_set(env) -> frozenset:
     """The malicious users of the experiment (cached on the env: drawn once per process)."""
     cached = getattr(env, "_malicious", None)

@@ -128,6 +128,22 @@ def _cmd_detector_train(args) -> int:
     return 0
 
 
+def _cmd_partition_export(args) -> int:
+    from fedrec.config import load_one
+    from fedrec.partition import export_partitions
+
+    cfg = load_one(args.experiment, args.set)
+
+    def progress(done, total):
+        print(f"\rpartition export: {done}/{total} users", end="", file=sys.stderr, flush=True)
+
+    public = export_partitions(cfg, args.out_dir, progress)
+    print(f"\rpartition export: {public['n_users']} user files and public.json in "
+          f"{args.out_dir} ({public['n_items']} items, experiment digest {public['digest']})",
+          file=sys.stderr)
+    return 0
+
+
 def _cmd_keys(args) -> int:
     import dataclasses
 
@@ -190,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--stage", default="",
                     help="--plot-detection: only this filter's own drops (union, detector)")
     rp.set_defaults(fn=_cmd_report)
+
+    pa = sub.add_parser("partition", help="per-device data files for a real deployment")
+    pas = pa.add_subparsers(dest="partition_cmd", required=True)
+    pe = pas.add_parser("export", help="write user-<i>.json (what device i may know) and "
+                                       "public.json (what the server may know) to OUT_DIR")
+    pe.add_argument("experiment")
+    pe.add_argument("out_dir")
+    pe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a YAML key, as in `fedrec run` (the run must use the same)")
+    pe.set_defaults(fn=_cmd_partition_export)
 
     k = sub.add_parser("keys", help="list every experiment YAML key with its default")
     k.set_defaults(fn=_cmd_keys)

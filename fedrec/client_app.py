@@ -10,6 +10,10 @@ once per process and cached, keyed by the experiment file (path, size, mtime) an
 The user's private state (user row, optimizer moments, negatives) lives in `context.state`
 through `FlowerStore` and never leaves the node.
 
+With `--node-config "... data-path=DIR/user-<i>.json"` (written by `fedrec partition export`)
+the SuperNode knows only its own user's data: the client is built from that file, the number
+of items from the server's messages, and the data set is never opened (fedrec.partition).
+
 The client answers Flower's `get_properties` with its partition-id and num-partitions (no data
 is loaded for that). The ServerApp uses them to order the SuperNodes by user, so its seeded
 sampling picks the same users as the in-process runner and aggregates in the same order.
@@ -32,6 +36,7 @@ from fedrec.errors import ConfigError
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+DATA_PATH = "data-path"  # node config: this device's exported partition (fedrec.partition)
 
 # ---------------------------------------------------------------------------- run config
 
@@ -135,19 +140,34 @@ def _cache_key(path: Path, overrides: list[str]):
     return (str(path), st.st_size, st.st_mtime_ns, tuple(overrides))
 
 
-def client_env(run_config):
-    """The experiment's ClientEnv, built once per process (per experiment and overrides)."""
+def client_env(run_config, device=None):
+    """The experiment's ClientEnv, built once per process (per experiment and overrides).
+
+    `device` = (data-path, user, num-partitions, n_items) for a SuperNode started from an
+    exported partition (fedrec.partition): the env then holds that user's file only, and the
+    data set is never opened."""
     path, overrides = experiment_spec(run_config)
-    key = _cache_key(path, overrides)
+    key = (_cache_key(path, overrides), device)
     with _ENV_LOCK:
         env = _ENV_CACHE.get(key)
         if env is None:
-            from fedrec.build import build_env
             from fedrec.config import load_one
             from fedrec.runtime import configure_threads
 
             configure_threads()
-            env = build_env(load_one(path, overrides))
+            cfg = load_one(path, overrides)
+            if device is None:
+                from fedrec.build import build_env
+
+                env = build_env(cfg)
+            else:
+                from fedrec.build import build_device_env
+                from fedrec.partition import device_data, read_user
+
+                data_path, user, n_users, n_items = device
+                rec = read_user(data_path, cfg, user)
+                env = build_device_env(cfg, device_data(rec, n_users, n_items, data_path),
+                                       bool(rec.get("malicious")))
             _ENV_CACHE.clear()  # one experiment per process at a time
             _ENV_CACHE[key] = env
     return env
@@ -199,11 +219,22 @@ class UserClient(Client):
         self._inner = None
         self.store = None
 
-    def inner(self) -> Client:
+    def device(self, config) -> tuple | None:
+        """(data-path, user, users, items) when this SuperNode runs from an exported partition:
+        the number of items is the server's (every message carries it)."""
+        data_path = str(self.context.node_config.get(DATA_PATH, "") or "")
+        if not data_path:
+            return None
+        if "n_items" not in config:
+            raise ConfigError("this SuperNode runs from a partition (data-path) but the server "
+                              "sent no n_items: the ServerApp is not fedrec's")
+        return (data_path, self.partition_id, self.num_partitions, int(config["n_items"]))
+
+    def inner(self, config=None) -> Client:
         if self._inner is None:
             from fedrec.build import build_client
 
-            env = client_env(self.run_config)
+            env = client_env(self.run_config, self.device(config or {}))
             check_partitions(self.num_partitions, env.data.n_users)
             self.store = device_store(self.context, env.cfg, self.partition_id)
             self._inner = build_client(env, self.partition_id, self.store).to_client()
@@ -211,7 +242,7 @@ class UserClient(Client):
 
     def _rounds_from(self, config):
         """The server's checkpoint and resume rounds (public numbers) for a disk store."""
-        inner = self.inner()
+        inner = self.inner(config)
         if hasattr(self.store, "checkpoint_round"):
             self.store.checkpoint_round = int(config.get("checkpoint_round", 0))
             self.store.resume_round = int(config.get("resume_round", -1))
@@ -223,7 +254,7 @@ class UserClient(Client):
                                             NUM_PARTITIONS: self.num_partitions})
 
     def get_parameters(self, ins):
-        return self.inner().get_parameters(ins)
+        return self.inner(ins.config).get_parameters(ins)
 
     def fit(self, ins):
         return self._rounds_from(ins.config).fit(ins)

@@ -30,7 +30,9 @@ class PartitionClientManager(SimpleClientManager):
         super().__init__()
         self.n_users = int(n_users)
         self.poll_s = poll_s
-        self.partition: dict[str, int] = {}  # cid -> partition-id
+        self.partition: dict[str, int] = {}  # cid -> partition-id, connected nodes
+        self.roster: dict[int, object] = {}  # user -> the latest proxy seen for it
+        self.user_of_cid: dict[str, int] = {}  # every cid ever mapped -> its user
         self._resolve_lock = threading.Lock()
 
     def unregister(self, client):
@@ -102,11 +104,51 @@ class PartitionClientManager(SimpleClientManager):
         return True
 
     def partition_of(self, cid: str) -> int:
-        return self.partition[cid]
+        if cid in self.partition:
+            return self.partition[cid]
+        return self.user_of_cid[cid]  # a node that left after it was sent this round's message
 
     def all(self):
         self.resolve()
-        return {f"{self.partition[cid]:010d}": p for cid, p in self._snapshot().items()}
+        live = {f"{self.partition[cid]:010d}": p for cid, p in self._snapshot().items()}
+        for key, proxy in live.items():
+            self.roster[int(key)] = proxy
+            self.user_of_cid[proxy.cid] = int(key)
+        return live
+
+    def is_live(self, proxy) -> bool:
+        with self._cv:
+            return self.clients.get(proxy.cid) is proxy
+
+    def complete(self) -> bool:
+        """Every user's SuperNode has been seen at least once."""
+        return len(self.roster) == self.n_users
+
+
+class Roster:
+    """The strategy's view of the federation once every SuperNode was seen: every user, in
+    user order, whether its node is connected now or not, so a node that drops out does not
+    shift the seeded sampling of the others (the in-process runner samples among all users).
+    Before that it is the manager itself (round 1 waits for every SuperNode). The runner
+    sends messages to live nodes only and records each sampled user whose node is gone as a
+    failure (`absent`)."""
+
+    def __init__(self, manager: PartitionClientManager):
+        self.manager = manager
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        if self.manager.complete():
+            return True
+        return self.manager.wait_for(num_clients, timeout)
+
+    def all(self):
+        live = self.manager.all()
+        if not self.manager.complete():
+            return live
+        return {f"{u:010d}": p for u, p in sorted(self.manager.roster.items())}
+
+    def num_available(self) -> int:
+        return len(self.all())
 
 
 class RoundTimer:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,8 @@ from flwr.server.strategy import Strategy
 from fedrec import environment
 from fedrec.checkpoint import checkpoint_path, load_checkpoint, remove_checkpoint, save_checkpoint
 from fedrec.client_app import app_run_config, load_experiment
-from fedrec.flower_nodes import PartitionClientManager, RoundTimer
+from fedrec.errors import ConfigError
+from fedrec.flower_nodes import PartitionClientManager, Roster, RoundTimer
 
 
 def is_simulation(proxy) -> bool:
@@ -82,6 +83,8 @@ class OrderedStrategy(Strategy):
         # simulation only (fedrec/adversary.py): called on the fit results before the strategy
         self.adversary = adversary
         self._runtime_checked = False
+        self.roster = Roster(manager)
+        self.absent: dict[int, list] = {}  # round (evaluation: -round) -> absent users
         # checkpoints (FlowerRun): save(round_done) every `checkpoint_every` rounds; a resumed
         # run skips the rounds before `first_round` and tells the devices where it resumed
         self.save = None
@@ -94,10 +97,13 @@ class OrderedStrategy(Strategy):
         return self.inner.initialize_parameters(client_manager)
 
     def _rounds_config(self, ins):
-        """The public round numbers a device with a disk store needs (clients/state.py)."""
+        """The public numbers a device needs: the round numbers of a disk store
+        (clients/state.py), and the number of items (a device built from its partition file
+        alone takes it from here, fedrec.partition)."""
         for _, one in ins:
             one.config["checkpoint_round"] = self.last_checkpoint
             one.config["resume_round"] = self.resume_round
+            one.config["n_items"] = int(self.inner.n_items)
         return ins
 
     def configure_fit(self, server_round, parameters, client_manager):
@@ -109,7 +115,8 @@ class OrderedStrategy(Strategy):
             self.save(done)
             self.last_checkpoint = done
         self.timer.fit_start[server_round] = time.perf_counter()
-        ins = self._rounds_config(self.inner.configure_fit(server_round, parameters, client_manager))
+        ins = self._live(server_round, self._rounds_config(
+            self.inner.configure_fit(server_round, parameters, self.roster)))
         if not self._runtime_checked and ins:
             self._runtime_checked = True
             if not is_simulation(ins[0][0]):
@@ -120,6 +127,7 @@ class OrderedStrategy(Strategy):
         return ins
 
     def aggregate_fit(self, server_round, results, failures):
+        failures = list(failures) + [("absent", user) for user in self.absent.get(server_round, [])]
         results = sorted(results, key=lambda r: self.manager.partition_of(r[0].cid))
         attack = {}
         if self.adversary is not None:
@@ -142,8 +150,20 @@ class OrderedStrategy(Strategy):
         if server_round < self.first_round:
             return []
         self.timer.eval_start[server_round] = time.perf_counter()
-        return self._rounds_config(self.inner.configure_evaluate(server_round, parameters,
-                                                                 client_manager))
+        return self._live(-server_round, self._rounds_config(
+            self.inner.configure_evaluate(server_round, parameters, self.roster)))
+
+    def _live(self, key: int, ins):
+        """Messages for connected nodes only; sampled users whose node is gone are kept in
+        `absent[key]` (fit: the round, evaluation: minus the round) and recorded as failures."""
+        live = [(proxy, one) for proxy, one in ins if self.manager.is_live(proxy)]
+        gone = [self.manager.partition_of(proxy.cid) for proxy, _ in ins
+                if not self.manager.is_live(proxy)]
+        if gone:
+            self.absent[key] = gone
+            log(WARNING, "fedrec: round %d: user(s) %s sampled but their SuperNode is gone",
+                abs(key), gone)
+        return live
 
     def aggregate_evaluate(self, server_round, results, failures):
         loss, metrics = self.inner.aggregate_evaluate(server_round, results, failures)
@@ -177,6 +197,33 @@ def apply_adversary(adversary, server_round, results, manager, strategy):
 
 
 # ---------------------------------------------------------------------------- server_fn
+
+
+def public_env(cfg, public_path):
+    """The server's env from an exported public.json (`public-info` run config): the model
+    and the counts, never the data set (fedrec.partition)."""
+    from clients.env import ClientEnv
+    from fedrec.build import build_model
+    from fedrec.partition import PublicData, read_public
+
+    data = PublicData(read_public(public_path, cfg))
+    return ClientEnv(cfg=cfg, model=build_model(cfg, data), data=data)
+
+
+def public_adversary(cfg):
+    """A server without the data set runs local attacks only (they run on the devices);
+    a colluding or omniscient one is refused here, before any round, in one line."""
+    from fedrec.adversary import attack_class
+
+    cls = attack_class(cfg)
+    if cls is not None:
+        knowledge = cls.knowledge_from(cfg)
+        if knowledge != "local":
+            raise ConfigError(
+                f"attack {cfg.attack.name!r} has {knowledge} knowledge, which only a simulation "
+                "can give (fedrec/adversary.py); a deployment runs local attacks only "
+                "(attack.knowledge: local, or another attack)")
+    return None
 
 
 def output_root(run_config, cfg) -> Path:
@@ -225,7 +272,8 @@ class FlowerRun:
         configure_threads()
         run_config = app_run_config(context, defaults)
         cfg, path, overrides = load_experiment(run_config)
-        env = build_env(cfg)
+        public = str(run_config.get("public-info", "") or "")
+        env = build_env(cfg) if not public else public_env(cfg, public)
         n_users = env.data.n_users
         run_dir = flwr_run_dir(cfg, output_root(run_config, cfg))
         log(INFO, "fedrec: experiment %s%s, %d users; run directory %s", path,
@@ -244,9 +292,14 @@ class FlowerRun:
         self.strategy = build_strategy(cfg, env,
                                        min_available_clients=cfg.flower.min_available_clients or n_users,
                                        fraction_evaluate=fe if fe >= 0 else None)
-        self.ledger = RunLedger(self.recorder, DetectionTracker(malicious_set(env)))
+        if public:  # a deployment's server: no data set, so no ground truth and no adversary
+            adversary = public_adversary(cfg)
+            self.ledger = RunLedger(self.recorder, None)
+        else:
+            adversary = make_adversary(cfg, env)
+            self.ledger = RunLedger(self.recorder, DetectionTracker(malicious_set(env)))
         self.ordered = OrderedStrategy(self.strategy, self.manager, self.timer, self.ledger,
-                                       adversary=make_adversary(cfg, env))
+                                       adversary=adversary)
         if self.resumable:
             self.ordered.save = self.save_checkpoint
             self.ordered.checkpoint_every = cfg.output.checkpoint_every
