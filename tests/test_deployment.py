@@ -1,170 +1,43 @@
-"""A real Flower deployment on loopback gives the in-process runner's results exactly.
+"""Real Flower deployments (tests/deployment_harness.py): separate SuperLink and SuperNode
+processes, each SuperNode holding only its exported partition file, the ServerApp only the
+public.json (`fedrec partition export`); `flwr run . deployment --stream` against them.
 
-`flower-superlink --insecure` on 127.0.0.1 (free port), three `flower-supernode --insecure`
-processes (one per user: `--node-config "partition-id=i num-partitions=3"`, each its own
-port and FLWR_HOME, as on three machines), a connection in a temporary $FLWR_HOME/config.toml,
-and `flwr run . <connection> --stream --run-config 'experiment=... overrides=... output-dir=...'`
-on experiments/quickstart.yaml shrunk to 3 users by `overrides`. The experiment file is found
-in the FAB that `flwr run` ships (the processes run in a temporary directory), and every user
-trains every round, so the final metrics, every per-round row and the server's item table
-equal `fedrec.engine.run_experiment`'s on the same resolved config, bit for bit.
+- loopback, plain: every user trains every round, so the final metrics, every per-round row
+  and the server's item table equal `fedrec.engine.run_experiment`'s, bit for bit;
+- several hosts (a network namespace each, veth links to one bridge), TLS and SuperNode
+  authentication: an unregistered SuperNode and one without the CA are refused; one SuperNode
+  is killed mid-run (its ClientApps too) and its failure recorded, it comes back and rejoins,
+  the run completes, and the rounds before the kill equal the in-process runner's.
 
-Every process started here (and whatever they start) is stopped by PID in a `finally`. Skipped
-when the Flower binaries are missing. Slow, so opt-in (FEDREC_RUN_SLOW=1): about 110 s on a
-busy 2-core machine, since both sides poll every few seconds, every message starts a fresh
-ClientApp process (which imports torch), and `flwr run .` walks the whole project directory,
-.venv included, to build the FAB.
+Neither the SuperNodes nor the ServerApp open the data set: their cache folders stay empty.
+Every process started here is stopped by PID, namespaces and links removed, in `finally`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import deployment_harness as dh  # noqa: E402
+
+ROOT = dh.ROOT
 EXPERIMENT = "experiments/quickstart.yaml"
-N_USERS = 3
-OVERRIDES = ";".join([
-    f"data.synthetic.n_users={N_USERS}", "data.attacker_pool=0", "train.rounds=2",
-    f"train.clients_per_round={N_USERS}", "eval.every=1", "eval.fraction=1.0", "model.dim=8",
-    "output.progress=false",
-])
-BINARIES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
-RUN_TIMEOUT_S = 180
 
 
-def _bin(name: str) -> str | None:
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else shutil.which(name)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-# ---------------------------------------------------------------------------- processes
-
-
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, session id, state) for every process (Linux /proc)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(d.name)] = (int(fields[1]), int(fields[3]), fields[0])
-    return out
-
-
-class Processes:
-    """Processes started here, each in a session of its own; `stop()` ends them and everything
-    they started (SuperExec, ServerApp, ClientApps), also what was re-parented meanwhile: every
-    process in a session led by one of them. By PID only."""
-
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, cmd: list[str], env: dict, cwd: Path) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        self.procs.append((name, proc))
-        return proc
-
-    def _ours(self) -> set[int]:
-        table = _proc_table()
-        ours = {p.pid for _, p in self.procs}
-        todo = list(ours)
-        while todo:
-            parent = todo.pop()
-            for pid, (ppid, _, _) in table.items():
-                if ppid == parent and pid not in ours:
-                    ours.add(pid)
-                    todo.append(pid)
-        return ours
-
-    @staticmethod
-    def _alive(ours: set[int]) -> list[int]:
-        return [pid for pid, (_, sid, state) in _proc_table().items()
-                if (pid in ours or sid in ours) and state != "Z" and pid != os.getpid()]
-
-    def stop(self):
-        ours = self._ours()  # collected before anything is re-parented
-        for _, p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + 10
-        for _, p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            left = self._alive(ours)
-            for pid in left:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            while left and time.monotonic() < deadline:
-                time.sleep(0.1)
-                left = self._alive(ours)
-        for _, p in self.procs:  # reap
-            try:
-                p.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def tail(self, n: int = 3000) -> str:
-        out = []
-        for name, _ in self.procs:
-            text = (self.logs / f"{name}.log").read_text(errors="replace")
-            out.append(f"---- {name} ----\n{text[-n:]}")
-        return "\n".join(out)
-
-
-def _wait_healthy(proc: subprocess.Popen, port: int, what: str, timeout: float = 60):
-    url = f"http://127.0.0.1:{port}/health"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=0.5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not answer on {url} within {timeout:.0f}s")
-
-
-# ---------------------------------------------------------------------------- results
+def _overrides(n_users: int, rounds: int, extra=()) -> str:
+    return ";".join([
+        f"data.synthetic.n_users={n_users}", "data.attacker_pool=0", f"train.rounds={rounds}",
+        f"train.clients_per_round={n_users}", "eval.every=1", "eval.fraction=1.0",
+        "model.dim=8", "output.progress=false", *extra])
 
 
 def _rows(path: Path) -> dict[int, dict]:
@@ -172,106 +45,85 @@ def _rows(path: Path) -> dict[int, dict]:
         return {int(r["round"]): r for r in csv.DictReader(f)}
 
 
-def _engine_run(cfg, out_root, monkeypatch):
-    """run_experiment, keeping the strategy's final global arrays."""
+def _prepare(tmp_path, monkeypatch, overrides: str):
+    """The engine's run of the resolved config, and the exported partitions."""
     from conftest import engine_run_capturing_arrays
-
-    return engine_run_capturing_arrays(cfg, out_root, monkeypatch)
-
-
-# ---------------------------------------------------------------------------- the test
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FEDREC_RUN_SLOW"), reason="set FEDREC_RUN_SLOW=1")
-def test_loopback_deployment_matches_engine(tmp_path, monkeypatch):
-    missing = [b for b in BINARIES if _bin(b) is None]
-    if missing:
-        pytest.skip(f"Flower binaries not found: {', '.join(missing)}")
-
     from fedrec.client_app import split_overrides
     from fedrec.config import load_one
 
-    cfg = load_one(ROOT / EXPERIMENT, split_overrides(OVERRIDES))
-    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
-    engine_summary, engine_arrays = _engine_run(cfg, tmp_path / "engine", monkeypatch)
+    cfg = load_one(ROOT / EXPERIMENT, split_overrides(overrides))
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "engine-cache"))
+    engine_summary, engine_arrays = engine_run_capturing_arrays(cfg, tmp_path / "engine",
+                                                                monkeypatch)
     assert engine_summary["status"] == "complete"
-    assert engine_summary["data"]["users"] == N_USERS
+    parts = tmp_path / "parts"
+    res = subprocess.run([sys.executable, "-m", "fedrec", "partition", "export", EXPERIMENT,
+                          str(parts), *sum((["--set", o] for o in split_overrides(overrides)), [])],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**dh.os.environ, "FEDREC_CACHE": str(tmp_path / "export-cache")})
+    assert res.returncode == 0, res.stderr
+    return cfg, engine_summary, engine_arrays, parts
 
-    t0 = time.perf_counter()
-    work = tmp_path / "work"  # the processes' working directory: nothing of the project here
-    logs = tmp_path / "logs"
-    for d in (work, logs):
-        d.mkdir()
-    out_root = tmp_path / "flwr-runs"
-    link_port, *node_ports = _free_ports(1 + N_USERS)
-    bindir = str(Path(_bin("flwr")).parent)
-    base_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("FLWR_", "FEDREC_", "RAY_"))}
-    base_env.update({"PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-                     "FEDREC_CACHE": str(tmp_path / "cache"), "FEDREC_SAVE_MODEL": "1",
-                     "FLWR_DISABLE_UPDATE_CHECK": "1"})
 
-    def env_with_home(name: str) -> dict:
-        home = tmp_path / "homes" / name
-        home.mkdir(parents=True)
-        return {**base_env, "FLWR_HOME": str(home)}
+def _run_config(overrides: str, out_root: Path, parts: Path) -> str:
+    return " ".join([f'experiment="{EXPERIMENT}"', f'overrides="{overrides}"',
+                     f'output-dir="{out_root}"', f'public-info="{parts / "public.json"}"'])
 
-    # the CLI's connection table
-    cli_env = env_with_home("cli")
-    Path(cli_env["FLWR_HOME"], "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n'
-        '[superlink.local]\naddress = ":local:"\n\n'
-        f'[superlink.loopback-deployment]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
 
-    procs = Processes(logs)
-    try:
-        link = procs.start("superlink", [
-            _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
-            "--disable-runtime-dependency-installation",
-            "--database", str(tmp_path / "superlink.db")], env_with_home("superlink"), work)
-        _wait_healthy(link, link_port, "flower-superlink")
-        for i, port in enumerate(node_ports):
-            procs.start(f"supernode-{i}", [
-                _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--host", "127.0.0.1", "--port", str(port),
-                "--node-config", f"partition-id={i} num-partitions={N_USERS}"],
-                env_with_home(f"supernode-{i}"), work)
-        run_config = " ".join([f'experiment="{EXPERIMENT}"', f'overrides="{OVERRIDES}"',
-                               f'output-dir="{out_root}"'])
-        try:
-            res = subprocess.run([_bin("flwr"), "run", ".", "loopback-deployment", "--stream",
-                                  "--run-config", run_config], cwd=str(ROOT), env=cli_env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 timeout=RUN_TIMEOUT_S)
-            out = res.stdout
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            pytest.fail(f"flwr run did not finish in {RUN_TIMEOUT_S}s\n{out[-3000:]}\n"
-                        f"{procs.tail()}")
-        assert res.returncode == 0, f"{out[-4000:]}\n{procs.tail()}"
-        assert "fedrec: final" in out, f"{out[-4000:]}\n{procs.tail()}"
-    finally:
-        procs.stop()
-    elapsed = time.perf_counter() - t0
-    left = Processes._alive(procs._ours() | {p.pid for _, p in procs.procs})
-    assert not left, f"processes left running: {left}"
-
-    # the run directory: summary.json with final test metrics, equal to the engine's
+def _flwr_dir(out_root: Path, cfg) -> Path:
     dirs = sorted(out_root.glob(f"{cfg.name}-*-flwr"))
-    assert len(dirs) == 1, list(out_root.iterdir()) if out_root.exists() else out
-    flwr_dir = dirs[0]
+    assert len(dirs) == 1, list(out_root.iterdir()) if out_root.exists() else "no runs"
+    return dirs[0]
+
+
+def _no_data_opened(*caches: Path):
+    for c in caches:
+        assert not c.exists() or not any(c.rglob("*")), f"data were prepared in {c}"
+
+
+def _skip_without_binaries():
+    missing = dh.missing_binaries()
+    if missing:
+        pytest.skip(f"Flower binaries not found: {', '.join(missing)}")
+
+
+@pytest.mark.slow
+def test_loopback_deployment_from_partitions_matches_engine(tmp_path, monkeypatch):
+    _skip_without_binaries()
+    n_users = 3
+    overrides = _overrides(n_users, 2)
+    cfg, engine_summary, engine_arrays, parts = _prepare(tmp_path, monkeypatch, overrides)
+    out_root = tmp_path / "flwr-runs"
+    caches = {"server": tmp_path / "server-cache"}
+    fed = dh.Federation(tmp_path / "fed", env={"FEDREC_SAVE_MODEL": "1"})
+    t0 = time.perf_counter()
+    try:
+        fed.base_env["FEDREC_CACHE"] = str(caches["server"])
+        fed.start_superlink()
+        for i in range(n_users):
+            caches[f"node{i}"] = tmp_path / f"node{i}-cache"
+            fed.start_supernode(
+                f"supernode-{i}",
+                f"partition-id={i} num-partitions={n_users} data-path=\"{parts}/user-{i}.json\"",
+                env={"FEDREC_CACHE": str(caches[f"node{i}"])})
+        rc, out = fed.flwr_run(_run_config(overrides, out_root, parts), timeout=240)
+        assert rc == 0, f"{out[-4000:]}\n{fed.procs.tail()}"
+        assert "fedrec: final" in out, f"{out[-4000:]}\n{fed.procs.tail()}"
+    finally:
+        fed.stop()
+    elapsed = time.perf_counter() - t0
+    assert not dh.alive(fed.procs.ours()), "processes left running"
+    _no_data_opened(*caches.values())
+
+    flwr_dir = _flwr_dir(out_root, cfg)
     summary = json.loads((flwr_dir / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["runner"] == "flwr"
-    assert summary["supernodes"] == N_USERS
-    assert summary["overrides"] == split_overrides(OVERRIDES)
-    f_final = {k: v for k, v in summary["final"].items() if k.startswith(("test_", "val_"))}
-    e_final = {k: v for k, v in engine_summary["final"].items()
-               if k.startswith(("test_", "val_"))}
+    assert summary["supernodes"] == n_users and summary["client_failures"] == 0
+    pick = ("test_", "val_")
+    f_final = {k: v for k, v in summary["final"].items() if k.startswith(pick)}
+    e_final = {k: v for k, v in engine_summary["final"].items() if k.startswith(pick)}
     assert {f"test_hr@{k}" for k in cfg.eval.ks} <= set(f_final)
-    assert {f"test_ndcg@{k}" for k in cfg.eval.ks} <= set(f_final)
     assert f_final == e_final  # exact
-    # every round's losses, accepted counts and evaluations too
     e_rows = _rows(Path(engine_summary["run_dir"]) / "metrics.csv")
     f_rows = _rows(flwr_dir / "metrics.csv")
     assert e_rows.keys() == f_rows.keys() == set(range(1, cfg.train.rounds + 1))
@@ -279,7 +131,105 @@ def test_loopback_deployment_matches_engine(tmp_path, monkeypatch):
         for k, v in row.items():
             if k.startswith(("test_", "val_", "train_loss", "accepted", "clients")):
                 assert f_rows[rnd][k] == v, (rnd, k, f_rows[rnd][k], v)
-    # and the server's final item table (FEDREC_SAVE_MODEL=1)
     model = np.load(flwr_dir / "model.npz")
     assert np.array_equal(model["item_table"], engine_arrays[0])
-    print(f"loopback deployment: {elapsed:.1f}s; final {f_final}")
+    print(f"loopback deployment from partitions: {elapsed:.1f}s")
+
+
+@pytest.mark.slow
+def test_secure_multi_host_deployment_survives_a_lost_supernode(tmp_path, monkeypatch):
+    _skip_without_binaries()
+    why = dh.Hosts.available()
+    if why:
+        pytest.skip(f"no network namespaces here: {why}")
+    n_users, rounds, kill_at = 3, 6, 3
+    overrides = _overrides(n_users, rounds, ["flower.round_timeout=20"])
+    cfg, engine_summary, _, parts = _prepare(tmp_path, monkeypatch, overrides)
+    out_root = tmp_path / "flwr-runs"
+    names = ["link"] + [f"node{i}" for i in range(n_users)] + ["rogue", "nocert"]
+    with dh.Hosts(names) as hosts:
+        certs = tmp_path / "certs"
+        res = subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), "--out",
+                              str(certs), "--nodes", str(n_users + 1), "--san",
+                              hosts.ip["link"]], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        caches = {"server": tmp_path / "server-cache"}
+        fed = dh.Federation(tmp_path / "fed", certs=certs, auth=True, hosts=hosts,
+                            link_host="link", env={"FEDREC_CACHE": str(caches["server"])})
+
+        def node(i: int):
+            caches[f"node{i}"] = tmp_path / f"node{i}-cache"
+            return fed.start_supernode(
+                f"supernode-{i}",
+                f"partition-id={i} num-partitions={n_users} data-path=\"{parts}/user-{i}.json\"",
+                host=f"node{i}", key=certs / f"supernode-{i}",
+                env={"FEDREC_CACHE": str(caches[f"node{i}"])})
+
+        events: dict[str, float] = {}
+        lock = threading.Lock()
+
+        def on_line(line: str):
+            # kill user 1's host when round `kill_at` starts; bring it back one round later
+            with lock:
+                if f"[ROUND {kill_at}]" in line and "killed" not in events:
+                    fed.procs.kill("supernode-1")
+                    events["killed"] = time.monotonic()
+                elif f"[ROUND {kill_at + 1}]" in line and "back" not in events:
+                    node(1)
+                    events["back"] = time.monotonic()
+
+        t0 = time.perf_counter()
+        try:
+            fed.start_superlink()
+            for i in range(n_users):
+                reg = fed.register(certs / f"supernode-{i}.pub")
+                assert reg.returncode == 0 and "registered" in reg.stdout, reg.stdout + reg.stderr
+            for i in range(n_users):
+                node(i)
+            # an unregistered key, and a node that does not trust the CA: both refused
+            rogue = fed.start_supernode("rogue", f"partition-id=0 num-partitions={n_users}",
+                                        host="rogue", key=certs / f"supernode-{n_users}",
+                                        max_retries=1)
+            nocert = fed.start_supernode("nocert", f"partition-id=0 num-partitions={n_users}",
+                                         host="nocert", key=certs / "supernode-0",
+                                         root_certificates=False, max_retries=1)
+            rc, out = fed.flwr_run(_run_config(overrides, out_root, parts), timeout=420,
+                                   on_line=on_line)
+            assert rc == 0, f"{out[-4000:]}\n{fed.procs.tail()}"
+            assert "fedrec: final" in out, f"{out[-4000:]}\n{fed.procs.tail()}"
+            for p, name in ((rogue, "rogue"), (nocert, "nocert")):
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"{name} SuperNode still running: it was not refused\n"
+                                f"{fed.procs.log_text(name)[-2000:]}")
+                assert p.returncode != 0
+            assert "Failed to activate SuperNode" in fed.procs.log_text("rogue"), \
+                fed.procs.log_text("rogue")[-2000:]
+            assert "CERTIFICATE_VERIFY_FAILED" in fed.procs.log_text("nocert"), \
+                fed.procs.log_text("nocert")[-2000:]
+        finally:
+            fed.stop()
+        elapsed = time.perf_counter() - t0
+        assert not dh.alive(fed.procs.ours()), "processes left running"
+    assert {"killed", "back"} <= set(events), out[-3000:]
+    _no_data_opened(*caches.values())
+
+    flwr_dir = _flwr_dir(out_root, cfg)
+    summary = json.loads((flwr_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["supernodes"] == n_users
+    f_rows = _rows(flwr_dir / "metrics.csv")
+    e_rows = _rows(Path(engine_summary["run_dir"]) / "metrics.csv")
+    assert f_rows.keys() == set(range(1, rounds + 1))
+    # before the kill: the in-process runner's rounds exactly
+    for rnd in range(1, kill_at):
+        for k, v in e_rows[rnd].items():
+            if k.startswith(("test_", "val_", "train_loss", "accepted", "clients")):
+                assert f_rows[rnd][k] == v, (rnd, k, f_rows[rnd][k], v)
+    # the lost SuperNode's round is a failure, not a crash; it rejoins later
+    failed = [r for r in range(kill_at, rounds + 1) if int(f_rows[r]["failures"]) > 0]
+    assert failed and min(failed) == kill_at, {r: f_rows[r]["failures"] for r in f_rows}
+    assert summary["client_failures"] >= 1
+    last = f_rows[rounds]
+    assert int(last["failures"]) == 0 and int(last["accepted"]) == n_users, last
+    print(f"multi-host TLS + auth deployment: {elapsed:.1f}s, failures in rounds {failed}")
