@@ -139,16 +139,51 @@ EOF
 echo "demo: SuperLink (pid $SL_PID) on 127.0.0.1:$HTTP_PORT; $N_USERS SuperNodes, one per user" >&2
 
 # ---------------------------------------------------------------------------- flwr run
+# Flower's round-by-round log goes to $RUN_DIR/flwr.log; the terminal gets one progress line
+# (a bar on a terminal, a line per tenth of the run otherwise) and the final table.
 touch "$FLWR_HOME/started"
+mkdir -p "$RUN_DIR"
+FLWR_LOG="$RUN_DIR/flwr.log"
+ROUNDS=$("$PY" -c 'import sys; from fedrec.client_app import split_overrides; from fedrec.config import load_one; print(load_one(sys.argv[1], split_overrides(sys.argv[2])).train.rounds)' "$EXPERIMENT" "$OVERRIDES")
 RUN_CONFIG="experiment=\"$EXPERIMENT\""
 [ -z "$OVERRIDES" ] || RUN_CONFIG="$RUN_CONFIG overrides=\"$OVERRIDES\""
+echo "demo: flwr run . --stream ($ROUNDS rounds); Flower's log: ${FLWR_LOG#"$ROOT"/}" >&2
 set +e
 "$VBIN/flwr" run . --stream \
   --federation-config "num-supernodes=$N_USERS client-resources-num-cpus=1" \
-  --run-config "$RUN_CONFIG"
-FLWR_RC=$?
+  --run-config "$RUN_CONFIG" 2>&1 | "$PY" -u -c '
+import re, sys, time
+log, total = open(sys.argv[1], "w"), int(sys.argv[2])
+tty, t0, shown, step = sys.stderr.isatty(), time.monotonic(), 0, max(1, total // 10)
+for line in sys.stdin:
+    log.write(line)
+    log.flush()
+    m = re.search(r"\[ROUND (\d+)\]", line)
+    if not m:
+        continue
+    r = int(m.group(1)) - 1  # rounds done
+    if r == 0:
+        t0 = time.monotonic()  # from round 1 on: start-up (Ray, 250 nodes) is not a round
+    el = time.monotonic() - t0
+    eta = f", about {el / r * (total - r):.0f} s left" if r else ""
+    if tty:
+        bar = "#" * (30 * r // total)
+        print(f"\r  [{bar:<30}] round {r}/{total}{eta}   ", end="", file=sys.stderr, flush=True)
+    elif r - shown >= step:
+        shown = r
+        print(f"  round {r}/{total} ({el:.0f} s{eta})", file=sys.stderr, flush=True)
+if tty:
+    full = "#" * 30
+    print(f"\r  [{full}] {total} rounds in {time.monotonic() - t0:.0f} s" + " " * 20,
+          file=sys.stderr)
+' "$FLWR_LOG" "$ROUNDS"
+FLWR_RC=${PIPESTATUS[0]}
 set -e
 stop_superlink
+if [ "$FLWR_RC" -ne 0 ]; then
+  echo "---- last lines of Flower's log ($FLWR_LOG) ----" >&2
+  tail -n 20 "$FLWR_LOG" >&2
+fi
 
 # ---------------------------------------------------------------------------- results
 SUMMARY="$RUN_DIR/summary.json"
