@@ -33,9 +33,9 @@ ROOT = dh.ROOT
 EXPERIMENT = "experiments/quickstart.yaml"
 
 
-def _overrides(n_users: int, rounds: int, extra=()) -> str:
+def _overrides(n_users: int, rounds: int, extra=(), pool: float = 0.0) -> str:
     return ";".join([
-        f"data.synthetic.n_users={n_users}", "data.attacker_pool=0", f"train.rounds={rounds}",
+        f"data.synthetic.n_users={n_users}", f"data.attacker_pool={pool}", f"train.rounds={rounds}",
         f"train.clients_per_round={n_users}", "eval.every=1", "eval.fraction=1.0",
         "model.dim=8", "output.progress=false", *extra])
 
@@ -90,9 +90,13 @@ def _skip_without_binaries():
 @pytest.mark.slow
 def test_loopback_deployment_from_partitions_matches_engine(tmp_path, monkeypatch):
     _skip_without_binaries()
-    n_users = 3
-    overrides = _overrides(n_users, 2)
+    n_users = 4  # one of them a LabelFlip attacker (a local attack: on its own SuperNode)
+    overrides = _overrides(n_users, 2, ["attack.name=labelflip", "attack.malicious_fraction=0.25"],
+                           pool=0.25)
     cfg, engine_summary, engine_arrays, parts = _prepare(tmp_path, monkeypatch, overrides)
+    attackers = [u for u in range(n_users)
+                 if json.loads((parts / f"user-{u}.json").read_text())["malicious"]]
+    assert len(attackers) == 1
     out_root = tmp_path / "flwr-runs"
     caches = {"server": tmp_path / "server-cache"}
     fed = dh.Federation(tmp_path / "fed", env={"FEDREC_SAVE_MODEL": "1"})
