@@ -35,15 +35,33 @@ def missing_binaries() -> list[str]:
     return [b for b in BINARIES if bin_path(b) is None]
 
 
+_USED_PORTS: set[int] = set()
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
+    """`n` ports free now, below the kernel's ephemeral range (a port from bind(0) can be taken
+    by another process's outgoing connection before the server binds it) and never handed out
+    twice by this process."""
+    import random
+
     try:
-        for s in socks:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random(os.getpid() * 7919 + time.monotonic_ns())
+    out: list[int] = []
+    while len(out) < n:
+        port = rng.randrange(20000, max(20001, low))
+        if port in _USED_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _USED_PORTS.add(port)
+        out.append(port)
+    return out
 
 
 # ---------------------------------------------------------------------------- processes
