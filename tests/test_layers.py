@@ -29,7 +29,7 @@ FLOORS = {
     "fedrec.engine": 4, "fedrec.parallel": 4, "fedrec.ledger": 4, "fedrec.checkpoint": 4,
     "fedrec.client_app": 4, "fedrec.flower_nodes": 4,
     "fedrec.server_app": 4, "fedrec.detector_tools": 4, "fedrec.report": 4, "fedrec.plots": 4,
-    "fedrec.grid": 4,
+    "fedrec.grid": 4, "fedrec.partition": 4,
     # 5: the command line
     "fedrec.cli": 5, "fedrec.__main__": 5,
 }
