@@ -91,7 +91,8 @@ def _mean_std(rows: list, keys) -> dict:
     return out
 
 
-KEYS = ("f1", "precision", "recall", "f1@0.5", "auc", "user_cos", "base_rate")
+KEYS = ("f1", "precision", "recall", "f1@0.5", "auc", "user_cos", "base_rate", "f1_signfree",
+        "auc_signfree", "user_cos_abs")
 
 
 def attack_group(engine, cfg, group, ks, acfg: AttackConfig, baselines, k_baselines=1):

@@ -54,6 +54,10 @@ def score(candidates, scores, true_positives, user_hat=None, user_true=None,
     p5, r5, f5 = prf(np.asarray(scores) > threshold, labels)
     out = {"precision": p, "recall": r, "f1": f, "precision@0.5": p5, "recall@0.5": r5,
            "f1@0.5": f5, "auc": auc(scores, labels), "base_rate": n / max(len(labels), 1)}
+    # up to one global sign (MF's symmetry: labels flipped with u -> -u fit as well)
+    out["f1_signfree"] = max(f, prf(top_n(-np.asarray(scores, np.float64), n), labels)[2])
+    out["auc_signfree"] = max(out["auc"], 1 - out["auc"])
     if user_hat is not None and user_true is not None:
         out["user_cos"] = cosine(user_hat, user_true)
+        out["user_cos_abs"] = abs(out["user_cos"])
     return out
