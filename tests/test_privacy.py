@@ -14,7 +14,7 @@ from fedrec.privacy.metrics import auc, cosine, prf, score, top_n
 from fedrec.privacy.observer import Observation, Observer
 from fedrec.privacy.simulator import (RoundModel, relative_l2, replay_upload, round_model,
                                       simulate_membership, simulate_pairs)
-from tests.conftest import tiny_cfg
+from conftest import tiny_cfg
 
 TARGETS = [1, 5, 9, 14]
 FORCED = {1: [1, 3], 5: [2, 3, 4], 9: [4], 14: [5, 6]}
@@ -138,7 +138,7 @@ def test_observer_sees_what_the_strategy_sees_and_nothing_else(tmp_path):
 
 
 def test_observer_module_reaches_no_ground_truth():
-    from tests.test_layers import GROUND_TRUTH, import_graph, reachable
+    from test_layers import GROUND_TRUTH, import_graph, reachable
 
     graph = import_graph()
     for mod in ("fedrec.privacy.observer", "fedrec.privacy.inversion",
