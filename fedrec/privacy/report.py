@@ -21,12 +21,13 @@ def _method_rows(per_method: dict) -> list:
     for m, per_k in per_method.items():
         for k, s in sorted(per_k.items(), key=lambda kv: int(kv[0])):
             rows.append(f"| {NAMES.get(m, m)} | {k} | {_cell(s, 'f1')} | {_cell(s, 'f1@0.5')} | "
-                        f"{_cell(s, 'auc')} | {_cell(s, 'user_cos')} | {s['n']} |")
+                        f"{_cell(s, 'auc')} | {_cell(s, 'user_cos')} | {_cell(s, 'f1_signfree')} | "
+                        f"{_cell(s, 'user_cos_abs')} | {s['n']} |")
     return rows
 
 
-HEAD = ["| method | k | F1 (top-\\|P\\|) | F1 (x>0.5) | AUC | user cos | targets |",
-        "|---|---|---|---|---|---|---|"]
+HEAD = ["| method | k | F1 (top-\\|P\\|) | F1 (x>0.5) | AUC | user cos | F1 up to sign | "
+        "\\|user cos\\| | targets |", "|---|---|---|---|---|---|---|---|---|"]
 
 
 def tables(result: dict) -> str:
@@ -44,12 +45,14 @@ def tables(result: dict) -> str:
     lines += [f"## Early in training (t1 = {early:g} of the rounds), every method", ""] + HEAD
     lines += _method_rows(sw["k"])
     lines += ["", "## Training progress (t1 as a fraction of the rounds)", "",
-              "| t1 | method | k | F1 | AUC | user cos |", "|---|---|---|---|---|---|"]
+              "| t1 | method | k | F1 | AUC | user cos | F1 up to sign |",
+              "|---|---|---|---|---|---|---|"]
     for p, per in sorted(sw["progress"].items(), key=lambda kv: float(kv[0])):
-        for m in ("mgradinv", "sign_split", "sign_split_oracle", "random"):
+        for m in ("mgradinv", "sign_split", "sign_split_oracle", "imia", "random"):
             for k, s in sorted(per.get(m, {}).items(), key=lambda kv: int(kv[0])):
                 lines.append(f"| {float(p):g} | {NAMES[m]} | {k} | {_cell(s, 'f1')} | "
-                             f"{_cell(s, 'auc')} | {_cell(s, 'user_cos')} |")
+                             f"{_cell(s, 'auc')} | {_cell(s, 'user_cos')} | "
+                             f"{_cell(s, 'f1_signfree')} |")
     lines += ["", "## Interval between the observed rounds (t1 early)", "",
               "| interval | method | k | F1 | AUC | user cos |", "|---|---|---|---|---|---|"]
     for d, per in sorted(sw["interval"].items(), key=lambda kv: int(kv[0])):
