@@ -35,7 +35,7 @@ FLOORS = {
     # runners (tests/test_privacy.py also checks that the attack never reaches ground truth)
     "fedrec.privacy": 4, "fedrec.privacy.observer": 1, "fedrec.privacy.simulator": 1,
     "fedrec.privacy.inversion": 1, "fedrec.privacy.baselines": 1, "fedrec.privacy.metrics": 1,
-    "fedrec.privacy.countermeasures": 1,
+    "fedrec.privacy.countermeasures": 1, "fedrec.privacy.replay": 1,
     # 5: the command line
     "fedrec.cli": 5, "fedrec.__main__": 5,
 }

@@ -19,9 +19,8 @@ times n under train.loss_reduction = sum. The coefficients come from the loss
   expected pairing under a random one).
 Every operation is batched over ids and guesses (no Python loop over items).
 
-`replay_upload` is the other simulator: the package's own client code (the model's
-`gradients_cohort`, `reduced`) on a given user row and pairs, with the client's round
-generator for dropout masks; exact for every option but not differentiable.
+`fedrec.privacy.replay.replay_upload` is the other simulator: the package's own client code
+on a given user row and pairs; it runs a device object, so it lives apart from the attack.
 """
 
 from __future__ import annotations
@@ -173,21 +172,6 @@ def simulate_membership(rm: RoundModel, user, x, n_pairs):
         c = rm.relaxed_coefficients(f["s"], _t(x)[None], n_pairs)
         rows, pred, ug = rm.upload(f, c)
     return rows[0].numpy(), [p[0].numpy() for p in pred], ug[0].numpy()
-
-
-def replay_upload(client, arrays, user, pos, neg, rnd: int):
-    """The package's own client code on (user row, pairs) at `arrays`, with the client's round
-    generator (its dropout masks): (ids, rows, predictor) as the client computes them, before
-    any countermeasure. Exact for dropout and fresh negatives alike."""
-    from clients.streams import ROUND
-
-    rng = client.stream(ROUND, rnd)
-    if client.cfg.data.negatives == "fresh":  # the round's first draws are its negatives
-        client.draw_negatives(rng)
-    g = client.model.gradients(arrays[0], list(arrays[1:]), np.asarray(user, np.float32),
-                               np.asarray(pos), np.asarray(neg), rng, **client.weight_decay())
-    g = client.reduced(g)
-    return g.item_ids, g.item_rows, g.predictor
 
 
 def relative_l2(sim_rows, sim_pred, obs_rows, obs_pred) -> float:
