@@ -250,3 +250,23 @@ def test_countermeasures(tmp_path):
     extra = np.setdiff1d(p[0], ids)
     assert len(extra) == len(ids) and not np.isin(extra, client.known_sorted).any()
     assert np.all(np.diff(p[0]) > 0) and np.abs(p[1][np.isin(p[0], extra)]).sum() > 0
+
+
+@pytest.mark.parametrize("optimizer,distance,mode", [("adam", "l2", "coupled"),
+                                                     ("adam", "cos", "shared"),
+                                                     ("adam", "cos", "free"),
+                                                     ("lbfgs", "cos", "coupled")])
+def test_inversion_variants_run_and_beat_random(tmp_path, optimizer, distance, mode):
+    cfg = _cfg(tmp_path, "ncf", "bce", model__dim=8)
+    e = _engine(cfg, rounds=3)
+    u = 5
+    obs = e.observer.observations(u, FORCED[u])
+    t = e.truth[(u, obs[0].round)]
+    rms = [round_model(e.env.model, cfg, e.observer.model_at(o.round), o.item_ids) for o in obs]
+    scale = float(np.sqrt(np.mean(e.observer.model_at(obs[0].round)[0] ** 2)))
+    acfg = AttackConfig(optimizer=optimizer, distance=distance, user_mode=mode,
+                        iterations=60 if optimizer == "adam" else 40, restarts=2,
+                        lr=0.1 if optimizer == "adam" else 0.5)
+    r = Inversion(obs, rms, obs[0].num_examples, acfg, scale).run(seed=1)
+    assert np.isfinite(r.objective) and r.user.shape == (8,)
+    assert score(r.candidates, r.scores, t["train_items"])["auc"] > 0.7
