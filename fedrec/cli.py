@@ -1,4 +1,4 @@
-"""`fedrec` command line: run | data info | data fetch | report | keys | detector record | detector train.
+"""`fedrec` command line: run | data info | data fetch | report | keys | detector record | detector train | privacy run | privacy report.
 
 User errors (bad config, missing or malformed data) print one line and exit with code 2.
 """
@@ -160,6 +160,21 @@ def _cmd_keys(args) -> int:
     return 0
 
 
+def _cmd_privacy_run(args) -> int:
+    from fedrec.privacy.experiment import run
+
+    run(args.experiment, args.set, out=args.out, progress=not args.no_progress,
+        log=lambda m: print(m, flush=True))
+    return 0
+
+
+def _cmd_privacy_report(args) -> int:
+    from fedrec.privacy.report import write_report
+
+    print(write_report(args.dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedrec", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -241,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--max-iter", type=int, default=500)
     dt.add_argument("--threshold", type=float, default=0.5, help="for the held-out scores")
     dt.set_defaults(fn=_cmd_detector_train)
+    pv = sub.add_parser("privacy", help="MGradInv gradient inversion by the server, its sweeps "
+                                         "and countermeasures")
+    pvs = pv.add_subparsers(dest="privacy_cmd", required=True)
+    pr = pvs.add_parser("run", help="train with the observer, attack, write results.json, "
+                                    "table.md and plots")
+    pr.add_argument("experiment", help="an experiment YAML with a `privacy:` block")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key, e.g. --set privacy.targets=40")
+    pr.add_argument("--out", default=None, help="output folder (default: privacy.out)")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(fn=_cmd_privacy_run)
+    prr = pvs.add_parser("report", help="rewrite table.md and plots from a results.json folder")
+    prr.add_argument("dir")
+    prr.set_defaults(fn=_cmd_privacy_report)
     return p
 
 

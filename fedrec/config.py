@@ -456,9 +456,15 @@ def read_yaml(path) -> dict:
     return raw
 
 
+# top-level blocks read by other commands, not experiment keys: `privacy` (fedrec privacy run)
+OTHER_BLOCKS = ("privacy",)
+
+
 def from_dict(raw: dict, base_dir: str = "") -> ExperimentConfig:
     raw = dict(raw)
     raw.pop("grid", None)
+    for block in OTHER_BLOCKS:
+        raw.pop(block, None)
     cfg = _build(ExperimentConfig, raw)
     cfg.base_dir = str(base_dir)
     return cfg.validate()
@@ -471,6 +477,8 @@ def expand(raw: dict, overrides: dict | None = None, base_dir: str = "") -> list
     order the keys are written.
     """
     raw = deep_merge(raw, overrides or {})
+    for block in OTHER_BLOCKS:
+        raw.pop(block, None)
     grid = raw.pop("grid", None) or {}
     if not isinstance(grid, dict):
         raise ConfigError("grid: expected a mapping of dotted keys to lists of values")

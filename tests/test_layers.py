@@ -30,6 +30,12 @@ FLOORS = {
     "fedrec.client_app": 4, "fedrec.flower_nodes": 4,
     "fedrec.server_app": 4, "fedrec.detector_tools": 4, "fedrec.report": 4, "fedrec.plots": 4,
     "fedrec.grid": 4, "fedrec.partition": 4,
+    # the privacy attack (fedrec/privacy): the server's recorder, the simulator, the inversion,
+    # baselines, scoring and countermeasures sit with the parts; its runner and sweeps with the
+    # runners (tests/test_privacy.py also checks that the attack never reaches ground truth)
+    "fedrec.privacy": 4, "fedrec.privacy.observer": 1, "fedrec.privacy.simulator": 1,
+    "fedrec.privacy.inversion": 1, "fedrec.privacy.baselines": 1, "fedrec.privacy.metrics": 1,
+    "fedrec.privacy.countermeasures": 1, "fedrec.privacy.replay": 1,
     # 5: the command line
     "fedrec.cli": 5, "fedrec.__main__": 5,
 }
