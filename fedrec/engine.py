@@ -133,6 +133,8 @@ class Engine:
         self.timing = {"train_seconds": 0.0, "eval_seconds": 0.0}  # carried over by a resume
         self._sampled: dict = {}  # round -> users, drawn one round early with workers
         self._pool_started = False
+        self._targets = None  # attack.target's items and who holds them (fedrec.targets)
+        self.probe_memory: dict = {}  # an attack's evaluation probe (e.g. PipAttack's estimator)
 
     def client(self, user: int):
         """The user's client in this process (single-process mode only)."""
@@ -195,16 +197,33 @@ class Engine:
         per_split = not self.env.model.has_user_row
         vecs = None if per_split else self.user_vectors(users, rnd, "test")
         out = {}
+        targets, holds = self.targets()
         for split in ("val", "test"):
             target = data.val_item if split == "val" else data.test_item
             has = target[users] >= 0
             v = self.user_vectors(users[has], rnd, split) if per_split else vecs[has]
             res = evaluate_users(self.env.model, table, predictor, v, users[has], data,
-                                 split, cfg.eval.ks, cfg.eval.batch_users)
+                                 split, cfg.eval.ks, cfg.eval.batch_users, targets, holds)
             for key, vals in res["per_user"].items():
                 out[f"{split}_{key}"] = math.fsum(vals.tolist()) / len(vals) if len(vals) else 0.0
             out[f"{split}_users"] = int(has.sum())
+            if "exposure" in res:
+                from fedrec.targets import exposure_metrics
+
+                out.update(exposure_metrics(res["exposure"], targets, split, cfg.eval.ks))
+        probe = getattr(getattr(self.adversary, "attack_cls", None), "eval_probe", None)
+        if probe is not None and len(targets):
+            out.update(probe(self.env, arrays, rnd, targets, self.probe_memory))
         return self.ledger.eval(rnd, out, final)
+
+    def targets(self):
+        """(target items, (n_users, T) history membership) of `attack.target` (cached)."""
+        if self._targets is None:
+            from fedrec.targets import history_holds, resolve_targets
+
+            t = resolve_targets(self.cfg, self.env.data)
+            self._targets = (t, history_holds(self.env.data, t))
+        return self._targets
 
     def user_vectors(self, users, rnd: int, split: str) -> np.ndarray:
         """The representations of `users` at round `rnd` for `split`, computed where their
@@ -242,7 +261,8 @@ class Engine:
         return {"round": int(round_done), "strategy": self.strategy.state_dict(),
                 "clients": self.client_states(), "sampled": dict(self._sampled),
                 "adversary": None if self.adversary is None else self.adversary.state_dict(),
-                "ledger": self.ledger.state_dict(), "timing": dict(self.timing)}
+                "ledger": self.ledger.state_dict(), "timing": dict(self.timing),
+                "probe": copy.deepcopy(self.probe_memory)}
 
     def load_state_dict(self, state: dict):
         self.strategy.load_state_dict(state["strategy"])
@@ -252,6 +272,7 @@ class Engine:
             self.adversary.load_state_dict(state["adversary"])
         self.ledger.load_state_dict(state["ledger"])
         self.timing = dict(state["timing"])
+        self.probe_memory = copy.deepcopy(state.get("probe", {}))
         self.first_round = int(state["round"]) + 1
 
     def run(self, save_checkpoint=None) -> dict:
@@ -351,6 +372,8 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
     recorder = RunRecorder(cfg, run_dir, runner="engine", resume_round=resume)
     engine.ledger.recorder = recorder
     recorder.extra["data"] = engine.env.data.summary()
+    if cfg.attack.target != "none":
+        recorder.extra["targets"] = [int(t) for t in engine.targets()[0]]
     if saved is not None:
         engine.load_state_dict(saved["state"])
         recorder.extra["resumed_from_round"] = resume

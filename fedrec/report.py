@@ -19,7 +19,26 @@ import yaml
 
 from fedrec.results import find_runs, load_summary
 
-METRICS = ("test_hr@5", "test_ndcg@5", "test_hr@10", "test_ndcg@10")
+METRICS = ("test_hr@5", "test_ndcg@5", "test_hr@10", "test_ndcg@10", "test_er@5", "test_er@10",
+           "test_er_users")
+# targeted attacks: the area under the test ER@5 curve (fedrec.targets; `er_auc`)
+ER_CURVE = "test_er@5"
+
+
+def er_auc(run_dir, metric: str = ER_CURVE, start: int = 1):
+    """The mean of `metric` over the rounds from `start` to the last evaluated one (the
+    trapezoid area under its curve divided by the span; None without two points)."""
+    from fedrec.plots import read_curve
+
+    try:
+        xs, ys = read_curve(run_dir, metric)
+    except OSError:
+        return None
+    pts = [(x, y) for x, y in zip(xs, ys) if x >= start]
+    if len(pts) < 2:
+        return None
+    area = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(pts, pts[1:]))
+    return area / (pts[-1][0] - pts[0][0])
 DROPS = ("test_hr@5", "test_ndcg@5")
 DETECTION = ("det_precision", "det_recall", "det_f1")  # plus det_<stage>_precision/recall per filter
 
@@ -93,6 +112,8 @@ def setting_label(cfg: dict) -> str:
         params = a.get("params") or {}
         extra = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
         attack = f"{attack}{'(' + extra + ')' if extra else ''}@{a.get('malicious_fraction')}"
+    if a.get("target", "none") not in ("none", None):
+        attack += f" target={a.get('target')}"
     defense = "+".join([*filter_steps(s), s.get("rule", "mean")])
     return f"{data}/{model} {defense}/{s.get('aggregation', 'dense')} {attack}"
 
@@ -141,6 +162,8 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
             if isinstance(scores, dict):
                 for m in ("precision", "recall"):
                     row[f"det_{stage}_{m}"] = scores.get(m)
+        if final.get(ER_CURVE) is not None:
+            row["er_auc"] = er_auc(d, start=int((cfg.get("attack") or {}).get("start_round", 1) or 1))
         row["invalid_uploads"] = s.get("invalid_uploads_total")
         row["wall_time_s"] = s.get("wall_time_s")
         row["_setting"] = setting_key(cfg)
@@ -165,7 +188,7 @@ def seed_summary(rows) -> list[dict]:
     out = []
     for rs in groups.values():
         row = {"setting": rs[0]["setting"], "seeds": len(rs)}
-        for k in [*METRICS[:2], "drop_hr@5%", "drop_ndcg@5%", "drop0_hr@5%", "drop0_ndcg@5%",
+        for k in [*METRICS[:3], "test_er@5", "er_auc", "drop_hr@5%", "drop_ndcg@5%", "drop0_hr@5%", "drop0_ndcg@5%",
                   *DETECTION, "wall_time_s"]:
             m, sd = _mean_std(r.get(k) for r in rs)
             if m is None:
