@@ -268,14 +268,14 @@ class Engine:
         self.strategy.load_state_dict(state["strategy"])
         self.load_client_states(state["clients"])
         self._sampled = dict(state["sampled"])
-        if self.adversary is not None:
+        if self.adversary is not None and state["adversary"] is not None:  # None: a clean pretraining
             self.adversary.load_state_dict(state["adversary"])
         self.ledger.load_state_dict(state["ledger"])
         self.timing = dict(state["timing"])
         self.probe_memory = copy.deepcopy(state.get("probe", {}))
         self.first_round = int(state["round"]) + 1
 
-    def run(self, save_checkpoint=None) -> dict:
+    def run(self, save_checkpoint=None, save_final: bool = False) -> dict:
         """Rounds `first_round`..train.rounds. save_checkpoint(state): called with
         `state_dict()` every output.checkpoint_every rounds and when SIGTERM/SIGINT asks the
         run to stop (after the round in progress, which then raises RunInterrupted)."""
@@ -289,6 +289,12 @@ class Engine:
         last_eval: dict = {}
         fit: dict = {}
         eval_seconds = 0.0
+        probe = getattr(getattr(self.adversary, "attack_cls", None), "eval_probe", None)
+        if probe is not None and self.first_round == cfg.attack.start_round > 1 \
+                and len(self.targets()[0]) and not self.probe_memory:
+            # an attack resumed from its clean pretraining: the probe sees the model it attacks
+            probe(self.env, self.strategy.global_arrays(), self.first_round - 1,
+                  self.targets()[0], self.probe_memory)
         try:
             self.pool()  # workers (if any) fork before tqdm starts its monitor thread
             if self.progress:
@@ -311,7 +317,8 @@ class Engine:
                                 if k in last_eval:
                                     post[k] = f"{last_eval[k]:.4f}"
                             bar.set_postfix(post, refresh=False)
-                    due = bool(stop) or (every > 0 and rnd % every == 0 and rnd < rounds)
+                    due = bool(stop) or (every > 0 and rnd % every == 0 and rnd < rounds) \
+                        or (save_final and rnd == rounds)
                     if save_checkpoint is not None and due:
                         self.timing = {"train_seconds": time.perf_counter() - t0,
                                        "eval_seconds": eval_start + eval_seconds}
@@ -367,8 +374,17 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
     if force:
         remove_checkpoint(run_dir)
     saved = load_checkpoint(run_dir, cfg.digest())
+    pretrained = None
+    if saved is None and cfg.attack.name != "none" and cfg.attack.start_round > 1:
+        pretrained = pretrain(cfg, output_root, progress)
+        saved = pretrained["payload"]
     engine = Engine(cfg, progress=progress, workers=auto_workers(cfg))
     resume = None if saved is None else saved["round"]
+    if pretrained is not None:  # the clean rows up to the attack's start, then the attack's
+        import shutil
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(pretrained["dir"] / "metrics.csv", run_dir / "metrics.csv")
     recorder = RunRecorder(cfg, run_dir, runner="engine", resume_round=resume)
     engine.ledger.recorder = recorder
     recorder.extra["data"] = engine.env.data.summary()
@@ -377,6 +393,8 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
     if saved is not None:
         engine.load_state_dict(saved["state"])
         recorder.extra["resumed_from_round"] = resume
+        if pretrained is not None:
+            recorder.extra["pretrained_from"] = str(pretrained["dir"])
 
     def save(state):
         recorder.flush()  # every row up to the checkpoint is on disk before it
@@ -398,3 +416,46 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
         run_dir=str(run_dir))
     remove_checkpoint(run_dir)  # a complete run needs none
     return summary
+
+
+def pretrain_config(cfg):
+    """The clean run an attack starting at round s > 1 continues: the same experiment without
+    attack (attack section at its defaults), s - 1 rounds, named by its own digest, so every
+    attack, share and target of a grid with the same training setting reuses it."""
+    from fedrec.config import AttackConfig
+
+    clean = copy.deepcopy(cfg)
+    clean.attack = AttackConfig(target=cfg.attack.target)  # ER@K of the target before the attack
+    clean.train.rounds = cfg.attack.start_round - 1
+    clean.output.name = ""
+    clean.output.name = f"pretrain/{cfg.name}-{clean.digest()}"
+    return clean
+
+
+def pretrain(cfg, output_root=None, progress=None) -> dict:
+    """{"payload": the clean pretraining's checkpoint after round start_round - 1, "dir"}: read
+    from `<output>/pretrain_<name>-<digest>/` when an earlier run made it (a lock file keeps
+    two processes of a grid from computing it twice), else computed now and kept there."""
+    import fcntl
+
+    from fedrec.checkpoint import load_checkpoint, save_checkpoint
+
+    clean = pretrain_config(cfg)
+    pdir = run_dir_for(clean, output_root)
+    pdir.mkdir(parents=True, exist_ok=True)
+    with open(pdir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        payload = load_checkpoint(pdir, clean.digest())
+        if payload is None or int(payload["round"]) != clean.train.rounds:
+            engine = Engine(clean, progress=progress, workers=auto_workers(clean))
+            recorder = RunRecorder(clean, pdir, runner="engine")
+            engine.ledger.recorder = recorder
+
+            def save(state):
+                recorder.flush()
+                save_checkpoint(pdir, clean.digest(), state["round"], state)
+
+            engine.run(save_checkpoint=save, save_final=True)
+            recorder.finish(status="complete", pretraining_for_attacks=True)
+            payload = load_checkpoint(pdir, clean.digest())
+    return {"payload": payload, "dir": pdir}
