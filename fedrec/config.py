@@ -229,8 +229,13 @@ class EvalConfig:
     ks: list = field(default_factory=lambda: [5, 10, 20])
     fraction: float = 0.1  # share of clients evaluated during training under `flwr run`
     batch_users: int = 1024
+    # the splits the in-process runner ranks (test alone halves an NCF evaluation's cost)
+    splits: list = field(default_factory=lambda: ["val", "test"])
 
     def validate(self):
+        if not self.splits or not all(s in ("val", "test") for s in self.splits) \
+                or len(set(self.splits)) != len(self.splits):
+            raise ConfigError(f"eval.splits: expected a non-empty list of val, test; got {self.splits!r}")
         _range("eval.every", self.every, 0, 10**8)
         _range("eval.fraction", self.fraction, 0.0, 1.0)
         if not self.ks or not all(isinstance(k, int) and k > 0 for k in self.ks):
@@ -313,6 +318,8 @@ class ExperimentConfig:
         del d["flower"]["device_state_dir"]  # where state is kept does not change results
         if d["attack"]["target"] == "none":  # added later: older digests stay the same
             del d["attack"]["target"]
+        if d["eval"]["splits"] == ["val", "test"]:
+            del d["eval"]["splits"]
         d.pop("ray", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 

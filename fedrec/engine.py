@@ -198,7 +198,7 @@ class Engine:
         vecs = None if per_split else self.user_vectors(users, rnd, "test")
         out = {}
         targets, holds = self.targets()
-        for split in ("val", "test"):
+        for split in [s for s in ("val", "test") if s in cfg.eval.splits]:
             target = data.val_item if split == "val" else data.test_item
             has = target[users] >= 0
             v = self.user_vectors(users[has], rnd, split) if per_split else vecs[has]
