@@ -107,10 +107,11 @@ def test_estimator_learns_separable_classes_and_macro_f1():
 def _attack_env(tmp_path, name, **over):
     from fedrec.build import build_env, malicious_set
 
+    over = {"attack__start_round": 2, **over}
     cfg = tiny_cfg(tmp_path, model__name="ncf", model__ncf_form="mlp", model__loss="bce",
-                   model__mlp_layers=[8, 8], data__neg_ratio=2, data__attacker_pool=0.2,
+                   model__mlp_layers=[8, 8], model__dropout=0.0, data__neg_ratio=2, data__attacker_pool=0.2,
                    attack__name=name, attack__malicious_fraction=0.1,
-                   attack__target="least_popular", attack__start_round=2, **over)
+                   attack__target="least_popular", **over)
     env = build_env(cfg)
     return cfg, env, sorted(malicious_set(env))[0]
 
