@@ -183,8 +183,22 @@ class Engine:
         attack = {}
         if self.adversary is not None:
             results, attack = self.adversary.intervene(rnd, results, self.strategy.global_arrays())
+            if attack and self.cfg.attack.target != "none":
+                attack["attack_upload_kl"] = self._upload_kl(results)
         result = self.strategy.aggregate_uploads(rnd, results)
         return self.ledger.fit(rnd, users, result, attack)
+
+    def _upload_kl(self, results) -> float:
+        """Targeted attacks (evaluation, ground truth): the KL divergence between histograms
+        of the round's benign and malicious upload values (fedrec.evaluation.upload_kl)."""
+        from fedrec.build import malicious_set
+        from fedrec.evaluation import upload_kl, upload_values
+
+        bad = malicious_set(self.env)
+        ok = [r for r in results if isinstance(r[1], (list, tuple)) and int(r[2]) > 0]
+        b = upload_values([r[1] for r in ok if int(r[0]) not in bad])
+        m = upload_values([r[1] for r in ok if int(r[0]) in bad])
+        return upload_kl(b, m) if len(b) and len(m) else float("nan")
 
     def evaluate(self, rnd: int, final: bool) -> dict:
         """Full-ranking metrics for every benign user with a held-out item."""

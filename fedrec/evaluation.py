@@ -153,6 +153,30 @@ def evaluate_users(model, item_table, predictor, user_vecs, users, data, split: 
     return out
 
 
+def upload_kl(benign: np.ndarray, malicious: np.ndarray, bins: int = 100, eps: float = 1e-6) -> float:
+    """KL(P_benign || P_malicious) between histograms of uploaded values: `bins` equal bins
+    over the range of both sets together, each histogram normalised and smoothed by `eps`
+    (PipAttack's Fig. 6 compares such histograms of benign and malicious gradients)."""
+    lo = float(min(benign.min(), malicious.min()))
+    hi = float(max(benign.max(), malicious.max()))
+    if not hi > lo:
+        return 0.0
+    p = np.histogram(benign, bins=bins, range=(lo, hi))[0].astype(np.float64)
+    q = np.histogram(malicious, bins=bins, range=(lo, hi))[0].astype(np.float64)
+    p = p / p.sum() + eps
+    q = q / q.sum() + eps
+    p /= p.sum()
+    q /= q.sum()
+    return float(np.sum(p * np.log(p / q)))
+
+
+def upload_values(uploads) -> np.ndarray:
+    """Every value of the given decoded uploads ([item_ids, item_rows, *predictor]), the ids
+    excepted, as one float32 vector."""
+    parts = [np.asarray(a, np.float32).ravel() for up in uploads for a in up[1:]]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
 def detection_metrics(flagged, malicious) -> dict:
     """Precision / recall / F1 of a set of flagged clients against the malicious ground truth."""
     flagged, malicious = set(flagged), set(malicious)

@@ -215,3 +215,14 @@ def test_attack_from_a_clean_pretraining_equals_the_whole_run(tmp_path, monkeypa
     s2, _ = engine_run_capturing_arrays(cfg2, tmp_path / "runs", monkeypatch)
     after = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("pretrain_"))
     assert before == after and len(after) == 1 and s2["pretrained_from"] == summary["pretrained_from"]
+
+
+def test_upload_kl_is_zero_for_equal_histograms_and_grows_with_spread():
+    from fedrec.evaluation import upload_kl
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.01, 100_000)
+    assert upload_kl(a, a) == pytest.approx(0.0, abs=1e-9)
+    near = upload_kl(a, rng.normal(0, 0.01, 100_000))
+    far = upload_kl(a, np.concatenate([rng.normal(0, 0.01, 90_000), rng.normal(0, 0.3, 10_000)]))
+    assert near < 0.01 < far
