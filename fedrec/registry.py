@@ -57,6 +57,7 @@ ATTACKS = {
     "boosted": "clients.malicious.pipattack:BoostedClient",
     "random_attack": "clients.malicious.fakeprofile:RandomAttackClient",
     "popular_attack": "clients.malicious.fakeprofile:PopularAttackClient",
+    "fedrecattack": "clients.malicious.fedrecattack:FedRecAttackClient",
     # not an attack on the model: arbitrary bytes and metrics, to test the server (fedrec.fuzz)
     "hostile": "clients.malicious.hostile:HostileClient",
 }

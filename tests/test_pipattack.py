@@ -180,7 +180,7 @@ def test_each_term_is_switchable_and_explicit_term_promotes(tmp_path):
     assert not np.asarray(off[1])[np.searchsorted(ids, t)].any()
 
 
-@pytest.mark.parametrize("name", ["random_attack", "popular_attack", "boosted"])
+@pytest.mark.parametrize("name", ["random_attack", "popular_attack", "boosted", "fedrecattack"])
 def test_baselines_upload_the_target(tmp_path, name):
     from fedrec.targets import item_counts, popularity_order, resolve_targets
 
