@@ -187,20 +187,23 @@ def train_for_round(cfg, data, table, targets, rnd) -> list:
 def craft(model, u, V, P, g0, p0, tpos, est, alpha, gamma, exp, pop, dis, eta, steps, lr):
     """The deceptive (rows, predictor) after `steps` Adam steps on L (module docstring).
     V: the uploaded ids' current rows; g0/p0: the honest gradient (zero rows for targets not
-    among the client's own items); tpos: the targets' positions among the rows."""
-    torch.manual_seed(0)  # Adam is deterministic; nothing random is drawn
-    G = torch.from_numpy(g0.copy()).requires_grad_()
+    among the client's own items); tpos: the targets' positions among the rows.
+
+    Only the target rows and the predictor enter L_exp and L_pop; every other row starts at
+    its honest value, where L_dis's gradient with respect to it is zero, so it never moves:
+    those rows are left out of the optimisation (same result, far less work)."""
+    tpos = np.asarray(tpos, np.int64)
+    gt0 = np.ascontiguousarray(g0[tpos])
+    G = torch.from_numpy(gt0.copy()).requires_grad_()
     Gp = [torch.from_numpy(p.copy()).requires_grad_() for p in p0]
-    V = torch.from_numpy(np.asarray(V, np.float32))
+    Vt0 = torch.from_numpy(np.asarray(V, np.float32)[tpos])
     P = [torch.from_numpy(np.asarray(p, np.float32)) for p in P]
-    g0t = torch.from_numpy(g0)
+    g0t = torch.from_numpy(gt0)
     p0t = [torch.from_numpy(p) for p in p0]
     ut = torch.from_numpy(np.asarray(u, np.float32))
-    tpos = torch.from_numpy(np.asarray(tpos, np.int64))
-    params = [G, *Gp]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam([G, *Gp], lr=lr)
     for _ in range(steps):
-        Vt = V[tpos] - eta * G[tpos]
+        Vt = Vt0 - eta * G
         Pn = [p - eta * g for p, g in zip(P, Gp)]
         loss = torch.zeros(())
         if exp:
@@ -217,7 +220,9 @@ def craft(model, u, V, P, g0, p0, tpos, est, alpha, gamma, exp, pop, dis, eta, s
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return G.detach().numpy().copy(), [g.detach().numpy().copy() for g in Gp]
+    rows = g0.copy()
+    rows[tpos] = G.detach().numpy()
+    return rows, [g.detach().numpy().copy() for g in Gp]
 
 
 class ExplicitBoostClient(PipAttackClient):
