@@ -228,6 +228,6 @@ def seed_summary(rows) -> list[dict]:
 
 def public(rows) -> list[dict]:
     """Rows without internal keys, and without columns that are empty everywhere."""
-    keys = [k for k in rows[0] if not k.startswith("_")] if rows else []
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if not k.startswith("_")]
     keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
     return [{k: r.get(k) for k in keys} for r in rows]
