@@ -389,7 +389,7 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
         remove_checkpoint(run_dir)
     saved = load_checkpoint(run_dir, cfg.digest())
     pretrained = None
-    if saved is None and cfg.attack.name != "none" and cfg.attack.start_round > 1:
+    if saved is None and cfg.attack.name != "none" and 1 < cfg.attack.start_round <= cfg.train.rounds:
         pretrained = pretrain(cfg, output_root, progress)
         saved = pretrained["payload"]
     engine = Engine(cfg, progress=progress, workers=auto_workers(cfg))
