@@ -209,8 +209,15 @@ class AttackConfig:
     start_round: int = 1  # attack_start_round: malicious clients train honestly before it
     knowledge: str = "default"  # default (the attack's own) | local | colluding | omniscient
     params: dict = field(default_factory=dict)  # the attack's own parameters (README table)
+    # targeted attacks and ER@K (fedrec/targets.py): none | least_popular | an item id |
+    # band:LO-HI (a seeded draw among items whose popularity percentile is in [LO, HI)), or a
+    # list of these; kept in clean runs too, so their ER@K of the same target is the baseline
+    target: Any = "none"
 
     def validate(self):
+        from fedrec.targets import check_target_spec
+
+        check_target_spec(self.target)
         _range("attack.malicious_fraction", self.malicious_fraction, 0.0, 1.0)
         _range("attack.start_round", self.start_round, 1, 10**8)
         _choice("attack.knowledge", self.knowledge, ("default", "local", "colluding", "omniscient"))
@@ -222,8 +229,13 @@ class EvalConfig:
     ks: list = field(default_factory=lambda: [5, 10, 20])
     fraction: float = 0.1  # share of clients evaluated during training under `flwr run`
     batch_users: int = 1024
+    # the splits the in-process runner ranks (test alone halves an NCF evaluation's cost)
+    splits: list = field(default_factory=lambda: ["val", "test"])
 
     def validate(self):
+        if not self.splits or not all(s in ("val", "test") for s in self.splits) \
+                or len(set(self.splits)) != len(self.splits):
+            raise ConfigError(f"eval.splits: expected a non-empty list of val, test; got {self.splits!r}")
         _range("eval.every", self.every, 0, 10**8)
         _range("eval.fraction", self.fraction, 0.0, 1.0)
         if not self.ks or not all(isinstance(k, int) and k > 0 for k in self.ks):
@@ -304,6 +316,10 @@ class ExperimentConfig:
         if not d["server"]["filters"]:  # added later: the digests of older runs stay the same
             del d["server"]["filters"]
         del d["flower"]["device_state_dir"]  # where state is kept does not change results
+        if d["attack"]["target"] == "none":  # added later: older digests stay the same
+            del d["attack"]["target"]
+        if d["eval"]["splits"] == ["val", "test"]:
+            del d["eval"]["splits"]
         d.pop("ray", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -512,7 +528,7 @@ def expand(raw: dict, overrides: dict | None = None, base_dir: str = "") -> list
         cfg = from_dict(run_raw, base_dir)
         if cfg.attack.name == "none" or cfg.attack.malicious_fraction == 0:
             # every clean combination of a grid (attack none, or no attackers) is one run
-            cfg.attack = AttackConfig()
+            cfg.attack = AttackConfig(target=cfg.attack.target)  # ER@K of the same target
             if keys and cfg.digest() in seen:
                 continue
         seen.add(cfg.digest())

@@ -133,6 +133,8 @@ class Engine:
         self.timing = {"train_seconds": 0.0, "eval_seconds": 0.0}  # carried over by a resume
         self._sampled: dict = {}  # round -> users, drawn one round early with workers
         self._pool_started = False
+        self._targets = None  # attack.target's items and who holds them (fedrec.targets)
+        self.probe_memory: dict = {}  # an attack's evaluation probe (e.g. PipAttack's estimator)
 
     def client(self, user: int):
         """The user's client in this process (single-process mode only)."""
@@ -181,8 +183,22 @@ class Engine:
         attack = {}
         if self.adversary is not None:
             results, attack = self.adversary.intervene(rnd, results, self.strategy.global_arrays())
+            if attack and self.cfg.attack.target != "none":
+                attack["attack_upload_kl"] = self._upload_kl(results)
         result = self.strategy.aggregate_uploads(rnd, results)
         return self.ledger.fit(rnd, users, result, attack)
+
+    def _upload_kl(self, results) -> float:
+        """Targeted attacks (evaluation, ground truth): the KL divergence between histograms
+        of the round's benign and malicious upload values (fedrec.evaluation.upload_kl)."""
+        from fedrec.build import malicious_set
+        from fedrec.evaluation import upload_kl, upload_values
+
+        bad = malicious_set(self.env)
+        ok = [r for r in results if isinstance(r[1], (list, tuple)) and int(r[2]) > 0]
+        b = upload_values([r[1] for r in ok if int(r[0]) not in bad])
+        m = upload_values([r[1] for r in ok if int(r[0]) in bad])
+        return upload_kl(b, m) if len(b) and len(m) else float("nan")
 
     def evaluate(self, rnd: int, final: bool) -> dict:
         """Full-ranking metrics for every benign user with a held-out item."""
@@ -195,16 +211,33 @@ class Engine:
         per_split = not self.env.model.has_user_row
         vecs = None if per_split else self.user_vectors(users, rnd, "test")
         out = {}
-        for split in ("val", "test"):
+        targets, holds = self.targets()
+        for split in [s for s in ("val", "test") if s in cfg.eval.splits]:
             target = data.val_item if split == "val" else data.test_item
             has = target[users] >= 0
             v = self.user_vectors(users[has], rnd, split) if per_split else vecs[has]
             res = evaluate_users(self.env.model, table, predictor, v, users[has], data,
-                                 split, cfg.eval.ks, cfg.eval.batch_users)
+                                 split, cfg.eval.ks, cfg.eval.batch_users, targets, holds)
             for key, vals in res["per_user"].items():
                 out[f"{split}_{key}"] = math.fsum(vals.tolist()) / len(vals) if len(vals) else 0.0
             out[f"{split}_users"] = int(has.sum())
+            if "exposure" in res:
+                from fedrec.targets import exposure_metrics
+
+                out.update(exposure_metrics(res["exposure"], targets, split, cfg.eval.ks))
+        probe = getattr(getattr(self.adversary, "attack_cls", None), "eval_probe", None)
+        if probe is not None and len(targets):
+            out.update(probe(self.env, arrays, rnd, targets, self.probe_memory))
         return self.ledger.eval(rnd, out, final)
+
+    def targets(self):
+        """(target items, (n_users, T) history membership) of `attack.target` (cached)."""
+        if self._targets is None:
+            from fedrec.targets import history_holds, resolve_targets
+
+            t = resolve_targets(self.cfg, self.env.data)
+            self._targets = (t, history_holds(self.env.data, t))
+        return self._targets
 
     def user_vectors(self, users, rnd: int, split: str) -> np.ndarray:
         """The representations of `users` at round `rnd` for `split`, computed where their
@@ -242,19 +275,21 @@ class Engine:
         return {"round": int(round_done), "strategy": self.strategy.state_dict(),
                 "clients": self.client_states(), "sampled": dict(self._sampled),
                 "adversary": None if self.adversary is None else self.adversary.state_dict(),
-                "ledger": self.ledger.state_dict(), "timing": dict(self.timing)}
+                "ledger": self.ledger.state_dict(), "timing": dict(self.timing),
+                "probe": copy.deepcopy(self.probe_memory)}
 
     def load_state_dict(self, state: dict):
         self.strategy.load_state_dict(state["strategy"])
         self.load_client_states(state["clients"])
         self._sampled = dict(state["sampled"])
-        if self.adversary is not None:
+        if self.adversary is not None and state["adversary"] is not None:  # None: a clean pretraining
             self.adversary.load_state_dict(state["adversary"])
         self.ledger.load_state_dict(state["ledger"])
         self.timing = dict(state["timing"])
+        self.probe_memory = copy.deepcopy(state.get("probe", {}))
         self.first_round = int(state["round"]) + 1
 
-    def run(self, save_checkpoint=None) -> dict:
+    def run(self, save_checkpoint=None, save_final: bool = False) -> dict:
         """Rounds `first_round`..train.rounds. save_checkpoint(state): called with
         `state_dict()` every output.checkpoint_every rounds and when SIGTERM/SIGINT asks the
         run to stop (after the round in progress, which then raises RunInterrupted)."""
@@ -268,6 +303,12 @@ class Engine:
         last_eval: dict = {}
         fit: dict = {}
         eval_seconds = 0.0
+        probe = getattr(getattr(self.adversary, "attack_cls", None), "eval_probe", None)
+        if probe is not None and self.first_round == cfg.attack.start_round > 1 \
+                and len(self.targets()[0]) and not self.probe_memory:
+            # an attack resumed from its clean pretraining: the probe sees the model it attacks
+            probe(self.env, self.strategy.global_arrays(), self.first_round - 1,
+                  self.targets()[0], self.probe_memory)
         try:
             self.pool()  # workers (if any) fork before tqdm starts its monitor thread
             if self.progress:
@@ -290,7 +331,8 @@ class Engine:
                                 if k in last_eval:
                                     post[k] = f"{last_eval[k]:.4f}"
                             bar.set_postfix(post, refresh=False)
-                    due = bool(stop) or (every > 0 and rnd % every == 0 and rnd < rounds)
+                    due = bool(stop) or (every > 0 and rnd % every == 0 and rnd < rounds) \
+                        or (save_final and rnd == rounds)
                     if save_checkpoint is not None and due:
                         self.timing = {"train_seconds": time.perf_counter() - t0,
                                        "eval_seconds": eval_start + eval_seconds}
@@ -346,14 +388,27 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
     if force:
         remove_checkpoint(run_dir)
     saved = load_checkpoint(run_dir, cfg.digest())
+    pretrained = None
+    if saved is None and cfg.attack.name != "none" and 1 < cfg.attack.start_round <= cfg.train.rounds:
+        pretrained = pretrain(cfg, output_root, progress)
+        saved = pretrained["payload"]
     engine = Engine(cfg, progress=progress, workers=auto_workers(cfg))
     resume = None if saved is None else saved["round"]
+    if pretrained is not None:  # the clean rows up to the attack's start, then the attack's
+        import shutil
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(pretrained["dir"] / "metrics.csv", run_dir / "metrics.csv")
     recorder = RunRecorder(cfg, run_dir, runner="engine", resume_round=resume)
     engine.ledger.recorder = recorder
     recorder.extra["data"] = engine.env.data.summary()
+    if cfg.attack.target != "none":
+        recorder.extra["targets"] = [int(t) for t in engine.targets()[0]]
     if saved is not None:
         engine.load_state_dict(saved["state"])
         recorder.extra["resumed_from_round"] = resume
+        if pretrained is not None:
+            recorder.extra["pretrained_from"] = str(pretrained["dir"])
 
     def save(state):
         recorder.flush()  # every row up to the checkpoint is on disk before it
@@ -375,3 +430,46 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
         run_dir=str(run_dir))
     remove_checkpoint(run_dir)  # a complete run needs none
     return summary
+
+
+def pretrain_config(cfg):
+    """The clean run an attack starting at round s > 1 continues: the same experiment without
+    attack (attack section at its defaults), s - 1 rounds, named by its own digest, so every
+    attack, share and target of a grid with the same training setting reuses it."""
+    from fedrec.config import AttackConfig
+
+    clean = copy.deepcopy(cfg)
+    clean.attack = AttackConfig(target=cfg.attack.target)  # ER@K of the target before the attack
+    clean.train.rounds = cfg.attack.start_round - 1
+    clean.output.name = ""
+    clean.output.name = f"pretrain/{cfg.name}-{clean.digest()}"
+    return clean
+
+
+def pretrain(cfg, output_root=None, progress=None) -> dict:
+    """{"payload": the clean pretraining's checkpoint after round start_round - 1, "dir"}: read
+    from `<output>/pretrain_<name>-<digest>/` when an earlier run made it (a lock file keeps
+    two processes of a grid from computing it twice), else computed now and kept there."""
+    import fcntl
+
+    from fedrec.checkpoint import load_checkpoint, save_checkpoint
+
+    clean = pretrain_config(cfg)
+    pdir = run_dir_for(clean, output_root)
+    pdir.mkdir(parents=True, exist_ok=True)
+    with open(pdir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        payload = load_checkpoint(pdir, clean.digest())
+        if payload is None or int(payload["round"]) != clean.train.rounds:
+            engine = Engine(clean, progress=progress, workers=auto_workers(clean))
+            recorder = RunRecorder(clean, pdir, runner="engine")
+            engine.ledger.recorder = recorder
+
+            def save(state):
+                recorder.flush()
+                save_checkpoint(pdir, clean.digest(), state["round"], state)
+
+            engine.run(save_checkpoint=save, save_final=True)
+            recorder.finish(status="complete", pretraining_for_attacks=True)
+            payload = load_checkpoint(pdir, clean.digest())
+    return {"payload": payload, "dir": pdir}

@@ -102,11 +102,19 @@ def user_metrics(scores, targets_list, masked_list, ks) -> dict:
 
 
 def evaluate_users(model, item_table, predictor, user_vecs, users, data, split: str, ks,
-                   batch_users: int = 1024) -> dict:
+                   batch_users: int = 1024, targets=None, holds=None) -> dict:
     """Full-ranking metrics for `users` (their representations in `user_vecs`, same order).
 
     Returns the mean metrics and "per_user" ({metric: per-user array}); "ranks" too where
-    every user has a single held-out item."""
+    every user has a single held-out item. With `targets` (item ids) and `holds` ((n_users, T)
+    bool, `fedrec.targets.history_holds`), also "exposure": ER@K hit counts and denominators
+    per target (`fedrec.targets.exposure`) over the same ranking and masks."""
+    from fedrec.targets import exposure, target_ranks
+
+    expo = None
+    if targets is not None and len(targets):
+        expo = {"users": np.zeros(len(targets), np.int64),
+                **{f"er@{k}": np.zeros(len(targets), np.int64) for k in ks}}
     multi = split == "test" and data.test_indptr is not None
     target_all = data.test_item if split == "test" else data.val_item
     ranks = np.empty(len(users), dtype=np.int64)
@@ -132,11 +140,41 @@ def evaluate_users(model, item_table, predictor, user_vecs, users, data, split: 
             res = per_user_metrics(r, ks)
         for key, vals in res.items():
             per_user[key][start : start + len(batch)] = vals
+        if expo is not None:
+            tr = target_ranks(scores, targets, rows, cols)
+            for key, v in exposure(tr, ~holds[batch], ks).items():
+                expo[key] += v
     out = {"per_user": per_user,
            **{key: float(v.mean()) if len(v) else 0.0 for key, v in per_user.items()}}
     if not multi:
         out["ranks"] = ranks
+    if expo is not None:
+        out["exposure"] = expo
     return out
+
+
+def upload_kl(benign: np.ndarray, malicious: np.ndarray, bins: int = 100, eps: float = 1e-6) -> float:
+    """KL(P_benign || P_malicious) between histograms of uploaded values: `bins` equal bins
+    over the range of both sets together, each histogram normalised and smoothed by `eps`
+    (PipAttack's Fig. 6 compares such histograms of benign and malicious gradients)."""
+    lo = float(min(benign.min(), malicious.min()))
+    hi = float(max(benign.max(), malicious.max()))
+    if not hi > lo:
+        return 0.0
+    p = np.histogram(benign, bins=bins, range=(lo, hi))[0].astype(np.float64)
+    q = np.histogram(malicious, bins=bins, range=(lo, hi))[0].astype(np.float64)
+    p = p / p.sum() + eps
+    q = q / q.sum() + eps
+    p /= p.sum()
+    q /= q.sum()
+    return float(np.sum(p * np.log(p / q)))
+
+
+def upload_values(uploads) -> np.ndarray:
+    """Every value of the given decoded uploads ([item_ids, item_rows, *predictor]), the ids
+    excepted, as one float32 vector."""
+    parts = [np.asarray(a, np.float32).ravel() for up in uploads for a in up[1:]]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def detection_metrics(flagged, malicious) -> dict:

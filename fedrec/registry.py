@@ -51,6 +51,13 @@ ATTACKS = {
     "fedattack": "clients.malicious.fedattack:FedAttackClient",
     "clusterattack": "clients.malicious.clusterattack:ClusterAttackClient",
     "spattack": "clients.malicious.spattack:SpattackClient",
+    # targeted (promotion of attack.target): PipAttack and its baselines
+    "pipattack": "clients.malicious.pipattack:PipAttackClient",
+    "explicit_boost": "clients.malicious.pipattack:ExplicitBoostClient",
+    "boosted": "clients.malicious.pipattack:BoostedClient",
+    "random_attack": "clients.malicious.fakeprofile:RandomAttackClient",
+    "popular_attack": "clients.malicious.fakeprofile:PopularAttackClient",
+    "fedrecattack": "clients.malicious.fedrecattack:FedRecAttackClient",
     # not an attack on the model: arbitrary bytes and metrics, to test the server (fedrec.fuzz)
     "hostile": "clients.malicious.hostile:HostileClient",
 }

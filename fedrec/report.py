@@ -19,8 +19,39 @@ import yaml
 
 from fedrec.results import find_runs, load_summary
 
-METRICS = ("test_hr@5", "test_ndcg@5", "test_hr@10", "test_ndcg@10")
-DROPS = ("test_hr@5", "test_ndcg@5")
+METRICS = ("test_hr@5", "test_ndcg@5", "test_hr@10", "test_ndcg@10", "test_er@5", "test_er@10",
+           "test_er_users")
+# targeted attacks: the area under the test ER@5 curve (fedrec.targets; `er_auc`)
+ER_CURVE = "test_er@5"
+
+
+def er_reach(run_dir, level: float = 0.95, metric: str = ER_CURVE, start: int = 1):
+    """The first evaluated round from `start` on where `metric` is at least `level` (None if
+    none)."""
+    from fedrec.plots import read_curve
+
+    try:
+        xs, ys = read_curve(run_dir, metric)
+    except OSError:
+        return None
+    return next((x for x, y in zip(xs, ys) if x >= start and y >= level), None)
+
+
+def er_auc(run_dir, metric: str = ER_CURVE, start: int = 1):
+    """The mean of `metric` over the rounds from `start` to the last evaluated one (the
+    trapezoid area under its curve divided by the span; None without two points)."""
+    from fedrec.plots import read_curve
+
+    try:
+        xs, ys = read_curve(run_dir, metric)
+    except OSError:
+        return None
+    pts = [(x, y) for x, y in zip(xs, ys) if x >= start]
+    if len(pts) < 2:
+        return None
+    area = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(pts, pts[1:]))
+    return area / (pts[-1][0] - pts[0][0])
+DROPS = ("test_hr@5", "test_ndcg@5", "test_hr@10")
 DETECTION = ("det_precision", "det_recall", "det_f1")  # plus det_<stage>_precision/recall per filter
 
 
@@ -93,6 +124,8 @@ def setting_label(cfg: dict) -> str:
         params = a.get("params") or {}
         extra = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
         attack = f"{attack}{'(' + extra + ')' if extra else ''}@{a.get('malicious_fraction')}"
+    if a.get("target", "none") not in ("none", None):
+        attack += f" target={a.get('target')}"
     defense = "+".join([*filter_steps(s), s.get("rule", "mean")])
     return f"{data}/{model} {defense}/{s.get('aggregation', 'dense')} {attack}"
 
@@ -141,11 +174,28 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
             if isinstance(scores, dict):
                 for m in ("precision", "recall"):
                     row[f"det_{stage}_{m}"] = scores.get(m)
+        if final.get(ER_CURVE) is not None:
+            start = int((cfg.get("attack") or {}).get("start_round", 1) or 1)
+            row["er_auc"] = er_auc(d, start=start)
+            row["er95_round"] = er_reach(d, start=start)
+            kl = _column_mean(d, "attack_upload_kl")
+            if kl is not None:
+                row["upload_kl"] = kl
         row["invalid_uploads"] = s.get("invalid_uploads_total")
         row["wall_time_s"] = s.get("wall_time_s")
         row["_setting"] = setting_key(cfg)
         rows.append(row)
     return rows
+
+
+def _column_mean(run_dir, metric: str):
+    from fedrec.plots import read_curve
+
+    try:
+        _, ys = read_curve(run_dir, metric)
+    except OSError:
+        return None
+    return sum(ys) / len(ys) if ys else None
 
 
 def _mean_std(values):
@@ -165,7 +215,7 @@ def seed_summary(rows) -> list[dict]:
     out = []
     for rs in groups.values():
         row = {"setting": rs[0]["setting"], "seeds": len(rs)}
-        for k in [*METRICS[:2], "drop_hr@5%", "drop_ndcg@5%", "drop0_hr@5%", "drop0_ndcg@5%",
+        for k in [*METRICS[:3], "test_er@5", "er_auc", "er95_round", "upload_kl", "drop_hr@5%", "drop_ndcg@5%", "drop_hr@10%", "drop0_hr@5%", "drop0_ndcg@5%",
                   *DETECTION, "wall_time_s"]:
             m, sd = _mean_std(r.get(k) for r in rs)
             if m is None:
@@ -178,6 +228,6 @@ def seed_summary(rows) -> list[dict]:
 
 def public(rows) -> list[dict]:
     """Rows without internal keys, and without columns that are empty everywhere."""
-    keys = [k for k in rows[0] if not k.startswith("_")] if rows else []
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if not k.startswith("_")]
     keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
     return [{k: r.get(k) for k in keys} for r in rows]

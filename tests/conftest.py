@@ -8,8 +8,8 @@ def engine_run_capturing_arrays(cfg, out_root, monkeypatch):
     captured = {}
 
     class Capture(engine_mod.Engine):
-        def run(self, save_checkpoint=None):
-            out = super().run(save_checkpoint)
+        def run(self, save_checkpoint=None, **kw):
+            out = super().run(save_checkpoint, **kw)
             captured["arrays"] = [a.copy() for a in self.strategy.global_arrays()]
             return out
 

@@ -1,0 +1,265 @@
+"""PipAttack (Zhang et al., WSDM 2022) and the model-poisoning baselines that share its code:
+explicit boosting and a boosted model-replacement attack (Bhagoji et al., 2019).
+
+Threat model (PipAttack's): compromised real users. A malicious client knows its own data,
+its private user embedding, the global model it receives each round it is sampled, the item
+set and the public interaction counts of every item (popularity side information,
+`fedrec.targets.item_counts`). It never sees benign users' data, embeddings or uploads.
+Knowledge: local (runs in a deployment). It trains honestly before `attack.start_round`.
+
+From then on, when sampled, it computes its honest gradient g (its own item rows and the
+predictor) and learns a deceptive gradient g~ (rows of its own items plus the targets,
+`attack.target`, and the predictor), starting from g with zero rows for the targets, by
+`params.steps` Adam steps (lr `params.lr`) on
+
+    L(g~) = L_exp + alpha * L_pop + gamma * L_dis, at the lookahead model  Theta - eta * g~
+
+- L_exp = -sum_t log sigmoid(score(u, v_t)): the target promoted for the client's own u;
+- L_pop = -sum_t log f(v_t)[top class]: f = the popularity estimator (clients/malicious/
+  popularity.py), trained on the item table of the client's first attacking round with the
+  public counts (the targets excluded), then frozen (kept in the device's private state);
+- L_dis = ||g~ - g||_2: the distance to the client's own honest gradient;
+eta = params.lookahead_lr (< 0: server.lr). Each term is switchable (params.exp, pop, dis).
+The upload carries exactly the client's own item ids plus the targets. alpha < 0 takes the
+paper's value: 60 at attacker shares <= 10% and 20 above on ML-1M, 10 on Amazon sets.
+
+explicit_boost: PipAttack with L_exp alone (alpha = gamma = 0; the paper's EB baseline).
+boosted: honest gradient plus `params.boost` times the gradient of L_exp at the current model
+(one step, no lookahead; boost < 0: 1 / attack.malicious_fraction, the inverse share of the
+round the attackers hold, as Bhagoji et al. scale their update).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clients.malicious.base import MaliciousClient
+from fedrec.errors import ConfigError
+
+_ESTIMATOR = 24  # the client's stream tag for its estimator's split and initialisation
+_EST_KEY = "pop_est_"  # private-state keys of the frozen estimator's arrays
+_CACHE: dict = {}  # (config digest, round) -> estimator weights: one training per round and process
+
+
+@dataclass
+class PipAttackParams:
+    alpha: float = -1.0  # weight of L_pop (< 0: the paper's value for the data and share)
+    gamma: float = 5e-4  # weight of L_dis
+    steps: int = 30  # optimisation steps per round
+    lr: float = 0.01  # their learning rate (Adam)
+    lookahead_lr: float = -1.0  # eta of the lookahead model (< 0: server.lr)
+    exp: bool = True  # L_exp on
+    pop: bool = True  # L_pop on
+    dis: bool = True  # L_dis on
+
+    def validate(self):
+        if not (self.alpha < 0 or self.alpha >= 0):
+            raise ConfigError(f"attack.params.alpha: {self.alpha!r} is not a number")
+        if self.gamma < 0:
+            raise ConfigError(f"attack.params.gamma: {self.gamma!r} is negative")
+        if not 0 <= self.steps <= 10_000:
+            raise ConfigError(f"attack.params.steps: {self.steps!r} is outside [0, 10000]")
+        if not self.lr > 0:
+            raise ConfigError(f"attack.params.lr: expected a number > 0, got {self.lr!r}")
+
+
+def paper_alpha(cfg) -> float:
+    """PipAttack's alpha: 10 on the Amazon sets; 60 at attacker shares <= 10%, else 20."""
+    name = str(cfg.data.dataset).lower()
+    if any(k in name for k in ("cellphone", "amazon", "beauty")):
+        return 10.0
+    return 60.0 if cfg.attack.malicious_fraction <= 0.1 + 1e-9 else 20.0
+
+
+def torch_scores(model, u: torch.Tensor, V: torch.Tensor, P: list) -> torch.Tensor:
+    """score(u, v) for the rows of V (differentiable in V and P): MF and NCF (both forms)."""
+    if model.name == "mf":
+        return V @ u
+    d = V.shape[1]
+    neumf = model.form == "neumf"
+    h, (w1, b1, w2, b2, wo, bo) = (P[0] if neumf else None), P[-6:]
+    x = torch.cat([u.expand(V.shape[0], d), V], dim=1)
+    s = torch.tanh(torch.tanh(x @ w1.T + b1) @ w2.T + b2) @ wo + bo
+    if neumf:
+        s = s + (V * u) @ h
+    return s
+
+
+class PipAttackClient(MaliciousClient):
+    name = "pipattack"
+    knowledge_levels = ("local",)
+    Params = PipAttackParams
+    terms = None  # subclasses fix the terms (explicit_boost)
+
+    def __init__(self, user, env, store):
+        super().__init__(user, env, store)
+        if not self.model.has_user_row:
+            raise ConfigError(f"attack.name: {self.name} needs a model with a user row (mf, ncf)")
+
+    # --- public side information ------------------------------------------------------------
+    def targets(self) -> np.ndarray:
+        t = getattr(self.env, "_targets", None)
+        if t is None:
+            from fedrec.targets import resolve_targets
+
+            t = resolve_targets(self.cfg, self.data)
+            object.__setattr__(self.env, "_targets", t)
+        if not len(t):
+            raise ConfigError(f"attack.target: {self.name} needs a target item, not none")
+        return t
+
+    def weights(self):
+        """(alpha, gamma, exp, pop, dis) in effect."""
+        p = self.params
+        if self.terms is not None:
+            return self.terms
+        alpha = paper_alpha(self.cfg) if p.alpha < 0 else p.alpha
+        return alpha, p.gamma, p.exp, p.pop and alpha > 0, p.dis and p.gamma > 0
+
+    def estimator(self, state, table, rnd) -> list:
+        """The frozen popularity estimator: the one in the private state, else trained now."""
+        keys = sorted(k for k in state if k.startswith(_EST_KEY))
+        if keys:
+            return [state[k] for k in sorted(keys, key=lambda k: int(k[len(_EST_KEY):]))]
+        w = train_for_round(self.cfg, self.data, table, self.targets(), rnd)
+        for i, a in enumerate(w):
+            state[f"{_EST_KEY}{i}"] = a
+        return w
+
+    # --- the crafted upload ---------------------------------------------------------------------
+    def poison_upload(self, ids, rows, predictor, state, rnd):
+        table, P = self._global[0], list(self._global[1:])
+        targets = self.targets()
+        alpha, gamma, exp, pop, dis = self.weights()
+        est = self.estimator(state, table, rnd) if pop else None
+        out_ids = np.union1d(ids, targets).astype(np.int64)
+        g0 = np.zeros((len(out_ids), table.shape[1]), np.float32)
+        g0[np.searchsorted(out_ids, ids)] = rows
+        eta = self.params.lookahead_lr if self.params.lookahead_lr >= 0 else self.cfg.server.lr
+        rows_new, pred_new = craft(self.model, state["user"], table[out_ids], P, g0,
+                                   [np.asarray(p, np.float32) for p in predictor],
+                                   np.searchsorted(out_ids, targets), est, alpha, gamma, exp, pop,
+                                   dis, eta, self.params.steps, self.params.lr)
+        return out_ids, rows_new, pred_new
+
+    # --- evaluation probe (evaluation code calls it; it never reaches the defense) ------------
+    @classmethod
+    def eval_probe(cls, env, arrays, rnd, targets, memory) -> dict:
+        """The popularity estimator trained on the model at the attack's start (once, frozen):
+        its held-out macro-F1 and, every evaluation, the class it gives each target."""
+        from clients.malicious.popularity import predict
+
+        cfg = env.cfg
+        if rnd < cfg.attack.start_round - 1:
+            return {}
+        if "weights" not in memory:
+            from clients.malicious.popularity import train_estimator
+            from fedrec.targets import item_counts, popularity_classes
+
+            classes = popularity_classes(item_counts(env.data))
+            w, f1 = train_estimator(np.asarray(arrays[0]), classes, targets, [cfg.seed, 7, int(rnd)])
+            memory.update(weights=w, f1=f1, round=int(rnd))
+        cls_t = predict(memory["weights"], np.asarray(arrays[0])[targets])
+        return {"pop_f1": float(memory["f1"]), "pop_target_class": float(cls_t.mean()),
+                "pop_target_top": float((cls_t == 0).mean())}
+
+
+def train_for_round(cfg, data, table, targets, rnd) -> list:
+    """The estimator every malicious client attacking first in round `rnd` trains (the same
+    public inputs and seed give the same weights, so one process trains it once)."""
+    key = (cfg.digest(), int(rnd))
+    w = _CACHE.get(key)
+    if w is None:
+        from clients.malicious.popularity import train_estimator
+        from fedrec.targets import item_counts, popularity_classes
+
+        classes = popularity_classes(item_counts(data))
+        w, _ = train_estimator(np.asarray(table), classes, targets, [cfg.seed, _ESTIMATOR, int(rnd)])
+        if len(_CACHE) > 4:
+            _CACHE.clear()
+        _CACHE[key] = w
+    return [a.copy() for a in w]
+
+
+def craft(model, u, V, P, g0, p0, tpos, est, alpha, gamma, exp, pop, dis, eta, steps, lr):
+    """The deceptive (rows, predictor) after `steps` Adam steps on L (module docstring).
+    V: the uploaded ids' current rows; g0/p0: the honest gradient (zero rows for targets not
+    among the client's own items); tpos: the targets' positions among the rows.
+
+    Only the target rows and the predictor enter L_exp and L_pop; every other row starts at
+    its honest value, where L_dis's gradient with respect to it is zero, so it never moves:
+    those rows are left out of the optimisation (same result, far less work)."""
+    tpos = np.asarray(tpos, np.int64)
+    gt0 = np.ascontiguousarray(g0[tpos])
+    G = torch.from_numpy(gt0.copy()).requires_grad_()
+    Gp = [torch.from_numpy(p.copy()).requires_grad_() for p in p0]
+    Vt0 = torch.from_numpy(np.asarray(V, np.float32)[tpos])
+    P = [torch.from_numpy(np.asarray(p, np.float32)) for p in P]
+    g0t = torch.from_numpy(gt0)
+    p0t = [torch.from_numpy(p) for p in p0]
+    ut = torch.from_numpy(np.asarray(u, np.float32))
+    opt = torch.optim.Adam([G, *Gp], lr=lr)
+    for _ in range(steps):
+        Vt = Vt0 - eta * G
+        Pn = [p - eta * g for p, g in zip(P, Gp)]
+        loss = torch.zeros(())
+        if exp:
+            loss = loss - torch.nn.functional.logsigmoid(torch_scores(model, ut, Vt, Pn)).sum()
+        if pop:
+            from clients.malicious.popularity import logits
+
+            loss = loss - alpha * torch.log_softmax(logits(est, Vt), dim=1)[:, 0].sum()
+        if dis:
+            sq = ((G - g0t) ** 2).sum() + sum(((g - p) ** 2).sum() for g, p in zip(Gp, p0t))
+            loss = loss + gamma * torch.sqrt(sq + 1e-12)
+        if not loss.requires_grad:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rows = g0.copy()
+    rows[tpos] = G.detach().numpy()
+    return rows, [g.detach().numpy().copy() for g in Gp]
+
+
+class ExplicitBoostClient(PipAttackClient):
+    """PipAttack's EB baseline: the deceptive gradient learned from L_exp alone."""
+
+    name = "explicit_boost"
+
+    def weights(self):
+        return 0.0, 0.0, True, False, False
+
+
+@dataclass
+class BoostedParams:
+    boost: float = -1.0  # scale of the target-promoting gradient (< 0: 1 / malicious_fraction)
+
+
+class BoostedClient(PipAttackClient):
+    """Boosted model replacement (Bhagoji et al., 2019): honest gradient plus a scaled
+    gradient of L_exp at the current model, on the client's own rows, the targets' and the
+    predictor."""
+
+    name = "boosted"
+    Params = BoostedParams
+
+    def poison_upload(self, ids, rows, predictor, state, rnd):
+        table, P = self._global[0], list(self._global[1:])
+        targets = self.targets()
+        out_ids = np.union1d(ids, targets).astype(np.int64)
+        g0 = np.zeros((len(out_ids), table.shape[1]), np.float32)
+        g0[np.searchsorted(out_ids, ids)] = rows
+        boost = self.params.boost if self.params.boost >= 0 else 1.0 / max(self.cfg.attack.malicious_fraction, 1e-9)
+        tpos = np.searchsorted(out_ids, targets)
+        Vt = torch.from_numpy(np.asarray(table[targets], np.float32)).requires_grad_()
+        Pt = [torch.from_numpy(np.asarray(p, np.float32)).requires_grad_() for p in P]
+        ut = torch.from_numpy(np.asarray(state["user"], np.float32))
+        loss = -torch.nn.functional.logsigmoid(torch_scores(self.model, ut, Vt, Pt)).sum()
+        loss.backward()
+        g0[tpos] += np.float32(boost) * Vt.grad.numpy()
+        pred = [np.asarray(p, np.float32) + np.float32(boost) * t.grad.numpy() for p, t in zip(predictor, Pt)]
+        return out_ids, g0, pred
