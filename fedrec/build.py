@@ -112,6 +112,10 @@ def build_device_env(cfg: ExperimentConfig, data, malicious: bool):
         cls = attack_class(cfg)
         cls.params_from(cfg)
         cls.knowledge_from(cfg)
+        if getattr(cls, "needs_public_interactions", False):
+            raise ConfigError(f"attack {cfg.attack.name!r} needs the public share of every user's "
+                              "interactions, which a partition file does not carry: run it in a "
+                              "simulation")
     return env
 
 

@@ -64,8 +64,12 @@ def _parse(e):
 
 
 def item_counts(data) -> np.ndarray:
-    """Training interactions per item (n_items,), int64: the public popularity side info."""
-    return np.bincount(np.asarray(data.train_items, dtype=np.int64), minlength=data.n_items)
+    """Training interactions per item (n_items,), int64: the public popularity side info.
+
+    `PreparedData.item_popularity` holds exactly these counts; a device built from its
+    exported partition (fedrec.partition) has them only when it is malicious (the threat
+    model's public side information), since its own `train_items` are one user's."""
+    return np.asarray(data.item_popularity, dtype=np.int64)
 
 
 def popularity_order(counts: np.ndarray) -> np.ndarray:

@@ -24,7 +24,9 @@ def _experiment(tmp_path, model="mf", attack="labelflip", **extra) -> Path:
                  "negatives_exclude": "all"},
         "model": {"name": model, "dim": 8, "mlp_layers": [8, 4]},
         "train": {"rounds": 3, "clients_per_round": 20},
-        "attack": {"name": attack, "malicious_fraction": 0.1},
+        "attack": {"name": attack, "malicious_fraction": 0.1,
+                   "target": "none" if attack in ("labelflip", "clusterattack", "fedattack")
+                   else "least_popular"},
         "eval": {"every": 1, "fraction": 1.0, "ks": [5, 10]},
         "output": {"progress": False},
     }
@@ -76,9 +78,10 @@ def test_export_writes_each_user_only_its_own_data(tmp_path):
                             "attacker_pool", "malicious", "item_popularity"}
 
 
-@pytest.mark.parametrize("model", ["mf", "ncf"])
+@pytest.mark.parametrize("model,attack", [("mf", "labelflip"), ("ncf", "labelflip"),
+                                          ("mf", "pipattack"), ("mf", "popular_attack")])
 def test_supernode_from_partition_matches_simulated_client_without_the_data_set(
-        tmp_path, monkeypatch, model):
+        tmp_path, monkeypatch, model, attack):
     from flwr.common import EvaluateIns, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
@@ -91,7 +94,7 @@ def test_supernode_from_partition_matches_simulated_client_without_the_data_set(
     from fedrec.partition import device_data, read_user
 
     tf = _messages()
-    path = _experiment(tmp_path, model)
+    path = _experiment(tmp_path, model, attack)
     _export(path, tmp_path / "parts")
     cfg = load_one(path)
     env = build_env(cfg)
@@ -144,6 +147,23 @@ def test_supernode_from_partition_matches_simulated_client_without_the_data_set(
             assert view.test_item[v] == -1 and not view.pool_mask[v]
     assert len(view.train_items) == len(env.data.train_of(u))
     assert not view.item_popularity.any()
+
+
+def test_attack_needing_other_users_data_is_refused_on_a_device(tmp_path):
+    from fedrec.build import build_device_env, build_env, malicious_set
+    from fedrec.config import load_one
+    from fedrec.errors import ConfigError
+    from fedrec.partition import device_data, read_user
+
+    path = _experiment(tmp_path, attack="fedrecattack")
+    _export(path, tmp_path / "parts")
+    cfg = load_one(path)
+    env = build_env(cfg)
+    u = min(malicious_set(env))
+    rec = read_user(tmp_path / "parts" / f"user-{u}.json", cfg, u)
+    with pytest.raises(ConfigError, match="public share") as e:
+        build_device_env(cfg, device_data(rec, env.data.n_users, env.data.n_items), True)
+    assert "\n" not in str(e.value)
 
 
 def test_partition_of_another_experiment_or_user_is_refused(tmp_path):

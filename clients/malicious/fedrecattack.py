@@ -58,6 +58,9 @@ def public_interactions(cfg, data, share: float):
 class FedRecAttackClient(PipAttackClient):
     name = "fedrecattack"
     Params = FedRecAttackParams
+    # the public share of every user's interactions comes from the prepared data set: a
+    # device built from its exported partition does not have it (fedrec.build refuses)
+    needs_public_interactions = True
 
     def approx_users(self, table, P, rnd):
         key = (self.cfg.digest(), int(rnd))
