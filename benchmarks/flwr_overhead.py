@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 ROOT = Path(__file__).resolve().parents[1]
 BARE_APP = Path(__file__).resolve().parent / "bare_app"
@@ -77,19 +78,6 @@ def _descendants(pid: int) -> list[int]:
                 seen.append(c)
                 todo.append(c)
     return seen
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class LocalSuperLink:
@@ -171,17 +159,9 @@ class LocalSuperLink:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         tree += [p for p in _descendants(self.proc.pid) if p not in tree]
-        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            left = [p for p in tree if _alive(p)]
-            for p in left:
-                try:
-                    os.kill(p, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            while left and time.monotonic() < deadline:
-                left = [p for p in left if _alive(p)]
-                time.sleep(0.1)
+        from deployment_harness import kill_tree  # tests/: SIGTERM, then SIGKILL, by PID
+
+        kill_tree(set(tree), grace=10.0)
         self.proc = None
 
     def __enter__(self):

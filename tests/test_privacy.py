@@ -209,14 +209,20 @@ def test_intersection_finds_positives_under_fresh_negatives():
     assert score(c, s, np.array([1, 2, 3]))["f1"] == 1.0
 
 
-def test_inversion_beats_random_on_a_real_upload(tmp_path):
+def _observed_ncf_user(tmp_path, u=5):
+    """(observations, round models, table scale, ground truth) of user u's forced rounds in a
+    3-round NCF run."""
     cfg = _cfg(tmp_path, "ncf", "bce", model__dim=8)
     e = _engine(cfg, rounds=3)
-    u = 5
     obs = e.observer.observations(u, FORCED[u])
     t = e.truth[(u, obs[0].round)]
     rms = [round_model(e.env.model, cfg, e.observer.model_at(o.round), o.item_ids) for o in obs]
     scale = float(np.sqrt(np.mean(e.observer.model_at(obs[0].round)[0] ** 2)))
+    return obs, rms, scale, t
+
+
+def test_inversion_beats_random_on_a_real_upload(tmp_path):
+    obs, rms, scale, t = _observed_ncf_user(tmp_path)
     inv = Inversion(obs, rms, obs[0].num_examples, AttackConfig(iterations=60, restarts=2), scale)
     r = inv.run(seed=0)
     s = score(r.candidates, r.scores, t["train_items"], r.user, t["user"])
@@ -257,13 +263,7 @@ def test_countermeasures(tmp_path):
                                                      ("adam", "cos", "free"),
                                                      ("lbfgs", "cos", "coupled")])
 def test_inversion_variants_run_and_beat_random(tmp_path, optimizer, distance, mode):
-    cfg = _cfg(tmp_path, "ncf", "bce", model__dim=8)
-    e = _engine(cfg, rounds=3)
-    u = 5
-    obs = e.observer.observations(u, FORCED[u])
-    t = e.truth[(u, obs[0].round)]
-    rms = [round_model(e.env.model, cfg, e.observer.model_at(o.round), o.item_ids) for o in obs]
-    scale = float(np.sqrt(np.mean(e.observer.model_at(obs[0].round)[0] ** 2)))
+    obs, rms, scale, t = _observed_ncf_user(tmp_path)
     acfg = AttackConfig(optimizer=optimizer, distance=distance, user_mode=mode,
                         iterations=60 if optimizer == "adam" else 40, restarts=2,
                         lr=0.1 if optimizer == "adam" else 0.5)
