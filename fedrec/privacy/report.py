@@ -10,6 +10,16 @@ NAMES = {"mgradinv": "MGradInv", "random": "random guess", "sign_split": "sign s
          "imia": "IMIA-style selection"}
 
 
+
+def _save(fig, path):
+    """Lay out, write (110 dpi) and close a figure; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
 def _cell(s: dict, key: str) -> str:
     if key not in s:
         return "-"
@@ -113,11 +123,7 @@ def plots(out: Path, result: dict):
                 ax.set_xscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        f = out / f"{tag}-{sweep}.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f.name)
+        files.append(_save(fig, out / f"{tag}-{sweep}.png"))
     cms = result.get("countermeasures") or []
     if len(cms) > 1:
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -136,11 +142,7 @@ def plots(out: Path, result: dict):
         ax.set_ylabel("attack F1")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        f = out / f"{tag}-countermeasures.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f.name)
+        files.append(_save(fig, out / f"{tag}-countermeasures.png"))
     return files
 
 
