@@ -19,7 +19,8 @@ def _data():
     return SimpleNamespace(
         n_users=3, n_items=6, train_indptr=np.array([0, 2, 3, 5]),
         train_items=np.array([0, 1, 4, 5, 2]), val_item=np.array([2, 0, -1]),
-        test_item=np.array([3, 1, 4]), test_indptr=None, pool_mask=np.zeros(3, bool))
+        test_item=np.array([3, 1, 4]), test_indptr=None, pool_mask=np.zeros(3, bool),
+        item_popularity=np.array([1, 1, 1, 0, 1, 1]))  # training counts, as PreparedData has
 
 
 class _Dot:
