@@ -147,9 +147,6 @@ class Roster:
             return live
         return {f"{u:010d}": p for u, p in sorted(self.manager.roster.items())}
 
-    def num_available(self) -> int:
-        return len(self.all())
-
 
 class RoundTimer:
     def __init__(self):

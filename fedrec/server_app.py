@@ -84,7 +84,7 @@ class OrderedStrategy(Strategy):
         self.adversary = adversary
         self._runtime_checked = False
         self.roster = Roster(manager)
-        self.absent: dict[int, list] = {}  # round (evaluation: -round) -> absent users
+        self.absent: dict[int, list] = {}  # round -> users sampled for fit whose node is gone
         # checkpoints (FlowerRun): save(round_done) every `checkpoint_every` rounds; a resumed
         # run skips the rounds before `first_round` and tells the devices where it resumed
         self.save = None
@@ -115,8 +115,12 @@ class OrderedStrategy(Strategy):
             self.save(done)
             self.last_checkpoint = done
         self.timer.fit_start[server_round] = time.perf_counter()
-        ins = self._live(server_round, self._rounds_config(
+        ins, gone = self._live(self._rounds_config(
             self.inner.configure_fit(server_round, parameters, self.roster)))
+        if gone:  # recorded as failures of this round (aggregate_fit)
+            self.absent[server_round] = gone
+            log(WARNING, "fedrec: round %d: user(s) %s sampled but their SuperNode is gone",
+                server_round, gone)
         if not self._runtime_checked and ins:
             self._runtime_checked = True
             if not is_simulation(ins[0][0]):
@@ -150,20 +154,18 @@ class OrderedStrategy(Strategy):
         if server_round < self.first_round:
             return []
         self.timer.eval_start[server_round] = time.perf_counter()
-        return self._live(-server_round, self._rounds_config(
-            self.inner.configure_evaluate(server_round, parameters, self.roster)))
+        return self._live(self._rounds_config(
+            self.inner.configure_evaluate(server_round, parameters, self.roster)))[0]
 
-    def _live(self, key: int, ins):
-        """Messages for connected nodes only; sampled users whose node is gone are kept in
-        `absent[key]` (fit: the round, evaluation: minus the round) and recorded as failures."""
-        live = [(proxy, one) for proxy, one in ins if self.manager.is_live(proxy)]
-        gone = [self.manager.partition_of(proxy.cid) for proxy, _ in ins
-                if not self.manager.is_live(proxy)]
-        if gone:
-            self.absent[key] = gone
-            log(WARNING, "fedrec: round %d: user(s) %s sampled but their SuperNode is gone",
-                abs(key), gone)
-        return live
+    def _live(self, ins):
+        """(messages for connected nodes only, the users sampled whose node is gone)."""
+        live, gone = [], []
+        for proxy, one in ins:
+            if self.manager.is_live(proxy):
+                live.append((proxy, one))
+            else:
+                gone.append(self.manager.partition_of(proxy.cid))
+        return live, gone
 
     def aggregate_evaluate(self, server_round, results, failures):
         loss, metrics = self.inner.aggregate_evaluate(server_round, results, failures)

@@ -39,15 +39,38 @@ def test_roster_keeps_every_user_after_a_node_leaves_and_maps_a_returning_node()
     assert roster.all()[f"{2:010d}"] is back and manager.is_live(back)
 
 
-def test_ordered_strategy_sends_to_live_nodes_and_records_the_absent_as_failures():
+def test_ordered_strategy_sends_to_live_nodes_and_names_the_absent():
     from fedrec.server_app import OrderedStrategy
 
     manager, proxies = _manager(3)
     Roster(manager).all()
     manager.unregister(proxies[1])
     strategy = OrderedStrategy.__new__(OrderedStrategy)  # only the routing under test
-    strategy.manager, strategy.absent = manager, {}
+    strategy.manager = manager
     ins = [(p, SimpleNamespace(config={})) for p in proxies]
-    live = strategy._live(7, ins)
+    live, gone = strategy._live(ins)
     assert [p for p, _ in live] == [proxies[0], proxies[2]]
-    assert strategy.absent == {7: [1]}
+    assert gone == [1]
+
+
+def test_configure_fit_over_the_roster_records_the_absent_for_the_round():
+    from fedrec.flower_nodes import RoundTimer
+    from fedrec.server_app import OrderedStrategy
+
+    manager, proxies = _manager(3)
+    Roster(manager).all()  # every node seen (round 1)
+    manager.unregister(proxies[1])
+
+    class Inner:  # samples every user of the roster it is given, as FedRecStrategy would
+        n_items = 5
+
+        def configure_fit(self, rnd, parameters, client_manager):
+            assert client_manager.wait_for(3, timeout=0)
+            return [(p, SimpleNamespace(config={})) for _, p in sorted(client_manager.all().items())]
+
+    strategy = OrderedStrategy(Inner(), manager, RoundTimer(), ledger=None)
+    strategy._runtime_checked = True
+    ins = strategy.configure_fit(4, None, manager)
+    assert [p for p, _ in ins] == [proxies[0], proxies[2]]
+    assert all(one.config["n_items"] == 5 for _, one in ins)
+    assert strategy.absent == {4: [1]}
