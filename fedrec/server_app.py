@@ -7,6 +7,8 @@
 - `output-dir`: where run directories go ("" = the YAML's `output.dir`). A relative path is
   taken from $FEDREC_PROJECT_ROOT, else from the working directory of the SuperLink (the
   directory `flwr run` was first called from), never from the unpacked FAB.
+- `public-info`: a deployment's server without the data set: the public.json of `fedrec
+  partition export` (fedrec.partition); "" = the ServerApp prepares the data set itself.
 
 Run config precedence: the app's pyproject defaults < `make_server_app(run_config)` (for
 `flwr.simulation.run_simulation`, which passes an empty run config) < `context.run_config`
