@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clients.malicious.base import AdversaryView, HonestUpdate, dense_updates, parse_params
-from clients.malicious.clusterattack import (AdaptiveK, ClusterAttackClient, ClusterAttackParams,
+from clients.malicious.clusterattack import (AdaptiveK, ClusterAttackClient, ClusterAttackParams, lloyd_kmeans,
                                              cluster_gradient, match_norms)
 from clients.malicious.dynopt import dyn_opt_gamma
 from clients.malicious.fang import stat_opt
@@ -63,6 +63,35 @@ def test_adaptive_k_follows_algorithm_1():
     for loss in [1.0, 2.0, 3.0]:
         c.update(loss)
     assert c.r == pytest.approx(3.0)  # R grew by (1 + rate) after the change
+
+
+def test_adaptive_k_rounding_of_the_reference_code():
+    a = AdaptiveK(k=2, k_min=1, k_max=50, r=2, beta=0.5, rounding="round")
+    for loss in [1.0, 2.0, 3.0]:
+        a.update(loss)
+    assert a.k == round(2 + math.sqrt(48)) == 9  # floor would give 8
+    c = AdaptiveK(k=6, k_min=1, k_max=50, r=2, beta=0.5, rounding="round")
+    for loss in [5.0, 4.0, 3.0]:
+        c.update(loss)
+    assert c.k == round(6 - math.sqrt(5)) == 4 and math.floor(6 - math.sqrt(5)) == 3
+
+
+def test_lloyd_kmeans_as_the_reference_code():
+    rng = np.random.default_rng(0)
+    table = np.concatenate([rng.normal(0, 0.1, (30, 3)), rng.normal(4, 0.1, (20, 3))])
+    labels, cent, inertia = lloyd_kmeans(table, 2, np.random.default_rng(5))
+    # the two blobs, whatever the random start
+    assert len(set(labels[:30])) == 1 and len(set(labels[30:])) == 1 and labels[0] != labels[30]
+    np.testing.assert_allclose(cent[labels[0]], table[:30].mean(0), atol=1e-12)
+    np.testing.assert_allclose(cent[labels[30]], table[30:].mean(0), atol=1e-12)
+    assert inertia == pytest.approx(((table - cent[labels]) ** 2).sum())
+    # the initial centroids come from the generator: same seed, same result
+    again = lloyd_kmeans(table, 2, np.random.default_rng(5))
+    np.testing.assert_array_equal(again[0], labels)
+    # an empty cluster keeps its centroid: 3 identical rows, k = 2
+    same = np.ones((3, 2))
+    lab, c2, _ = lloyd_kmeans(same, 2, np.random.default_rng(0))
+    assert np.isfinite(c2).all() and (lab == lab[0]).all()
 
 
 def test_clusterattack_round_uploads_every_row_at_matched_norms():

@@ -34,6 +34,28 @@ from fedrec.errors import ConfigError
 from fedrec.models.losses import contrastive_table_grad
 
 
+def lloyd_kmeans(table: np.ndarray, k: int, rng, tol: float = 1e-4, max_iter: int = 1000):
+    """(labels, centroids, inertia) of the reference code's k-means: k distinct rows drawn at
+    random as the initial centroids, then Lloyd steps until the centroids move by less than
+    `tol` (Frobenius norm of the change); an empty cluster keeps its centroid."""
+    x = table.astype(np.float64)
+    k = int(min(k, len(x)))
+    centroids = x[rng.choice(len(x), size=k, replace=False)]
+    sq = (x * x).sum(1)
+    for _ in range(max_iter):
+        dist = sq[:, None] - 2.0 * x @ centroids.T + (centroids * centroids).sum(1)[None, :]
+        labels = dist.argmin(1)
+        counts = np.bincount(labels, minlength=k)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, labels, x)
+        new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids)
+        shift = float(np.sqrt(((new - centroids) ** 2).sum()))
+        centroids = new
+        if shift < tol:  # as the reference: the labels of the last assignment step
+            break
+    return labels, centroids, float(((x - centroids[labels]) ** 2).sum())
+
+
 def kmeans(table: np.ndarray, k: int, rng, init=None, max_iter: int = 20):
     """(labels, centroids, inertia) of k-means on the rows of `table` (scikit-learn)."""
     from sklearn.cluster import KMeans
@@ -75,6 +97,7 @@ class AdaptiveK:
     r: float = 100.0
     beta: float = 0.999
     r_growth: float = 0.0
+    rounding: str = "floor"  # floor (Algorithm 1 as published) | round (the reference code)
     t: int = 0
     ema: float = 0.0
     last: float = math.nan
@@ -92,11 +115,12 @@ class AdaptiveK:
             else:
                 self.n_dec += 1
         self.last = hat
+        to_int = math.floor if self.rounding == "floor" else round
         if self.n_inc - self.n_dec >= self.r:
-            self.k = min(math.floor(self.k + math.sqrt(self.k_max - self.k)), self.k_max)
+            self.k = min(to_int(self.k + math.sqrt(self.k_max - self.k)), self.k_max)
             self._reset()
         elif self.n_dec - self.n_inc >= self.r:
-            self.k = max(math.floor(self.k - math.sqrt(self.k - self.k_min)), self.k_min)
+            self.k = max(to_int(self.k - math.sqrt(self.k - self.k_min)), self.k_min)
             self._reset()
         return self.k
 
@@ -116,6 +140,10 @@ class ClusterAttackParams:
     lambda_max: float = 3.0  # lambda ~ U[0, lambda_max)
     norm_mode: str = "rescale"  # rescale | clip
     kmeans_iter: int = 20
+    # warm: scikit-learn k-means from last round's centroids (kmeans_iter steps);
+    # random: the reference code's (k random items as centroids, Lloyd steps to convergence)
+    kmeans_init: str = "warm"
+    k_rounding: str = "floor"  # floor (the paper's Algorithm 1) | round (the reference code)
     adaptive: bool = True
     contrastive_alpha: float = 0.0  # > 0: ClusterAttack+CL (UNION's contrastive loss added)
     contrastive_negatives: int = 15
@@ -125,6 +153,10 @@ class ClusterAttackParams:
             raise ConfigError("attack.params: need 1 <= k_min <= k0 <= k_max")
         if self.norm_mode not in ("rescale", "clip"):
             raise ConfigError(f"attack.params.norm_mode: {self.norm_mode!r} is not one of rescale, clip")
+        if self.kmeans_init not in ("warm", "random"):
+            raise ConfigError(f"attack.params.kmeans_init: {self.kmeans_init!r} is not one of warm, random")
+        if self.k_rounding not in ("floor", "round"):
+            raise ConfigError(f"attack.params.k_rounding: {self.k_rounding!r} is not one of floor, round")
 
 
 class ClusterAttackClient(MaliciousClient):
@@ -137,11 +169,15 @@ class ClusterAttackClient(MaliciousClient):
         state = memory.get("adaptive")
         if state is None:
             state = memory["adaptive"] = AdaptiveK(k=params.k0, k_min=params.k_min, k_max=params.k_max,
-                                                   r=params.r, beta=params.beta, r_growth=params.r_growth)
+                                                   r=params.r, beta=params.beta, r_growth=params.r_growth,
+                                                   rounding=params.k_rounding)
         k = state.k
         table = view.item_table
-        labels, centroids, _ = kmeans(table, k, rng, init=memory.get("centroids"),
-                                      max_iter=params.kmeans_iter)
+        if params.kmeans_init == "random":
+            labels, centroids, _ = lloyd_kmeans(table, k, rng)
+        else:
+            labels, centroids, _ = kmeans(table, k, rng, init=memory.get("centroids"),
+                                          max_iter=params.kmeans_iter)
         memory["centroids"] = centroids
         grad, loss = cluster_gradient(table, labels, centroids, k)
         norms = np.concatenate([np.linalg.norm(u.item_rows, axis=1) for u in view.own])
