@@ -204,7 +204,8 @@ def order_checks(spec: PaperSpec, results: list) -> list:
     out = []
     for chain in spec.order:
         means = [by_label[label].mean for label in chain]
-        shown = " > ".join(f"{label} ({_fmt(by_label[label], m)})" for label, m in zip(chain, means))
+        shown = " > ".join(f"{label} ({_fmt(by_label[label], m, '?')})"
+                           for label, m in zip(chain, means))
         holds = None if any(m is None for m in means) else \
             all(a > b for a, b in zip(means, means[1:]))
         out.append((shown, holds))
@@ -247,10 +248,17 @@ def report_table(table: Table) -> TableReport:
     return TableReport(table, results, order_checks(table.spec, results), done)
 
 
-def _fmt(r: CellResult, v) -> str:
+def _fmt(r: CellResult, v, missing="") -> str:
     if v is None:
-        return ""
+        return missing
     return f"{v:.1f}%" if r.compare == "relative_drop" else f"{v:.4f}"
+
+
+def _fmt_published(r: CellResult) -> str:
+    """The paper's number as printed (two decimals of a percentage, five digits of a metric)."""
+    if r.published is None:
+        return "—"
+    return f"{r.published:.2f}%" if r.compare == "relative_drop" else f"{r.published:.5g}"
 
 
 def _metric_name(r: CellResult) -> str:
@@ -268,10 +276,12 @@ def format_report(rep: TableReport) -> str:
         check = " ".join(f"{'✓' if ok else '✗'} {t}" for t, ok in r.checks)
         wall = "" if r.wall_mean is None else f"{r.wall_mean:.1f} ± {r.wall_std:.1f}"
         lines.append(f"| {r.label} | {_metric_name(r)} | {ours} | {r.n}/{r.expected} | "
-                     f"{_fmt(r, r.published) or '—'} | {diff} | {check} | {wall} |")
+                     f"{_fmt_published(r)} | {diff} | {check} | {wall} |")
+    if rep.orders:
+        lines.append("")
     for text, holds in rep.orders:
         mark = "not yet (cells missing)" if holds is None else ("holds" if holds else "does NOT hold")
-        lines.append(f"\norder {text}: {mark}")
+        lines.append(f"- order {text}: {mark}")
     return "\n".join(lines)
 
 
