@@ -155,9 +155,23 @@ def _summaries(dirs) -> dict:
     return {d: load_summary(d) for d in dirs if is_complete(d)}
 
 
+def detection_value(summary: dict, metric: str):
+    """det_precision / det_recall / det_f1 (all dropping steps) or det_<step>_<score> (one
+    filter's own drops) from summary.json's `detection`."""
+    det = summary.get("detection") or {}
+    name = metric.removeprefix("det_")
+    if name in det and not isinstance(det[name], dict):
+        return det[name]
+    step, _, score = name.rpartition("_")
+    return (det.get(step) or {}).get(score) if isinstance(det.get(step), dict) else None
+
+
 def run_value(run_dir, summary: dict, metric: str):
-    """The run's final `metric` (summary.json), else the last value of its metrics.csv column."""
-    v = (summary.get("final") or {}).get(metric)
+    """The run's final `metric` (summary.json; det_* from its `detection`), else the last
+    value of its metrics.csv column."""
+    v = detection_value(summary, metric) if metric.startswith("det_") else None
+    if v is None:
+        v = (summary.get("final") or {}).get(metric)
     if v is not None:
         return float(v)
     from fedrec.plots import read_curve
