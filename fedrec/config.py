@@ -477,11 +477,27 @@ def read_yaml(path) -> dict:
 OTHER_BLOCKS = ("privacy", "paper")
 
 
+def is_config_key(key: str) -> bool:
+    """A dotted experiment key, or a key inside a mapping-valued one (attack.params.variant)."""
+    keys = valid_keys(ExperimentConfig)
+    if key in keys:
+        return True
+    defaults = ExperimentConfig().to_dict()
+    return any(key.startswith(f"{k}.") and isinstance(_dotted_get(defaults, k), dict)
+               for k in keys)
+
+
+def _dotted_get(d: dict, key: str):
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
 def _pop_other_blocks(raw: dict):
     if "paper" in raw:
         from fedrec.paper import parse_paper
 
-        parse_paper(raw["paper"])
+        parse_paper(raw["paper"], is_config_key)
     for block in OTHER_BLOCKS:
         raw.pop(block, None)
 

@@ -82,32 +82,18 @@ def _text(key: str, v, required=False) -> str:
     return v
 
 
-def _config_key(key: str, k) -> str:
-    """A dotted experiment key, or a key inside a mapping-valued one (attack.params.variant)."""
-    from fedrec.config import ExperimentConfig, valid_keys
-
-    keys = set(valid_keys(ExperimentConfig))
-    if not isinstance(k, str) or not (k in keys or any(k.startswith(f"{v}.") for v in keys
-                                                       if _is_mapping_key(v))):
+def _config_key(key: str, k, is_key) -> str:
+    if not isinstance(k, str) or not is_key(k):
         raise ConfigError(f"{key}: {k!r} is not a config key (see `fedrec keys`)")
     return k
 
 
-def _is_mapping_key(dotted: str) -> bool:
-    from fedrec.config import ExperimentConfig
-
-    v = ExperimentConfig()
-    for part in dotted.split("."):
-        v = getattr(v, part)
-    return isinstance(v, dict)
-
-
-def _keys_map(key: str, v, allow_empty=True) -> dict:
+def _keys_map(key: str, v, is_key, allow_empty=True) -> dict:
     if v is None and allow_empty:
         return {}
     if not isinstance(v, dict) or (not v and not allow_empty):
         raise ConfigError(f"{key}: expected a mapping of dotted config keys to values, got {v!r}")
-    return {_config_key(key, k): x for k, x in v.items()}
+    return {_config_key(key, k, is_key): x for k, x in v.items()}
 
 
 def _published(key: str, v, compare: str):
@@ -139,7 +125,7 @@ def _tolerance(key: str, v):
     return t
 
 
-def parse_cell(i: int, raw, spec: PaperSpec) -> PaperCell:
+def parse_cell(i: int, raw, spec: PaperSpec, is_key) -> PaperCell:
     key = f"paper.cells[{i}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a mapping with label and select, got {raw!r}")
@@ -147,14 +133,14 @@ def parse_cell(i: int, raw, spec: PaperSpec) -> PaperCell:
     compare = raw.get("compare", spec.compare)
     if compare not in COMPARES:
         raise ConfigError(f"{key}.compare: {compare!r} is not one of {', '.join(COMPARES)}")
-    baseline = _keys_map(f"{key}.baseline", raw["baseline"]) if "baseline" in raw \
+    baseline = _keys_map(f"{key}.baseline", raw["baseline"], is_key) if "baseline" in raw \
         else spec.baseline
     if compare == "relative_drop" and not baseline:
         raise ConfigError(f"{key}.baseline: relative_drop needs the keys of the reference run "
                           "(e.g. {attack.name: none})")
     return PaperCell(
         label=_text(f"{key}.label", raw.get("label"), required=True),
-        select=_keys_map(f"{key}.select", raw.get("select"), allow_empty=False),
+        select=_keys_map(f"{key}.select", raw.get("select"), is_key, allow_empty=False),
         metric=_text(f"{key}.metric", raw.get("metric", spec.metric), required=True),
         compare=compare, baseline=baseline,
         published=_published(f"{key}.published", raw.get("published"), compare),
@@ -163,8 +149,9 @@ def parse_cell(i: int, raw, spec: PaperSpec) -> PaperCell:
         at_most=_number(f"{key}.at_most", raw.get("at_most")))
 
 
-def parse_paper(raw) -> PaperSpec:
-    """The validated `paper:` block (a one-line ConfigError on the first problem)."""
+def parse_paper(raw, is_key) -> PaperSpec:
+    """The validated `paper:` block (a one-line ConfigError on the first problem); `is_key`
+    tells a dotted experiment key (fedrec.config.is_config_key)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"paper: expected a mapping (source, metric, cells, ...), got {raw!r}")
     _unknown("paper", raw, BLOCK_KEYS)
@@ -174,7 +161,7 @@ def parse_paper(raw) -> PaperSpec:
     spec = PaperSpec(
         source=_text("paper.source", raw.get("source"), required=True),
         metric=_text("paper.metric", raw.get("metric", "test_hr@5"), required=True),
-        compare=compare, baseline=_keys_map("paper.baseline", raw.get("baseline")),
+        compare=compare, baseline=_keys_map("paper.baseline", raw.get("baseline"), is_key),
         tolerance=_tolerance("paper.tolerance", raw.get("tolerance")),
         unsupported=_text("paper.unsupported", raw.get("unsupported")),
         note=_text("paper.note", raw.get("note")))
@@ -183,7 +170,7 @@ def parse_paper(raw) -> PaperSpec:
         raise ConfigError(f"paper.cells: expected a list of cells, got {cells_raw!r}")
     if not cells_raw and compare == "relative_drop" and not spec.baseline:
         raise ConfigError("paper.baseline: relative_drop needs the keys of the reference run")
-    cells = [parse_cell(i, c, spec) for i, c in enumerate(cells_raw)]
+    cells = [parse_cell(i, c, spec, is_key) for i, c in enumerate(cells_raw)]
     labels = [c.label for c in cells]
     dup = next((x for x in labels if labels.count(x) > 1), None)
     if dup is not None:

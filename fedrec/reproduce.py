@@ -104,7 +104,7 @@ def grid_label(cfg) -> str:
 def load_table(path, overrides=(), output=None) -> Table:
     """The table's spec, its grid (with --set overrides) and its cells; a one-line error when
     a cell selects no setting or several, or its reference run is not in the grid."""
-    from fedrec.config import deep_merge, expand, parse_overrides, read_yaml
+    from fedrec.config import deep_merge, expand, is_config_key, parse_overrides, read_yaml
     from fedrec.report import setting_key
     from fedrec.results import run_dir_for
 
@@ -113,7 +113,7 @@ def load_table(path, overrides=(), output=None) -> Table:
     raw = read_yaml(path)
     if "paper" not in raw:
         raise ConfigError(f"{path}: no `paper:` block (the published numbers to compare)")
-    spec = parse_paper(deep_merge(raw, over)["paper"])
+    spec = parse_paper(deep_merge(raw, over)["paper"], is_config_key)
     cfgs = expand(raw, over, base_dir=str(path.resolve().parent))
     dirs = [run_dir_for(c, output) for c in cfgs]
     dicts = [c.to_dict() for c in cfgs]
