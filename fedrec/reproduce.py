@@ -67,7 +67,8 @@ def table_names(folder=PAPER_DIR) -> list[str]:
 def table_path(name: str, folder=PAPER_DIR) -> Path:
     names = table_names(folder)
     if name not in names:
-        raise FedRecError(f"unknown table {name!r}; valid: {', '.join(names) or '(none in ' + str(folder) + ')'}")
+        valid = ", ".join(names) or f"(none in {folder})"
+        raise FedRecError(f"unknown table {name!r}; valid: {valid}")
     return Path(folder) / f"{name}.yaml"
 
 
@@ -282,8 +283,8 @@ def _metric_name(r: CellResult) -> str:
 
 def format_report(rep: TableReport) -> str:
     """The table in markdown: ours beside the paper's, cell by cell, then the order checks."""
-    lines = ["| cell | metric | ours (mean ± std) | seeds | paper | ours − paper | check | wall s/run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | metric | ours (mean ± std) | seeds | paper | ours − paper | check "
+             "| wall s/run |", "|---|---|---|---|---|---|---|---|"]
     for r in rep.results:
         ours = f"{_fmt(r, r.mean)} ± {_fmt(r, r.std)}" if r.mean is not None else "not run"
         diff = "" if r.mean is None or r.published is None else _fmt(r, r.mean - r.published)
@@ -294,7 +295,8 @@ def format_report(rep: TableReport) -> str:
     if rep.orders:
         lines.append("")
     for text, holds in rep.orders:
-        mark = "not yet (cells missing)" if holds is None else ("holds" if holds else "does NOT hold")
+        mark = "not yet (cells missing)" if holds is None else \
+            ("holds" if holds else "does NOT hold")
         lines.append(f"- order {text}: {mark}")
     return "\n".join(lines)
 
