@@ -34,6 +34,12 @@ def _columns(run_dir) -> set:
         return set()
 
 
+def _dropping(cfg) -> bool:
+    """An attacked run whose server may drop uploads (a filter, or a rule other than mean)."""
+    return cfg.attack.name != "none" and bool(cfg.server.filter_steps()
+                                              or cfg.server.rule != "mean")
+
+
 def table_plots(rep, folder: Path, rel: str) -> list[str]:
     """Write the table's plots into `folder`; markdown image lines (paths relative to the page)."""
     from fedrec.plots import plot_detection, plot_mean_curves
@@ -53,8 +59,11 @@ def table_plots(rep, folder: Path, rel: str) -> list[str]:
         out = folder / f"{name}-{metric.replace('@', '')}.png"
         if plot_mean_curves(groups, str(out), metric, title=f"{name}: {metric}"):
             lines.append(f"![{name}: {metric} against rounds]({rel}/{out.name})")
-    if "det_tp" in cols:
-        first = [v[0] for v in groups.values() if "det_tp" in _columns(v[0])]
+    # detection only means something for attacked runs under a defense that drops uploads
+    cfg_of = dict(zip(rep.table.dirs, rep.table.cfgs))
+    first = [v[0] for v in groups.values() if _dropping(cfg_of[v[0]])
+             and "det_tp" in _columns(v[0])]
+    if first:
         out = folder / f"{name}-detection.png"
         try:
             plot_detection(first, str(out))
