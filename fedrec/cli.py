@@ -41,14 +41,12 @@ def _cmd_run(args) -> int:
 def _ray_options(args):
     from fedrec.grid import RayOptions
 
-    for flag, v in (("--ray-cpus", getattr(args, "ray_cpus", None)),
-                    ("--ray-gpus", getattr(args, "ray_gpus", None))):
+    for flag, v in (("--ray-cpus", args.ray_cpus), ("--ray-gpus", args.ray_gpus)):
         if v is not None and v < 0:
             raise FedRecError(f"{flag}: expected a number >= 0, got {v}")
     if args.ray is False:
         return None
-    return RayOptions(address=args.ray, num_cpus=getattr(args, "ray_cpus", None),
-                      num_gpus=getattr(args, "ray_gpus", None))
+    return RayOptions(address=args.ray, num_cpus=args.ray_cpus, num_gpus=args.ray_gpus)
 
 
 def _cmd_reproduce(args) -> int:
@@ -275,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--jobs", type=int, default=1, help="runs at once on this machine")
     rr.add_argument("--ray", nargs="?", const=None, default=False, metavar="ADDRESS",
                     help="run the grid's runs as Ray tasks (as `fedrec run --ray`)")
+    rr.add_argument("--ray-cpus", type=float, default=None, help="as `fedrec run --ray-cpus`")
+    rr.add_argument("--ray-gpus", type=float, default=None, help="as `fedrec run --ray-gpus`")
     rr.add_argument("--no-progress", action="store_true")
     rr.add_argument("--tables", default=str(_paper_dir()), help="folder of the paper YAMLs")
     rr.set_defaults(fn=_cmd_reproduce)
