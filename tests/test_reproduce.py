@@ -240,3 +240,21 @@ def test_keys_and_readme_list_the_paper_block(capsys):
     for key in PAPER_DEFAULTS:
         assert key in out
         assert f"`{key}`" in readme, key
+
+
+def test_metric_values_from_detection_and_metrics_csv(ran):
+    import csv
+
+    from fedrec.reproduce import detection_value, run_value
+
+    s = {"detection": {"precision": 0.25, "recall": 1.0, "union": {"precision": 0.5}}}
+    assert detection_value(s, "det_precision") == 0.25
+    assert detection_value(s, "det_union_precision") == 0.5
+    assert detection_value(s, "det_union_recall") is None
+    root, _, _ = ran
+    d = next((root / "runs").iterdir())
+    with open(d / "metrics.csv") as f:
+        last = [r["train_loss"] for r in csv.DictReader(f) if r["train_loss"]][-1]
+    summary = json.loads((d / "summary.json").read_text())
+    assert run_value(d, summary, "train_loss") == float(last)
+    assert run_value(d, summary, "test_hr@5") == summary["final"]["test_hr@5"]
