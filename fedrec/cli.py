@@ -1,4 +1,4 @@
-"""`fedrec` command line: run | data info | data fetch | report | keys | detector record | detector train | privacy run | privacy report.
+"""`fedrec` command line: run | reproduce | data info | data fetch | report | keys | detector record | detector train | privacy run | privacy report.
 
 User errors (bad config, missing or malformed data) print one line and exit with code 2.
 """
@@ -14,17 +14,12 @@ from fedrec.errors import FedRecError
 
 def _cmd_run(args) -> int:
     from fedrec import config
-    from fedrec.grid import RayOptions, run_grid
+    from fedrec.grid import run_grid
 
     if args.jobs < 1:
         raise FedRecError(f"--jobs: expected a positive integer, got {args.jobs}")
-    for flag, v in (("--ray-cpus", args.ray_cpus), ("--ray-gpus", args.ray_gpus)):
-        if v is not None and v < 0:
-            raise FedRecError(f"{flag}: expected a number >= 0, got {v}")
+    ray = _ray_options(args)
     cfgs = config.load(args.experiment, args.set)
-    ray = None
-    if args.ray is not False:
-        ray = RayOptions(address=args.ray, num_cpus=args.ray_cpus, num_gpus=args.ray_gpus)
     outcomes = run_grid(cfgs, output_root=args.output, force=args.force, jobs=args.jobs, ray=ray,
                         progress=not args.no_progress)
     for o in outcomes:
@@ -41,6 +36,58 @@ def _cmd_run(args) -> int:
         print(json.dumps([o.summary for o in outcomes if o.summary is not None], indent=2,
                          default=str))
     return 1 if any(o.error for o in outcomes) else 0
+
+
+def _ray_options(args):
+    from fedrec.grid import RayOptions
+
+    for flag, v in (("--ray-cpus", args.ray_cpus), ("--ray-gpus", args.ray_gpus)):
+        if v is not None and v < 0:
+            raise FedRecError(f"{flag}: expected a number >= 0, got {v}")
+    if args.ray is False:
+        return None
+    return RayOptions(address=args.ray, num_cpus=args.ray_cpus, num_gpus=args.ray_gpus)
+
+
+def _cmd_reproduce(args) -> int:
+    from pathlib import Path
+
+    from fedrec import reproduce as rp
+
+    folder = Path(args.tables)
+    if not folder.is_dir():
+        raise FedRecError(f"--tables: {folder} is not a folder of paper YAMLs")
+    if args.jobs < 1:
+        raise FedRecError(f"--jobs: expected a positive integer, got {args.jobs}")
+    if not (args.name or args.list or args.write_docs):
+        raise FedRecError("reproduce: name a table (one of: "
+                          f"{', '.join(rp.table_names(folder))}), or --list, or --write-docs")
+    failed = False
+    if args.list:
+        print("\n".join(rp.list_lines(folder, args.output, args.set)))
+    if args.name:
+        table = rp.load_table(rp.table_path(args.name, folder), args.set, args.output)
+        ray = _ray_options(args)
+        if not args.table_only:
+            if table.spec.unsupported:
+                raise FedRecError(f"{args.name}: not runnable here: {table.spec.unsupported}")
+            from fedrec.grid import run_grid
+
+            outcomes = run_grid(table.cfgs, output_root=args.output, jobs=args.jobs, ray=ray,
+                                progress=not args.no_progress)
+            for o in outcomes:
+                if o.error:
+                    print(f"{o.name}: FAILED: {o.error}")
+            failed = any(o.error for o in outcomes)
+        rep = rp.report_table(table)
+        print(rp.format_heading(rep))
+        print(rp.format_report(rep))
+    if args.write_docs:
+        from fedrec.reproduce_docs import write_docs
+
+        out = write_docs(args.write_docs, folder, args.output, args.set, plots=not args.no_plots)
+        print(f"wrote {out}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_data_info(args) -> int:
@@ -157,6 +204,10 @@ def _cmd_keys(args) -> int:
         if dataclasses.is_dataclass(v):
             continue
         print(f"{key} = {v!r}")
+    from fedrec.paper import PAPER_DEFAULTS
+
+    for key, v in PAPER_DEFAULTS.items():  # fedrec reproduce's block (not a run's key)
+        print(f"{key} = {v!r}")
     return 0
 
 
@@ -173,6 +224,12 @@ def _cmd_privacy_report(args) -> int:
 
     print(write_report(args.dir))
     return 0
+
+
+def _paper_dir():
+    from fedrec.reproduce import PAPER_DIR
+
+    return PAPER_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-gpus", type=float, default=None,
                    help="GPUs per run under --ray (default: the YAML's ray.num_gpus)")
     r.set_defaults(fn=_cmd_run)
+
+    rr = sub.add_parser("reproduce", help="run (or resume) the grid behind a published table "
+                                          "and print ours beside the paper's")
+    rr.add_argument("name", nargs="?", help="a table: a file stem in experiments/paper/")
+    rr.add_argument("--list", action="store_true",
+                    help="every table with its state (not run, partial, done, passing)")
+    rr.add_argument("--table-only", action="store_true",
+                    help="print the table from the runs that exist; run nothing")
+    rr.add_argument("--write-docs", nargs="?", const="docs/reproduction.md", default=None,
+                    metavar="PATH", help="also write every table, with plots, to PATH "
+                                         "(default docs/reproduction.md)")
+    rr.add_argument("--no-plots", action="store_true", help="--write-docs without the plots")
+    rr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a YAML key for every run (changes the run directories: "
+                         "give the same --set to --table-only and --list)")
+    rr.add_argument("--output", default=None, help="results root (default: each YAML's output.dir)")
+    rr.add_argument("--jobs", type=int, default=1, help="runs at once on this machine")
+    rr.add_argument("--ray", nargs="?", const=None, default=False, metavar="ADDRESS",
+                    help="run the grid's runs as Ray tasks (as `fedrec run --ray`)")
+    rr.add_argument("--ray-cpus", type=float, default=None, help="as `fedrec run --ray-cpus`")
+    rr.add_argument("--ray-gpus", type=float, default=None, help="as `fedrec run --ray-gpus`")
+    rr.add_argument("--no-progress", action="store_true")
+    rr.add_argument("--tables", default=str(_paper_dir()), help="folder of the paper YAMLs")
+    rr.set_defaults(fn=_cmd_reproduce)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_cmd", required=True)

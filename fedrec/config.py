@@ -472,15 +472,48 @@ def read_yaml(path) -> dict:
     return raw
 
 
-# top-level blocks read by other commands, not experiment keys: `privacy` (fedrec privacy run)
-OTHER_BLOCKS = ("privacy",)
+# top-level blocks read by other commands, not experiment keys: `privacy` (fedrec privacy run),
+# `paper` (fedrec reproduce: the published numbers; validated here, see fedrec/paper.py)
+OTHER_BLOCKS = ("privacy", "paper")
+
+
+def is_config_key(key: str) -> bool:
+    """A dotted experiment key, or a key inside a mapping-valued one (attack.params.variant)."""
+    keys = valid_keys(ExperimentConfig)
+    if key in keys:
+        return True
+    defaults = ExperimentConfig().to_dict()
+    return any(key.startswith(f"{k}.") and isinstance(_dotted_get(defaults, k), dict)
+               for k in keys)
+
+
+def _dotted_get(d: dict, key: str):
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
+def _pop_other_blocks(raw: dict):
+    if "paper" in raw:
+        from fedrec.paper import parse_paper
+
+        parse_paper(raw["paper"], is_config_key)
+    for block in OTHER_BLOCKS:
+        raw.pop(block, None)
+
+
+def clean_attack(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A clean run (attack none, or no attackers) with its attack section at the defaults, so
+    every clean combination of a grid is one run; the target stays (ER@K of the same item)."""
+    if cfg.attack.name == "none" or cfg.attack.malicious_fraction == 0:
+        cfg.attack = AttackConfig(target=cfg.attack.target)
+    return cfg
 
 
 def from_dict(raw: dict, base_dir: str = "") -> ExperimentConfig:
     raw = dict(raw)
     raw.pop("grid", None)
-    for block in OTHER_BLOCKS:
-        raw.pop(block, None)
+    _pop_other_blocks(raw)
     cfg = _build(ExperimentConfig, raw)
     cfg.base_dir = str(base_dir)
     return cfg.validate()
@@ -493,8 +526,7 @@ def expand(raw: dict, overrides: dict | None = None, base_dir: str = "") -> list
     order the keys are written.
     """
     raw = deep_merge(raw, overrides or {})
-    for block in OTHER_BLOCKS:
-        raw.pop(block, None)
+    _pop_other_blocks(raw)
     grid = raw.pop("grid", None) or {}
     if not isinstance(grid, dict):
         raise ConfigError("grid: expected a mapping of dotted keys to lists of values")
@@ -527,8 +559,7 @@ def expand(raw: dict, overrides: dict | None = None, base_dir: str = "") -> list
                 labels.append(f"{k.split('.')[-1]}={v}")
         cfg = from_dict(run_raw, base_dir)
         if cfg.attack.name == "none" or cfg.attack.malicious_fraction == 0:
-            # every clean combination of a grid (attack none, or no attackers) is one run
-            cfg.attack = AttackConfig(target=cfg.attack.target)  # ER@K of the same target
+            clean_attack(cfg)  # every clean combination of a grid is one run
             if keys and cfg.digest() in seen:
                 continue
         seen.add(cfg.digest())

@@ -97,3 +97,47 @@ def plot_detection(paths, out: str, window: int = 200, stage: str = ""):
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def mean_curve(run_dirs, metric: str):
+    """(rounds, mean over the runs) of `metric`, at the rounds where every run has a value."""
+    per_round: dict = {}
+    curves = 0
+    for d in run_dirs:
+        xs, ys = read_curve(d, metric)
+        if not xs:
+            continue
+        curves += 1
+        for x, y in zip(xs, ys):
+            per_round.setdefault(x, []).append(y)
+    rounds = sorted(x for x, v in per_round.items() if len(v) == curves)
+    return rounds, [sum(per_round[x]) / curves for x in rounds]
+
+
+def plot_mean_curves(groups: dict, out: str, metric: str = "test_hr@5", title: str = "") -> bool:
+    """One line per group (label -> run directories): `metric` against rounds, mean over the
+    group's runs (its seeds). False (nothing written) when no run has the metric."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FedRecError("plotting needs matplotlib: pip install 'fedrec[plot]'") from None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = 0
+    for label, dirs in groups.items():
+        xs, ys = mean_curve(dirs, metric)
+        if xs:
+            ax.plot(xs, ys, marker="o", ms=3, label=f"{label} (n={len(dirs)})")
+            drawn += 1
+    if drawn:
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{metric} (mean over seeds)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return bool(drawn)

@@ -198,7 +198,7 @@ def _column_mean(run_dir, metric: str):
     return sum(ys) / len(ys) if ys else None
 
 
-def _mean_std(values):
+def mean_std(values):
     vals = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
     if not vals:
         return None, None
@@ -217,7 +217,7 @@ def seed_summary(rows) -> list[dict]:
         row = {"setting": rs[0]["setting"], "seeds": len(rs)}
         for k in [*METRICS[:3], "test_er@5", "er_auc", "er95_round", "upload_kl", "drop_hr@5%", "drop_ndcg@5%", "drop_hr@10%", "drop0_hr@5%", "drop0_ndcg@5%",
                   *DETECTION, "wall_time_s"]:
-            m, sd = _mean_std(r.get(k) for r in rs)
+            m, sd = mean_std(r.get(k) for r in rs)
             if m is None:
                 continue
             row[k] = f"{m:.4f} ± {sd:.4f}" if "drop" not in k and k != "wall_time_s" else \

@@ -18,7 +18,7 @@ FLOORS = {
     # 0: the core: configuration, data, models, the upload format, results, numerics
     "fedrec": 0, "fedrec.errors": 0, "fedrec.config": 0, "fedrec.data": 0, "fedrec.models": 0,
     "fedrec.protocol": 0, "fedrec.results": 0, "fedrec.optim": 0, "fedrec.runtime": 0,
-    "fedrec.environment": 0, "fedrec.fuzz": 0,
+    "fedrec.environment": 0, "fedrec.fuzz": 0, "fedrec.paper": 0,
     # 1: the parts: devices, defenses, ground truth and scoring, the name registry
     "clients": 1, "strategies": 1, "fedrec.evaluation": 1, "fedrec.roles": 1, "fedrec.registry": 1,
     # 2: the simulation-only adversary hook (hands colluding attacks their knowledge)
@@ -29,7 +29,7 @@ FLOORS = {
     "fedrec.engine": 4, "fedrec.parallel": 4, "fedrec.ledger": 4, "fedrec.checkpoint": 4,
     "fedrec.client_app": 4, "fedrec.flower_nodes": 4,
     "fedrec.server_app": 4, "fedrec.detector_tools": 4, "fedrec.report": 4, "fedrec.plots": 4,
-    "fedrec.grid": 4, "fedrec.partition": 4,
+    "fedrec.grid": 4, "fedrec.partition": 4, "fedrec.reproduce": 4, "fedrec.reproduce_docs": 4,
     # the privacy attack (fedrec/privacy): the server's recorder, the simulator, the inversion,
     # baselines, scoring and countermeasures sit with the parts; its runner and sweeps with the
     # runners (tests/test_privacy.py also checks that the attack never reaches ground truth)

@@ -1,0 +1,323 @@
+"""`fedrec reproduce`: the grid behind a published table, and ours beside the paper's.
+
+A table is an experiment YAML in experiments/paper/ with a `paper:` block (fedrec/paper.py).
+Its runs are the grid's runs, found where `fedrec run` writes them (run_dir_for); a cell is one
+setting of the grid over its seeds. Ours is the mean and (population) standard deviation over the
+seeds with a complete run: of the metric itself (`compare: value`), or of the per-seed relative
+drop 100 (reference - run) / reference against the reference run of the same seed and config
+(`compare: relative_drop`; the reference is the cell's run with the `baseline` keys set).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedrec.errors import ConfigError, FedRecError
+from fedrec.paper import PaperCell, PaperSpec, parse_paper
+
+PAPER_DIR = Path(__file__).resolve().parent.parent / "experiments" / "paper"
+
+
+@dataclass
+class Cell:
+    """A cell's runs (one per seed, grid order) and each one's reference run (drops only)."""
+
+    spec: PaperCell
+    dirs: list
+    refs: list
+
+
+@dataclass
+class Table:
+    name: str
+    spec: PaperSpec
+    cfgs: list
+    dirs: list  # run directory of every run of the grid, in grid order
+    cells: list
+
+
+@dataclass
+class CellResult:
+    label: str
+    metric: str
+    compare: str
+    n: int  # seeds with a value
+    expected: int  # seeds the grid has for this cell
+    mean: float | None
+    std: float | None
+    published: float | None
+    checks: list  # (text, passed) per criterion: tolerance, at_least, at_most
+    wall_mean: float | None
+    wall_std: float | None
+
+    @property
+    def passed(self) -> bool | None:
+        if self.mean is None or not self.checks:
+            return None
+        return all(ok for _, ok in self.checks)
+
+
+def table_names(folder=PAPER_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(folder).glob("*.yaml"))
+
+
+def table_path(name: str, folder=PAPER_DIR) -> Path:
+    names = table_names(folder)
+    if name not in names:
+        valid = ", ".join(names) or f"(none in {folder})"
+        raise FedRecError(f"unknown table {name!r}; valid: {valid}")
+    return Path(folder) / f"{name}.yaml"
+
+
+def dotted(d: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _selects(cfg_dict: dict, select: dict) -> bool:
+    return all(dotted(cfg_dict, k) == v for k, v in select.items())
+
+
+def reference_digest(cfg, baseline: dict) -> str:
+    """The config digest of `cfg` with the baseline keys set (a clean result normalised as
+    the grid normalises its clean runs)."""
+    from fedrec.config import _set_dotted, clean_attack, from_dict
+
+    d = cfg.to_dict()
+    for k, v in baseline.items():
+        _set_dotted(d, k, v)
+    return clean_attack(from_dict(d, cfg.base_dir)).digest()
+
+
+def grid_label(cfg) -> str:
+    """The grid values in a run's directory name, without its seed."""
+    m = re.search(r"\[(.*)\]", cfg.output.name or "")
+    parts = [p for p in (m.group(1).split(",") if m else []) if not p.startswith("seed=")]
+    return ",".join(parts) or cfg.name
+
+
+def load_table(path, overrides=(), output=None) -> Table:
+    """The table's spec, its grid (with --set overrides) and its cells; a one-line error when
+    a cell selects no setting or several, or its reference run is not in the grid."""
+    from fedrec.config import deep_merge, expand, is_config_key, parse_overrides, read_yaml
+    from fedrec.report import setting_key
+    from fedrec.results import run_dir_for
+
+    path = Path(path)
+    over = parse_overrides(overrides)
+    raw = read_yaml(path)
+    if "paper" not in raw:
+        raise ConfigError(f"{path}: no `paper:` block (the published numbers to compare)")
+    spec = parse_paper(deep_merge(raw, over)["paper"], is_config_key)
+    cfgs = expand(raw, over, base_dir=str(path.resolve().parent))
+    dirs = [run_dir_for(c, output) for c in cfgs]
+    dicts = [c.to_dict() for c in cfgs]
+    by_setting: dict = {}
+    for i, d in enumerate(dicts):
+        by_setting.setdefault(setting_key(d), []).append(i)
+    specs = spec.cells or [PaperCell(grid_label(cfgs[idx[0]]), {}, spec.metric, spec.compare,
+                                     spec.baseline, None, spec.tolerance, None, None)
+                           for idx in by_setting.values()]
+    by_digest = {c.digest(): i for i, c in enumerate(cfgs)}
+    cells = []
+    for j, cs in enumerate(specs):
+        if spec.cells:
+            hits = [idx for idx in by_setting.values() if _selects(dicts[idx[0]], cs.select)]
+            if len(hits) != 1:
+                raise ConfigError(f"{path.name}: paper.cells[{j}] ({cs.label}) selects "
+                                  f"{len(hits)} settings of the grid; expected one")
+            idx = hits[0]
+        else:
+            idx = list(by_setting.values())[j]
+        refs = []
+        for i in idx:
+            if cs.compare != "relative_drop":
+                refs.append(None)
+                continue
+            r = by_digest.get(reference_digest(cfgs[i], cs.baseline))
+            if r is None:
+                raise ConfigError(f"{path.name}: paper.cells[{j}] ({cs.label}): its reference run "
+                                  f"({cs.baseline}) is not in the grid")
+            refs.append(dirs[r])
+        cells.append(Cell(cs, [dirs[i] for i in idx], refs))
+    return Table(path.stem, spec, cfgs, dirs, cells)
+
+
+def _summaries(dirs) -> dict:
+    """The summary of every complete run among `dirs`."""
+    from fedrec.results import is_complete, load_summary
+
+    return {d: load_summary(d) for d in dirs if is_complete(d)}
+
+
+def detection_value(summary: dict, metric: str):
+    """det_precision / det_recall / det_f1 (all dropping steps) or det_<step>_<score> (one
+    filter's own drops) from summary.json's `detection`."""
+    det = summary.get("detection") or {}
+    name = metric.removeprefix("det_")
+    if name in det and not isinstance(det[name], dict):
+        return det[name]
+    step, _, score = name.rpartition("_")
+    return (det.get(step) or {}).get(score) if isinstance(det.get(step), dict) else None
+
+
+def run_value(run_dir, summary: dict, metric: str):
+    """The run's final `metric` (summary.json; det_* from its `detection`), else the last
+    value of its metrics.csv column."""
+    v = detection_value(summary, metric) if metric.startswith("det_") else None
+    if v is None:
+        v = (summary.get("final") or {}).get(metric)
+    if v is not None:
+        return float(v)
+    from fedrec.plots import read_curve
+
+    _, ys = read_curve(run_dir, metric)
+    return ys[-1] if ys else None
+
+
+def cell_result(cell: Cell, done: dict) -> CellResult:
+    from fedrec.report import mean_std
+
+    cs = cell.spec
+    values, walls = [], []
+    for d, ref in zip(cell.dirs, cell.refs):
+        if d not in done:
+            continue
+        walls.append(done[d].get("wall_time_s"))
+        v = run_value(d, done[d], cs.metric)
+        if cs.compare == "value":
+            values.append(v)
+        elif ref in done and v is not None:
+            b = run_value(ref, done[ref], cs.metric)
+            if b:
+                values.append(100.0 * (b - v) / b)
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    mean, std = mean_std(values)
+    wall_mean, wall_std = mean_std(walls)
+    checks = []
+    if mean is not None:
+        if cs.published is not None and cs.tolerance is not None:
+            checks.append((f"±{cs.tolerance:g}", abs(mean - cs.published) <= cs.tolerance))
+        if cs.at_least is not None:
+            checks.append((f"≥ {cs.at_least:g}", mean >= cs.at_least))
+        if cs.at_most is not None:
+            checks.append((f"≤ {cs.at_most:g}", mean <= cs.at_most))
+    return CellResult(cs.label, cs.metric, cs.compare, len(values), len(cell.dirs), mean, std,
+                      cs.published, checks, wall_mean, wall_std)
+
+
+def order_checks(spec: PaperSpec, results: list) -> list:
+    """(text, holds) per `order` chain: ours must decrease along it (holds None while a cell
+    has no value)."""
+    by_label = {r.label: r for r in results}
+    out = []
+    for chain in spec.order:
+        means = [by_label[label].mean for label in chain]
+        shown = " > ".join(f"{label} ({_fmt(by_label[label], m, '?')})"
+                           for label, m in zip(chain, means))
+        holds = None if any(m is None for m in means) else \
+            all(a > b for a, b in zip(means, means[1:]))
+        out.append((shown, holds))
+    return out
+
+
+@dataclass
+class TableReport:
+    table: Table
+    results: list
+    orders: list
+    done: dict  # complete runs' summaries
+
+    @property
+    def state(self) -> str:
+        t, k = self.table, sum(1 for d in set(self.table.dirs) if d in self.done)
+        n = len(set(t.dirs))
+        if t.spec.unsupported:
+            return f"unsupported: {t.spec.unsupported}"
+        if k == 0:
+            return "not run"
+        if k < n:
+            return f"partial ({k} of {n} runs)"
+        marks = [r.passed for r in self.results if r.passed is not None]
+        marks += [h for _, h in self.orders if h is not None]
+        if not marks:
+            return "done (nothing published to check)"
+        if all(marks):
+            return f"passing ({len(marks)} of {len(marks)} checks)"
+        return f"done ({sum(marks)} of {len(marks)} checks pass)"
+
+    @property
+    def wall_total(self) -> float:
+        return sum(s.get("wall_time_s") or 0.0 for s in self.done.values())
+
+
+def report_table(table: Table) -> TableReport:
+    done = _summaries(set(table.dirs))
+    results = [cell_result(c, done) for c in table.cells]
+    return TableReport(table, results, order_checks(table.spec, results), done)
+
+
+def _fmt(r: CellResult, v, missing="") -> str:
+    if v is None:
+        return missing
+    return f"{v:.1f}%" if r.compare == "relative_drop" else f"{v:.4f}"
+
+
+def _fmt_published(r: CellResult) -> str:
+    """The paper's number as printed (two decimals of a percentage, five digits of a metric)."""
+    if r.published is None:
+        return "—"
+    return f"{r.published:.2f}%" if r.compare == "relative_drop" else f"{r.published:.5g}"
+
+
+def _metric_name(r: CellResult) -> str:
+    name = r.metric.removeprefix("test_").upper()
+    return f"{name} drop" if r.compare == "relative_drop" else name
+
+
+def format_report(rep: TableReport) -> str:
+    """The table in markdown: ours beside the paper's, cell by cell, then the order checks."""
+    lines = ["| cell | metric | ours (mean ± std) | seeds | paper | ours − paper | check "
+             "| wall s/run |", "|---|---|---|---|---|---|---|---|"]
+    for r in rep.results:
+        ours = f"{_fmt(r, r.mean)} ± {_fmt(r, r.std)}" if r.mean is not None else "not run"
+        diff = "" if r.mean is None or r.published is None else _fmt(r, r.mean - r.published)
+        check = " ".join(f"{'✓' if ok else '✗'} {t}" for t, ok in r.checks)
+        wall = "" if r.wall_mean is None else f"{r.wall_mean:.1f} ± {r.wall_std:.1f}"
+        lines.append(f"| {r.label} | {_metric_name(r)} | {ours} | {r.n}/{r.expected} | "
+                     f"{_fmt_published(r)} | {diff} | {check} | {wall} |")
+    if rep.orders:
+        lines.append("")
+    for text, holds in rep.orders:
+        mark = "not yet (cells missing)" if holds is None else \
+            ("holds" if holds else "does NOT hold")
+        lines.append(f"- order {text}: {mark}")
+    return "\n".join(lines)
+
+
+def format_heading(rep: TableReport) -> str:
+    spec = rep.table.spec
+    out = [f"{rep.table.name}: {spec.source}", f"state: {rep.state}"]
+    if spec.note:
+        out.append(f"note: {spec.note}")
+    out.append(f"wall time of the complete runs: {rep.wall_total / 60:.1f} min "
+               f"({len(rep.done)} runs)")
+    return "\n".join(out)
+
+
+def list_lines(folder=PAPER_DIR, output=None, overrides=()) -> list[str]:
+    """One line per table: name, runs, state."""
+    lines = []
+    for name in table_names(folder):
+        try:
+            rep = report_table(load_table(Path(folder) / f"{name}.yaml", overrides, output))
+            lines.append(f"{name:<36} {len(set(rep.table.dirs)):>4} runs  {rep.state}")
+        except FedRecError as e:
+            lines.append(f"{name:<36}    ? runs  error: {e}")
+    return lines

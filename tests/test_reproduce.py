@@ -1,0 +1,260 @@
+"""`fedrec reproduce`: paper tables from run directories, their states, the `paper:` block."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedrec.cli import main
+from fedrec.config import expand
+from fedrec.errors import ConfigError
+from fedrec.reproduce import PAPER_DIR, load_table, report_table, table_names
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GRID = """name: tiny
+data:
+  dataset: synthetic
+  synthetic: {{n_users: 60, n_items: 80, mean_history: 12}}
+  attacker_pool: 0.5
+  cache_dir: {root}/cache
+model: {{dim: 8}}
+train: {{rounds: 6, clients_per_round: 10}}
+server: {{lr: 0.05}}
+eval: {{every: 2}}
+attack: {{malicious_fraction: 0.3}}
+output: {{dir: {root}/runs, progress: false}}
+grid:
+  seed: {seeds}
+  attack.name: [none, gaussian, labelflip]
+"""
+
+PAPER = """paper:
+  source: "a tiny table"
+  metric: test_hr@5
+  compare: relative_drop
+  baseline: {attack.name: none}
+  tolerance: 1000
+  order: [[Gaussian, LabelFlip]]
+  cells:
+    - {label: clean, select: {attack.name: none}, compare: value, published: 1.0, tolerance: 0.01}
+    - {label: Gaussian, select: {attack.name: gaussian}, published: {value: 0.02, clean: 0.03}}
+    - {label: LabelFlip, select: {attack.name: labelflip}, published: -0.3, at_most: 1000}
+"""
+
+ALL_PASS = """paper:
+  source: "every check holds"
+  compare: value
+  cells:
+    - {label: clean, select: {attack.name: none}, published: 0.5, tolerance: 0.5}
+    - {label: Gaussian, select: {attack.name: gaussian}, at_least: 0}
+"""
+
+
+def write_table(folder: Path, name: str, root: Path, seeds="[0, 1]", paper=PAPER) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / f"{name}.yaml"
+    p.write_text(GRID.format(root=root, seeds=seeds) + paper)
+    return p
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """The tiny table reproduced once end to end (6 runs), then a second time."""
+    root = tmp_path_factory.mktemp("repro")
+    tables = root / "tables"
+    write_table(tables, "tiny", root)
+    assert main(["reproduce", "tiny", "--tables", str(tables), "--no-progress"]) == 0
+    mtimes = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/summary.json")}
+    assert main(["reproduce", "tiny", "--tables", str(tables), "--no-progress"]) == 0
+    return root, tables, mtimes
+
+
+def finals(root: Path) -> dict:
+    """(attack, seed) -> final test_hr@5, read straight from the summaries."""
+    out = {}
+    for d in (root / "runs").iterdir():
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        s = json.loads((d / "summary.json").read_text())
+        assert s["status"] == "complete"
+        out[(cfg["attack"]["name"], cfg["seed"])] = s["final"]["test_hr@5"]
+    return out
+
+
+def pop_mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def test_second_reproduce_skips_the_finished_runs(ran):
+    root, _, mtimes = ran
+    assert len(mtimes) == 6
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_table_is_the_hand_computed_mean_std_drop_and_marks(ran):
+    root, tables, _ = ran
+    hr = finals(root)
+    rep = report_table(load_table(tables / "tiny.yaml"))
+    by = {r.label: r for r in rep.results}
+    m, sd = pop_mean_std([hr[("none", 0)], hr[("none", 1)]])
+    assert (by["clean"].mean, by["clean"].std, by["clean"].n) == (pytest.approx(m), pytest.approx(sd), 2)
+    assert by["clean"].passed is False  # |ours - 1.0| > 0.01
+    for label, attack in (("Gaussian", "gaussian"), ("LabelFlip", "labelflip")):
+        drops = [100 * (hr[("none", s)] - hr[(attack, s)]) / hr[("none", s)] for s in (0, 1)]
+        m, sd = pop_mean_std(drops)
+        assert by[label].mean == pytest.approx(m) and by[label].std == pytest.approx(sd)
+        assert by[label].passed is True
+    assert any(hr[("none", s)] != hr[("gaussian", s)] for s in (0, 1))  # a drop that is not 0
+    assert by["Gaussian"].published == pytest.approx(100 * (0.03 - 0.02) / 0.03)
+    (text, holds), = rep.orders
+    assert holds == (by["Gaussian"].mean > by["LabelFlip"].mean)
+    assert rep.state == f"done ({2 + holds} of 4 checks pass)"
+    walls = [json.loads(p.read_text())["wall_time_s"] for p in (root / "runs").glob("*/summary.json")]
+    assert rep.wall_total == pytest.approx(sum(walls))
+
+
+def test_printed_table_has_ours_beside_the_paper(ran, capsys):
+    _, tables, _ = ran
+    assert main(["reproduce", "tiny", "--table-only", "--tables", str(tables)]) == 0
+    out = capsys.readouterr().out
+    assert "| Gaussian | HR@5 drop |" in out and "33.33%" in out and "✗ ±0.01" in out
+    assert "order Gaussian" in out and "2/2" in out
+
+
+def test_list_states(ran, capsys):
+    root, tables, _ = ran
+    other = root / "states"
+    write_table(other, "a-not-run", root, seeds="[5]")
+    write_table(other, "b-partial", root, seeds="[0, 1, 2]")
+    write_table(other, "c-done", root)
+    write_table(other, "d-passing", root, paper=ALL_PASS)
+    write_table(other, "e-unsupported", root,
+                paper=ALL_PASS.replace("compare: value", "compare: value\n  unsupported: no data"))
+    assert main(["reproduce", "--list", "--tables", str(other)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    states = {line.split()[0]: line.split("runs", 1)[1].strip() for line in lines}
+    assert states["a-not-run"] == "not run"
+    assert states["b-partial"] == "partial (6 of 9 runs)"
+    assert states["c-done"].startswith("done (")
+    assert states["d-passing"] == "passing (2 of 2 checks)"
+    assert states["e-unsupported"] == "unsupported: no data"
+    assert main(["reproduce", "e-unsupported", "--tables", str(other)]) == 2
+
+
+def test_write_docs_has_the_tables_and_plots(ran, tmp_path):
+    _, tables, _ = ran
+    out = tmp_path / "docs" / "reproduction.md"
+    assert main(["reproduce", "--write-docs", str(out), "--tables", str(tables)]) == 0
+    text = out.read_text()
+    assert "## tiny" in text and "| Gaussian | HR@5 drop |" in text and "tiny     " in text
+    assert (tmp_path / "docs" / "reproduction" / "tiny-test_hr5.png").stat().st_size > 1000
+    assert "](reproduction/tiny-test_hr5.png)" in text
+
+
+def test_unknown_table_lists_the_valid_ones(ran, capsys):
+    _, tables, _ = ran
+    assert main(["reproduce", "nope", "--tables", str(tables)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown table 'nope'; valid: tiny" in err
+
+
+def test_a_cell_must_select_one_setting(tmp_path):
+    p = write_table(tmp_path, "t", tmp_path, paper=PAPER.replace(
+        "select: {attack.name: gaussian}", "select: {seed: 0}"))
+    with pytest.raises(ConfigError, match=r"cells\[1\] \(Gaussian\) selects 3 settings"):
+        load_table(p)
+
+
+def test_a_reference_run_must_be_in_the_grid(tmp_path):
+    p = write_table(tmp_path, "t", tmp_path, paper=PAPER.replace(
+        "baseline: {attack.name: none}", "baseline: {attack.name: none, server.lr: 0.5}"))
+    with pytest.raises(ConfigError, match=r"reference run .* is not in the grid"):
+        load_table(p)
+
+
+BASE = {"source": "s", "cells": [{"label": "a", "select": {"attack.name": "none"}}]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"source": ""}, "paper.source: expected a non-empty string"),
+    ({"sourse": "x"}, "unknown key 'paper.sourse'"),
+    ({"compare": "ratio"}, "paper.compare: 'ratio' is not one of relative_drop, value"),
+    ({"compare": "relative_drop"}, r"paper.cells\[0\].baseline: relative_drop needs"),
+    ({"tolerance": -1}, "paper.tolerance: expected a number >= 0"),
+    ({"cells": [{"label": "a", "select": {"attack.nam": "x"}}]},
+     r"paper.cells\[0\].select: 'attack.nam' is not a config key"),
+    ({"cells": [{"label": "a"}]}, r"paper.cells\[0\].select: expected a mapping"),
+    ({"cells": [{"label": "a", "select": {"seed": 0}, "published": {"value": 1, "clean": 2}}]},
+     r"paper.cells\[0\].published: a mapping is \{value, clean\} under compare: relative_drop"),
+    ({"cells": [{"label": "a", "select": {"seed": 0}, "published": "high"}]},
+     r"paper.cells\[0\].published: expected a number"),
+    ({"cells": [{"label": "a", "select": {"seed": 0}, "colour": 1}]},
+     r"unknown key 'paper.cells\[0\].colour'"),
+    ({"cells": [{"label": "a", "select": {"seed": 0}}, {"label": "a", "select": {"seed": 1}}]},
+     "paper.cells: label 'a' is used twice"),
+    ({"order": [["a", "b"]]}, r"paper.order\[0\]: 'b' is not a cell label"),
+    ({"order": ["a"]}, "paper.order: expected a list of chains"),
+])
+def test_paper_block_errors_are_one_line(change, message):
+    raw = {"data": {"dataset": "synthetic"}, "paper": {**BASE, **change}}
+    with pytest.raises(ConfigError, match=message) as e:
+        expand(raw)
+    assert "\n" not in str(e.value)
+
+
+def test_paper_keys_in_attack_params_are_config_keys():
+    raw = {"paper": {**BASE, "cells": [{"label": "a", "select": {"attack.params.variant": "O-D"}}]}}
+    assert len(expand(raw)) == 1
+
+
+def test_run_stops_on_a_bad_paper_block(tmp_path, capsys):
+    p = write_table(tmp_path, "t", tmp_path, paper="paper: {source: s, compare: ratio}\n")
+    assert main(["run", str(p), "--no-progress"]) == 2
+    assert "paper.compare" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", table_names())
+def test_every_paper_table_loads_and_its_grid_expands(name):
+    table = load_table(PAPER_DIR / f"{name}.yaml")
+    assert table.cfgs and table.cells
+    assert len({c.digest() for c in table.cfgs}) == len(table.cfgs)
+    assert all(len(c.dirs) == 3 for c in table.cells)  # 3 seeds per cell
+    text = (PAPER_DIR / f"{name}.yaml").read_text()
+    assert text.startswith("#") and any(w in text for w in ("Table", "Figure", "figure"))
+    assert report_table(table).state.startswith(
+        ("not run", "unsupported", "partial", "done", "passing"))
+
+
+def test_keys_and_readme_list_the_paper_block(capsys):
+    from fedrec.paper import PAPER_DEFAULTS
+
+    assert main(["keys"]) == 0
+    out = capsys.readouterr().out
+    readme = (ROOT / "README.md").read_text()
+    for key in PAPER_DEFAULTS:
+        assert key in out
+        assert f"`{key}`" in readme, key
+
+
+def test_metric_values_from_detection_and_metrics_csv(ran):
+    import csv
+
+    from fedrec.reproduce import detection_value, run_value
+
+    s = {"detection": {"precision": 0.25, "recall": 1.0, "union": {"precision": 0.5}}}
+    assert detection_value(s, "det_precision") == 0.25
+    assert detection_value(s, "det_union_precision") == 0.5
+    assert detection_value(s, "det_union_recall") is None
+    root, _, _ = ran
+    d = next((root / "runs").iterdir())
+    with open(d / "metrics.csv") as f:
+        last = [r["train_loss"] for r in csv.DictReader(f) if r["train_loss"]][-1]
+    summary = json.loads((d / "summary.json").read_text())
+    assert run_value(d, summary, "train_loss") == float(last)
+    assert run_value(d, summary, "test_hr@5") == summary["final"]["test_hr@5"]
