@@ -82,10 +82,22 @@ def test_every_attack_passes_validation_and_replaces_only_malicious_uploads(tmp_
     """Up to the first round that samples a malicious user the attacked run is the clean run;
     in that round (same global model) every benign upload is bit-identical to the clean run's
     and every malicious upload differs from the honest one; afterwards the models differ."""
+    _check_only_malicious_uploads_replaced(tmp_path, monkeypatch, name, params)
+
+
+@pytest.mark.parametrize("model", ["sasrec", "bert4rec"])
+def test_fedattack_on_the_sequential_models(tmp_path, monkeypatch, model):
+    """FedAttack scores items with the user representation the global encoder makes from the
+    device's history (it once read the encoder from nowhere and crashed)."""
+    _check_only_malicious_uploads_replaced(tmp_path, monkeypatch, "fedattack", {}, model__name=model)
+
+
+def _check_only_malicious_uploads_replaced(tmp_path, monkeypatch, name, params, **over):
     from fedrec.build import build_env, malicious_set
 
-    _, clean, clean_seen = _uploads_per_round(attacked(tmp_path, "none"), tmp_path / "c", monkeypatch)
-    cfg = attacked(tmp_path, name, attack__params=params)
+    _, clean, clean_seen = _uploads_per_round(attacked(tmp_path, "none", **over), tmp_path / "c",
+                                              monkeypatch)
+    cfg = attacked(tmp_path, name, attack__params=params, **over)
     summary, arrays, seen = _uploads_per_round(cfg, tmp_path / "a", monkeypatch)
     assert summary["invalid_uploads_total"] == 0  # crafted uploads are protocol-valid
     malicious = malicious_set(build_env(cfg))

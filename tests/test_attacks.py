@@ -158,6 +158,12 @@ def test_fedattack_picks_bottom_positives_and_top_negatives():
     np.testing.assert_array_equal(neg, [6, 4])  # highest 8.0, 7.0 (9.0 is interacted)
     pos, neg = hard_pairs(scores, np.array([0, 1, 3]), known, 5)  # pool of 3 items: n shrinks to 1
     assert len(pos) == len(neg) == 1
+    # a sequential model's own number of negatives: exactly that many, the hardest first, cycled
+    pos, neg = hard_pairs(scores, np.arange(8), known, 2, n_neg=3)
+    np.testing.assert_array_equal(pos, [1, 7])
+    np.testing.assert_array_equal(neg, [6, 4, 0])
+    pos, neg = hard_pairs(scores, np.arange(8), known, 2, n_neg=6)  # 6 candidates, 2 positives
+    np.testing.assert_array_equal(neg, [6, 4, 0, 3, 6, 4])
 
 
 @pytest.mark.parametrize("variant", ["O-D", "O-S"])

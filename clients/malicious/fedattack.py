@@ -23,15 +23,22 @@ from fedrec.errors import ConfigError
 _POOL = 11  # the client's stream for its known item pool
 
 
-def hard_pairs(scores: np.ndarray, candidates: np.ndarray, known_mask: np.ndarray, n: int):
+def hard_pairs(scores: np.ndarray, candidates: np.ndarray, known_mask: np.ndarray, n: int,
+               n_neg: int | None = None):
     """(positives, negatives): the n lowest- and n highest-scored candidate items the user has
-    not interacted with (known_mask), lowest first / highest first; n shrinks if too few."""
+    not interacted with (known_mask), lowest first / highest first; n shrinks to half the
+    candidates if there are too few. With n_neg (a sequential model's own number of negatives)
+    the negatives are exactly n_neg: the hardest ones, cycled if there are fewer candidates."""
     cand = candidates[~known_mask[candidates]]
     n = int(min(n, len(cand) // 2))
     if n <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     order = np.argsort(scores[cand], kind="stable")
-    return cand[order[:n]].astype(np.int64), cand[order[::-1][:n]].astype(np.int64)
+    pos = cand[order[:n]].astype(np.int64)
+    if n_neg is None:
+        return pos, cand[order[::-1][:n]].astype(np.int64)
+    hardest = cand[order[::-1][:max(min(n_neg, len(cand) - n), 1)]].astype(np.int64)
+    return pos, np.resize(hardest, n_neg)
 
 
 @dataclass
@@ -58,7 +65,11 @@ class FedAttackClient(MaliciousClient):
 
     def poison_pairs(self, pos, neg, state, rng):
         table, predictor = self._global[0], list(self._global[1:])
-        u = self.user_vector(self._round - 1, state=state)  # the embedding as of the current model
+        # the representation as of the current model (sequential models: the global encoder)
+        u = self.user_vector(self._round - 1, arrays=self._global, state=state)
         scores = self.model.score(u[None, :], table, predictor)[0]
-        hp, hn = hard_pairs(scores, self._item_pool(), self.exclusion_mask(), len(pos))
+        # as many as the model consumes: pairs for MF/NCF; the sequential models take the
+        # history's length and the loss's own number of negatives (0 for a full softmax)
+        hp, hn = hard_pairs(scores, self._item_pool(), self.exclusion_mask(), len(pos),
+                            len(neg) if self.model.sequential else None)
         return hp, hn
