@@ -309,7 +309,7 @@ def test_union_device_resolution_and_torch_path_agree():
 
     from fedrec.errors import ConfigError
     from fedrec.runtime import resolve_device
-    from strategies.union import _weighted_pair_sums_torch, weighted_pair_sums
+    from strategies.uniformity import weighted_pair_sums, weighted_pair_sums_torch
 
     assert resolve_device("cpu", "server.union_device").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -318,4 +318,4 @@ def test_union_device_resolution_and_torch_path_agree():
     rng = np.random.default_rng(0)
     y, w = rng.normal(size=(5, 30, 4)), rng.random((5, 30))
     # the torch path (here on the CPU device) computes the same sums as numpy
-    np.testing.assert_allclose(_weighted_pair_sums_torch(y, w, "cpu"), weighted_pair_sums(y, w), rtol=1e-10)
+    np.testing.assert_allclose(weighted_pair_sums_torch(y, w, "cpu"), weighted_pair_sums(y, w), rtol=1e-10)
