@@ -32,7 +32,7 @@ import torch
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import sparse_weighted_sum
-from strategies.groups import count_blocks, group_rows
+from strategies.groups import count_blocks, group_rows, sort_slots
 from strategies.robust import (
     MEDIAN,
     RobustRule,
@@ -48,37 +48,43 @@ def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.nd
     """(U, k, k) float32 squared L2 distances between the k rows of each of U groups
     (x: (U, k, dim)), clamped to [0, float32's maximum]. counts: group g has only its first
     counts[g] rows, the rest is zero padding (its entries are left meaningless: the callers
-    mask them).
+    mask them). x is used as scratch space.
 
     Fast path: ||a||^2 + ||b||^2 - 2<a, b> from the Gram of the centred rows (centring on
     each group's mean row does not change distances, and the products no longer carry the
-    rows' common offset), in float32 unless the sums could overflow there, float64 where
-    the float32 products overflow (crafted rows near float32's limit). Its rounding error
-    is about eps * (||a||^2 + ||b||^2) of the centred rows: one huge row drags the mean so
-    far that the small distances between the other rows cancel to nothing. Every group with
-    a pair whose distance is not at least 1e4 times that error bound is recomputed from
-    the exact differences in float64 (`exact_sq_distances`)."""
-    k = np.float32(x.shape[1]) if counts is None else counts[:, None, None].astype(np.float32)
+    rows' common offset; padding rows are set to 0 after it), in float32 unless a squared
+    norm reaches float32's maximum / 8 (then no product or distance can overflow float32),
+    in float64 otherwise (crafted rows near float32's limit). Its rounding error is about
+    eps * (||a||^2 + ||b||^2) of the centred rows: one huge row drags the mean so far that
+    the small distances between the other rows cancel to nothing. Every group with a pair
+    of rows whose distance is not at least 1e4 times that error bound is recomputed from
+    the exact differences in float64 (`exact_sq_distances`). The arithmetic after the
+    product runs in place on the (U, k, k) result (no norm matrices)."""
+    U, width, _ = x.shape
     big = np.finfo(np.float32).max
-    for dtype in (np.float32, np.float64):
-        xx = x.astype(dtype, copy=False)
-        with np.errstate(over="ignore", invalid="ignore"):
-            gram = gram_of(xx - xx.sum(axis=1, keepdims=True) / k.astype(dtype))
-        if np.isfinite(gram).all():
-            break
-    if gram.dtype != np.float32 or np.abs(gram).max(initial=0) > big / 4:
-        gram = gram.astype(np.float64)  # the sum could overflow float32
-    sq = np.diagonal(gram, axis1=1, axis2=2)
-    norms = sq[:, :, None] + sq[:, None, :]
-    dist = norms - 2 * gram
+    k_real = np.full(U, width) if counts is None else np.asarray(counts)
     with np.errstate(over="ignore", invalid="ignore"):
-        unsure = dist < 1e4 * (4 * np.finfo(gram.dtype).eps) * norms
-    k_real = x.shape[1] if counts is None else counts
-    real = np.arange(x.shape[1])[None, :] < np.reshape(k_real, (-1, 1))
-    unsure &= real[:, :, None] & real[:, None, :]
-    unsure[:, np.arange(x.shape[1]), np.arange(x.shape[1])] = False
-    dist = np.clip(dist, 0, big, out=dist).astype(np.float32, copy=False)
+        centred = x - x.sum(axis=1, keepdims=True) / k_real[:, None, None].astype(x.dtype)
+        if counts is not None:
+            centred[np.arange(width)[None, :] >= k_real[:, None]] = 0.0
+        sq = np.einsum("ukd,ukd->uk", centred, centred)
+        if not (np.isfinite(sq).all() and sq.max(initial=0) < big / 8):
+            centred = centred.astype(np.float64)  # the float32 sums could overflow
+        dist = gram_of(centred)
+        sq = np.diagonal(dist, axis1=1, axis2=2).copy()
+    norms = sq[:, :, None] + sq[:, None, :]  # (a + b) - 2g: symmetric to the last bit
+    dist *= 2
+    dist = np.subtract(norms, dist, out=dist)
+    # unsure: dist < 1e4 * (4 eps) * (||a||^2 + ||b||^2) for a real pair a != b (padding
+    # rows are 0: their pairs have dist = ||a||^2 and never qualify)
+    diagonal = dist.reshape(U, width * width)[:, ::width + 1]
+    diagonal[:] = np.inf
+    norms *= 1e4 * 4 * np.finfo(dist.dtype).eps
+    unsure = dist < norms
     redo = np.flatnonzero(unsure.any(axis=(1, 2)))
+    diagonal[:] = 0.0
+    np.clip(dist, 0, big, out=dist)
+    dist = dist.astype(np.float32, copy=False)
     if len(redo):
         dist[redo] = exact_sq_distances(x[redo])
     return dist
@@ -171,7 +177,9 @@ class NeighbourOrder:
 
     sq_dist (B, c, c) within B sets; members (B, c) marks real members (the rest is
     padding). Sorting once lets Bulyan rescore after every pick without sorting again;
-    `remove` takes a member out of its set's lists (one entry per list, not a rescan).
+    `remove` takes a member out of its set's lists (one entry per list, not a rescan) and
+    keeps before[b, a, j] = the live entries ahead of place j in a's list up to date (one
+    elementwise decrement: a running count along the short lists would cost ~4x more).
     """
 
     def __init__(self, sq_dist: np.ndarray, members: np.ndarray):
@@ -184,21 +192,25 @@ class NeighbourOrder:
         lanes = (np.arange(B * c) * c)[:, None]  # row (b, a) of the (B * c, c) tables
         picks = (lanes + order.reshape(B * c, c)).ravel()
         # live[b, a, j]: a's j-th nearest is another member still in the set
-        self.live = others.ravel()[picks].reshape(B, c, c)
+        live = others.ravel()[picks].reshape(B, c, c)
         # float32, distances beyond its range clamped to its maximum (they stay the largest;
         # inf would turn the masked-out terms of the score's product into nan); 0 where not
         # a live neighbour
         nearest_first = np.minimum(sq_dist.ravel()[picks], np.finfo(np.float32).max)
-        self.sorted = np.where(self.live, nearest_first.reshape(B, c, c), 0.0).astype(np.float32)
+        self.sorted = np.where(live, nearest_first.reshape(B, c, c), 0.0).astype(np.float32)
         self.count_dtype = np.int8 if c < 127 else np.int32
+        self.before = np.cumsum(live, axis=2, dtype=self.count_dtype) - live
 
     def remove(self, sets: np.ndarray, members: np.ndarray):
         """Member members[i] leaves set sets[i]: its entry in every list of that set dies."""
-        c = self.live.shape[1]
+        c = self.sorted.shape[1]
         pos = self.rank[sets, :, members]  # (S, c): its place in each list
-        lists = (sets[:, None], np.arange(c)[None, :], pos)
-        self.live[lists] = False
-        self.sorted[lists] = 0.0
+        self.sorted[sets[:, None], np.arange(c)[None, :], pos] = 0.0
+        behind = np.arange(c) > pos[:, :, None]  # the places after it lose one live entry
+        if len(sets) == len(self.sorted):  # every set (in order): no gather and scatter
+            np.subtract(self.before, behind, out=self.before, casting="unsafe")
+        else:
+            self.before[sets] -= behind.astype(self.count_dtype)
 
     def scores(self, alive: np.ndarray, f: int, sets=None) -> np.ndarray:
         """(B, c) Krum scores among the alive members (of `sets` only, if given); inf for
@@ -206,14 +218,15 @@ class NeighbourOrder:
 
         With r alive members, each alive a sums its k = max(1, r - f - 2) smallest
         distances to the other alive members (all of them when fewer exist: a lone member
-        scores 0): the first k live entries of its sorted list (dead entries hold 0).
+        scores 0): the entries of its sorted list with fewer than k live entries ahead
+        (dead entries hold 0).
         """
-        live, dist, alive_sets = self.live, self.sorted, alive
+        before, dist, alive_sets = self.before, self.sorted, alive
         if sets is not None:
-            live, dist, alive_sets = live[sets], dist[sets], alive[sets]
+            before, dist, alive_sets = before[sets], dist[sets], alive[sets]
         r = alive_sets.sum(axis=1)
         k = np.minimum(np.maximum(r - f - 2, 1), r - 1).astype(self.count_dtype)
-        nearest = np.cumsum(live, axis=2, dtype=self.count_dtype) <= k[:, None, None]
+        nearest = before < k[:, None, None]
         scores = np.einsum("bij,bij->bi", dist, nearest, dtype=np.float64)
         return np.where(alive_sets, scores, np.inf)
 
@@ -225,12 +238,24 @@ def krum_scores(sq_dist: np.ndarray, f: int, counts: np.ndarray | None = None) -
 
     among the m members of the set (all m - 1 others when fewer exist; a lone member
     scores 0). counts: set b has only its first counts[b] members (the rest is padding,
-    scored inf); None: all c. One implementation for Krum, Multi-Krum and Bulyan's picks:
-    `NeighbourOrder.scores`."""
+    scored inf); None: all c. Each member's distances to the others are sorted (the rest
+    set to float32's maximum, which sorts last; the sort runs along the first axis of a
+    transposed copy, a sorting network for c <= 16: see groups.sort_slots) and summed
+    nearest first in float64; score = the k-th partial sum. Distances beyond float32's
+    range are clamped to its maximum (they stay the largest)."""
     B, c, _ = sq_dist.shape
     m = np.full(B, c) if counts is None else np.asarray(counts)
     member = np.arange(c) < m[:, None]  # (B, c)
-    return NeighbourOrder(sq_dist, member).scores(member, f)
+    big = np.finfo(np.float32).max
+    others = member[:, None, :] & ~np.eye(c, dtype=bool)[None]
+    # (c, B, c): lane (b, a) holds a's distances to every b' along axis 0
+    lanes = np.where(others, np.minimum(sq_dist, big), big).astype(np.float32).transpose(2, 0, 1)
+    nearest_first = sort_slots(np.ascontiguousarray(lanes).reshape(c, B * c))
+    partial = np.cumsum(nearest_first, axis=0, dtype=np.float64).reshape(c, B, c)
+    k = np.minimum(np.maximum(m - f - 2, 1), m - 1)  # 0 for a lone member
+    scores = np.take_along_axis(partial, np.maximum(k - 1, 0)[None, :, None], axis=0)[0]
+    scores[k == 0] = 0.0
+    return np.where(member, scores, np.inf)
 
 
 def multikrum_keep(sq_dist: np.ndarray, f: int, keep, counts: np.ndarray | None = None
