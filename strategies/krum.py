@@ -48,30 +48,32 @@ def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.nd
     """(U, k, k) float32 squared L2 distances between the k rows of each of U groups
     (x: (U, k, dim)), clamped to [0, float32's maximum]. counts: group g has only its first
     counts[g] rows, the rest is zero padding (its entries are left meaningless: the callers
-    mask them). x is used as scratch space.
+    mask them).
 
     Fast path: ||a||^2 + ||b||^2 - 2<a, b> from the Gram of the centred rows (centring on
     each group's mean row does not change distances, and the products no longer carry the
-    rows' common offset; padding rows are set to 0 after it), in float32 unless a squared
-    norm reaches float32's maximum / 8 (then no product or distance can overflow float32),
-    in float64 otherwise (crafted rows near float32's limit). Its rounding error is about
-    eps * (||a||^2 + ||b||^2) of the centred rows: one huge row drags the mean so far that
-    the small distances between the other rows cancel to nothing. Every group with a pair
-    of rows whose distance is not at least 1e4 times that error bound is recomputed from
-    the exact differences in float64 (`exact_sq_distances`). The arithmetic after the
-    product runs in place on the (U, k, k) result (no norm matrices)."""
+    rows' common offset; padding rows are set to 0 after it), in float32 while every
+    squared norm stays below float32's maximum / 8 (then, by Cauchy-Schwarz, no product,
+    partial sum or distance overflows), else again in float64 (crafted rows near float32's
+    limit). Its rounding error is about eps * (||a||^2 + ||b||^2) of the centred rows: one
+    huge row drags the mean so far that the small distances between the other rows cancel
+    to nothing. Every group with a pair of rows whose distance is not at least 1e4 times
+    that error bound is recomputed from the exact differences in float64
+    (`exact_sq_distances`). The checks read the (U, k, k) result, not the (U, k, dim) rows:
+    with k < dim the result is the smaller array."""
     U, width, _ = x.shape
     big = np.finfo(np.float32).max
     k_real = np.full(U, width) if counts is None else np.asarray(counts)
-    with np.errstate(over="ignore", invalid="ignore"):
-        centred = x - x.sum(axis=1, keepdims=True) / k_real[:, None, None].astype(x.dtype)
-        if counts is not None:
-            centred[np.arange(width)[None, :] >= k_real[:, None]] = 0.0
-        sq = np.einsum("ukd,ukd->uk", centred, centred)
-        if not (np.isfinite(sq).all() and sq.max(initial=0) < big / 8):
-            centred = centred.astype(np.float64)  # the float32 sums could overflow
-        dist = gram_of(centred)
+    padding = np.arange(width)[None, :] >= k_real[:, None]
+    for dtype in (np.float32, np.float64):
+        xx = x.astype(dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            centred = xx - xx.sum(axis=1, keepdims=True) / k_real[:, None, None].astype(dtype)
+            centred[padding] = 0.0
+            dist = gram_of(centred)
         sq = np.diagonal(dist, axis1=1, axis2=2).copy()
+        if np.isfinite(sq).all() and sq.max(initial=0) < big / 8:
+            break  # else float32 sums could overflow: again in float64
     norms = sq[:, :, None] + sq[:, None, :]  # (a + b) - 2g: symmetric to the last bit
     dist *= 2
     dist = np.subtract(norms, dist, out=dist)
@@ -171,6 +173,33 @@ def gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
     return dist
 
 
+def sort_neighbours(sq_dist: np.ndarray, others: np.ndarray, order: bool = True):
+    """(order, nearest_first) of each member's list: order[b, a, j] = the j-th nearest of
+    member a in set b (ties: the earlier member; entries where not `others` last) and
+    nearest_first (B, c, c) float32 its distance (+inf where not `others`). Distances are
+    clamped to float32's maximum first (they stay the largest; rounding to float32 keeps
+    their order).
+
+    Sorted as int64 keys (the float32's bits, which order non-negative floats, above the
+    index): a sorting network along the first axis of a transposed copy for c <= 16
+    (groups.sort_slots), numpy's sort beyond; no argsort. order=False: (None, the values
+    sorted alone, without keys)."""
+    B, c, _ = sq_dist.shape
+    big = np.finfo(np.float32).max
+    values = np.where(others, np.minimum(sq_dist, big), np.inf).astype(np.float32)
+    values += np.float32(0)  # -0.0 (sign bit set: a negative key) to +0.0
+    if not order:  # the values alone
+        lanes = np.ascontiguousarray(values.transpose(2, 0, 1)).reshape(c, B * c)
+        return None, sort_slots(lanes).reshape(c, B, c).transpose(1, 2, 0)
+    shift = max(1, (c - 1).bit_length())
+    keys = values.view(np.int32).astype(np.int64) << shift
+    keys |= np.arange(c)
+    lanes = np.ascontiguousarray(keys.transpose(2, 0, 1)).reshape(c, B * c)
+    keys = np.ascontiguousarray(sort_slots(lanes).reshape(c, B, c).transpose(1, 2, 0))
+    nearest_first = (keys >> shift).astype(np.int32).view(np.float32)
+    return keys & ((1 << shift) - 1), nearest_first
+
+
 class NeighbourOrder:
     """Each member's other members sorted by squared distance: the Krum scores of a set, and
     again as members leave (Bulyan's repeated picks).
@@ -185,19 +214,14 @@ class NeighbourOrder:
     def __init__(self, sq_dist: np.ndarray, members: np.ndarray):
         B, c, _ = sq_dist.shape
         others = members[:, None, :] & ~np.eye(c, dtype=bool)[None]
-        # ties: the earlier client
-        order = np.argsort(np.where(others, sq_dist, np.inf), axis=2, kind="stable")
+        order, nearest_first = sort_neighbours(sq_dist, others)
         self.rank = np.empty_like(order)  # rank[b, a, p]: where p sits in a's list
-        np.put_along_axis(self.rank, order, np.broadcast_to(np.arange(c), order.shape), axis=2)
         lanes = (np.arange(B * c) * c)[:, None]  # row (b, a) of the (B * c, c) tables
-        picks = (lanes + order.reshape(B * c, c)).ravel()
+        self.rank.ravel()[(lanes + order.reshape(B * c, c)).ravel()] = np.tile(np.arange(c), B * c)
         # live[b, a, j]: a's j-th nearest is another member still in the set
-        live = others.ravel()[picks].reshape(B, c, c)
-        # float32, distances beyond its range clamped to its maximum (they stay the largest;
-        # inf would turn the masked-out terms of the score's product into nan); 0 where not
-        # a live neighbour
-        nearest_first = np.minimum(sq_dist.ravel()[picks], np.finfo(np.float32).max)
-        self.sorted = np.where(live, nearest_first.reshape(B, c, c), 0.0).astype(np.float32)
+        live = np.take_along_axis(others, order, axis=2)
+        # 0 where not a live neighbour
+        self.sorted = np.where(live, nearest_first, np.float32(0))
         self.count_dtype = np.int8 if c < 127 else np.int32
         self.before = np.cumsum(live, axis=2, dtype=self.count_dtype) - live
 
@@ -238,22 +262,16 @@ def krum_scores(sq_dist: np.ndarray, f: int, counts: np.ndarray | None = None) -
 
     among the m members of the set (all m - 1 others when fewer exist; a lone member
     scores 0). counts: set b has only its first counts[b] members (the rest is padding,
-    scored inf); None: all c. Each member's distances to the others are sorted (the rest
-    set to float32's maximum, which sorts last; the sort runs along the first axis of a
-    transposed copy, a sorting network for c <= 16: see groups.sort_slots) and summed
-    nearest first in float64; score = the k-th partial sum. Distances beyond float32's
-    range are clamped to its maximum (they stay the largest)."""
+    scored inf); None: all c. Each member's distances to the others are sorted
+    (`sort_neighbours`) and summed nearest first in float64; score = the k-th partial sum."""
     B, c, _ = sq_dist.shape
     m = np.full(B, c) if counts is None else np.asarray(counts)
     member = np.arange(c) < m[:, None]  # (B, c)
-    big = np.finfo(np.float32).max
     others = member[:, None, :] & ~np.eye(c, dtype=bool)[None]
-    # (c, B, c): lane (b, a) holds a's distances to every b' along axis 0
-    lanes = np.where(others, np.minimum(sq_dist, big), big).astype(np.float32).transpose(2, 0, 1)
-    nearest_first = sort_slots(np.ascontiguousarray(lanes).reshape(c, B * c))
-    partial = np.cumsum(nearest_first, axis=0, dtype=np.float64).reshape(c, B, c)
+    _, nearest_first = sort_neighbours(sq_dist, others, order=False)
+    partial = np.cumsum(nearest_first, axis=2, dtype=np.float64)
     k = np.minimum(np.maximum(m - f - 2, 1), m - 1)  # 0 for a lone member
-    scores = np.take_along_axis(partial, np.maximum(k - 1, 0)[None, :, None], axis=0)[0]
+    scores = np.take_along_axis(partial, np.maximum(k - 1, 0)[:, None, None], axis=2)[..., 0]
     scores[k == 0] = 0.0
     return np.where(member, scores, np.inf)
 
