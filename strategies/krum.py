@@ -32,7 +32,7 @@ import torch
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import sparse_weighted_sum
-from strategies.groups import count_blocks, group_rows, sort_slots
+from strategies.groups import NETWORK_MAX_WIDTH, count_blocks, group_rows, sort_slots
 from strategies.robust import (
     MEDIAN,
     RobustRule,
@@ -57,9 +57,9 @@ def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.nd
     partial sum or distance overflows), else again in float64 (crafted rows near float32's
     limit). Its rounding error is about eps * (||a||^2 + ||b||^2) of the centred rows: one
     huge row drags the mean so far that the small distances between the other rows cancel
-    to nothing. Every group with a pair of rows whose distance is not at least 1e4 times
-    that error bound is recomputed from the exact differences in float64
-    (`exact_sq_distances`). The checks read the (U, k, k) result, not the (U, k, dim) rows:
+    to nothing. Every pair of rows whose distance is not at least 1e4 times that error
+    bound is recomputed from its exact differences in float64 (`exact_sq_distances`; a
+    group of near-zero rows next to a few large ones has a few such pairs among many). The checks read the (U, k, k) result, not the (U, k, dim) rows:
     with k < dim the result is the smaller array."""
     U, width, _ = x.shape
     big = np.finfo(np.float32).max
@@ -83,28 +83,27 @@ def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.nd
     diagonal[:] = np.inf
     norms *= 1e4 * 4 * np.finfo(dist.dtype).eps
     unsure = dist < norms
-    redo = np.flatnonzero(unsure.any(axis=(1, 2)))
     diagonal[:] = 0.0
     np.clip(dist, 0, big, out=dist)
     dist = dist.astype(np.float32, copy=False)
-    if len(redo):
-        dist[redo] = exact_sq_distances(x[redo])
+    unsure_groups = np.flatnonzero(unsure.any(axis=(1, 2)))
+    if len(unsure_groups):
+        groups, a, b = np.nonzero(unsure[unsure_groups])
+        groups = unsure_groups[groups]
+        dist[groups, a, b] = exact_sq_distances(x, groups, a, b)
     return dist
 
 
-def exact_sq_distances(x: np.ndarray) -> np.ndarray:
-    """(U, k, k) float32: sum_d (x_a - x_b)^2 from the differences, in float64 (clamped to
-    float32's range), in blocks of at most 2**22 differences."""
-    U, k, dim = x.shape
-    out = np.empty((U, k, k), np.float32)
-    per_block = max(1, (1 << 22) // max(k * k * dim, 1))
+def exact_sq_distances(x: np.ndarray, groups, a, b) -> np.ndarray:
+    """(P,) float32: sum_d (x[g, a] - x[g, b])^2 for the P pairs (groups, a, b), from the
+    differences in float64 (clamped to float32's range), in blocks of 2**16 pairs."""
+    out = np.empty(len(groups), np.float32)
     big = np.finfo(np.float32).max
-    for lo in range(0, U, per_block):
-        xs = x[lo:lo + per_block].astype(np.float64)
+    for lo in range(0, len(groups), 1 << 16):
+        sl = slice(lo, lo + (1 << 16))
         with np.errstate(over="ignore"):
-            diff = xs[:, :, None, :] - xs[:, None, :, :]
-            d = np.einsum("uabd,uabd->uab", diff, diff)
-        out[lo:lo + per_block] = np.minimum(d, big)
+            diff = x[groups[sl], a[sl]].astype(np.float64) - x[groups[sl], b[sl]]
+            out[sl] = np.minimum(np.einsum("pd,pd->p", diff, diff), big)
     return out
 
 
@@ -173,29 +172,38 @@ def gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
     return dist
 
 
+def sort_lists(values: np.ndarray) -> np.ndarray:
+    """(B, c, c) values sorted along the last axis: for c <= NETWORK_MAX_WIDTH by a
+    sorting network over all lanes at once along the first axis of a transposed copy
+    (groups.sort_slots), beyond by numpy's sort of the contiguous lanes themselves."""
+    B, c, _ = values.shape
+    if c > NETWORK_MAX_WIDTH:
+        return np.sort(values, axis=2)
+    lanes = np.ascontiguousarray(values.transpose(2, 0, 1)).reshape(c, B * c)
+    return np.ascontiguousarray(sort_slots(lanes).reshape(c, B, c).transpose(1, 2, 0))
+
+
 def sort_neighbours(sq_dist: np.ndarray, others: np.ndarray, order: bool = True):
     """(order, nearest_first) of each member's list: order[b, a, j] = the j-th nearest of
-    member a in set b (ties: the earlier member; entries where not `others` last) and
-    nearest_first (B, c, c) float32 its distance (+inf where not `others`). Distances are
-    clamped to float32's maximum first (they stay the largest; rounding to float32 keeps
-    their order).
+    member a in set b (ties: the earlier member; entries where not `others` last, among
+    the distances clamped to float32's maximum) and nearest_first (B, c, c) float32 its
+    distance (float32's maximum where not `others`: finite, so a product with a 0 weight
+    is 0, not nan). Distances are clamped to float32's maximum first (they stay the
+    largest; rounding to float32 keeps their order).
 
     Sorted as int64 keys (the float32's bits, which order non-negative floats, above the
-    index): a sorting network along the first axis of a transposed copy for c <= 16
-    (groups.sort_slots), numpy's sort beyond; no argsort. order=False: (None, the values
-    sorted alone, without keys)."""
+    index) by `sort_lists`: no argsort. order=False: (None, the values sorted alone,
+    without keys)."""
     B, c, _ = sq_dist.shape
     big = np.finfo(np.float32).max
-    values = np.where(others, np.minimum(sq_dist, big), np.inf).astype(np.float32)
+    values = np.where(others, np.minimum(sq_dist, big), big).astype(np.float32)
     values += np.float32(0)  # -0.0 (sign bit set: a negative key) to +0.0
     if not order:  # the values alone
-        lanes = np.ascontiguousarray(values.transpose(2, 0, 1)).reshape(c, B * c)
-        return None, sort_slots(lanes).reshape(c, B, c).transpose(1, 2, 0)
+        return None, sort_lists(values)
     shift = max(1, (c - 1).bit_length())
     keys = values.view(np.int32).astype(np.int64) << shift
     keys |= np.arange(c)
-    lanes = np.ascontiguousarray(keys.transpose(2, 0, 1)).reshape(c, B * c)
-    keys = np.ascontiguousarray(sort_slots(lanes).reshape(c, B, c).transpose(1, 2, 0))
+    keys = sort_lists(keys)
     nearest_first = (keys >> shift).astype(np.int32).view(np.float32)
     return keys & ((1 << shift) - 1), nearest_first
 
@@ -263,16 +271,15 @@ def krum_scores(sq_dist: np.ndarray, f: int, counts: np.ndarray | None = None) -
     among the m members of the set (all m - 1 others when fewer exist; a lone member
     scores 0). counts: set b has only its first counts[b] members (the rest is padding,
     scored inf); None: all c. Each member's distances to the others are sorted
-    (`sort_neighbours`) and summed nearest first in float64; score = the k-th partial sum."""
+    (`sort_neighbours`) and the k nearest summed in float64."""
     B, c, _ = sq_dist.shape
     m = np.full(B, c) if counts is None else np.asarray(counts)
     member = np.arange(c) < m[:, None]  # (B, c)
     others = member[:, None, :] & ~np.eye(c, dtype=bool)[None]
     _, nearest_first = sort_neighbours(sq_dist, others, order=False)
-    partial = np.cumsum(nearest_first, axis=2, dtype=np.float64)
     k = np.minimum(np.maximum(m - f - 2, 1), m - 1)  # 0 for a lone member
-    scores = np.take_along_axis(partial, np.maximum(k - 1, 0)[:, None, None], axis=2)[..., 0]
-    scores[k == 0] = 0.0
+    counted = (np.arange(c) < k[:, None]).astype(np.float32)  # (B, c): the k nearest
+    scores = np.einsum("bij,bj->bi", nearest_first, counted, dtype=np.float64)
     return np.where(member, scores, np.inf)
 
 
