@@ -59,8 +59,9 @@ def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.nd
     huge row drags the mean so far that the small distances between the other rows cancel
     to nothing. Every pair of rows whose distance is not at least 1e4 times that error
     bound is recomputed from its exact differences in float64 (`exact_sq_distances`; a
-    group of near-zero rows next to a few large ones has a few such pairs among many). The checks read the (U, k, k) result, not the (U, k, dim) rows:
-    with k < dim the result is the smaller array."""
+    group of near-zero rows next to a few large ones has a few such pairs among many).
+    The checks read the (U, k, k) result, not the (U, k, dim) rows: with k < dim the
+    result is the smaller array."""
     U, width, _ = x.shape
     big = np.finfo(np.float32).max
     k_real = np.full(U, width) if counts is None else np.asarray(counts)
@@ -271,7 +272,8 @@ def krum_scores(sq_dist: np.ndarray, f: int, counts: np.ndarray | None = None) -
     among the m members of the set (all m - 1 others when fewer exist; a lone member
     scores 0). counts: set b has only its first counts[b] members (the rest is padding,
     scored inf); None: all c. Each member's distances to the others are sorted
-    (`sort_neighbours`) and the k nearest summed in float64."""
+    (`sort_neighbours`) and the k nearest summed in float64: `NeighbourOrder.scores`
+    before any removal, without its bookkeeping (ranks, live counts) for removals."""
     B, c, _ = sq_dist.shape
     m = np.full(B, c) if counts is None else np.asarray(counts)
     member = np.arange(c) < m[:, None]  # (B, c)

@@ -30,9 +30,12 @@ Differences from the reference code, none of which changes a decision it would t
 
 Cost: only the rows a client uploaded differ between its simulated table and the common
 one (the step with a zero gradient), so d_c is computed from the common pairwise distances
-plus the pairs that touch the client's own sampled rows (`client_uniformities`): O(s^2 d)
-once plus O(k_c s d) per client with k_c its sampled rows, instead of O(n s^2 d) (ML-1M
-MF, 50 clients, s = 500: ~40 ms a round instead of ~0.5 s).
+plus the pairs that touch the client's own sampled rows (`client_uniformities` in
+strategies/uniformity.py): O(s^2 d) once plus O(k_c s d) per client with k_c its sampled
+rows, instead of O(n s^2 d); with the contrastive term (k_c ~ s / 2) every client's full
+set, the upper half of its distance matrix only. Distances in float64 (d_c's spread across
+clients is ~1e-3 of d_c: float32 rounding would be of its order), each cache-sized block
+clamped, rooted and summed with its weights right after its product.
 """
 
 from __future__ import annotations
