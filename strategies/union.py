@@ -33,9 +33,10 @@ one (the step with a zero gradient), so d_c is computed from the common pairwise
 plus the pairs that touch the client's own sampled rows (`client_uniformities` in
 strategies/uniformity.py): O(s^2 d) once plus O(k_c s d) per client with k_c its sampled
 rows, instead of O(n s^2 d); with the contrastive term (k_c ~ s / 2) each client's rows
-against the common rows it did not upload and against each other. Distances in float64 (on ML-1M the d_c
-of a round differ by ~1e-3 of their value; tests hold them to 1e-9 of the definition), each
-cache-sized block clamped, rooted and summed with its weights right after its product.
+against the common rows it did not upload and against each other. Distances in float64
+(on ML-1M the d_c of a round differ by ~1e-3 of their value; tests hold them to 1e-9 of
+the definition), each cache-sized block clamped, rooted and summed with its weights right
+after its product.
 """
 
 from __future__ import annotations
