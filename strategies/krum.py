@@ -32,7 +32,7 @@ import torch
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import sparse_weighted_sum
-from strategies.groups import count_blocks, group_rows
+from strategies.groups import NETWORK_MAX_WIDTH, count_blocks, group_rows, sort_slots
 from strategies.robust import (
     MEDIAN,
     RobustRule,
@@ -52,51 +52,59 @@ def block_sq_distances(x: np.ndarray, counts: np.ndarray | None = None) -> np.nd
 
     Fast path: ||a||^2 + ||b||^2 - 2<a, b> from the Gram of the centred rows (centring on
     each group's mean row does not change distances, and the products no longer carry the
-    rows' common offset), in float32 unless the sums could overflow there, float64 where
-    the float32 products overflow (crafted rows near float32's limit). Its rounding error
-    is about eps * (||a||^2 + ||b||^2) of the centred rows: one huge row drags the mean so
-    far that the small distances between the other rows cancel to nothing. Every group with
-    a pair whose distance is not at least 1e4 times that error bound is recomputed from
-    the exact differences in float64 (`exact_sq_distances`)."""
-    k = np.float32(x.shape[1]) if counts is None else counts[:, None, None].astype(np.float32)
+    rows' common offset; padding rows are set to 0 after it), in float32 while every
+    squared norm stays below float32's maximum / 8 (then, by Cauchy-Schwarz, no product,
+    partial sum or distance overflows), else again in float64 (crafted rows near float32's
+    limit). Its rounding error is about eps * (||a||^2 + ||b||^2) of the centred rows: one
+    huge row drags the mean so far that the small distances between the other rows cancel
+    to nothing. Every pair of rows whose distance is not at least 1e4 times that error
+    bound is recomputed from its exact differences in float64 (`exact_sq_distances`; a
+    group of near-zero rows next to a few large ones has a few such pairs among many).
+    The checks read the (U, k, k) result, not the (U, k, dim) rows: with k < dim the
+    result is the smaller array."""
+    U, width, _ = x.shape
     big = np.finfo(np.float32).max
+    k_real = np.full(U, width) if counts is None else np.asarray(counts)
+    padding = np.arange(width)[None, :] >= k_real[:, None]
     for dtype in (np.float32, np.float64):
         xx = x.astype(dtype, copy=False)
         with np.errstate(over="ignore", invalid="ignore"):
-            gram = gram_of(xx - xx.sum(axis=1, keepdims=True) / k.astype(dtype))
-        if np.isfinite(gram).all():
-            break
-    if gram.dtype != np.float32 or np.abs(gram).max(initial=0) > big / 4:
-        gram = gram.astype(np.float64)  # the sum could overflow float32
-    sq = np.diagonal(gram, axis1=1, axis2=2)
-    norms = sq[:, :, None] + sq[:, None, :]
-    dist = norms - 2 * gram
-    with np.errstate(over="ignore", invalid="ignore"):
-        unsure = dist < 1e4 * (4 * np.finfo(gram.dtype).eps) * norms
-    k_real = x.shape[1] if counts is None else counts
-    real = np.arange(x.shape[1])[None, :] < np.reshape(k_real, (-1, 1))
-    unsure &= real[:, :, None] & real[:, None, :]
-    unsure[:, np.arange(x.shape[1]), np.arange(x.shape[1])] = False
-    dist = np.clip(dist, 0, big, out=dist).astype(np.float32, copy=False)
-    redo = np.flatnonzero(unsure.any(axis=(1, 2)))
-    if len(redo):
-        dist[redo] = exact_sq_distances(x[redo])
+            centred = xx - xx.sum(axis=1, keepdims=True) / k_real[:, None, None].astype(dtype)
+            centred[padding] = 0.0
+            dist = gram_of(centred)
+        sq = np.diagonal(dist, axis1=1, axis2=2).copy()
+        if np.isfinite(sq).all() and sq.max(initial=0) < big / 8:
+            break  # else float32 sums could overflow: again in float64
+    norms = sq[:, :, None] + sq[:, None, :]  # (a + b) - 2g: symmetric to the last bit
+    dist *= 2
+    dist = np.subtract(norms, dist, out=dist)
+    # unsure: dist < 1e4 * (4 eps) * (||a||^2 + ||b||^2) for a real pair a != b (padding
+    # rows are 0: their pairs have dist = ||a||^2 and never qualify)
+    diagonal = dist.reshape(U, width * width)[:, ::width + 1]
+    diagonal[:] = np.inf
+    norms *= 1e4 * 4 * np.finfo(dist.dtype).eps
+    unsure = dist < norms
+    diagonal[:] = 0.0
+    np.clip(dist, 0, big, out=dist)
+    dist = dist.astype(np.float32, copy=False)
+    unsure_groups = np.flatnonzero(unsure.any(axis=(1, 2)))
+    if len(unsure_groups):
+        groups, a, b = np.nonzero(unsure[unsure_groups])
+        groups = unsure_groups[groups]
+        dist[groups, a, b] = exact_sq_distances(x, groups, a, b)
     return dist
 
 
-def exact_sq_distances(x: np.ndarray) -> np.ndarray:
-    """(U, k, k) float32: sum_d (x_a - x_b)^2 from the differences, in float64 (clamped to
-    float32's range), in blocks of at most 2**22 differences."""
-    U, k, dim = x.shape
-    out = np.empty((U, k, k), np.float32)
-    per_block = max(1, (1 << 22) // max(k * k * dim, 1))
+def exact_sq_distances(x: np.ndarray, groups, a, b) -> np.ndarray:
+    """(P,) float32: sum_d (x[g, a] - x[g, b])^2 for the P pairs (groups, a, b), from the
+    differences in float64 (clamped to float32's range), in blocks of 2**16 pairs."""
+    out = np.empty(len(groups), np.float32)
     big = np.finfo(np.float32).max
-    for lo in range(0, U, per_block):
-        xs = x[lo:lo + per_block].astype(np.float64)
+    for lo in range(0, len(groups), 1 << 16):
+        sl = slice(lo, lo + (1 << 16))
         with np.errstate(over="ignore"):
-            diff = xs[:, :, None, :] - xs[:, None, :, :]
-            d = np.einsum("uabd,uabd->uab", diff, diff)
-        out[lo:lo + per_block] = np.minimum(d, big)
+            diff = x[groups[sl], a[sl]].astype(np.float64) - x[groups[sl], b[sl]]
+            out[sl] = np.minimum(np.einsum("pd,pd->p", diff, diff), big)
     return out
 
 
@@ -165,40 +173,77 @@ def gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
     return dist
 
 
+def sort_lists(values: np.ndarray) -> np.ndarray:
+    """(B, c, c) values sorted along the last axis: for c <= NETWORK_MAX_WIDTH by a
+    sorting network over all lanes at once along the first axis of a transposed copy
+    (groups.sort_slots), beyond by numpy's sort of the contiguous lanes themselves."""
+    B, c, _ = values.shape
+    if c > NETWORK_MAX_WIDTH:
+        return np.sort(values, axis=2)
+    lanes = np.ascontiguousarray(values.transpose(2, 0, 1)).reshape(c, B * c)
+    return np.ascontiguousarray(sort_slots(lanes).reshape(c, B, c).transpose(1, 2, 0))
+
+
+def sort_neighbours(sq_dist: np.ndarray, others: np.ndarray, order: bool = True):
+    """(order, nearest_first) of each member's list: order[b, a, j] = the j-th nearest of
+    member a in set b (ties: the earlier member; entries where not `others` last, among
+    the distances clamped to float32's maximum) and nearest_first (B, c, c) float32 its
+    distance (float32's maximum where not `others`: finite, so a product with a 0 weight
+    is 0, not nan). Distances are clamped to float32's maximum first (they stay the
+    largest; rounding to float32 keeps their order).
+
+    Sorted as int64 keys (the float32's bits, which order non-negative floats, above the
+    index) by `sort_lists`: no argsort. order=False: (None, the values sorted alone,
+    without keys)."""
+    B, c, _ = sq_dist.shape
+    big = np.finfo(np.float32).max
+    values = np.where(others, np.minimum(sq_dist, big), big).astype(np.float32)
+    values += np.float32(0)  # -0.0 (sign bit set: a negative key) to +0.0
+    if not order:  # the values alone
+        return None, sort_lists(values)
+    shift = max(1, (c - 1).bit_length())
+    keys = values.view(np.int32).astype(np.int64) << shift
+    keys |= np.arange(c)
+    keys = sort_lists(keys)
+    nearest_first = (keys >> shift).astype(np.int32).view(np.float32)
+    return keys & ((1 << shift) - 1), nearest_first
+
+
 class NeighbourOrder:
     """Each member's other members sorted by squared distance: the Krum scores of a set, and
     again as members leave (Bulyan's repeated picks).
 
     sq_dist (B, c, c) within B sets; members (B, c) marks real members (the rest is
     padding). Sorting once lets Bulyan rescore after every pick without sorting again;
-    `remove` takes a member out of its set's lists (one entry per list, not a rescan).
+    `remove` takes a member out of its set's lists (one entry per list, not a rescan) and
+    keeps before[b, a, j] = the live entries ahead of place j in a's list up to date (one
+    elementwise decrement: a running count along the short lists would cost ~4x more).
     """
 
     def __init__(self, sq_dist: np.ndarray, members: np.ndarray):
         B, c, _ = sq_dist.shape
         others = members[:, None, :] & ~np.eye(c, dtype=bool)[None]
-        # ties: the earlier client
-        order = np.argsort(np.where(others, sq_dist, np.inf), axis=2, kind="stable")
+        order, nearest_first = sort_neighbours(sq_dist, others)
         self.rank = np.empty_like(order)  # rank[b, a, p]: where p sits in a's list
-        np.put_along_axis(self.rank, order, np.broadcast_to(np.arange(c), order.shape), axis=2)
         lanes = (np.arange(B * c) * c)[:, None]  # row (b, a) of the (B * c, c) tables
-        picks = (lanes + order.reshape(B * c, c)).ravel()
+        self.rank.ravel()[(lanes + order.reshape(B * c, c)).ravel()] = np.tile(np.arange(c), B * c)
         # live[b, a, j]: a's j-th nearest is another member still in the set
-        self.live = others.ravel()[picks].reshape(B, c, c)
-        # float32, distances beyond its range clamped to its maximum (they stay the largest;
-        # inf would turn the masked-out terms of the score's product into nan); 0 where not
-        # a live neighbour
-        nearest_first = np.minimum(sq_dist.ravel()[picks], np.finfo(np.float32).max)
-        self.sorted = np.where(self.live, nearest_first.reshape(B, c, c), 0.0).astype(np.float32)
+        live = np.take_along_axis(others, order, axis=2)
+        # 0 where not a live neighbour
+        self.sorted = np.where(live, nearest_first, np.float32(0))
         self.count_dtype = np.int8 if c < 127 else np.int32
+        self.before = np.cumsum(live, axis=2, dtype=self.count_dtype) - live
 
     def remove(self, sets: np.ndarray, members: np.ndarray):
         """Member members[i] leaves set sets[i]: its entry in every list of that set dies."""
-        c = self.live.shape[1]
+        c = self.sorted.shape[1]
         pos = self.rank[sets, :, members]  # (S, c): its place in each list
-        lists = (sets[:, None], np.arange(c)[None, :], pos)
-        self.live[lists] = False
-        self.sorted[lists] = 0.0
+        self.sorted[sets[:, None], np.arange(c)[None, :], pos] = 0.0
+        behind = np.arange(c) > pos[:, :, None]  # the places after it lose one live entry
+        if len(sets) == len(self.sorted):  # every set (in order): no gather and scatter
+            np.subtract(self.before, behind, out=self.before, casting="unsafe")
+        else:
+            self.before[sets] -= behind.astype(self.count_dtype)
 
     def scores(self, alive: np.ndarray, f: int, sets=None) -> np.ndarray:
         """(B, c) Krum scores among the alive members (of `sets` only, if given); inf for
@@ -206,14 +251,15 @@ class NeighbourOrder:
 
         With r alive members, each alive a sums its k = max(1, r - f - 2) smallest
         distances to the other alive members (all of them when fewer exist: a lone member
-        scores 0): the first k live entries of its sorted list (dead entries hold 0).
+        scores 0): the entries of its sorted list with fewer than k live entries ahead
+        (dead entries hold 0).
         """
-        live, dist, alive_sets = self.live, self.sorted, alive
+        before, dist, alive_sets = self.before, self.sorted, alive
         if sets is not None:
-            live, dist, alive_sets = live[sets], dist[sets], alive[sets]
+            before, dist, alive_sets = before[sets], dist[sets], alive[sets]
         r = alive_sets.sum(axis=1)
         k = np.minimum(np.maximum(r - f - 2, 1), r - 1).astype(self.count_dtype)
-        nearest = np.cumsum(live, axis=2, dtype=self.count_dtype) <= k[:, None, None]
+        nearest = before < k[:, None, None]
         scores = np.einsum("bij,bij->bi", dist, nearest, dtype=np.float64)
         return np.where(alive_sets, scores, np.inf)
 
@@ -225,12 +271,18 @@ def krum_scores(sq_dist: np.ndarray, f: int, counts: np.ndarray | None = None) -
 
     among the m members of the set (all m - 1 others when fewer exist; a lone member
     scores 0). counts: set b has only its first counts[b] members (the rest is padding,
-    scored inf); None: all c. One implementation for Krum, Multi-Krum and Bulyan's picks:
-    `NeighbourOrder.scores`."""
+    scored inf); None: all c. Each member's distances to the others are sorted
+    (`sort_neighbours`) and the k nearest summed in float64: `NeighbourOrder.scores`
+    before any removal, without its bookkeeping (ranks, live counts) for removals."""
     B, c, _ = sq_dist.shape
     m = np.full(B, c) if counts is None else np.asarray(counts)
     member = np.arange(c) < m[:, None]  # (B, c)
-    return NeighbourOrder(sq_dist, member).scores(member, f)
+    others = member[:, None, :] & ~np.eye(c, dtype=bool)[None]
+    _, nearest_first = sort_neighbours(sq_dist, others, order=False)
+    k = np.minimum(np.maximum(m - f - 2, 1), m - 1)  # 0 for a lone member
+    counted = (np.arange(c) < k[:, None]).astype(np.float32)  # (B, c): the k nearest
+    scores = np.einsum("bij,bj->bi", nearest_first, counted, dtype=np.float64)
+    return np.where(member, scores, np.inf)
 
 
 def multikrum_keep(sq_dist: np.ndarray, f: int, keep, counts: np.ndarray | None = None

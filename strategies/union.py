@@ -30,9 +30,13 @@ Differences from the reference code, none of which changes a decision it would t
 
 Cost: only the rows a client uploaded differ between its simulated table and the common
 one (the step with a zero gradient), so d_c is computed from the common pairwise distances
-plus the pairs that touch the client's own sampled rows (`client_uniformities`): O(s^2 d)
-once plus O(k_c s d) per client with k_c its sampled rows, instead of O(n s^2 d) (ML-1M
-MF, 50 clients, s = 500: ~40 ms a round instead of ~0.5 s).
+plus the pairs that touch the client's own sampled rows (`client_uniformities` in
+strategies/uniformity.py): O(s^2 d) once plus O(k_c s d) per client with k_c its sampled
+rows, instead of O(n s^2 d); with the contrastive term (k_c ~ s / 2) each client's rows
+against the common rows it did not upload and against each other. Distances in float64
+(on ML-1M the d_c of a round differ by ~1e-3 of their value; tests hold them to 1e-9 of
+the definition), each cache-sized block clamped, rooted and summed with its weights right
+after its product.
 """
 
 from __future__ import annotations
@@ -45,12 +49,16 @@ import numpy as np
 
 from fedrec.errors import ConfigError
 from fedrec.optim import adam_update
-from strategies.groups import group_rows
 from strategies.rule import Filtered, PreAggregationStep, RoundUpdates, drop_uploads
+from strategies.uniformity import client_uniformities, uniformity, weighted_pair_sums
+
+__all__ = ["UnionFilter", "union_filter", "union_uniformities", "simulated_item_rows",
+           "gap_statistic_split", "null_log_inertias", "two_means_1d", "client_uniformities",
+           "uniformity", "weighted_pair_sums"]
 
 NULL_DRAWS = 10_000  # size of the cached pool of reference log-inertias
 NULL_SEED = 0x554E494F  # "UNIO"
-_BLOCK = 1 << 22  # float64 elements per distance block (32 MiB)
+_BLOCK = 1 << 22  # float64 elements per block of the null pool (32 MiB)
 _null_cache: dict = {}
 
 
@@ -71,136 +79,6 @@ def simulated_item_rows(item_rows, grads, adam_state_rows=None, step=0, lr=2e-3,
     rows, _, _ = adam_update(item_rows, adam_state_rows[0], adam_state_rows[1], grads,
                              int(step) + 1, lr, float(betas[0]), float(betas[1]), eps)
     return rows
-
-
-# ---------------------------------------------------------------------- uniformity
-
-
-def _distances(a, b):
-    """(..., m, k) L2 distances between the rows of a (..., m, d) and b (..., k, d):
-    sqrt(max(||a||^2 + ||b||^2 - 2 <a, b>, 0)) in float64."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    d2 = np.matmul(a, np.swapaxes(b, -1, -2))
-    d2 *= -2
-    d2 += np.einsum("...ij,...ij->...i", a, a)[..., :, None]
-    d2 += np.einsum("...ij,...ij->...i", b, b)[..., None, :]
-    np.maximum(d2, 0, out=d2)
-    return np.sqrt(d2, out=d2)
-
-
-def _weighted_pair_sums_torch(y, w, device) -> np.ndarray:
-    """weighted_pair_sums in float64 on a torch device (e.g. "cuda"): same formula and
-    blocking; sums may differ from the CPU's in the last bits (another summation order)."""
-    import torch
-
-    G, m, _ = y.shape
-    out = np.zeros(G)
-    per_block = max(1, _BLOCK // (m * m))
-    eye = torch.eye(m, dtype=torch.bool, device=device)
-    for lo in range(0, G, per_block):
-        x = torch.as_tensor(y[lo:lo + per_block], device=device)
-        x = x - x.mean(dim=1, keepdim=True)
-        sq = (x * x).sum(-1)
-        d2 = torch.baddbmm(sq[:, :, None] + sq[:, None, :], x, x.transpose(1, 2), alpha=-2.0)
-        dist = d2.clamp_min_(0).sqrt_().masked_fill_(eye, 0.0)
-        wb = torch.as_tensor(np.ascontiguousarray(w[lo:lo + per_block]), device=device)
-        out[lo:lo + per_block] = torch.einsum("ga,gab,gb->g", wb, dist, wb).cpu().numpy()
-    return out
-
-
-def weighted_pair_sums(y, w, device=None) -> np.ndarray:
-    """(G,) sum_{a != b} w[g, a] w[g, b] ||y[g, a] - y[g, b]|| for y (G, m, d), w (G, m).
-
-    Rows are centred per set (distances do not change; less cancellation in the Gram form)
-    and the sets go in blocks of at most 32 MiB of distances. The diagonal is left out
-    exactly (the Gram form would give sqrt(rounding) ~ 1e-9 there, not 0).
-    """
-    y = np.asarray(y, np.float64)
-    w = np.broadcast_to(np.asarray(w, np.float64), y.shape[:2])
-    G, m, _ = y.shape
-    out = np.zeros(G)
-    if m < 2:
-        return out
-    if device not in (None, "cpu"):
-        return _weighted_pair_sums_torch(y, w, device)
-    per_block = max(1, _BLOCK // (m * m))
-    for lo in range(0, G, per_block):  # blocks of sets
-        x = y[lo:lo + per_block]
-        x = x - x.mean(axis=1, keepdims=True)
-        dist = _distances(x, x)
-        dist[:, np.arange(m), np.arange(m)] = 0.0
-        wb = w[lo:lo + per_block]
-        out[lo:lo + per_block] = np.einsum("ga,gab,gb->g", wb, dist, wb)
-    return out
-
-
-def uniformity(emb, device=None) -> np.ndarray:
-    """(clients,) mean pairwise L2 distance among each client's s rows of emb (clients, s, d):
-
-        d_c = 1 / (s (s - 1)) * sum_{a != b} ||emb[c, a] - emb[c, b]||_2
-    """
-    emb = np.asarray(emb, np.float64)
-    n, s, _ = emb.shape
-    if s < 2:
-        return np.zeros(n)
-    return weighted_pair_sums(emb, np.ones((n, s)), device) / (s * (s - 1))
-
-
-def client_uniformities(common, weights, rows, owner, item, n_clients, device=None) -> np.ndarray:
-    """`uniformity` of every client's simulated sampled rows, from the rows that differ.
-
-    common (U, d): the U distinct sampled items after the step with a zero gradient (what
-    every client that did not upload an item leaves of it); weights (U,): how often each
-    was drawn (sum = s); rows (K, d): item[k]'s row after the step with client owner[k]'s
-    gradient, for the K (client, sampled item) pairs the clients uploaded. With D the
-    common distances, T_c client c's items and y its rows (y_u = common_u outside T_c),
-
-        s (s - 1) d_c = sum_{u,v} w_u w_v D_uv
-                        + 2 sum_{u in T_c, v not in T_c} w_u w_v (||y_u - common_v|| - D_uv)
-                        + sum_{u, v in T_c} w_u w_v (||y_u - y_v|| - D_uv)
-
-    (positions drawing the same item are at distance 0, as in `uniformity`). The cross
-    term is one pass over the K rows; the last runs over each client's own rows, clients
-    grouped by row count (strategies.groups.group_rows). When the uploads cover most
-    sampled items (dense uploads, K > n U / 2) every client's full set is built instead
-    and `weighted_pair_sums` runs on it: the same value, half the work there.
-    """
-    common = np.asarray(common, np.float64)
-    rows = np.asarray(rows, np.float64)
-    w = np.asarray(weights, np.float64)
-    s = w.sum()
-    U = len(w)
-    if 2 * len(rows) > n_clients * U:  # dense uploads
-        y = np.broadcast_to(common, (n_clients, U, common.shape[1])).copy()
-        y[owner, item] = rows
-        return weighted_pair_sums(y, w, device) / (s * (s - 1))
-    center = (w @ common) / s
-    common = common - center
-    rows = rows - center
-    dist = _distances(common, common)
-    np.fill_diagonal(dist, 0.0)
-    total = np.full(n_clients, w @ dist @ w)
-    if len(rows):
-        touched = np.zeros((n_clients, U), bool)
-        touched[owner, item] = True
-        per_block = max(1, _BLOCK // U)
-        for lo in range(0, len(rows), per_block):  # cross term, blocks of rows
-            sl = slice(lo, lo + per_block)
-            diff = _distances(rows[sl], common)
-            diff -= dist[item[sl]]
-            diff[touched[owner[sl]]] = 0.0
-            total += 2 * np.bincount(owner[sl], weights=w[item[sl]] * (diff @ w),
-                                     minlength=n_clients)
-        for b in group_rows(owner, min_count=2):  # within each client's own rows
-            idx = b.rows.T  # (G, width), -1 = padding (weight 0)
-            real = idx >= 0
-            safe = np.where(real, idx, 0)
-            wy = np.where(real, w[item[safe]], 0.0)
-            own = item[safe]
-            d_common = np.einsum("ga,gab,gb->g", wy, dist[own[:, :, None], own[:, None, :]], wy)
-            total[b.items] += weighted_pair_sums(rows[safe], wy, device) - d_common
-    return total / (s * (s - 1))
 
 
 # ---------------------------------------------------------------------- gap statistic

@@ -303,3 +303,24 @@ def test_item_krum_is_exact_next_to_a_huge_row():
         scores = [np.sort(np.delete(d[a], a))[:n - f - 2].sum() for a in range(n)]
         agg = KrumRule("item", f=f)(u)
         np.testing.assert_array_equal(agg.item_grad[0], rows[int(np.argmin(scores))], err_msg=trial)
+
+
+def test_block_distances_recompute_exactly_the_pairs_the_gram_cannot_resolve():
+    """Groups of near-zero rows next to a few large ones (contrastive uploads): centred on
+    the mean, the near-zero rows' distances cancel in the float32 Gram. Every real pair must
+    come out within 1e-4 of the float64 differences (those pairs recomputed one by one), the
+    others too, and padding must not matter."""
+    from strategies.krum import block_sq_distances
+
+    rng = np.random.default_rng(11)
+    U, width, dim = 40, 12, 64
+    x = (rng.standard_normal((U, width, dim)) * 1e-4).astype(np.float32)
+    x[:, :2] = rng.standard_normal((U, 2, dim)).astype(np.float32)  # two large rows
+    counts = rng.integers(3, width + 1, U)
+    x[np.arange(width)[None, :] >= counts[:, None]] = 0.0
+    got = block_sq_distances(x, counts)
+    x64 = x.astype(np.float64)
+    expect = ((x64[:, :, None] - x64[:, None]) ** 2).sum(-1)
+    for g in range(U):
+        m = counts[g]
+        np.testing.assert_allclose(got[g, :m, :m], expect[g, :m, :m], rtol=1e-4, atol=0)

@@ -309,7 +309,7 @@ def test_union_device_resolution_and_torch_path_agree():
 
     from fedrec.errors import ConfigError
     from fedrec.runtime import resolve_device
-    from strategies.union import _weighted_pair_sums_torch, weighted_pair_sums
+    from strategies.uniformity import weighted_pair_sums, weighted_pair_sums_torch
 
     assert resolve_device("cpu", "server.union_device").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -318,4 +318,29 @@ def test_union_device_resolution_and_torch_path_agree():
     rng = np.random.default_rng(0)
     y, w = rng.normal(size=(5, 30, 4)), rng.random((5, 30))
     # the torch path (here on the CPU device) computes the same sums as numpy
-    np.testing.assert_allclose(_weighted_pair_sums_torch(y, w, "cpu"), weighted_pair_sums(y, w), rtol=1e-10)
+    np.testing.assert_allclose(weighted_pair_sums_torch(y, w, "cpu"), weighted_pair_sums(y, w), rtol=1e-10)
+
+
+def test_half_covering_uploads_equal_the_dense_definition():
+    """Uploads touching about half the sampled items (the contrastive term's): each client's
+    rows are compared with the common rows it did not upload, gathered per client."""
+    rng = np.random.default_rng(8)
+    table = _table(2)
+    state = {"optimizer": "adam", "lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "step": 7,
+             "exp_avg": (rng.standard_normal((N_ITEMS, DIM)) * 1e-2).astype(np.float32),
+             "exp_avg_sq": (rng.random((N_ITEMS, DIM)) * 1e-4).astype(np.float32)}
+    ups = []
+    for c in range(9):
+        ids = np.sort(rng.choice(N_ITEMS, int(rng.integers(45, 75)), replace=False))
+        ups.append(Upload(ids, (rng.standard_normal((len(ids), DIM)) * 0.01).astype(np.float32),
+                          [], 10, str(c)))
+    u = RoundUpdates(ups, np.full(len(ups), 10.0), N_ITEMS, DIM, 1, table, state)
+    sample = rng.choice(N_ITEMS, 200)  # with repeats
+    dense_grad = np.zeros((len(u), N_ITEMS, DIM))
+    for c, up in enumerate(u.uploads):
+        dense_grad[c, up.item_ids] = up.item_rows
+    sim = simulated_item_rows(table[sample], dense_grad[:, sample],
+                              (state["exp_avg"][sample], state["exp_avg_sq"][sample]),
+                              state["step"], state["lr"], state["betas"], state["eps"])
+    np.testing.assert_allclose(union_uniformities(u, sample, state), uniformity(sim),
+                               rtol=1e-9, atol=1e-12)
