@@ -196,7 +196,8 @@ def client_item_uploads(owner, items, rows, n_clients: int, item_table, weight_d
     item_rows = segment_sum(inv, rows, len(uniq))
     key_owner, key_item = np.divmod(uniq, n_items)
     if weight_decay and not weight_decay_all:  # elementwise: the same numbers as per client
-        item_rows += np.float32(weight_decay) * np.take(item_table, key_item, axis=0)
+        decay = np.take(item_table, key_item, axis=0)
+        item_rows += np.multiply(decay, np.float32(weight_decay), out=decay)
     kb = np.searchsorted(key_owner, np.arange(n_clients + 1)).tolist()
     out = [(key_item[a:b], item_rows[a:b]) for a, b in zip(kb[:-1], kb[1:])]
     if weight_decay_all:
