@@ -2,7 +2,9 @@
 
     python benchmarks/throughput.py                 # ML-1M MF, 50 clients/round
     python benchmarks/throughput.py --set data.negatives=static --repeat 3
-    python benchmarks/throughput.py --workers 1 2 --repeat 3   # worker processes, side by side
+    python benchmarks/throughput.py --workers 1 2 auto --repeat 3
+                                                    # worker processes side by side; auto =
+                                                    # what `fedrec run` picks (auto_workers)
     python benchmarks/throughput.py --flwr          # also: seconds/round under `flwr run`
                                                     # against a bare Flower app (flwr_overhead.py)
     python benchmarks/throughput.py --sasrec        # also ML-1M SASRec rows: CPU (1 and 2
@@ -10,7 +12,8 @@
     python benchmarks/throughput.py --ncf --baseline /tmp/fedrec-old --workers 1
                                                     # also ML-1M NCF (FedAttack's setting, 16
                                                     # clients/round); every row also timed on
-                                                    # another checkout of fedrec, interleaved
+                                                    # another checkout of fedrec, interleaved;
+                                                    # "old_vs_new" sums up the ratios
 
 Rounds are timed after a warm-up (the first rounds initialise every sampled user's private
 state), with evaluation off. Compare settings (--set) within one invocation or one session: the
@@ -39,6 +42,11 @@ def measure(experiment: str, overrides: list, rounds: int, warmup: int, workers=
     from fedrec.engine import Engine
 
     cfg = config.load_one(ROOT / experiment, overrides + ["eval.every=0", "output.progress=false"])
+    chosen = workers
+    if workers == "auto":  # decided before this process starts any work of its own
+        from fedrec.engine import auto_workers
+
+        workers = auto_workers(cfg)
     t0 = time.perf_counter()
     env = build_env(cfg)
     load_s = time.perf_counter() - t0
@@ -46,19 +54,35 @@ def measure(experiment: str, overrides: list, rounds: int, warmup: int, workers=
     try:
         for r in range(1, warmup + 1):
             eng.run_round(r)
-        t0 = time.perf_counter()
+        pids = [p.pid for p in eng.pool().procs] if eng.workers > 1 else []
+        t0, c0 = time.perf_counter(), cpu_seconds(pids)
         for r in range(warmup + 1, warmup + rounds + 1):
             eng.run_round(r)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, cpu_seconds(pids) - c0
     finally:
         eng.close()
     import fedrec
 
     return {"experiment": experiment, "fedrec": str(Path(fedrec.__file__).parents[1]),
-            "overrides": overrides, "workers": eng.workers,
+            "overrides": overrides, "workers": eng.workers, "workers_asked": chosen,
+            "load_avg_1min": os.getloadavg()[0],
             "rounds": rounds, "rounds_per_s": rounds / dt, "ms_per_round": 1e3 * dt / rounds,
+            # CPU time of this process and its workers: on a shared machine the wall time
+            # mostly measures the other jobs, this the work a round costs
+            "cpu_ms_per_round": 1e3 * cpu / rounds,
             "data_load_s": load_s, "users": env.data.n_users, "items": env.data.n_items,
             "clients_per_round": cfg.train.clients_per_round}
+
+
+def cpu_seconds(pids) -> float:
+    """CPU seconds used so far by this process and by the processes `pids` (Linux /proc;
+    10 ms resolution for those)."""
+    total = time.process_time()
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def measure_at(root, experiment: str, overrides: list, rounds: int, warmup: int, workers=None) -> dict:
@@ -75,7 +99,7 @@ def measure_at(root, experiment: str, overrides: list, rounds: int, warmup: int,
         row = json.loads(res.stdout)["in_process"][0]
     except (ValueError, KeyError, IndexError):
         row = {"experiment": experiment, "error": res.stderr[-2000:]}
-    return {**row, "code": str(root)}
+    return {**row, "code": str(root), "workers_asked": workers}
 
 
 def ncf_rows(rounds: int, warmup: int, repeat: int, overrides: list, workers, baseline) -> list:
@@ -109,6 +133,36 @@ def sasrec_rows(rounds: int, warmup: int, repeat: int, overrides: list) -> list:
     return rows
 
 
+def _workers(text: str):
+    return text if text == "auto" else int(text)
+
+
+def old_vs_new(rows: list, baseline: str) -> list:
+    """Per experiment and worker setting: median rounds/s of this checkout and of the
+    baseline (timed interleaved), and their ratio."""
+    from statistics import median
+
+    groups: dict = {}
+    for r in rows:
+        if "rounds_per_s" in r:
+            key = (r["experiment"], str(r.get("workers_asked", r.get("workers"))))
+            side = "old" if r["code"] == str(baseline) else "new"
+            g = groups.setdefault(key, {"old": [], "new": [], "old_cpu": [], "new_cpu": []})
+            g[side].append(r["rounds_per_s"])
+            if "cpu_ms_per_round" in r:
+                g[side + "_cpu"].append(r["cpu_ms_per_round"])
+    out = []
+    for (exp, workers), g in groups.items():
+        m = {k: median(v) if v else None for k, v in g.items()}
+        out.append({"experiment": exp, "workers": workers, "old_rounds_per_s": m["old"],
+                    "new_rounds_per_s": m["new"],
+                    "speedup": m["new"] / m["old"] if m["old"] and m["new"] else None,
+                    "old_cpu_ms_per_round": m["old_cpu"], "new_cpu_ms_per_round": m["new_cpu"],
+                    "cpu_speedup": m["old_cpu"] / m["new_cpu"] if m["old_cpu"] and m["new_cpu"] else None,
+                    "runs": len(g["new"])})
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--experiment", default="experiments/ml1m-mf.yaml")
@@ -116,8 +170,9 @@ def main():
     p.add_argument("--rounds", type=int, default=600)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--repeat", type=int, default=1, help="measure the same setting N times")
-    p.add_argument("--workers", type=int, nargs="+", default=None,
-                   help="worker processes to compare, e.g. 1 2 (default: $FEDREC_WORKERS, else 1)")
+    p.add_argument("--workers", type=_workers, nargs="+", default=None,
+                   help="worker processes to compare, e.g. 1 2 auto (auto: what `fedrec run` "
+                        "picks; default: $FEDREC_WORKERS, else 1)")
     p.add_argument("--flwr", action="store_true", help="also run benchmarks/flwr_overhead.py")
     p.add_argument("--sasrec", action="store_true",
                    help="also time experiments/ml1m-sasrec.yaml on the CPU and, if any, the GPU")
@@ -133,7 +188,8 @@ def main():
                    help="SASRec keeps no per-user state to initialise: a short warm-up suffices")
     args = p.parse_args()
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                       "platform": platform.platform()}, "in_process": []}
+                       "platform": platform.platform(), "load_avg_before": os.getloadavg()},
+           "in_process": []}
     roots = [None] + ([args.baseline] if args.baseline else [])
     for _ in range(args.repeat):  # settings interleaved, so drifting load hits all alike
         for w in args.workers or [None]:
@@ -145,6 +201,8 @@ def main():
                               args.workers, args.baseline)
     if args.sasrec:
         out["sasrec"] = sasrec_rows(args.sasrec_rounds, args.sasrec_warmup, args.repeat, args.set)
+    if args.baseline:
+        out["old_vs_new"] = old_vs_new(out["in_process"] + out.get("ncf", []), args.baseline)
     if args.flwr:
         res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flwr_overhead.py")],
                              capture_output=True, text=True, cwd=ROOT)
@@ -152,6 +210,7 @@ def main():
             out["flwr"] = json.loads(res.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
             out["flwr"] = {"error": res.stderr[-2000:]}
+    out["machine"]["load_avg_after"] = os.getloadavg()
     print(json.dumps(out, indent=2))
 
 

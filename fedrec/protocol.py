@@ -149,6 +149,15 @@ def _value_problem(a: np.ndarray, max_abs: float) -> str | None:
     return "too_large" if top > max_abs else None
 
 
+def _within(a: np.ndarray, max_abs: float) -> bool:
+    """Every value finite and |value| <= max_abs (NaN fails: max and min propagate it); two
+    reductions over the array, no temporary."""
+    if a.size == 0:
+        return True
+    hi, lo = a.max(), a.min()
+    return bool(np.isfinite(hi) and np.isfinite(lo) and max(hi, -lo) <= max_abs)
+
+
 def decode_upload(arrays, num_examples, *, n_items: int, dim: int, predictor_shapes,
                   max_rows: int = 0, max_examples: int = 10_000_000, client: str = "",
                   max_abs: float = DEFAULT_MAX_ABS) -> Upload:
@@ -259,10 +268,14 @@ def decode_uploads(items, *, n_items: int, dim: int, predictor_shapes, max_rows:
     step_ok[1:] = all_ids[1:] > all_ids[:-1]
     step_ok[starts[lens > 0]] = True
     unsorted = np.bincount(owner[~step_ok], minlength=len(cand)) > 0
-    with np.errstate(over="ignore", invalid="ignore"):  # hostile values are expected here
-        row_top = np.abs(all_rows).max(axis=1, initial=0.0)
-    flag(~np.isfinite(row_top), "non_finite")
-    flag(row_top > max_abs, "too_large")
+    if not _within(all_rows, max_abs):  # the per-row search only when some row fails
+        with np.errstate(over="ignore", invalid="ignore"):  # hostile values are expected here
+            row_top = np.abs(all_rows).max(axis=1, initial=0.0)
+        flag(~np.isfinite(row_top), "non_finite")
+        flag(row_top > max_abs, "too_large")
+    # the predictors of every simple upload checked at once; one at a time only on a failure
+    pred_ok = _within(np.concatenate([np.ravel(a) for c in cand if c[2] is not None
+                                      for a in c[2][2:]] or [np.zeros(0, np.float32)]), max_abs)
     uploads, keep = [], np.zeros(len(cand), dtype=bool)
     for i, (ids, rows, arrays, num_examples, client) in enumerate(cand):
         if arrays is None:  # already decoded on the slow path
@@ -277,7 +290,7 @@ def decode_uploads(items, *, n_items: int, dim: int, predictor_shapes, max_rows:
                                        predictor_shapes=predictor_shapes, max_rows=max_rows,
                                        max_examples=max_examples, client=client, max_abs=max_abs)
                 else:
-                    for j, a in enumerate(arrays[2:]):
+                    for j, a in enumerate([] if pred_ok else arrays[2:]):
                         problem = _value_problem(a, max_abs)
                         if problem:
                             raise UploadError(problem, f"predictor {j}")

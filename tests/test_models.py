@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedrec.models import make_model
-from fedrec.models.base import dropout_bits, dropout_threshold, scatter_rows
+from fedrec.models.base import dropout_bits, dropout_threshold, scatter_rows, unique_inverse
 from fedrec.models.mf import MF
 from fedrec.models.ncf import NCF
 
@@ -369,3 +369,14 @@ def test_pairwise_loss_and_ncf_form_keys():
                 {"name": "sasrec", "loss": "bpr"}):
         with pytest.raises(ConfigError, match=f"model.{'loss' if 'loss' in bad else 'ncf_form'}"):
             from_dict({"model": bad})
+
+
+@pytest.mark.parametrize("n_keys", [50, 10**9])  # a bitmap over the range; np.unique's sort
+def test_unique_inverse_equals_np_unique(n_keys):
+    rng = np.random.default_rng(2)
+    for size in (0, 1, 7, 300):
+        keys = rng.integers(0, min(n_keys, 10**9), size)
+        uniq, inv = unique_inverse(keys, n_keys)
+        ref_uniq, ref_inv = np.unique(keys, return_inverse=True)
+        assert np.array_equal(uniq, ref_uniq) and np.array_equal(inv, ref_inv.reshape(-1))
+        assert np.array_equal(uniq[inv], keys)

@@ -55,6 +55,30 @@ def test_catch_up_equals_round_loop():
     assert (move[1, :2] == 0).all() and (move[0] == 0).all() and (move[8] == 0).all()
 
 
+def test_catch_up_of_a_row_does_not_depend_on_the_cohort_fresh_rows_included():
+    """Rows that never trained (no momentum) stay where they are, and every other row comes
+    out bit-identical with or without them and alone (float32, as on a device)."""
+    rng = np.random.default_rng(4)
+    C, d = 6, 5
+    U = rng.standard_normal((C, d)).astype(np.float32)
+    M, V = (a.astype(np.float32) for a in _moments(rng, C, d))
+    M[[1, 4]] = V[[1, 4]] = 0.0  # fresh devices
+    last, to = [3, 0, 10, 7, 0, 2], [30] * C
+    rows = [(U.copy(), M.copy(), V.copy())]
+    adam_catch_up(*rows[0], last, to, LR, B1, B2, EPS)
+    trained = [0, 2, 3, 5]
+    sub = (U[trained].copy(), M[trained].copy(), V[trained].copy())
+    adam_catch_up(*sub, [last[i] for i in trained], [30] * len(trained), LR, B1, B2, EPS)
+    for j, i in enumerate(trained):
+        alone = (U[i:i + 1].copy(), M[i:i + 1].copy(), V[i:i + 1].copy())
+        adam_catch_up(*alone, [last[i]], [30], LR, B1, B2, EPS)
+        for a, b, c in zip(rows[0], sub, alone):
+            assert a[i].tobytes() == b[j].tobytes() == c[0].tobytes()
+    assert np.abs(rows[0][0][trained] - U[trained]).max() > 1e-4  # the trained rows moved
+    assert rows[0][0][[1, 4]].tobytes() == U[[1, 4]].tobytes()
+    assert not rows[0][1][[1, 4]].any() and not rows[0][2][[1, 4]].any()
+
+
 def test_catch_up_long_gap_truncation_below_float32():
     rng = np.random.default_rng(1)
     U = rng.standard_normal((3, 4))

@@ -190,6 +190,8 @@ def test_batch_decode_makes_the_same_decisions_as_one_by_one():
     a = good(); a[0][-1] = n_items; cases.append((a, 5))
     a = good(); a[0][1] = a[0][0]; cases.append((a, 5))                                      # repeated
     a = good(); a[2] = np.array([np.inf, 0], np.float32); cases.append((a, 5))
+    a = good(); a[1][2, 0] = -2e4; cases.append((a, 5))                                      # too large, negative
+    a = good(); a[2] = np.array([0, -3e4], np.float32); cases.append((a, 5))                 # predictor, negative
     cases.append((good(), 0))
     a = good(); a[1] = a[1].astype(np.float64); cases.append((a, 5))                          # slow path
     a = good(); a[1] = a[1].astype(np.float64) * 1e39; cases.append((a, 5))                  # inf after cast
@@ -212,5 +214,5 @@ def test_batch_decode_makes_the_same_decisions_as_one_by_one():
     assert np.array_equal(ids, np.concatenate([u.item_ids for u in uploads]))
     assert np.array_equal(rows, np.concatenate([u.item_rows for u in uploads]))
     assert np.array_equal(owner, np.repeat(np.arange(len(uploads)), [len(u.item_ids) for u in uploads]))
-    assert set(expected_err.values()) >= {"non_finite", "ids_range", "ids_repeated", "num_examples",
-                                           "array_count"}
+    assert set(expected_err.values()) >= {"non_finite", "too_large", "ids_range", "ids_repeated",
+                                           "num_examples", "array_count"}

@@ -121,6 +121,17 @@ def dropout_keep(rng: np.random.Generator, shape, p: float) -> np.ndarray:
     return (dropout_bits(rng, n) >= dropout_threshold(p)).reshape(shape)
 
 
+def dropout_keep_cohort(rngs, bounds, d: int, p: float) -> np.ndarray:
+    """(3, pairs, d) keep-masks of a cohort (mask, pair, dim): client c's pairs
+    bounds[c]:bounds[c+1] from its own 3 x n_c x d draws, compared straight into place."""
+    keep = np.empty((3, int(bounds[-1]), d), dtype=bool)
+    threshold = dropout_threshold(p)
+    for r, a, b in zip(rngs, bounds[:-1].tolist(), bounds[1:].tolist()):
+        np.greater_equal(dropout_bits(r, 3 * (b - a) * d).reshape(3, b - a, d), threshold,
+                         out=keep[:, a:b, :])
+    return keep
+
+
 def segment_sum(index: np.ndarray, rows: np.ndarray, n_segments: int) -> np.ndarray:
     """out[s] = sum of rows[j] with index[j] == s, added in j order (float32, deterministic).
 
@@ -156,30 +167,49 @@ def positives_per_negative(pos_list) -> np.ndarray:
     return np.array([len(p) / max(len(np.unique(p)), 1) for p in pos_list], dtype=np.float64)
 
 
+def unique_inverse(keys: np.ndarray, n_keys: int):
+    """np.unique(keys, return_inverse=True) for integer keys in [0, n_keys), the same arrays.
+
+    Where the key range is small against the number of keys (a round's (client, item) keys
+    on ML-1M: 185k possible, 15k present) a bitmap over the range finds them without the sort
+    that dominates np.unique."""
+    if n_keys > 64 * len(keys) + (1 << 16):
+        return np.unique(keys, return_inverse=True)
+    present = np.zeros(n_keys, dtype=bool)
+    present[keys] = True
+    uniq = np.flatnonzero(present)
+    rank = np.empty(n_keys, dtype=np.int64)
+    rank[uniq] = np.arange(len(uniq))
+    return uniq, rank[keys]
+
+
 def client_item_uploads(owner, items, rows, n_clients: int, item_table, weight_decay: float,
                         weight_decay_all: bool) -> list:
     """Per client (sorted touched ids, summed rows [+ weight decay]) from per-(pair, item) rows.
 
     The sums run per (client, item) key in pair order, so a client's rows are bit-identical
-    alone or in a cohort; weight_decay_all makes the upload dense (wd * V plus the rows)."""
+    alone or in a cohort; weight_decay_all makes the upload dense (wd * V plus the rows).
+    The returned rows of different clients are slices of one array."""
     n_items = item_table.shape[0]
     keys = owner * n_items + items
-    uniq, inv = np.unique(keys, return_inverse=True)
+    uniq, inv = unique_inverse(keys, n_clients * n_items)
     item_rows = segment_sum(inv, rows, len(uniq))
     key_owner, key_item = np.divmod(uniq, n_items)
-    kb = np.searchsorted(key_owner, np.arange(n_clients + 1))
-    out = []
-    for c in range(n_clients):
-        ids = key_item[kb[c] : kb[c + 1]]
-        r = item_rows[kb[c] : kb[c + 1]]
-        if weight_decay_all:
-            full = np.float32(weight_decay) * item_table
-            full[ids] += r
-            ids, r = np.arange(n_items), full
-        elif weight_decay:
-            r += np.float32(weight_decay) * item_table[ids]
-        out.append((ids, r))
+    if weight_decay and not weight_decay_all:  # elementwise: the same numbers as per client
+        decay = np.take(item_table, key_item, axis=0)
+        item_rows += np.multiply(decay, np.float32(weight_decay), out=decay)
+    kb = np.searchsorted(key_owner, np.arange(n_clients + 1)).tolist()
+    out = [(key_item[a:b], item_rows[a:b]) for a, b in zip(kb[:-1], kb[1:])]
+    if weight_decay_all:
+        out = [_dense_upload(ids, r, item_table, weight_decay) for ids, r in out]
     return out
+
+
+def _dense_upload(ids, rows, item_table, weight_decay: float):
+    """weight_decay_scope all: wd * V over every row, plus the client's rows where it has some."""
+    full = np.float32(weight_decay) * item_table
+    full[ids] += rows
+    return np.arange(item_table.shape[0]), full
 
 
 def scatter_rows(ids: np.ndarray, rows: np.ndarray):

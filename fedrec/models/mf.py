@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedrec.models.base import (ClientGrad, CohortModel, client_item_uploads, cohort_layout,
-                                dropout_bits, dropout_threshold, pairwise_loss,
-                                positives_per_negative, xavier_normal)
+                                dropout_keep_cohort, pairwise_loss, positives_per_negative,
+                                xavier_normal)
 from fedrec.models.losses import bce_score_grad, bpr_score_grad
 
 
@@ -53,15 +53,10 @@ class MF(CohortModel):
         neg = np.concatenate(neg_list).astype(np.int64, copy=False)
         U = np.asarray(np.stack(users), dtype=np.float32)
         n = len(pos)
-        vi, vj = item_table[pos], item_table[neg]
+        vi, vj = np.take(item_table, pos, axis=0), np.take(item_table, neg, axis=0)
         keep = None
         if train and self.dropout > 0:
-            # each client draws its own bits (laid out mask, pair, dim); one compare for all
-            bits = np.empty((3, n, d), dtype=np.uint16)
-            for c, r in enumerate(rngs):
-                a, b = bounds[c], bounds[c + 1]
-                bits[:, a:b, :] = dropout_bits(r, 3 * int(b - a) * d).reshape(3, b - a, d)
-            keep = bits >= dropout_threshold(self.dropout)
+            keep = dropout_keep_cohort(rngs, bounds, d, self.dropout)
             vi *= keep[1]
             vj *= keep[2]
             scale2 = np.float32(1.0 / (1.0 - self.dropout)) ** 2
@@ -77,21 +72,16 @@ class MF(CohortModel):
         user_grads += np.float32(weight_decay) * U
         losses = np.bincount(owner, weights=pair_loss, minlength=n_clients) / np.maximum(counts, 1)
         # item rows: G * (ku * u) * ki for positives, the same with the negatives' G and kj
-        gu = U[owner]
+        gu = np.take(U, owner, axis=0)
         if keep is not None:
             gu *= keep[0]
         rows = np.empty((2 * n, d), dtype=np.float32)
-        if G_neg is not None:
-            np.multiply(gu, G_neg[:, None], out=rows[n:])
-        gu *= G_pos[:, None]
-        if G_neg is None:  # bpr: G_neg = -G_pos
-            rows[n:] = gu
-        rows[:n] = gu
+        # bpr: G_neg = -G_pos, and (ku*u) * -G = -((ku*u) * G) exactly
+        np.multiply(gu, (-G_pos if G_neg is None else G_neg)[:, None], out=rows[n:])
+        np.multiply(gu, G_pos[:, None], out=rows[:n])
         if keep is not None:
             rows[:n] *= keep[1]
             rows[n:] *= keep[2]
-        if G_neg is None:
-            np.negative(rows[n:], out=rows[n:])
         uploads = client_item_uploads(np.concatenate([owner, owner]), np.concatenate([pos, neg]),
                                       rows, n_clients, item_table, weight_decay, weight_decay_all)
         return [ClientGrad(ids, r, [], user_grads[c], float(losses[c]), int(counts[c]))

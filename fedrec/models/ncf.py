@@ -103,13 +103,13 @@ class NCF(CohortModel):
         items = np.concatenate([np.asarray(x, np.int64) for p, n in zip(pos_list, neg_list)
                                 for x in (p, n)] or [np.zeros(0, np.int64)])
         U = np.asarray(np.stack(users), dtype=np.float32)
-        V = item_table[items]
+        V = np.take(item_table, items, axis=0)
         Ur = mask = None  # no dropout: a client's rows share its u (see _forward)
         if train and self.dropout > 0:
             mask = _dropout_mask(rngs, counts, blocks, d, self.dropout)
-            Ur = U[row_owner] * mask[:, :d]
+            Ur = np.take(U, row_owner, axis=0) * mask[:, :d]
             V *= mask[:, d:]
-        Ha, Z, S = _forward(Ur, U, V, W, blocks)
+        Ha, Z, S, VU = _forward(Ur, U, V, W, blocks, row_owner)
         # pair k (client c) scores at rows blocks[c] + (k - bounds[c]) and that + n_c
         pos_rows = np.arange(len(owner)) + bounds[owner]
         neg_rows = pos_rows + counts[owner]
@@ -123,19 +123,18 @@ class NCF(CohortModel):
             G, pair_loss = bpr_score_grad(x, counts[owner])
             dS[pos_rows], dS[neg_rows] = G, -G
         losses = np.bincount(owner, weights=pair_loss, minlength=n_clients) / np.maximum(counts, 1)
-        grads, dU, dV = _backward(Ur, None if mask is None else mask[:, :d], U, V, Ha, Z, dS, W,
-                                  blocks)
+        grads, dU, dV = _backward(Ur, None if mask is None else mask[:, :d], U, V, Ha, Z, VU, dS,
+                                  W, blocks, row_owner)
         if mask is not None:
             dV *= mask[:, d:]
         wd = np.float32(weight_decay)
         uploads = client_item_uploads(row_owner, items, dV, n_clients, item_table,
                                       weight_decay, weight_decay_all)
-        out = []
-        for c, (ids, rows) in enumerate(uploads):
-            user_grad = dU[c] + wd * U[c]
-            pred = [g[c] + wd * p for g, p in zip(grads.to_list(), W.to_list())]
-            out.append(ClientGrad(ids, rows, pred, user_grad, float(losses[c]), int(counts[c])))
-        return out
+        # weight decay over the stacked clients: elementwise, the same numbers as per client
+        user_grads = dU + wd * U
+        pred = [g + wd * p for g, p in zip(grads.to_list(), W.to_list())]
+        return [ClientGrad(ids, rows, [g[c] for g in pred], user_grads[c], float(losses[c]),
+                           int(counts[c])) for c, (ids, rows) in enumerate(uploads)]
 
     @torch.no_grad()
     def score(self, users, item_table, predictor):
@@ -176,79 +175,97 @@ def _dropout_mask(rngs, counts, blocks, d: int, p: float) -> np.ndarray:
     return mask
 
 
-def _forward(Ur, U, V, W: NCFWeights, blocks):
-    """(tanh hidden 1, tanh hidden 2, scores) of rows [u'; v'], products per client. Ur: the
-    rows' dropped-out u', or None without dropout, where a client's rows all share u and its
-    share of the first layer is one vector (half the first layer's work)."""
+def _forward(Ur, U, V, W: NCFWeights, blocks, row_owner):
+    """(tanh hidden 1, tanh hidden 2, scores, v' * u' per row or None) of rows [u'; v'],
+    products per client, elementwise work over the whole cohort. Ur: the rows' dropped-out
+    u', or None without dropout, where a client's rows all share u and its share of the
+    first layer is one vector (half the first layer's work)."""
     d = V.shape[1]
     w1u, w1v = W.mlp_w1[:, :d], W.mlp_w1[:, d:]
     Ha = np.empty((len(V), len(W.mlp_b1)), dtype=np.float32)
     Z = np.empty((len(V), len(W.mlp_b2)), dtype=np.float32)
     S = np.empty(len(V), dtype=np.float32)
-    for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
+    pairs = list(zip(blocks[:-1].tolist(), blocks[1:].tolist()))
+    for a, b in pairs:
         np.matmul(V[a:b], w1v.T, out=Ha[a:b])
-        Ha[a:b] += U[c] @ w1u.T if Ur is None else Ur[a:b] @ w1u.T
+    if Ur is None:  # a client's user half, added to each of its rows
+        Ha += np.take(np.stack([u @ w1u.T for u in U]), row_owner, axis=0) if len(U) else 0
+    else:
+        for a, b in pairs:
+            Ha[a:b] += Ur[a:b] @ w1u.T
     Ha += W.mlp_b1
     np.tanh(Ha, out=Ha)
-    for a, b in zip(blocks[:-1], blocks[1:]):
+    for a, b in pairs:
         np.matmul(Ha[a:b], W.mlp_w2.T, out=Z[a:b])
     Z += W.mlp_b2
     np.tanh(Z, out=Z)
-    for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
+    for a, b in pairs:
         np.matmul(Z[a:b], W.out_w, out=S[a:b])
-        if W.gmf_h is not None:
-            S[a:b] += (V[a:b] * (U[c] if Ur is None else Ur[a:b])) @ W.gmf_h
+    VU = None
+    if W.gmf_h is not None:
+        VU = V * (np.take(U, row_owner, axis=0) if Ur is None else Ur)
+        for a, b in pairs:
+            S[a:b] += VU[a:b] @ W.gmf_h
     S += W.out_b[0]
-    return Ha, Z, S
+    return Ha, Z, S, VU
 
 
-def _backward(Ur, user_mask, U, V, Ha, Z, dS, W: NCFWeights, blocks):
+def _backward(Ur, user_mask, U, V, Ha, Z, VU, dS, W: NCFWeights, blocks, row_owner):
     """(per-client predictor gradients (each array stacked over clients), dL/du per client,
-    dL/dv' per row); Ur as in _forward, user_mask its dropout multipliers (dL/du' goes
-    through them before the per-client sum)."""
+    dL/dv' per row); Ur and VU as in _forward, user_mask Ur's dropout multipliers (dL/du'
+    goes through them before the per-client sum). Products and sums per client, elementwise
+    work over the whole cohort. Ha and Z are overwritten."""
     d = V.shape[1]
     w1u, w1v = W.mlp_w1[:, :d], W.mlp_w1[:, d:]
+    pairs = list(zip(blocks[:-1].tolist(), blocks[1:].tolist()))
+    # Z and Ha are consumed in place once their own products are taken (fewer passes over
+    # memory; the same operations in the same order as dZ *= 1 - Z*Z, dH *= 1 - Ha*Ha)
+    g_out_w = np.stack([dS[a:b] @ Z[a:b] for a, b in pairs])
     dZ = dS[:, None] * W.out_w
-    dZ *= 1.0 - Z * Z  # through tanh
+    dZ *= _one_minus_square(Z)  # through tanh
+    g_w2 = np.stack([dZ[a:b].T @ Ha[a:b] for a, b in pairs])
     dH = np.empty_like(Ha)
-    for a, b in zip(blocks[:-1], blocks[1:]):
+    for a, b in pairs:
         np.matmul(dZ[a:b], W.mlp_w2, out=dH[a:b])
-    dH *= 1.0 - Ha * Ha
+    dH *= _one_minus_square(Ha)
     dV = np.empty_like(V)
-    n_clients = len(blocks) - 1
-    dU = np.empty((n_clients, d), dtype=np.float32)
+    n_clients = len(pairs)
     g_w1 = np.empty((n_clients,) + W.mlp_w1.shape, dtype=np.float32)
-    g_b1 = np.empty((n_clients,) + W.mlp_b1.shape, dtype=np.float32)
-    g_h = np.empty((n_clients, d), dtype=np.float32)
-    for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
+    for c, (a, b) in enumerate(pairs):
         np.matmul(dH[a:b], w1v, out=dV[a:b])
-        g_b1[c] = dH[a:b].sum(0)
         np.matmul(dH[a:b].T, V[a:b], out=g_w1[c, :, d:])
-        if Ur is None:  # every row's u' is u: sum over the rows first
-            dU[c] = g_b1[c] @ w1u
+    g_b1 = _client_sums(dH, pairs)
+    gmf = W.gmf_h is not None
+    if gmf:
+        g_h = np.stack([dS[a:b] @ VU[a:b] for a, b in pairs]) if pairs else np.zeros((0, d), np.float32)
+        gmf_rows = np.multiply(dS[:, None], W.gmf_h)
+        dV += np.multiply(gmf_rows, np.take(U, row_owner, axis=0) if Ur is None else Ur, out=gmf_rows)
+    if Ur is None:  # every row's u' is u: sum over the rows first
+        dU = np.stack([g @ w1u for g in g_b1]) if pairs else np.zeros((0, d), np.float32)
+        for c in range(n_clients):
             g_w1[c, :, :d] = np.outer(g_b1[c], U[c])
-        else:
-            np.matmul(dH[a:b].T, Ur[a:b], out=g_w1[c, :, :d])
-        if W.gmf_h is not None:
-            u_rows = U[c] if Ur is None else Ur[a:b]  # broadcast over the rows without dropout
-            g_h[c] = dS[a:b] @ (V[a:b] * u_rows)
-            dV[a:b] += dS[a:b, None] * W.gmf_h * u_rows
-            if Ur is None:
-                dU[c] += W.gmf_h * (dS[a:b] @ V[a:b])
-    if Ur is not None:  # per-row dL/du' through the mask, then summed per client
+        if gmf:
+            dU += W.gmf_h * np.stack([dS[a:b] @ V[a:b] for a, b in pairs])
+    else:  # per-row dL/du' through the mask, then summed per client
         dUr = np.empty_like(Ur)
-        for a, b in zip(blocks[:-1], blocks[1:]):
+        for c, (a, b) in enumerate(pairs):
+            np.matmul(dH[a:b].T, Ur[a:b], out=g_w1[c, :, :d])
             np.matmul(dH[a:b], w1u, out=dUr[a:b])
-        if W.gmf_h is not None:
+        if gmf:
             dUr += dS[:, None] * W.gmf_h * V
         dUr *= user_mask
-        for c, (a, b) in enumerate(zip(blocks[:-1], blocks[1:])):
-            dU[c] = dUr[a:b].sum(0)
-    grads = NCFWeights(
-        g_h if W.gmf_h is not None else None, g_w1, g_b1,
-        np.stack([dZ[a:b].T @ Ha[a:b] for a, b in zip(blocks[:-1], blocks[1:])]),
-        np.stack([dZ[a:b].sum(0) for a, b in zip(blocks[:-1], blocks[1:])]),
-        np.stack([dS[a:b] @ Z[a:b] for a, b in zip(blocks[:-1], blocks[1:])]),
-        np.stack([dS[a:b].sum(0, keepdims=True) for a, b in zip(blocks[:-1], blocks[1:])]),
-    )
+        dU = _client_sums(dUr, pairs)
+    grads = NCFWeights(g_h if gmf else None, g_w1, g_b1, g_w2, _client_sums(dZ, pairs), g_out_w,
+                       np.stack([dS[a:b].sum(0, keepdims=True) for a, b in pairs]))
     return grads, dU, dV
+
+
+def _one_minus_square(X: np.ndarray) -> np.ndarray:
+    """1 - X*X, computed in X's own memory (X is overwritten)."""
+    np.multiply(X, X, out=X)
+    return np.subtract(1.0, X, out=X)
+
+
+def _client_sums(X, pairs) -> np.ndarray:
+    """(clients, ...) sums of each client's rows of X, one client at a time."""
+    return np.stack([X[a:b].sum(0) for a, b in pairs]) if pairs else np.zeros((0,) + X.shape[1:], X.dtype)
