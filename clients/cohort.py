@@ -15,13 +15,15 @@ FedAttack) are left `Deferred` and fitted whole by `compute_clients`.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 
 from clients import user_rows
 from clients.negatives import sample_negatives_cohort
-from clients.streams import ROUND
+from clients.state import DictStore
+from clients.streams import ROUND, Streams
 
 
 @dataclass
@@ -157,6 +159,26 @@ def compute_clients(batches, arrays) -> list:
 def fit_clients(clients, arrays, config) -> list:
     """fit() for a round's clients of any classes, in their order."""
     return compute_clients(prepare_clients(clients, arrays, config), arrays)
+
+
+def detached(client):
+    """A twin of the device that reads its private state and writes only its own copy: a
+    copy of the state in a store of its own, and its own random streams (a `Streams` object
+    reuses one bit generator per purpose, which a job the device has prepared may hold)."""
+    twin = copy.copy(client)
+    twin.store = DictStore()
+    twin.store.save(copy.deepcopy(client.store.load()))
+    twin.stream = Streams(client.stream.seed, client.stream.user)
+    twin._predrawn = None
+    return twin
+
+
+def honest_fits(clients, arrays, rnd: int) -> list:
+    """[(upload, num_examples, metrics)]: what each client would upload if sampled in round
+    `rnd` (before any adversary crafting), computed as one cohort call on twins (`detached`):
+    the clients' private state, streams and later uploads are untouched. For clients not
+    sampled in `rnd` (their round stream is otherwise unused in it)."""
+    return fit_clients([detached(c) for c in clients], arrays, {"round": int(rnd)})
 
 
 def user_vectors(clients, at_round: int, split: str, arrays, states=None) -> np.ndarray:

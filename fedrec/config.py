@@ -213,6 +213,10 @@ class AttackConfig:
     # band:LO-HI (a seeded draw among items whose popularity percentile is in [LO, HI)), or a
     # list of these; kept in clean runs too, so their ER@K of the same target is the baseline
     target: Any = "none"
+    # colluding/omniscient attacks: in every round the adversary acts, it also computes the
+    # honest updates of up to this many malicious clients drawn from all of them (not only the
+    # round's), as the ClusterAttack/UNION reference does (50), for its statistics; 0 = none
+    pool_sample: int = 0
 
     def validate(self):
         from fedrec.targets import check_target_spec
@@ -221,6 +225,7 @@ class AttackConfig:
         _range("attack.malicious_fraction", self.malicious_fraction, 0.0, 1.0)
         _range("attack.start_round", self.start_round, 1, 10**8)
         _choice("attack.knowledge", self.knowledge, ("default", "local", "colluding", "omniscient"))
+        _range("attack.pool_sample", self.pool_sample, 0, 10**7)
 
 
 @dataclass
@@ -318,6 +323,8 @@ class ExperimentConfig:
         del d["flower"]["device_state_dir"]  # where state is kept does not change results
         if d["attack"]["target"] == "none":  # added later: older digests stay the same
             del d["attack"]["target"]
+        if d["attack"]["pool_sample"] == 0:  # added later: older digests stay the same
+            del d["attack"]["pool_sample"]
         if d["eval"]["splits"] == ["val", "test"]:
             del d["eval"]["splits"]
         d.pop("ray", None)

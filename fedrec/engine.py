@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from clients.cohort import fit_clients, user_vectors
+from clients.cohort import fit_clients, honest_fits, user_vectors
 from clients.state import DictStore
 from fedrec import environment
 from fedrec.build import build_client, build_env, build_strategy
@@ -107,7 +107,7 @@ class Engine:
 
         # simulation only: hands colluding/omniscient attacks their knowledge between the
         # clients and the strategy (the strategy never sees it)
-        self.adversary = make_adversary(cfg, self.env)
+        self.adversary = make_adversary(cfg, self.env, honest_updates=self.honest_updates)
         from fedrec.build import malicious_set
         from fedrec.evaluation import DetectionTracker
         from fedrec.ledger import RunLedger
@@ -155,7 +155,9 @@ class Engine:
             # parent's in-place optimizer steps, nothing is copied per round
             self.strategy.optimizer.relocate(shared_empty)
             self._pool_started = True
-            arena = arena_size(self.env.model, self.cfg.train.clients_per_round)
+            # room for the round's uploads and the adversary's pool (attack.pool_sample)
+            arena = arena_size(self.env.model,
+                               self.cfg.train.clients_per_round + self.cfg.attack.pool_sample)
             self._pool = WorkerPool(self.host, self.workers, arena).start()
         return self._pool
 
@@ -187,6 +189,16 @@ class Engine:
                 attack["attack_upload_kl"] = self._upload_kl(results)
         result = self.strategy.aggregate_uploads(rnd, results)
         return self.ledger.fit(rnd, users, result, attack)
+
+    def honest_updates(self, users, arrays, rnd: int) -> list:
+        """[(upload, num_examples, metrics)]: what `users` (clients not sampled in `rnd`) would
+        upload in `rnd` on `arrays` (the current global arrays), computed where they live on
+        twins of the devices, their private state untouched (the adversary's pool; simulation
+        only). The workers read the same arrays from shared memory."""
+        pool = self.pool()
+        if pool is not None:
+            return pool.honest_fits(rnd, users)
+        return honest_fits([self.client(u) for u in users], arrays, rnd)
 
     def _upload_kl(self, results) -> float:
         """Targeted attacks (evaluation, ground truth): the KL divergence between histograms

@@ -17,10 +17,12 @@ their client objects and private state live only in that worker. A round is sync
    uploads it aggregates are views into the arenas: they are consumed within
    `aggregate_uploads` (validation concatenates them, the rule reduces them, the optimizer
    steps on the aggregate), and a worker overwrites its arena only when the next request
-   arrives, after `aggregate_uploads` has returned. Nothing in the strategy or the rules keeps
-   an upload array past the round (`RoundResult.dropped` holds client ids); a rule that wanted to
-   would have to copy it. An upload that is not a list of numeric arrays, or does not fit
-   the arena, travels pickled through the pipe instead (same values either way). Measured
+   arrives, after `aggregate_uploads` has returned (the adversary's `HonestFitsRequest`, sent
+   between the reply and the aggregation, appends its uploads after the round's). Nothing in
+   the strategy or the rules keeps an upload array past the round (`RoundResult.dropped`
+   holds client ids); a rule that wanted to would have to copy it. An upload that is not a
+   list of numeric arrays, or does not fit the arena, travels pickled through the pipe
+   instead (same values either way). Measured
    on ML-1M MF, 2 workers: ~49 rounds/s through the arenas, ~41 with every upload pickled.
 
 Evaluation asks each worker for its users' `user_vectors` at the round (through the arena) and
@@ -48,7 +50,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from clients.cohort import compute_clients, fit_clients, prepare_clients, user_vectors
+from clients.cohort import compute_clients, fit_clients, honest_fits, prepare_clients, user_vectors
 
 _ALIGN = 64  # every array in an arena starts on a 64-byte boundary (as the allocator would)
 _MAX_ARENA = 256 << 20
@@ -71,6 +73,16 @@ class FitRequest:
     round: int
     users: list  # this worker's users of the round, in sampled order
     next_users: list  # its share of the next round's users (prepared while the parent aggregates)
+
+
+@dataclass
+class HonestFitsRequest:
+    """The honest updates some of the worker's clients would send in `round` (the adversary's
+    pool, fedrec/adversary.py), computed on twins: private state untouched. Sent between a
+    "fit" reply and the aggregation, so its uploads go into the arena after the round's."""
+
+    round: int
+    users: list
 
 
 @dataclass
@@ -187,7 +199,8 @@ def _worker_main(host: ClientHost, k: int, conn, arena: Arena, inherited):
             msg = pickle.loads(raw)
             if msg is None:  # stop
                 break
-            arena.reset()
+            if not isinstance(msg, HonestFitsRequest):  # the round's uploads are still in use
+                arena.reset()
             if isinstance(msg, FitRequest):
                 arrays = host.global_arrays()
                 if prepared is not None and prepared[0] == msg.round and prepared[1] == msg.users:
@@ -196,6 +209,10 @@ def _worker_main(host: ClientHost, k: int, conn, arena: Arena, inherited):
                     outs = fit_clients([host.client(u) for u in msg.users], arrays,
                                        {"round": msg.round})
                 prepared = None
+                reply = [FitReply(n, metrics, *_pack_upload(arena, up)) for up, n, metrics in outs]
+            elif isinstance(msg, HonestFitsRequest):
+                outs = honest_fits([host.client(u) for u in msg.users], host.global_arrays(),
+                                   msg.round)
                 reply = [FitReply(n, metrics, *_pack_upload(arena, up)) for up, n, metrics in outs]
             elif isinstance(msg, VectorsRequest):
                 vecs = user_vectors([host.client(u) for u in msg.users], msg.round, msg.split,
@@ -341,7 +358,20 @@ class WorkerPool:
                           [int(u) for u, o in zip(next_users, owner) if o == k]
                           if owner is not None else [])
             for k, pos in parts.items()})
-        out = [None] * len(users)
+        return self._uploads(parts, replies, len(users))
+
+    def honest_fits(self, rnd: int, users: list) -> list:
+        """clients.cohort.honest_fits for `users` (not sampled in `rnd`), computed by their
+        owners after the round's "fit" and before the next request, in the order of `users`;
+        the uploads are arena views valid until then, as the round's."""
+        parts = self._split(users)
+        replies = self._exchange({k: HonestFitsRequest(int(rnd), [int(users[i]) for i in pos])
+                                  for k, pos in parts.items()})
+        return self._uploads(parts, replies, len(users))
+
+    def _uploads(self, parts, replies, n) -> list:
+        """[(upload, num_examples, metrics)] from the workers' FitReplies, in the request's order."""
+        out = [None] * n
         for k, pos in parts.items():
             arena = self.arenas[k]
             for i, r in zip(pos.tolist(), replies[k]):

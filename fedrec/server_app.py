@@ -214,6 +214,18 @@ def public_env(cfg, public_path):
     return ClientEnv(cfg=cfg, model=build_model(cfg, data), data=data)
 
 
+def check_pool(cfg):
+    """attack.pool_sample > 0 for a colluding/omniscient attack is refused: the pool's honest
+    updates are computed from devices' private state, which a ServerApp never reads (a clean
+    or local-attack run ignores the key)."""
+    from fedrec.adversary import attack_class
+
+    cls = attack_class(cfg)
+    if cfg.attack.pool_sample > 0 and cls is not None and cls.knowledge_from(cfg) != "local":
+        raise ConfigError("attack.pool_sample > 0 needs the devices' private state, which a "
+                          "ServerApp cannot read: run it with `fedrec run`, or set it to 0")
+
+
 def public_adversary(cfg):
     """A server without the data set runs local attacks only (they run on the devices);
     a colluding or omniscient one is refused here, before any round, in one line."""
@@ -276,6 +288,7 @@ class FlowerRun:
         configure_threads()
         run_config = app_run_config(context, defaults)
         cfg, path, overrides = load_experiment(run_config)
+        check_pool(cfg)
         public = str(run_config.get("public-info", "") or "")
         env = build_env(cfg) if not public else public_env(cfg, public)
         n_users = env.data.n_users

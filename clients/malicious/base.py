@@ -51,7 +51,10 @@ class AdversaryView:
 
     own: the honest updates of this round's sampled malicious clients (colluding and up);
     benign: the round's benign updates (omniscient only, else None);
-    n_clients: how many clients the round sampled (public protocol knowledge).
+    n_clients: how many clients the round sampled (public protocol knowledge);
+    pool: with attack.pool_sample = N > 0, the honest updates at this round's model of up to
+    N malicious clients drawn from all of them, sampled in the round or not (the reference's
+    colluding attacker's statistics sample); None when N = 0.
     """
 
     round: int
@@ -62,6 +65,7 @@ class AdversaryView:
     n_clients: int
     n_items: int
     weighting: str = "samples"  # the server's aggregation weights (public: server.weighting)
+    pool: list | None = None
 
 
 def parse_params(cls, raw: dict, attack: str):
@@ -218,9 +222,16 @@ def statistical_round(view: AdversaryView, craft, diagnostics: dict | None = Non
     return [(ids, rows, p) for _ in view.own], {**(diagnostics or {}), "rows": len(ids)}
 
 
+def colluding_set(view: AdversaryView) -> list:
+    """The malicious clients' honest updates the attack knows: the pool when there is one
+    (attack.pool_sample), else the round's own."""
+    return view.pool if view.pool is not None else view.own
+
+
 def knowledge_set(view: AdversaryView) -> list:
-    """The updates whose statistics the attack may use: the benign ones when omniscient, else
-    the malicious clients' own honest updates (colluding)."""
-    known = view.benign if view.benign is not None else view.own
+    """The updates whose statistics the attack may use: when omniscient the round's benign
+    ones (plus the pool, honest updates at the same model, when there is one), else the
+    malicious clients' honest ones (`colluding_set`); the own ones if that leaves none."""
+    known = colluding_set(view) if view.benign is None else view.benign + (view.pool or [])
     known = [u for u in known if len(u.item_ids)]
     return known or [u for u in view.own if len(u.item_ids)]

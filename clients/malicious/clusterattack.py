@@ -3,14 +3,17 @@ embeddings into a few dense clusters.
 
 Threat model: colluding. The attacker controls the malicious clients: their data, the
 training code, and the global model they receive; it pools their honest updates (for the
-norm statistics) and keeps its own state across rounds (K and the loss EMA). It sees no
-benign client's data or update. Per round in which some malicious client is sampled:
+norm statistics: those of the round's sampled malicious clients, or with attack.pool_sample
+= N those of up to N of all its clients at the current model, as the reference code's 50)
+and keeps its own state across rounds (K and the loss EMA). It sees no benign client's data
+or update. Per round in which some malicious client is sampled:
 
 1. k-means (K clusters, warm-started from the last centroids) over every item embedding V;
 2. L_attack = sum_i ||v_i - c_k(i)||^2 / K, whose gradient 2 (v_i - c_k(i)) / K is the
    malicious item gradient (every item row: a dense upload);
 3. norm matching: mu, sigma = mean and std of the L2 norms of the item-row gradients in the
-   malicious clients' honest updates; each malicious client rescales each row to norm
+   malicious clients' honest updates (every row of every pool update when there is a pool,
+   else of the round's own); each malicious client (the round's own) rescales each row to norm
    mu + lambda * sigma, lambda ~ U[0, 3) drawn per row (params.norm_mode "clip" only shrinks,
    as in the paper's slides: g / max(1, ||g|| / b));
 4. adaptive K (Algorithm 1): bias-corrected EMA (beta) of L_attack; count rises and falls;
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clients.malicious.base import MaliciousClient
+from clients.malicious.base import MaliciousClient, colluding_set
 from fedrec.errors import ConfigError
 from fedrec.models.losses import contrastive_table_grad
 
@@ -180,7 +183,9 @@ class ClusterAttackClient(MaliciousClient):
                                           max_iter=params.kmeans_iter)
         memory["centroids"] = centroids
         grad, loss = cluster_gradient(table, labels, centroids, k)
-        norms = np.concatenate([np.linalg.norm(u.item_rows, axis=1) for u in view.own])
+        known = colluding_set(view)
+        norms = np.concatenate([np.linalg.norm(u.item_rows, axis=1) for u in known]) \
+            if known else np.zeros(0)
         mu, sigma = (float(norms.mean()), float(norms.std())) if norms.size else (0.0, 0.0)
         ids = np.arange(table.shape[0], dtype=np.int64)
         out = []

@@ -1,10 +1,13 @@
 """DYN-OPT (Shejwalkar & Houmansadr, NDSS 2021), the AGR-agnostic min-max and min-sum attacks.
 
 Threat model: omniscient by default (the round's benign updates; simulation only) or
-colluding (the malicious clients' own honest updates). With mu the mean of the known updates
-(as dense vectors: item rows they sent, then the predictor) and p a perturbation direction,
-every malicious client uploads g = mu + gamma * p with the largest gamma that keeps g inside
-the benign spread:
+colluding (the malicious clients' own honest updates in the round). With attack.pool_sample
+= N > 0 the colluding knowledge is instead the honest updates of up to N malicious clients
+drawn from all of them (sampled in the round or not) at the current model, as the
+ClusterAttack/UNION reference's attacker; omniscient adds those to the benign updates. With
+mu the mean of the known updates (as dense vectors: item rows they sent, then the predictor)
+and p a perturbation direction, every malicious client uploads g = mu + gamma * p with the
+largest gamma that keeps g inside the benign spread:
 
     min-max:  max_i ||g - g_i||   <= max_{i,j} ||g_i - g_j||
     min-sum:  sum_i ||g - g_i||^2 <= max_i sum_j ||g_i - g_j||^2

@@ -2,9 +2,12 @@
 Houmansadr, NDSS 2021): a constant-magnitude step against the benign direction.
 
 Threat model: omniscient by default (the round's benign updates; simulation only) or
-colluding (the malicious clients' own honest updates). With mu and sigma the per-coordinate
-mean and standard deviation of the known updates (dense vectors over the rows they sent),
-every malicious client uploads
+colluding (the malicious clients' own honest updates in the round). With attack.pool_sample
+= N > 0 the colluding knowledge is instead the honest updates of up to N malicious clients
+drawn from all of them (sampled in the round or not) at the current model, as the
+ClusterAttack/UNION reference's attacker; omniscient adds those to the benign updates. With
+mu and sigma the per-coordinate mean and standard deviation of the known updates (dense
+vectors over the rows they sent), every malicious client uploads
 
     g_mal = mu - gamma * sigma_bar * sign(mu)
 

@@ -1,10 +1,14 @@
 """Gaussian: noise with the statistics of honest updates.
 
 Threat model: omniscient by default (the round's benign updates; simulation only) or
-colluding (the malicious clients' own honest updates). Each malicious client uploads, for
-every item row in the known updates, a draw from N(mu, sigma^2) per coordinate, where mu and
-sigma are the per-coordinate mean and standard deviation of the known updates taken as dense
-vectors (zeros for rows an update did not send); the predictor likewise.
+colluding (the malicious clients' own honest updates in the round). With attack.pool_sample
+= N > 0 the colluding knowledge is instead the honest updates of up to N malicious clients
+drawn from all of them (sampled in the round or not) at the current model, as the
+ClusterAttack/UNION reference's attacker; omniscient adds those to the benign updates. Each
+malicious client uploads, for every item row in the known updates, a draw from N(mu,
+sigma^2) per coordinate, where mu and sigma are the per-coordinate mean and standard
+deviation of the known updates taken as dense vectors (zeros for rows an update did not
+send); the predictor likewise.
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
 """LIE, "A Little Is Enough" (Baruch et al., NeurIPS 2019).
 
 Threat model: omniscient by default (the round's benign updates; simulation only) or
-colluding (the malicious clients' own honest updates, the paper's setting). Every malicious
-client uploads mu - z * sigma (per coordinate, over the known updates as dense vectors), with
+colluding (the malicious clients' own honest updates in the round, the paper's setting).
+With attack.pool_sample = N > 0 the colluding knowledge is instead the honest updates of up
+to N malicious clients drawn from all of them (sampled in the round or not) at the current
+model, as the ClusterAttack/UNION reference's attacker; omniscient adds those to the benign
+updates. Every malicious client uploads mu - z * sigma (per coordinate, over the known
+updates as dense vectors), with
 
     s = floor(n / 2 + 1) - m,    z = Phi^{-1}((n - s) / n)
 
