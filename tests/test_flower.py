@@ -120,7 +120,9 @@ for yaml_path in sys.argv[3:]:  # Flower shuts Ray down after each run; the next
 """
 
 
-def _flower_simulation(paths, out_root, n_users, timeout=400):
+def _flower_simulation(paths, out_root, n_users, timeout=1200):
+    # the timeout only guards against a hang: 9 experiments on Ray take ~4 min on an idle
+    # 2-core machine and overran 400 s under a load average of 5-7 (CI on a shared machine)
     env = {**os.environ, "FEDREC_SAVE_MODEL": "1", "RAY_DISABLE_USAGE_STATS": "1"}
     try:
         proc = subprocess.run([sys.executable, "-c", _DRIVER, str(out_root), str(n_users),
