@@ -45,8 +45,14 @@ def table_plots(rep, folder: Path, rel: str) -> list[str]:
     from fedrec.plots import plot_detection, plot_mean_curves
 
     name, done = rep.table.name, rep.done
-    groups = {c.spec.label: [d for d in c.dirs if d in done] for c in rep.table.cells}
-    groups = {k: v for k, v in groups.items() if v}
+    # one curve per set of runs: cells that read the same runs under another metric (HR@5
+    # and NDCG@5 of one attack) would draw the same line twice
+    groups, drawn = {}, set()
+    for c in rep.table.cells:
+        dirs = tuple(d for d in c.dirs if d in done)
+        if dirs and dirs not in drawn:
+            drawn.add(dirs)
+            groups[c.spec.label] = list(dirs)
     if not groups:
         return []
     folder.mkdir(parents=True, exist_ok=True)

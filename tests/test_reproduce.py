@@ -258,3 +258,27 @@ def test_metric_values_from_detection_and_metrics_csv(ran):
     summary = json.loads((d / "summary.json").read_text())
     assert run_value(d, summary, "train_loss") == float(last)
     assert run_value(d, summary, "test_hr@5") == summary["final"]["test_hr@5"]
+
+
+def test_plots_draw_one_curve_per_set_of_runs(tmp_path, monkeypatch):
+    """Cells that read the same runs under another metric (HR@5 and NDCG@5 of one attack)
+    give one curve, named after the first such cell."""
+    from types import SimpleNamespace as NS
+
+    import fedrec.plots
+    from fedrec import reproduce_docs
+
+    seen = []
+    monkeypatch.setattr(fedrec.plots, "plot_mean_curves",
+                        lambda groups, out, metric, title="": seen.append((metric, groups)) or False)
+    monkeypatch.setattr(reproduce_docs, "_columns", lambda d: set())
+    cell = lambda label, metric, dirs: NS(spec=NS(label=label, metric=metric), dirs=dirs)
+    clean = NS(attack=NS(name="none"))
+    table = NS(name="t", dirs=["a", "b", "c"], cfgs=[clean] * 3,
+               cells=[cell("No attack", "test_hr@5", ["a"]), cell("Attack", "test_hr@5", ["b", "c"]),
+                      cell("No attack NDCG@5", "test_ndcg@5", ["a"]),
+                      cell("Attack NDCG@5", "test_ndcg@5", ["b", "c"])])
+    reproduce_docs.table_plots(NS(table=table, done={"a", "b", "c"}), tmp_path, "x")
+    assert [m for m, _ in seen] == ["test_hr@5", "test_ndcg@5"]
+    for _, groups in seen:
+        assert groups == {"No attack": ["a"], "Attack": ["b", "c"]}
