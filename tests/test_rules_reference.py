@@ -309,8 +309,8 @@ def test_item_krum_is_exact_next_to_a_huge_row():
 
 
 def test_block_distances_recompute_exactly_the_pairs_the_gram_cannot_resolve():
-    """Groups of near-zero rows next to a few large ones (contrastive uploads): centred on
-    the mean, the near-zero rows' distances cancel in the float32 Gram. Every real pair must
+    """Groups of near-zero rows next to a few large ones (contrastive uploads), where a
+    float32 Gram can lose the small distances to cancellation. Every real pair must
     come out within 1e-4 of the float64 differences (those pairs recomputed one by one), the
     others too, and padding must not matter."""
     from strategies.krum import block_sq_distances
