@@ -107,7 +107,7 @@ def item_level_bulyan(updates: RoundUpdates, f: int):
     for b in group_rows(ids, min_count=4 * f + 3):
         x = b.gather(rows, 0.0, groups_first=True)
         theta = b.counts - 2 * f
-        picked = bulyan_select(block_sq_distances(x, b.counts), b.members, f, theta)
+        picked = bulyan_select(block_sq_distances(x), b.members, f, theta)
         used[b.rows.T[picked]] = True
         slots = np.where(picked.T[:, :, None], x.transpose(1, 0, 2), np.float32(np.inf))
         item_grad[b.items] = AugmentedOrder(sort_padded(slots), theta).nearest_mean(2 * f)

@@ -4,9 +4,10 @@ An item-level rule works on each item's *group*: the rows g_c[i] of the clients 
 uploaded item i, m_i = |C_i|. Rows are sorted by item once (a stable radix sort of the ids,
 so a group lists its rows in client order), then:
 
-- `group_rows` gathers the groups into a few padded blocks by size class (m_i in
-  (2^(b-1), 2^b]), so padding at most doubles the work and all arithmetic is elementwise
-  over *lanes*, one lane per (item, coordinate);
+- `group_rows` gathers the groups into a few padded blocks by size class (SIZE_CLASSES:
+  widths 1, 2, 3, 4, 6, 8, 12, ..., each at most 1.5x the previous), so padding adds at
+  most half the rows and all arithmetic is elementwise over *lanes*, one lane per (item,
+  coordinate);
 - `count_blocks` cuts the small groups into exact-size blocks without padding (one per
   distinct m_i) and the larger ones into padded size classes (the client Gram of Krum);
 - `sort_slots` sorts every lane of a block. For narrow blocks it runs a Batcher sorting
@@ -32,6 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 
 NETWORK_MAX_WIDTH = 16  # wider blocks have few lanes: numpy's sort is cheaper there
+# widths of the padded size classes (group_rows, item_median); then 64, 128, ...: steps of at
+# most 1.5x. With power-of-two classes, items of 17-24 rows (most items of a contrastive
+# ML-1M round) were padded to 32: ~2x the (width x width) work of Krum's distances and scores
+SIZE_CLASSES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)
 
 
 # ------------------------------------------------------------------------- grouping rows
@@ -110,14 +115,14 @@ def gather_block(rows: np.ndarray, order: np.ndarray, starts: np.ndarray, counts
 
 def group_rows(ids: np.ndarray, min_count: int = 1, max_count: int | None = None,
                keep: np.ndarray | None = None) -> list[RowBucket]:
-    """Rows grouped by item id, in size classes m_i in (2^(b-1), 2^b]: groups of
+    """Rows grouped by item id, in size classes (SIZE_CLASSES): groups of
     min_count <= m_i (< max_count) rows, among the rows where `keep` if given. Row indices
     refer to the full `ids`; a class is as wide as its largest group."""
     order, _ = grouped_order(ids, min_count, max_count, keep)
     if len(order) == 0:
         return []
     items, starts, counts = group_bounds(ids, order)
-    size_class = class_width(counts, (1,))
+    size_class = class_width(counts, SIZE_CLASSES)
     buckets = []
     for cls in np.unique(size_class):
         sel = size_class == cls
@@ -218,7 +223,6 @@ def sort_slots(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 # ------------------------------------------------------------------------- the median
 
-MEDIAN_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)  # item_median's block widths; then 64, ...
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,7 +283,7 @@ def item_median(ids: np.ndarray, rows: np.ndarray, n_items: int, out: np.ndarray
     if len(order) == 0:
         return out
     items, starts, counts = group_bounds(ids, order)
-    widths = class_width(counts, MEDIAN_WIDTHS)
+    widths = class_width(counts, SIZE_CLASSES)
     dim = rows.shape[1]
     half = np.float32(0.5)
     for width in np.unique(widths):

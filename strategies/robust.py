@@ -10,7 +10,7 @@ item into padded size classes, sorting networks, the item-level median):
   materialising the zeros; z = n - m_i gives the dense form, z = 0 the item-level form.
 - A dense array (the predictor) is one group in which every client has a row.
 
-The Python loops here run over size classes (at most log2(n) + 1), comparators of a network
+The Python loops here run over size classes (at most 2 log2(n) + 1), comparators of a network
 of width <= 16, the <= n slots of a group, or Bulyan's 2f end values: never over items or
 coordinates.
 """

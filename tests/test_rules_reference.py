@@ -12,6 +12,7 @@ import pytest
 
 from fedrec.protocol import Upload
 from fedrec.runtime import configure_threads
+from strategies import krum
 from strategies.bulyan import BulyanRule
 from strategies.groups import count_blocks, item_median, median_network, select_middle
 from strategies.krum import KrumRule, MultiKrumRule, client_sq_distances, krum_scores
@@ -262,7 +263,9 @@ def test_count_blocks_partition_the_rows_by_item():
     assert [k for k, _, _ in exact] == [2, 3] and [idx.shape for idx in padded] == [(1, 4), (1, 5)]
 
 
-def test_client_distances_match_dense_updates():
+@pytest.mark.parametrize("exact_below", [krum.EXACT_BLOCKS, 4])  # 4: padded classes too
+def test_client_distances_match_dense_updates(monkeypatch, exact_below):
+    monkeypatch.setattr(krum, "EXACT_BLOCKS", exact_below)
     u = random_round(25, 5, n_items=60)
     ids, rows, owner = u.stacked
     x, _ = dense_view(u)
@@ -306,8 +309,8 @@ def test_item_krum_is_exact_next_to_a_huge_row():
 
 
 def test_block_distances_recompute_exactly_the_pairs_the_gram_cannot_resolve():
-    """Groups of near-zero rows next to a few large ones (contrastive uploads): centred on
-    the mean, the near-zero rows' distances cancel in the float32 Gram. Every real pair must
+    """Groups of near-zero rows next to a few large ones (contrastive uploads), where a
+    float32 Gram can lose the small distances to cancellation. Every real pair must
     come out within 1e-4 of the float64 differences (those pairs recomputed one by one), the
     others too, and padding must not matter."""
     from strategies.krum import block_sq_distances
@@ -318,7 +321,7 @@ def test_block_distances_recompute_exactly_the_pairs_the_gram_cannot_resolve():
     x[:, :2] = rng.standard_normal((U, 2, dim)).astype(np.float32)  # two large rows
     counts = rng.integers(3, width + 1, U)
     x[np.arange(width)[None, :] >= counts[:, None]] = 0.0
-    got = block_sq_distances(x, counts)
+    got = block_sq_distances(x)
     x64 = x.astype(np.float64)
     expect = ((x64[:, :, None] - x64[:, None]) ** 2).sum(-1)
     for g in range(U):
