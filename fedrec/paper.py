@@ -9,7 +9,8 @@ what to compare it with; every number of ours comes from the run directories.
       metric: test_hr@5          # summary.json's final metric (else metrics.csv's last value)
       compare: relative_drop     # relative_drop: 100 (reference - ours) / reference | value
       baseline: {attack.name: none}   # keys that turn a cell's run into its reference run
-      tolerance: 5               # |ours - published| <= tolerance passes (points for drops)
+      tolerance: 5               # |ours - published| <= tolerance passes (points for drops;
+                                 # cells with another compare do not inherit it)
       order: [[ClusterAttack, Fang, LIE]]   # chains of cell labels: ours must decrease
       cells:                     # [] = one cell per setting of the grid, nothing published
         - {label: ClusterAttack, select: {attack.name: clusterattack}, published: 30.94}
@@ -144,7 +145,10 @@ def parse_cell(i: int, raw, spec: PaperSpec, is_key) -> PaperCell:
         metric=_text(f"{key}.metric", raw.get("metric", spec.metric), required=True),
         compare=compare, baseline=baseline,
         published=_published(f"{key}.published", raw.get("published"), compare),
-        tolerance=_tolerance(f"{key}.tolerance", raw.get("tolerance", spec.tolerance)),
+        # the block's tolerance is in its compare's units (points of drop): a cell comparing
+        # otherwise (a clean HR@5 value) inherits none
+        tolerance=_tolerance(f"{key}.tolerance", raw.get(
+            "tolerance", spec.tolerance if compare == spec.compare else None)),
         at_least=_number(f"{key}.at_least", raw.get("at_least")),
         at_most=_number(f"{key}.at_most", raw.get("at_most")))
 

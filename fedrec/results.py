@@ -10,10 +10,12 @@ A grid skips runs whose summary says complete, so an interrupted grid resumes wh
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -30,7 +32,29 @@ def run_dir_for(cfg, root=None) -> Path:
         root = Path(cfg.base_dir) / root
     name = cfg.output.name or f"{cfg.name}-{cfg.digest()}"
     safe = "".join(c if c.isalnum() or c in "-_.=,[]" else "_" for c in name)
-    return root / safe
+    path = root / safe
+    return path if path.exists() else _same_config_sibling(path, cfg.digest()) or path
+
+
+def _same_config_sibling(path: Path, digest: str) -> Path | None:
+    """A grid run's directory under another grid label: the same config (full digest in its
+    summary.json) written by a grid that listed other values. A clean run is one config
+    whatever attack settings the grid crossed it with, so a subset grid names it after its own
+    first value (`[...,malicious_fraction=0.05,name=none]-624b29`) where the full grid says
+    0.01: without this, the full grid would rerun it and `fedrec reproduce` miss it."""
+    m = re.fullmatch(r"(.+)\[.*\](-[0-9a-f]{6})", path.name)
+    if not m or not path.parent.is_dir():
+        return None
+    hits = [p for p in path.parent.glob(f"{glob.escape(m.group(1))}[[]*[]]{m.group(2)}")
+            if _summary_digest(p) == digest]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _summary_digest(run_dir: Path):
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("config_digest")
+    except (OSError, ValueError):
+        return None
 
 
 def check_output_dir(run_dir: Path):

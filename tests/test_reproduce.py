@@ -282,3 +282,43 @@ def test_plots_draw_one_curve_per_set_of_runs(tmp_path, monkeypatch):
     assert [m for m, _ in seen] == ["test_hr@5", "test_ndcg@5"]
     for _, groups in seen:
         assert groups == {"No attack": ["a"], "Attack": ["b", "c"]}
+
+
+def test_a_value_cell_does_not_inherit_the_drop_tolerance():
+    from fedrec.paper import parse_paper
+
+    raw = {"source": "s", "compare": "relative_drop", "baseline": {"attack.name": "none"},
+           "tolerance": 5, "cells": [
+               {"label": "clean", "select": {"attack.name": "none"}, "compare": "value",
+                "published": 0.0135},
+               {"label": "clean2", "select": {"attack.name": "none"}, "compare": "value",
+                "published": 0.0135, "tolerance": 0.001},
+               {"label": "drop", "select": {"attack.name": "gaussian"}, "published": 10}]}
+    cells = {c.label: c for c in parse_paper(raw, lambda k: True).cells}
+    assert cells["clean"].tolerance is None  # 5 points of drop are no HR@5 tolerance
+    assert cells["clean2"].tolerance == 0.001 and cells["drop"].tolerance == 5
+
+
+def test_a_subset_grid_run_is_found_under_the_full_grids_label(tmp_path):
+    """The clean run of a grid that crosses attacks with fractions is one config: a subset
+    grid (one fraction) names it after its own value; the full grid and `fedrec reproduce`
+    find it by its config digest instead of rerunning it."""
+    full = GRID.format(root=tmp_path, seeds="[0]").replace(
+        "attack.name: [none, gaussian, labelflip]",
+        "attack.malicious_fraction: [0.2, 0.3]\n  attack.name: [none, gaussian]")
+    subset = full.replace("[0.2, 0.3]", "[0.3]")
+    (tmp_path / "sub.yaml").write_text(subset)
+    assert main(["run", str(tmp_path / "sub.yaml"), "--no-progress"]) == 0
+    made = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert any("malicious_fraction=0.3,name=none" in n for n in made)
+    (tmp_path / "full.yaml").write_text(full)
+    from fedrec.results import run_dir_for
+
+    dirs = {run_dir_for(c) for c in expand(yaml.safe_load(full), base_dir=str(tmp_path))}
+    clean = [d for d in dirs if "name=none" in d.name]
+    assert len(clean) == 1 and "malicious_fraction=0.3" in clean[0].name  # found, not 0.2's
+    mtime = (clean[0] / "summary.json").stat().st_mtime_ns
+    assert main(["run", str(tmp_path / "full.yaml"), "--no-progress"]) == 0
+    assert (clean[0] / "summary.json").stat().st_mtime_ns == mtime  # skipped, not rerun
+    assert not any("malicious_fraction=0.2,name=none" in p.name
+                   for p in (tmp_path / "runs").iterdir())
