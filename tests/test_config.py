@@ -196,3 +196,28 @@ def test_grid_keeps_one_clean_run_per_setting():
     assert len(clean) == 1  # (0, *), (*, none) are all the same clean run
     assert len(cfgs) == 1 + 2 * 2
     assert len({c.digest() for c in cfgs}) == len(cfgs)
+
+
+# users per shipped data set (REFERENCE.md; the loaders' counts)
+N_USERS = {"ml-100k": 943, "ml-1m": 6040, "gowalla": 29858, "beauty": 22363}
+
+
+def test_no_committed_experiment_samples_more_clients_than_users():
+    """The strategy refuses clients_per_round above the users (an error, not a silent clamp):
+    a committed YAML asking for "every user" must say how many there are."""
+    from pathlib import Path
+
+    import yaml as _yaml
+
+    from fedrec.config import expand
+
+    root = Path(__file__).resolve().parent.parent / "experiments"
+    checked = 0
+    for p in sorted(root.rglob("*.yaml")):
+        raw = _yaml.safe_load(p.read_text())
+        for cfg in expand(raw, base_dir=str(p.parent)):
+            n = N_USERS.get(cfg.data.dataset)
+            if n is not None:
+                assert cfg.train.clients_per_round <= n, f"{p.name}: {cfg.train.clients_per_round} > {n}"
+                checked += 1
+    assert checked > 100
