@@ -123,9 +123,13 @@ def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np
     most once), O(sum_i m_i^2 dim) in all. Items of up to 64 rows come in exact-size
     blocks (groups.count_blocks), the rest in padded size classes (padding rows
     are zeros, booked to a dummy client n): one batched product and bincount per block.
-    The diagonal (squared norms) in float64.
+    The diagonal (squared norms) in float64. Dense uploads (every client sends items
+    0..k-1 in order, `every_item_sent`) take one float64 Gram of the stacked tables instead
+    (`dense_sq_distances`).
     """
     n = n_clients
+    if every_item_sent(ids, n):
+        return dense_sq_distances(rows.reshape(n, -1), predictors)
     size = (n + 1) ** 2
     gram = np.zeros(size)
 
@@ -150,6 +154,36 @@ def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np
         add(np.where(rows_idx >= 0, owner[np.maximum(rows_idx, 0)], n), x)
     gram = gram.reshape(n + 1, n + 1)[:n, :n].copy()
     gram[np.diag_indices(n)] = np.bincount(owner, weights=row_sq_norms(rows), minlength=n)
+    if predictors is not None:
+        p = predictors.astype(np.float64)
+        gram += p @ p.T
+    return gram_to_sq_distances(gram)
+
+
+def every_item_sent(ids, n_clients: int) -> bool:
+    """Whether the n stacked uploads all send the same items 0..k-1, each in order (dense
+    uploads: train.weight_decay_scope all): client c's rows are then rows[c k:(c + 1) k]."""
+    if n_clients == 0 or len(ids) == 0 or len(ids) % n_clients:
+        return False
+    k = len(ids) // n_clients
+    return bool((ids.reshape(n_clients, k) == np.arange(k)).all())
+
+
+# columns per float64 slice of the dense Gram (50 clients x 2**14 = 6.5 MB, in cache)
+DENSE_GRAM_COLUMNS = 1 << 14
+
+
+def dense_sq_distances(flat: np.ndarray, predictors=None) -> np.ndarray:
+    """(n, n) squared L2 distances between the rows of flat (n, k * dim), every client's
+    whole item table (dense uploads), + the predictors: one float64 Gram, accumulated over
+    slices of items (a float64 copy of one slice at a time, not of the whole stack). On
+    ML-1M's 50 x 237k uploads ~3x cheaper than the per-item blocks' products and scatter,
+    and exact to float64 rounding rather than per-item float32 products."""
+    n = len(flat)
+    gram = np.zeros((n, n))
+    for lo in range(0, flat.shape[1], DENSE_GRAM_COLUMNS):
+        part = flat[:, lo:lo + DENSE_GRAM_COLUMNS].astype(np.float64)
+        gram += part @ part.T
     if predictors is not None:
         p = predictors.astype(np.float64)
         gram += p @ p.T

@@ -274,6 +274,27 @@ def test_client_distances_match_dense_updates(monkeypatch, exact_below):
     close(client_sq_distances(ids, rows, owner, len(u)), expect, scale=expect.max())
 
 
+@pytest.mark.parametrize("predictor", [False, True])
+def test_client_distances_of_dense_uploads_match_the_definition(predictor):
+    """Every client sends every item in order (weight_decay_scope all): the one-Gram path,
+    here over several column slices, against the differences of the flattened updates."""
+    rng = np.random.default_rng(7)
+    n, n_items = 9, 4000
+    rows = (rng.standard_normal((n * n_items, DIM)) * rng.uniform(0.1, 3, (n * n_items, 1))
+            ).astype(np.float32)
+    ids, owner = np.tile(np.arange(n_items), n), np.repeat(np.arange(n), n_items)
+    assert krum.every_item_sent(ids, n) and n_items * DIM > krum.DENSE_GRAM_COLUMNS / 2
+    preds = rng.standard_normal((n, 5)).astype(np.float32) if predictor else None
+    flat = np.concatenate([rows.reshape(n, -1), preds], 1) if predictor else rows.reshape(n, -1)
+    flat = flat.astype(np.float64)
+    expect = ((flat[:, None] - flat[None]) ** 2).sum(-1)
+    got = client_sq_distances(ids, rows, owner, n, preds)
+    np.testing.assert_allclose(got, expect, rtol=1e-12, atol=1e-12 * expect.max())
+    swapped = ids.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # out of order: not dense, the per-item blocks
+    assert not krum.every_item_sent(swapped, n) and not krum.every_item_sent(ids[:-1], n)
+
+
 def test_krum_scores_on_padded_sets_match_the_reference():
     rng = np.random.default_rng(4)
     counts = np.array([1, 2, 5, 9, 9])
