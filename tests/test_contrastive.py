@@ -75,5 +75,30 @@ def test_contrastive_grads_of_a_cohort_equal_each_users_alone():
     together = contrastive_grads(table, *parts, [len(s[0]) for s in samples])
     for s, (ids, rows, loss) in zip(samples, together):
         a_ids, a_rows, a_loss = contrastive_grad(table, *s)
+        if len(s[0]):  # and the plain formula: rows concatenated, summed per id in order
+            r_ids, r_rows, r_loss = _reference_grad(table, *s)
+            assert np.array_equal(a_ids, r_ids) and np.array_equal(a_rows, r_rows)
+            assert a_loss == r_loss
         assert np.array_equal(ids, a_ids) and ids.dtype == a_ids.dtype
         assert np.array_equal(rows, a_rows) and rows.dtype == np.float32 and loss == a_loss
+
+
+def _reference_grad(table, anchors, positives, negatives):
+    """L_cl's gradient of one user, written plainly: every touched row's contribution in the
+    order anchors, positives, negatives, added from 0 per id (np.add.at: sequential)."""
+    L = len(anchors)
+    A, X = table[anchors], table[np.concatenate([positives[:, None], negatives], 1)]
+    z = np.matmul(X, A[:, :, None])[:, :, 0]
+    z -= z.max(1, keepdims=True)
+    s = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    loss = float(-np.log(np.maximum(s[:, 0].astype(np.float64), 1e-300)).mean())
+    s[:, 0] -= 1.0
+    s /= L
+    dX = s[:, :, None] * A[:, None, :]
+    ids = np.concatenate([anchors, positives, negatives.ravel()])
+    rows = np.concatenate([np.matmul(s[:, None, :], X)[:, 0], dX[:, 0],
+                           dX[:, 1:].reshape(-1, table.shape[1])]).astype(np.float32)
+    uniq, inv = np.unique(ids, return_inverse=True)
+    out = np.zeros((len(uniq), table.shape[1]), np.float32)
+    np.add.at(out, inv, rows)
+    return uniq, out, loss

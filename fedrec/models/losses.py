@@ -75,7 +75,7 @@ def contrastive_grads(table: np.ndarray, anchors, positives, negatives, lengths)
     adds them (its anchors, positives, then negatives: `segment_sum` on (user, item) keys),
     so every user's numbers are bit-identical alone or in a cohort (tests/test_contrastive.py);
     its loss is the mean over its own anchors (np.mean of its slice, the same summation)."""
-    from fedrec.models.base import segment_sum, unique_inverse
+    from fedrec.models.base import segment_sum_parts, unique_inverse
 
     n_items, dim = table.shape
     lengths = np.asarray(lengths, np.int64)
@@ -98,12 +98,14 @@ def contrastive_grads(table: np.ndarray, anchors, positives, negatives, lengths)
     dz[:, 0] -= 1.0
     dz /= lengths.astype(dz.dtype)[owner, None]  # mean over each user's anchors
     dA = np.matmul(dz[:, None, :], X)[:, 0]
-    dX = dz[:, :, None] * A[:, None, :]
+    d_pos = dz[:, 0, None] * A  # dX[:, 0] and dX[:, 1:] of dX = dz[:, :, None] * A[:, None]
+    d_neg = dz[:, 1:, None] * A[:, None, :]
     ids = np.concatenate([anchors, positives, negatives.ravel()])
     who = np.concatenate([owner, owner, np.repeat(owner, negatives.shape[1])])
-    rows = np.concatenate([dA, dX[:, 0], dX[:, 1:].reshape(-1, dim)]).astype(np.float32)
     keys, inv = unique_inverse(who * n_items + ids, n_users * n_items)
-    summed = segment_sum(inv, rows, len(keys))
+    L = len(anchors)  # the rows in contrastive_grad's order: anchors, positives, negatives
+    summed = segment_sum_parts([(inv[:L], dA), (inv[L:2 * L], d_pos),
+                                (inv[2 * L:], d_neg.reshape(-1, dim))], len(keys), dim)
     key_owner, key_item = np.divmod(keys, n_items)
     kb = np.searchsorted(key_owner, np.arange(n_users + 1)).tolist()
     return [(key_item[a:b], summed[a:b], loss)
