@@ -57,10 +57,14 @@ def test_contrastive_uploads_do_not_depend_on_the_cohort(tmp_path, scope):
         assert all(len(up[0]) == env.model.n_items for up, _, _ in many)
 
 
-def test_contrastive_grads_of_a_cohort_equal_each_users_alone():
+@pytest.mark.parametrize("block", [2048, 16])  # 16: users in several blocks
+def test_contrastive_grads_of_a_cohort_equal_each_users_alone(monkeypatch, block):
     """Users of 0, 1, 2 and many anchors, concatenated: each user's ids, rows and loss bit
     for bit those of `contrastive_grad` on its samples alone."""
+    from fedrec.models import losses
     from fedrec.models.losses import contrastive_grad, contrastive_grads, contrastive_samples
+
+    monkeypatch.setattr(losses, "CONTRASTIVE_BLOCK", block)
 
     rng = np.random.default_rng(3)
     n_items = 300

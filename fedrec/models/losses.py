@@ -74,11 +74,30 @@ def contrastive_grads(table: np.ndarray, anchors, positives, negatives, lengths)
     reductions) and each user's rows summed per item in the order `contrastive_grad` alone
     adds them (its anchors, positives, then negatives: `segment_sum` on (user, item) keys),
     so every user's numbers are bit-identical alone or in a cohort (tests/test_contrastive.py);
-    its loss is the mean over its own anchors (np.mean of its slice, the same summation)."""
+    its loss is the mean over its own anchors (np.mean of its slice, the same summation).
+    Users go in blocks of about CONTRASTIVE_BLOCK anchors (a user is never split), so the
+    block's candidate rows and products stay in cache."""
+    lengths = np.asarray(lengths, np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    block_of = starts[:-1] // CONTRASTIVE_BLOCK
+    cuts = [0, *(np.flatnonzero(np.diff(block_of)) + 1).tolist(), len(lengths)]
+    out = []
+    for u0, u1 in zip(cuts[:-1], cuts[1:]):
+        sl = slice(starts[u0], starts[u1])
+        out += contrastive_block(table, anchors[sl], positives[sl], negatives[sl],
+                                 lengths[u0:u1])
+    return out
+
+
+# anchors per block of contrastive_grads: 2,048 x 16 candidates x 64 float32 = 8 MB
+CONTRASTIVE_BLOCK = 2048
+
+
+def contrastive_block(table: np.ndarray, anchors, positives, negatives, lengths) -> list:
+    """contrastive_grads of one block of users, all at once."""
     from fedrec.models.base import segment_sum_parts, unique_inverse
 
     n_items, dim = table.shape
-    lengths = np.asarray(lengths, np.int64)
     n_users = len(lengths)
     owner = np.repeat(np.arange(n_users), lengths)
     if len(owner) == 0:
