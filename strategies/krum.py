@@ -32,6 +32,12 @@ import torch
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import sparse_weighted_sum
+from strategies.dense_distances import (
+    dense_sq_distances,
+    every_item_sent,
+    gram_to_sq_distances,
+    vector_sq_distances,
+)
 from strategies.groups import NETWORK_MAX_WIDTH, count_blocks, group_rows, sort_slots
 from strategies.robust import (
     MEDIAN,
@@ -158,49 +164,6 @@ def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np
         p = predictors.astype(np.float64)
         gram += p @ p.T
     return gram_to_sq_distances(gram)
-
-
-def every_item_sent(ids, n_clients: int) -> bool:
-    """Whether the n stacked uploads all send the same items 0..k-1, each in order (dense
-    uploads: train.weight_decay_scope all): client c's rows are then rows[c k:(c + 1) k]."""
-    if n_clients == 0 or len(ids) == 0 or len(ids) % n_clients:
-        return False
-    k = len(ids) // n_clients
-    return bool((ids.reshape(n_clients, k) == np.arange(k)).all())
-
-
-# columns per float64 slice of the dense Gram (50 clients x 2**14 = 6.5 MB, in cache)
-DENSE_GRAM_COLUMNS = 1 << 14
-
-
-def dense_sq_distances(flat: np.ndarray, predictors=None) -> np.ndarray:
-    """(n, n) squared L2 distances between the rows of flat (n, k * dim), every client's
-    whole item table (dense uploads), + the predictors: one float64 Gram, accumulated over
-    slices of items (a float64 copy of one slice at a time, not of the whole stack). On
-    ML-1M's 50 x 237k uploads ~3x cheaper than the per-item blocks' products and scatter,
-    and exact to float64 rounding rather than per-item float32 products."""
-    n = len(flat)
-    gram = np.zeros((n, n))
-    for lo in range(0, flat.shape[1], DENSE_GRAM_COLUMNS):
-        part = flat[:, lo:lo + DENSE_GRAM_COLUMNS].astype(np.float64)
-        gram += part @ part.T
-    if predictors is not None:
-        p = predictors.astype(np.float64)
-        gram += p @ p.T
-    return gram_to_sq_distances(gram)
-
-
-def vector_sq_distances(stack: np.ndarray) -> np.ndarray:
-    """(n, n) squared L2 distances between the rows of a (n, P) stack."""
-    p = stack.astype(np.float64)
-    return gram_to_sq_distances(p @ p.T)
-
-
-def gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
-    sq = np.diag(gram).copy()
-    dist = np.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0.0)
-    dist[np.diag_indices(len(gram))] = 0.0
-    return dist
 
 
 def sort_lists(values: np.ndarray) -> np.ndarray:

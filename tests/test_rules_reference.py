@@ -12,8 +12,9 @@ import pytest
 
 from fedrec.protocol import Upload
 from fedrec.runtime import configure_threads
-from strategies import krum
+from strategies import dense_distances, krum
 from strategies.bulyan import BulyanRule
+from strategies.dense_distances import every_item_sent
 from strategies.groups import count_blocks, item_median, median_network, select_middle
 from strategies.krum import KrumRule, MultiKrumRule, client_sq_distances, krum_scores
 from strategies.median import MedianRule
@@ -283,7 +284,7 @@ def test_client_distances_of_dense_uploads_match_the_definition(predictor):
     rows = (rng.standard_normal((n * n_items, DIM)) * rng.uniform(0.1, 3, (n * n_items, 1))
             ).astype(np.float32)
     ids, owner = np.tile(np.arange(n_items), n), np.repeat(np.arange(n), n_items)
-    assert krum.every_item_sent(ids, n) and n_items * DIM > krum.DENSE_GRAM_COLUMNS / 2
+    assert every_item_sent(ids, n) and n_items * DIM > dense_distances.DENSE_GRAM_COLUMNS / 2
     preds = rng.standard_normal((n, 5)).astype(np.float32) if predictor else None
     flat = np.concatenate([rows.reshape(n, -1), preds], 1) if predictor else rows.reshape(n, -1)
     flat = flat.astype(np.float64)
@@ -292,7 +293,7 @@ def test_client_distances_of_dense_uploads_match_the_definition(predictor):
     np.testing.assert_allclose(got, expect, rtol=1e-12, atol=1e-12 * expect.max())
     swapped = ids.copy()
     swapped[[0, 1]] = swapped[[1, 0]]  # out of order: not dense, the per-item blocks
-    assert not krum.every_item_sent(swapped, n) and not krum.every_item_sent(ids[:-1], n)
+    assert not every_item_sent(swapped, n) and not every_item_sent(ids[:-1], n)
 
 
 def test_krum_scores_on_padded_sets_match_the_reference():
