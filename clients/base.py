@@ -21,7 +21,7 @@ from flwr.client import NumPyClient
 from clients import cohort
 from clients.local_epochs import local_epochs
 from clients.negatives import sample_negatives
-from clients.streams import CONTRASTIVE, INIT, ROUND, STATIC_NEGATIVES, Streams
+from clients.streams import INIT, ROUND, STATIC_NEGATIVES, Streams
 from fedrec.evaluation import user_metrics
 from fedrec.protocol import encode_upload
 
@@ -155,25 +155,6 @@ class FedRecClient(NumPyClient):
         user = None if grad.user_grad is None else grad.user_grad * n
         return replace(grad, item_rows=grad.item_rows * n, user_grad=user,
                        predictor=[p * n for p in grad.predictor])
-
-    def with_contrastive(self, grad, item_table, rnd: int):
-        """UNION's client side (train.contrastive_alpha > 0): adds alpha times the gradient of
-        the contrastive loss on the user's positives (fedrec.models.losses) to the item rows,
-        from the client's own stream for it, so the recommendation gradient is unchanged."""
-        alpha = self.cfg.train.contrastive_alpha
-        if alpha <= 0 or not len(self.train_items):
-            return grad
-        from fedrec.models.losses import contrastive_grad, contrastive_samples
-
-        rng = self.stream(CONTRASTIVE, rnd)
-        samples = contrastive_samples(self.train_items, self.model.n_items, self.exclusion_mask(),
-                                      self.cfg.train.contrastive_negatives, rng)
-        cl_ids, cl_rows, cl_loss = contrastive_grad(item_table, *samples)
-        ids = np.union1d(grad.item_ids, cl_ids)
-        rows = np.zeros((len(ids), grad.item_rows.shape[1]), np.float32)
-        rows[np.searchsorted(ids, grad.item_ids)] += grad.item_rows
-        rows[np.searchsorted(ids, cl_ids)] += np.float32(alpha) * cl_rows
-        return replace(grad, item_ids=ids, item_rows=rows, loss=grad.loss + alpha * cl_loss)
 
     def weight_decay(self) -> dict:
         t = self.cfg.train

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clients import user_rows
+from clients.contrastive import with_contrastive
 from clients.negatives import sample_negatives_cohort
 from clients.state import DictStore
 from clients.streams import ROUND, Streams
@@ -104,8 +105,10 @@ def compute_cohort(prep: PreparedCohort, arrays) -> list:
             arrays[0], list(arrays[1:]), [None if rows is None else rows[0][i] for i in batch],
             [jobs[i].pos for i in batch], [jobs[i].neg for i in batch],
             [jobs[i].rng for i in batch], **c0.weight_decay())
+        out = with_contrastive([clients[i] for i in batch],
+                               [clients[i].reduced(g) for i, g in zip(batch, out)], arrays[0], rnd)
         for i, g in zip(batch, out):
-            grads[i] = clients[i].with_contrastive(clients[i].reduced(g), arrays[0], rnd)
+            grads[i] = g
         if rows is None:
             for i in batch:
                 states[i]["clock"][0] = rnd

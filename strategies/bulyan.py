@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from strategies.krum import (
-    NeighbourOrder,
-    block_sq_distances,
-    client_sq_distances,
-    vector_sq_distances,
-)
+from strategies.dense_distances import vector_sq_distances
+from strategies.krum import NeighbourOrder, block_sq_distances, client_sq_distances
 from strategies.groups import dense_nearest_mean, group_rows
 from strategies.robust import (
     MEDIAN,

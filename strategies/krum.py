@@ -32,6 +32,12 @@ import torch
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import sparse_weighted_sum
+from strategies.dense_distances import (
+    dense_sq_distances,
+    every_item_sent,
+    gram_to_sq_distances,
+    vector_sq_distances,
+)
 from strategies.groups import NETWORK_MAX_WIDTH, count_blocks, group_rows, sort_slots
 from strategies.robust import (
     MEDIAN,
@@ -123,9 +129,13 @@ def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np
     most once), O(sum_i m_i^2 dim) in all. Items of up to 64 rows come in exact-size
     blocks (groups.count_blocks), the rest in padded size classes (padding rows
     are zeros, booked to a dummy client n): one batched product and bincount per block.
-    The diagonal (squared norms) in float64.
+    The diagonal (squared norms) in float64. Dense uploads (every client sends items
+    0..k-1 in order, `every_item_sent`) take one float64 Gram of the stacked tables instead
+    (`dense_sq_distances`).
     """
     n = n_clients
+    if every_item_sent(ids, n):
+        return dense_sq_distances(rows.reshape(n, -1), predictors)
     size = (n + 1) ** 2
     gram = np.zeros(size)
 
@@ -154,19 +164,6 @@ def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np
         p = predictors.astype(np.float64)
         gram += p @ p.T
     return gram_to_sq_distances(gram)
-
-
-def vector_sq_distances(stack: np.ndarray) -> np.ndarray:
-    """(n, n) squared L2 distances between the rows of a (n, P) stack."""
-    p = stack.astype(np.float64)
-    return gram_to_sq_distances(p @ p.T)
-
-
-def gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
-    sq = np.diag(gram).copy()
-    dist = np.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0.0)
-    dist[np.diag_indices(len(gram))] = 0.0
-    return dist
 
 
 def sort_lists(values: np.ndarray) -> np.ndarray:

@@ -215,11 +215,16 @@ def client_uniformities(common, weights, rows, owner, item, n_clients, device=No
         own_w[owner, item] = w[item]
         # - t' D t - 2 t' D (w - t) = t' D t - 2 t' D w  (D symmetric)
         total += np.einsum("cu,cu->c", own_w, own_w @ dist - 2 * dist_w)
-        left, right = gram_factors(rows, common)
+        free = own_w == 0
+        # clients that uploaded every sampled item (dense uploads) have no cross term
+        # (2 w'0 = 0 exactly, so leaving it out changes no bit): no factors, no gather
+        left, right = gram_factors(rows, common) if free.any() else (None, None)
         for clients, idx in client_groups(owner):
             safe = np.where(idx >= 0, idx, 0)
             wy = np.where(idx >= 0, w[item[safe]], 0.0)
-            cross = free_column_sums(left[safe], right, own_w[clients] == 0, w)
-            total[clients] += (2 * np.einsum("ga,ga->g", wy, cross)
-                               + weighted_pair_sums(rows[safe], wy, device))
+            pairs = weighted_pair_sums(rows[safe], wy, device)
+            if free[clients].any():
+                cross = free_column_sums(left[safe], right, free[clients], w)
+                pairs = 2 * np.einsum("ga,ga->g", wy, cross) + pairs
+            total[clients] += pairs
     return total / (s * (s - 1))

@@ -7,7 +7,7 @@ import pytest
 
 from clients.malicious.base import AdversaryView, HonestUpdate, dense_updates, parse_params
 from clients.malicious.clusterattack import (AdaptiveK, ClusterAttackClient, ClusterAttackParams, lloyd_kmeans,
-                                             cluster_gradient, match_norms)
+                                             cluster_gradient, cluster_sums, match_norms)
 from clients.malicious.dynopt import dyn_opt_gamma
 from clients.malicious.fang import stat_opt
 from clients.malicious.fedattack import hard_pairs
@@ -92,6 +92,18 @@ def test_lloyd_kmeans_as_the_reference_code():
     same = np.ones((3, 2))
     lab, c2, _ = lloyd_kmeans(same, 2, np.random.default_rng(0))
     assert np.isfinite(c2).all() and (lab == lab[0]).all()
+
+
+def test_cluster_sums_equal_ufunc_at_bit_for_bit():
+    """Row order from 0.0, as np.add.at: the same float64 numbers (an empty cluster: 0)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((500, 6)) * rng.uniform(1e-6, 1e6, (500, 1))
+    x[7] = -0.0
+    labels = rng.choice([0, 1, 3, 4], 500)  # label 2 empty
+    expect = np.zeros((5, 6))
+    np.add.at(expect, labels, x)
+    got = cluster_sums(x, labels, 5)
+    assert np.array_equal(got, expect) and not got[2].any()
 
 
 def test_clusterattack_round_uploads_every_row_at_matched_norms():

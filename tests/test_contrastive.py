@@ -1,6 +1,7 @@
 """UNION's client side: the contrastive term in benign uploads."""
 
 import numpy as np
+import pytest
 
 from conftest import tiny_cfg
 
@@ -42,10 +43,66 @@ def test_contrastive_term_adds_exactly_alpha_times_its_gradient(tmp_path):
     assert len(c_up[0]) > len(b_up[0])  # the negatives' rows are uploaded too
 
 
-def test_contrastive_uploads_do_not_depend_on_the_cohort(tmp_path):
-    cfg = tiny_cfg(tmp_path, train__contrastive_alpha=1.0)
-    one, _, _ = _fit(cfg, [1, 2, 3, 5], cohort=False)
+@pytest.mark.parametrize("scope", ["touched", "all"])  # all: dense uploads, summed in place
+def test_contrastive_uploads_do_not_depend_on_the_cohort(tmp_path, scope):
+    cfg = tiny_cfg(tmp_path, train__contrastive_alpha=1.0, train__weight_decay=1e-2,
+                   train__weight_decay_scope=scope)
+    one, env, _ = _fit(cfg, [1, 2, 3, 5], cohort=False)
     many, _, _ = _fit(cfg, [1, 2, 3, 5], cohort=True)
-    for (a, _, _), (b, _, _) in zip(one, many):
+    for (a, _, ma), (b, _, mb) in zip(one, many):
+        assert ma == mb  # the loss too, bit for bit
         for x, y in zip(a, b):
-            assert np.array_equal(x, y)
+            assert np.array_equal(x, y) and np.array_equal(np.signbit(x), np.signbit(y))
+    if scope == "all":
+        assert all(len(up[0]) == env.model.n_items for up, _, _ in many)
+
+
+@pytest.mark.parametrize("block", [2048, 16])  # 16: users in several blocks
+def test_contrastive_grads_of_a_cohort_equal_each_users_alone(monkeypatch, block):
+    """Users of 0, 1, 2 and many anchors, concatenated: each user's ids, rows and loss bit
+    for bit those of `contrastive_grad` on its samples alone."""
+    from fedrec.models import losses
+    from fedrec.models.losses import contrastive_grad, contrastive_grads, contrastive_samples
+
+    monkeypatch.setattr(losses, "CONTRASTIVE_BLOCK", block)
+
+    rng = np.random.default_rng(3)
+    n_items = 300
+    table = rng.standard_normal((n_items, 8)).astype(np.float32)
+    samples = []
+    for k in (5, 0, 1, 2, 120, 40):
+        items = rng.choice(n_items, k, replace=False)
+        known = np.zeros(n_items, bool)
+        known[items] = True
+        samples.append(contrastive_samples(items, n_items, known, 7, rng))
+    parts = [np.concatenate(p) for p in zip(*samples)]
+    together = contrastive_grads(table, *parts, [len(s[0]) for s in samples])
+    for s, (ids, rows, loss) in zip(samples, together):
+        a_ids, a_rows, a_loss = contrastive_grad(table, *s)
+        if len(s[0]):  # and the plain formula: rows concatenated, summed per id in order
+            r_ids, r_rows, r_loss = _reference_grad(table, *s)
+            assert np.array_equal(a_ids, r_ids) and np.array_equal(a_rows, r_rows)
+            assert a_loss == r_loss
+        assert np.array_equal(ids, a_ids) and ids.dtype == a_ids.dtype
+        assert np.array_equal(rows, a_rows) and rows.dtype == np.float32 and loss == a_loss
+
+
+def _reference_grad(table, anchors, positives, negatives):
+    """L_cl's gradient of one user, written plainly: every touched row's contribution in the
+    order anchors, positives, negatives, added from 0 per id (np.add.at: sequential)."""
+    L = len(anchors)
+    A, X = table[anchors], table[np.concatenate([positives[:, None], negatives], 1)]
+    z = np.matmul(X, A[:, :, None])[:, :, 0]
+    z -= z.max(1, keepdims=True)
+    s = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    loss = float(-np.log(np.maximum(s[:, 0].astype(np.float64), 1e-300)).mean())
+    s[:, 0] -= 1.0
+    s /= L
+    dX = s[:, :, None] * A[:, None, :]
+    ids = np.concatenate([anchors, positives, negatives.ravel()])
+    rows = np.concatenate([np.matmul(s[:, None, :], X)[:, 0], dX[:, 0],
+                           dX[:, 1:].reshape(-1, table.shape[1])]).astype(np.float32)
+    uniq, inv = np.unique(ids, return_inverse=True)
+    out = np.zeros((len(uniq), table.shape[1]), np.float32)
+    np.add.at(out, inv, rows)
+    return uniq, out, loss

@@ -12,8 +12,9 @@ import pytest
 
 from fedrec.protocol import Upload
 from fedrec.runtime import configure_threads
-from strategies import krum
+from strategies import dense_distances, krum
 from strategies.bulyan import BulyanRule
+from strategies.dense_distances import every_item_sent
 from strategies.groups import count_blocks, item_median, median_network, select_middle
 from strategies.krum import KrumRule, MultiKrumRule, client_sq_distances, krum_scores
 from strategies.median import MedianRule
@@ -272,6 +273,27 @@ def test_client_distances_match_dense_updates(monkeypatch, exact_below):
     flat = x.reshape(len(u), -1)
     expect = ((flat[:, None] - flat[None]) ** 2).sum(-1)
     close(client_sq_distances(ids, rows, owner, len(u)), expect, scale=expect.max())
+
+
+@pytest.mark.parametrize("predictor", [False, True])
+def test_client_distances_of_dense_uploads_match_the_definition(predictor):
+    """Every client sends every item in order (weight_decay_scope all): the one-Gram path,
+    here over several column slices, against the differences of the flattened updates."""
+    rng = np.random.default_rng(7)
+    n, n_items = 9, 4000
+    rows = (rng.standard_normal((n * n_items, DIM)) * rng.uniform(0.1, 3, (n * n_items, 1))
+            ).astype(np.float32)
+    ids, owner = np.tile(np.arange(n_items), n), np.repeat(np.arange(n), n_items)
+    assert every_item_sent(ids, n) and n_items * DIM > dense_distances.DENSE_GRAM_COLUMNS / 2
+    preds = rng.standard_normal((n, 5)).astype(np.float32) if predictor else None
+    flat = np.concatenate([rows.reshape(n, -1), preds], 1) if predictor else rows.reshape(n, -1)
+    flat = flat.astype(np.float64)
+    expect = ((flat[:, None] - flat[None]) ** 2).sum(-1)
+    got = client_sq_distances(ids, rows, owner, n, preds)
+    np.testing.assert_allclose(got, expect, rtol=1e-12, atol=1e-12 * expect.max())
+    swapped = ids.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # out of order: not dense, the per-item blocks
+    assert not every_item_sent(swapped, n) and not every_item_sent(ids[:-1], n)
 
 
 def test_krum_scores_on_padded_sets_match_the_reference():

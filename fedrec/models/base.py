@@ -138,11 +138,18 @@ def segment_sum(index: np.ndarray, rows: np.ndarray, n_segments: int) -> np.ndar
     torch's CPU index_add_ adds sequentially, so a client's sums come out bit-identical
     whether it is computed alone or inside a cohort.
     """
+    return segment_sum_parts([(index, rows)], n_segments, rows.shape[1])
+
+
+def segment_sum_parts(parts, n_segments: int, dim: int) -> np.ndarray:
+    """segment_sum of the parts [(index, rows), ...] concatenated, in that order, without
+    concatenating them (each part added by its own sequential index_add_)."""
     import torch
 
-    out = torch.zeros((n_segments, rows.shape[1]), dtype=torch.float32)
-    out.index_add_(0, torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)),
-                   torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
+    out = torch.zeros((n_segments, dim), dtype=torch.float32)
+    for index, rows in parts:
+        out.index_add_(0, torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)),
+                       torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
     return out.numpy()
 
 

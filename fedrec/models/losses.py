@@ -63,11 +63,45 @@ def contrastive_samples(items: np.ndarray, n_items: int, known_mask: np.ndarray,
 
 def contrastive_grad(table: np.ndarray, anchors, positives, negatives):
     """(ids, rows, loss): the gradient of L_cl w.r.t. the touched item rows (sorted ids)."""
-    from fedrec.models.base import scatter_rows
+    return contrastive_grads(table, anchors, positives, negatives, [len(anchors)])[0]
 
-    L = len(anchors)
-    if L == 0:
-        return np.zeros(0, np.int64), np.zeros((0, table.shape[1]), np.float32), 0.0
+
+def contrastive_grads(table: np.ndarray, anchors, positives, negatives, lengths) -> list:
+    """`contrastive_grad` of several users at once: [(ids, rows, loss)] per user, user c
+    owning the next lengths[c] anchors (with their positives and negatives).
+
+    Each anchor's softmax and products are computed on its own row (batched matmuls, row-wise
+    reductions) and each user's rows summed per item in the order `contrastive_grad` alone
+    adds them (its anchors, positives, then negatives: `segment_sum` on (user, item) keys),
+    so every user's numbers are bit-identical alone or in a cohort (tests/test_contrastive.py);
+    its loss is the mean over its own anchors (np.mean of its slice, the same summation).
+    Users go in blocks of about CONTRASTIVE_BLOCK anchors (a user is never split), so the
+    block's candidate rows and products stay in cache."""
+    lengths = np.asarray(lengths, np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    block_of = starts[:-1] // CONTRASTIVE_BLOCK
+    cuts = [0, *(np.flatnonzero(np.diff(block_of)) + 1).tolist(), len(lengths)]
+    out = []
+    for u0, u1 in zip(cuts[:-1], cuts[1:]):
+        sl = slice(starts[u0], starts[u1])
+        out += contrastive_block(table, anchors[sl], positives[sl], negatives[sl],
+                                 lengths[u0:u1])
+    return out
+
+
+# anchors per block of contrastive_grads: 2,048 x 16 candidates x 64 float32 = 8 MB
+CONTRASTIVE_BLOCK = 2048
+
+
+def contrastive_block(table: np.ndarray, anchors, positives, negatives, lengths) -> list:
+    """contrastive_grads of one block of users, all at once."""
+    from fedrec.models.base import segment_sum_parts, unique_inverse
+
+    n_items, dim = table.shape
+    n_users = len(lengths)
+    owner = np.repeat(np.arange(n_users), lengths)
+    if len(owner) == 0:
+        return [(np.zeros(0, np.int64), np.zeros((0, dim), np.float32), 0.0)] * n_users
     # in the table's precision (float32 in training: the 16-candidate softmax is well
     # conditioned after the max shift); batched matmuls rather than einsum
     A = table[anchors]  # (L, d)
@@ -76,16 +110,25 @@ def contrastive_grad(table: np.ndarray, anchors, positives, negatives):
     z -= z.max(1, keepdims=True)
     e = np.exp(z)
     s = e / e.sum(1, keepdims=True)
-    loss = float(-np.log(np.maximum(s[:, 0].astype(np.float64), 1e-300)).mean())
+    nll = -np.log(np.maximum(s[:, 0].astype(np.float64), 1e-300))
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    losses = [float(nll[a:b].mean()) if b > a else 0.0 for a, b in zip(bounds[:-1], bounds[1:])]
     dz = s
     dz[:, 0] -= 1.0
-    dz /= L  # mean over anchors
+    dz /= lengths.astype(dz.dtype)[owner, None]  # mean over each user's anchors
     dA = np.matmul(dz[:, None, :], X)[:, 0]
-    dX = dz[:, :, None] * A[:, None, :]
+    d_pos = dz[:, 0, None] * A  # dX[:, 0] and dX[:, 1:] of dX = dz[:, :, None] * A[:, None]
+    d_neg = dz[:, 1:, None] * A[:, None, :]
     ids = np.concatenate([anchors, positives, negatives.ravel()])
-    rows = np.concatenate([dA, dX[:, 0], dX[:, 1:].reshape(-1, table.shape[1])]).astype(np.float32)
-    uniq, summed = scatter_rows(ids, rows)
-    return uniq, summed, loss
+    who = np.concatenate([owner, owner, np.repeat(owner, negatives.shape[1])])
+    keys, inv = unique_inverse(who * n_items + ids, n_users * n_items)
+    L = len(anchors)  # the rows in contrastive_grad's order: anchors, positives, negatives
+    summed = segment_sum_parts([(inv[:L], dA), (inv[L:2 * L], d_pos),
+                                (inv[2 * L:], d_neg.reshape(-1, dim))], len(keys), dim)
+    key_owner, key_item = np.divmod(keys, n_items)
+    kb = np.searchsorted(key_owner, np.arange(n_users + 1)).tolist()
+    return [(key_item[a:b], summed[a:b], loss)
+            for a, b, loss in zip(kb[:-1], kb[1:], losses)]
 
 
 def contrastive_table_grad(table: np.ndarray, items, n_neg: int, rng) -> np.ndarray:

@@ -1,0 +1,58 @@
+"""UNION's client side (train.contrastive_alpha > 0) for a cohort of clients at once.
+
+Each client adds alpha times the gradient of the contrastive loss on its own positives
+(fedrec.models.losses) to its item rows, drawn from its own stream for it, so the
+recommendation gradient is unchanged. The samples are drawn per client (each from its own
+generator); the gradients of the whole cohort come out of one batched computation
+(`contrastive_grads`), each client's numbers bit-identical to its own alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from clients.streams import CONTRASTIVE
+from fedrec.models.losses import contrastive_grads, contrastive_samples
+
+
+def with_contrastive(clients, grads, item_table, rnd: int) -> list:
+    """The clients' gradients (same order) with the contrastive term added. Dense gradients
+    (weight_decay_scope all: every item, ids 0..n_items-1) are updated in place: the caller
+    hands them over."""
+    cfg = clients[0].cfg.train
+    alpha = cfg.contrastive_alpha
+    active = [i for i, c in enumerate(clients) if len(c.train_items)]
+    if alpha <= 0 or not active:
+        return grads
+    n_items = item_table.shape[0]
+    samples = [contrastive_samples(clients[i].train_items, n_items, clients[i].exclusion_mask(),
+                                   cfg.contrastive_negatives, clients[i].stream(CONTRASTIVE, rnd))
+               for i in active]
+    anchors, positives, negatives = (np.concatenate(part) for part in zip(*samples))
+    terms = contrastive_grads(item_table, anchors, positives, negatives,
+                              [len(s[0]) for s in samples])
+    out = list(grads)
+    for i, (cl_ids, cl_rows, cl_loss) in zip(active, terms):
+        g = grads[i]
+        ids, rows = added_rows(g.item_ids, g.item_rows, cl_ids, np.float32(alpha) * cl_rows,
+                               n_items)
+        out[i] = replace(g, item_ids=ids, item_rows=rows, loss=g.loss + alpha * cl_loss)
+    return out
+
+
+def added_rows(ids, rows, extra_ids, extra_rows, n_items: int):
+    """(union of the sorted ids, rows + extra_rows on it): 0 + rows, then + extra_rows, per
+    element. A dense upload (all n_items ids: 0..n_items-1, sorted and unique) already holds
+    every id: its rows are summed in place (+ 0 first, as 0 + rows turns -0.0 into 0.0),
+    no union, search or new table."""
+    if len(ids) == n_items:
+        np.add(rows, np.float32(0), out=rows)
+        rows[extra_ids] += extra_rows
+        return ids, rows
+    union = np.union1d(ids, extra_ids)
+    out = np.zeros((len(union), rows.shape[1]), np.float32)
+    out[np.searchsorted(union, ids)] += rows
+    out[np.searchsorted(union, extra_ids)] += extra_rows
+    return union, out
