@@ -71,10 +71,10 @@ def auto_workers(cfg) -> int:
 
     Two workers pay off only when they, and this process aggregating beside them, each have a
     core: MF/NCF rounds cost ~10 ms of CPU, so the per-round messages and the fight for cores
-    make 2 workers slower than 1 on a 2-core machine as soon as anything else runs (ML-1M MF:
-    45-55 rounds/s with 2 workers against 60-72 with 1, `benchmarks/throughput.py --workers
-    1 2`). Those models get 2 workers only with 3 free cores; the sequential models, whose
-    rounds cost ~100 ms of client work, with 2."""
+    make 2 workers slower than 1 on a 2-core machine as soon as anything else runs (load
+    average ~5, `benchmarks/throughput.py --workers 1 2`: ML-1M MF 26-27 rounds/s with 2
+    workers against 44-55 with 1, NCF 34-35 against 45). Those models get 2 workers only with
+    3 free cores; the sequential models, whose rounds cost ~100 ms of client work, with 2."""
     import multiprocessing
 
     from fedrec.parallel import fork_available
