@@ -67,10 +67,14 @@ def model_on_cuda(cfg) -> bool:
 
 def auto_workers(cfg) -> int:
     """`fedrec run`'s default: $FEDREC_WORKERS, else 2 processes for cohorts of 16 clients or
-    more where two cores are free of other work, else 1. On a 2-core machine with one other
-    busy process, 2 workers ran ML-1M MF at 52-55 rounds/s against 62-70 for one
-    (`benchmarks/throughput.py --workers 1 2`): the workers and the parent then fight the other
-    job for the cores."""
+    more where enough cores are free of other work (`free_cores_for_two_workers`), else 1.
+
+    Two workers pay off only when they, and this process aggregating beside them, each have a
+    core: MF/NCF rounds cost ~10 ms of CPU, so the per-round messages and the fight for cores
+    make 2 workers slower than 1 on a 2-core machine as soon as anything else runs (load
+    average ~5, `benchmarks/throughput.py --workers 1 2`: ML-1M MF 26-27 rounds/s with 2
+    workers against 44-55 with 1, NCF 34-35 against 45). Those models get 2 workers only with
+    3 free cores; the sequential models, whose rounds cost ~100 ms of client work, with 2."""
     import multiprocessing
 
     from fedrec.parallel import fork_available
@@ -90,8 +94,18 @@ def auto_workers(cfg) -> int:
 
     if cfg.train.clients_per_round >= 16 and fork_available() and sys.platform.startswith("linux"):
         free = cpus - busy_cores()
-        return 2 if free >= 1.5 else 1
+        return 2 if free >= free_cores_for_two_workers(cfg) else 1
     return 1
+
+
+def free_cores_for_two_workers(cfg) -> float:
+    """Cores that must be free of other work before `auto_workers` picks 2 workers: 1.5 for the
+    sequential models (heavy per-client work: the two workers are what needs the cores), 2.5
+    for MF/NCF (small rounds: the parent's aggregation needs a third core), the half a core
+    tolerating a load average that is never exactly 0."""
+    from fedrec.models import MODELS
+
+    return 1.5 if getattr(MODELS.get(cfg.model.name), "sequential", False) else 2.5
 
 
 class Engine:

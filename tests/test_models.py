@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from fedrec.models import make_model
-from fedrec.models.base import dropout_bits, dropout_threshold, scatter_rows, unique_inverse
+from fedrec.models import base
+from fedrec.models.base import (client_chunks, dropout_bits, dropout_threshold, scatter_rows,
+                                unique_inverse)
 from fedrec.models.mf import MF
 from fedrec.models.ncf import NCF
 
@@ -107,6 +109,43 @@ def test_mf_cohort_equals_single_bit_for_bit():
             assert cohort[c].loss == single.loss and cohort[c].n_samples == sizes[c]
     # and the clients really differ (the masks are per client)
     assert not np.array_equal(cohort[0].user_grad, cohort[5].user_grad)
+
+
+def test_client_chunks():
+    assert client_chunks([1, 7, 150, 33, 600, 2], 100) == [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+    assert client_chunks([3, 3, 3], 100) == [(0, 3)]
+    assert client_chunks([], 100) == []
+
+
+@pytest.mark.parametrize("name", ["mf", "ncf"])
+def test_cohort_in_chunks_changes_no_number(name, monkeypatch):
+    """A cohort computed in chunks of clients (base.CHUNK_PAIRS) gives every client the
+    numbers of the cohort in one piece: masks from its own generator, per-client sums."""
+    rng = np.random.default_rng(3)
+    n_items, d = 200, 8
+    sizes = [1, 7, 150, 33, 90, 2, 41]
+    if name == "mf":
+        model, pred = MF(n_items, d, dropout=0.2), []
+    else:
+        model = NCF(n_items, d, dropout=0.2, mlp_layers=(8, 4))
+        pred = model.init_global(np.random.default_rng(4))[1]
+    table = (rng.standard_normal((n_items, d)) * 0.3).astype(np.float32)
+    users = [(rng.standard_normal(d) * 0.3).astype(np.float32) for _ in sizes]
+    pos = [rng.integers(0, n_items, s) for s in sizes]
+    neg = [rng.integers(0, n_items, s) for s in sizes]
+
+    def cohort(chunk_pairs):
+        monkeypatch.setattr(base, "CHUNK_PAIRS", chunk_pairs)
+        return model.gradients_cohort(table, pred, users, pos, neg,
+                                      [_sfc([9, c]) for c in range(len(sizes))], weight_decay=1e-5)
+
+    whole, chunked = cohort(10**9), cohort(40)
+    assert len(client_chunks(sizes, 40)) == 6 and len(chunked) == len(sizes)
+    for a, b in zip(whole, chunked):
+        assert np.array_equal(a.item_ids, b.item_ids) and np.array_equal(a.item_rows, b.item_rows)
+        assert np.array_equal(a.user_grad, b.user_grad) and a.loss == b.loss
+        assert all(np.array_equal(x, y) for x, y in zip(a.predictor, b.predictor))
+    assert not np.array_equal(whole[1].user_grad, whole[2].user_grad)
 
 
 def test_weight_decay_scope_all_is_dense():

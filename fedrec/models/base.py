@@ -99,6 +99,37 @@ class CohortModel(RecModel):
         raise NotImplementedError
 
 
+# training pairs per chunk of a cohort (see client_chunks)
+CHUNK_PAIRS = 1024
+
+
+def client_chunks(counts, max_pairs: int) -> list:
+    """Consecutive client ranges [(a, b)] holding at most `max_pairs` training pairs together
+    (a client with more is a chunk alone). MF and NCF compute a cohort chunk by chunk so that
+    its (pairs x dim) temporaries stay in the core's caches: on ML-1M's gradients alone (50 MF
+    clients, ~7,400 pairs; 16 NCF clients, ~2,300), with the caches flushed between calls,
+    chunks of ~1,000 pairs took about half the CPU of one piece; in whole rounds NCF gained
+    ~1.14x, MF nothing measurable. Every operation is per client, so no number changes."""
+    bounds, start, pairs = [], 0, 0
+    for c, n in enumerate(counts):
+        if c > start and pairs + n > max_pairs:
+            bounds.append((start, c))
+            start, pairs = c, 0
+        pairs += n
+    if len(counts):
+        bounds.append((start, len(counts)))
+    return bounds
+
+
+def in_chunks(chunk_gradients, users, pos_list, neg_list, rngs, **options) -> list:
+    """chunk_gradients(users, pos_list, neg_list, rngs, **options) over `client_chunks`, the
+    clients' results in order."""
+    out = []
+    for a, b in client_chunks([len(p) for p in pos_list], CHUNK_PAIRS):
+        out += chunk_gradients(users[a:b], pos_list[a:b], neg_list[a:b], rngs[a:b], **options)
+    return out
+
+
 def xavier_normal(rng: np.random.Generator, shape) -> np.ndarray:
     fan_out, fan_in = shape[0], shape[1]
     std = np.sqrt(2.0 / (fan_in + fan_out))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedrec.models.base import (ClientGrad, CohortModel, client_item_uploads, cohort_layout,
-                                dropout_keep_cohort, pairwise_loss, positives_per_negative,
-                                xavier_normal)
+                                dropout_keep_cohort, in_chunks, pairwise_loss,
+                                positives_per_negative, xavier_normal)
 from fedrec.models.losses import bce_score_grad, bpr_score_grad
 
 
@@ -34,6 +34,13 @@ class MF(CohortModel):
         return (rng.standard_normal(self.dim) * std).astype(np.float32)
 
     def gradients_cohort(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
+                         weight_decay=0.0, weight_decay_all=False, train=True):
+        """The cohort in chunks of clients (fedrec.models.base.client_chunks)."""
+        return in_chunks(lambda *chunk, **options: self._chunk_gradients(
+            item_table, predictor, *chunk, **options), users, pos_list, neg_list, rngs,
+            weight_decay=weight_decay, weight_decay_all=weight_decay_all, train=train)
+
+    def _chunk_gradients(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
                          weight_decay=0.0, weight_decay_all=False, train=True):
         """Per pair n (client c), with inverted dropout u' = s*ku*u, vi' = s*ki*vi,
         vj' = s*kj*vj (k in {0,1}, s = 1/(1-p)):

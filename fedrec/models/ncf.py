@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fedrec.models.base import (ClientGrad, CohortModel, client_item_uploads, cohort_layout,
-                                dropout_bits, dropout_threshold, pairwise_loss,
+                                dropout_bits, dropout_threshold, in_chunks, pairwise_loss,
                                 positives_per_negative, xavier_normal)
 from fedrec.models.losses import bce_score_grad, bpr_score_grad
 
@@ -87,6 +87,13 @@ class NCF(CohortModel):
         return (rng.standard_normal(self.dim) * std).astype(np.float32)
 
     def gradients_cohort(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
+                         weight_decay=0.0, weight_decay_all=False, train=True):
+        """The cohort in chunks of clients (fedrec.models.base.client_chunks)."""
+        return in_chunks(lambda *chunk, **options: self._chunk_gradients(
+            item_table, predictor, *chunk, **options), users, pos_list, neg_list, rngs,
+            weight_decay=weight_decay, weight_decay_all=weight_decay_all, train=train)
+
+    def _chunk_gradients(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
                          weight_decay=0.0, weight_decay_all=False, train=True):
         """Client c's block of rows: its n_c positive rows then its n_c negative rows, each
         row a = [u'; v'] with inverted dropout (u' = s*ku*u, shared by a pair's two rows;
