@@ -10,7 +10,7 @@ Knowledge: local (runs in a deployment). It trains honestly before `attack.start
 From then on, when sampled, it computes its honest gradient g (its own item rows and the
 predictor) and learns a deceptive gradient g~ (rows of its own items plus the targets,
 `attack.target`, and the predictor), starting from g with zero rows for the targets, by
-`params.steps` Adam steps (lr `params.lr`) on
+`params.steps` steps of `params.optimizer` (Adam by default; lr `params.lr`) on
 
     L(g~) = L_exp + alpha * L_pop + gamma * L_dis, at the lookahead model  Theta - eta * g~
 
@@ -52,6 +52,7 @@ from fedrec.errors import ConfigError
 _ESTIMATOR = 24  # the client's stream tag for its estimator's split and initialisation
 _EST_KEY = "pop_est_"  # private-state keys of the frozen estimator's arrays
 _CACHE: dict = {}  # (config digest, round) -> estimator weights: one training per round and process
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}  # attack.params.optimizer
 
 
 @dataclass
@@ -59,7 +60,11 @@ class PipAttackParams:
     alpha: float = -1.0  # weight of L_pop (< 0: the paper's value for the data and share)
     gamma: float = 5e-4  # weight of L_dis
     steps: int = 30  # optimisation steps per round
-    lr: float = 0.01  # their learning rate (Adam)
+    lr: float = 0.01  # their learning rate
+    # their optimiser: the paper gives 30 epochs at lr 0.01, not the optimiser. "adam" moves
+    # every coordinate by up to lr a step whatever its gradient's size (a scale-free step);
+    # "sgd" (plain gradient descent, as the paper's FedRec trains) moves it by lr * gradient
+    optimizer: str = "adam"
     lookahead_lr: float = -1.0  # eta of the lookahead model (< 0: server.lr)
     exp: bool = True  # L_exp on
     pop: bool = True  # L_pop on
@@ -74,6 +79,9 @@ class PipAttackParams:
             raise ConfigError(f"attack.params.steps: {self.steps!r} is outside [0, 10000]")
         if not self.lr > 0:
             raise ConfigError(f"attack.params.lr: expected a number > 0, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"attack.params.optimizer: {self.optimizer!r} is not one of "
+                              f"{', '.join(OPTIMIZERS)}")
 
 
 def paper_alpha(cfg) -> float:
@@ -160,7 +168,7 @@ class PipAttackClient(MaliciousClient):
                                    [np.asarray(p, np.float32) for p in predictor],
                                    np.searchsorted(out_ids, targets), est, alpha, gamma, exp, pop,
                                    dis, lookahead_eta(self.params, self.cfg), self.params.steps,
-                                   self.params.lr)
+                                   self.params.lr, optimizer=self.params.optimizer)
         return out_ids, rows_new, pred_new
 
     # --- colluding: the whole round's uploads in the adversary hook -------------------------
@@ -197,7 +205,8 @@ class PipAttackClient(MaliciousClient):
                    [m.astype(np.float32) for m, _ in ref_pred]) if known else None
             rows, pred = craft(model, u.user_row, table[out_ids], P, g0, p0,
                                np.searchsorted(out_ids, targets), est, alpha, gamma, exp, pop,
-                               dis, lookahead_eta(params, cfg), params.steps, params.lr, ref=ref)
+                               dis, lookahead_eta(params, cfg), params.steps, params.lr, ref=ref,
+                               optimizer=params.optimizer)
             out.append((out_ids, rows, pred))
         return out, {"reference_updates": len(known)}
 
@@ -249,8 +258,10 @@ def reference_rows(out_ids, ref_ids, ref_rows) -> np.ndarray:
     return out
 
 
-def craft(model, u, V, P, g0, p0, tpos, est, alpha, gamma, exp, pop, dis, eta, steps, lr, ref=None):
-    """The deceptive (rows, predictor) after `steps` Adam steps on L (module docstring).
+def craft(model, u, V, P, g0, p0, tpos, est, alpha, gamma, exp, pop, dis, eta, steps, lr, ref=None,
+          optimizer="adam"):
+    """The deceptive (rows, predictor) after `steps` steps of `optimizer` (OPTIMIZERS) on L
+    (module docstring).
     V: the uploaded ids' current rows; g0/p0: the honest gradient (zero rows for targets not
     among the client's own items); tpos: the targets' positions among the rows; ref: L_dis's
     reference (rows at the uploaded ids, predictor), None = the honest g0/p0 (local).
@@ -272,7 +283,7 @@ def craft(model, u, V, P, g0, p0, tpos, est, alpha, gamma, exp, pop, dis, eta, s
     p0t = [torch.from_numpy(np.asarray(p, np.float32)) for p in ref_pred]
     at = torch.from_numpy(at)
     ut = torch.from_numpy(np.asarray(u, np.float32))
-    opt = torch.optim.Adam([G, *Gp], lr=lr)
+    opt = OPTIMIZERS[optimizer]([G, *Gp], lr=lr)
     for _ in range(steps):
         Vt = Vt0 - eta * G[at]
         Pn = [p - eta * g for p, g in zip(P, Gp)]
