@@ -22,6 +22,10 @@ predictor) and learns a deceptive gradient g~ (rows of its own items plus the ta
 eta = params.lookahead_lr (< 0: server.lr). Each term is switchable (params.exp, pop, dis).
 The upload carries exactly the client's own item ids plus the targets. alpha < 0 takes the
 paper's value: 60 at attacker shares <= 10% and 20 above on ML-1M, 10 on Amazon sets.
+params.alpha_scale "joint" divides it by |U_mal|, the number of malicious users: the paper's
+L_exp and L_dis sum over all of them and L_pop is a single term, so that is each client's
+share of the joint objective; "client" (the default) weighs alpha L_pop against the client's
+own L_exp term alone, |U_mal| times more L_pop than the paper's joint objective.
 
 Colluding (`attack.knowledge: colluding`; simulation only, the in-process runner): the paper's
 "distance to all malicious users' original local gradients". The clients upload their honest
@@ -65,6 +69,10 @@ class PipAttackParams:
     # every coordinate by up to lr a step whatever its gradient's size (a scale-free step);
     # "sgd" (plain gradient descent, as the paper's FedRec trains) moves it by lr * gradient
     optimizer: str = "adam"
+    # alpha against what: "client" (alpha L_pop against this client's own L_exp term) or
+    # "joint" (the paper's objective, whose L_exp and L_dis sum over all |U_mal| malicious
+    # users while L_pop is one term: each client's share of alpha L_pop is alpha / |U_mal|)
+    alpha_scale: str = "client"
     lookahead_lr: float = -1.0  # eta of the lookahead model (< 0: server.lr)
     exp: bool = True  # L_exp on
     pop: bool = True  # L_pop on
@@ -79,6 +87,9 @@ class PipAttackParams:
             raise ConfigError(f"attack.params.steps: {self.steps!r} is outside [0, 10000]")
         if not self.lr > 0:
             raise ConfigError(f"attack.params.lr: expected a number > 0, got {self.lr!r}")
+        if self.alpha_scale not in ("client", "joint"):
+            raise ConfigError(f"attack.params.alpha_scale: {self.alpha_scale!r} is not one of "
+                              "client, joint")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"attack.params.optimizer: {self.optimizer!r} is not one of "
                               f"{', '.join(OPTIMIZERS)}")
@@ -92,10 +103,14 @@ def paper_alpha(cfg) -> float:
     return 60.0 if cfg.attack.malicious_fraction <= 0.1 + 1e-9 else 20.0
 
 
-def effective_weights(params, cfg) -> tuple:
-    """(alpha, gamma, exp, pop, dis) in effect: alpha < 0 is the paper's value; a term at
-    weight 0 is off."""
+def effective_weights(params, cfg, n_users: int) -> tuple:
+    """(alpha, gamma, exp, pop, dis) in effect: alpha < 0 is the paper's value, divided by the
+    number of malicious users with alpha_scale "joint"; a term at weight 0 is off."""
+    from fedrec.roles import n_malicious
+
     alpha = paper_alpha(cfg) if params.alpha < 0 else params.alpha
+    if params.alpha_scale == "joint":
+        alpha /= max(n_malicious(cfg, n_users), 1)
     return alpha, params.gamma, params.exp, params.pop and alpha > 0, params.dis and params.gamma > 0
 
 
@@ -143,7 +158,9 @@ class PipAttackClient(MaliciousClient):
 
     def weights(self):
         """(alpha, gamma, exp, pop, dis) in effect."""
-        return self.terms if self.terms is not None else effective_weights(self.params, self.cfg)
+        if self.terms is not None:
+            return self.terms
+        return effective_weights(self.params, self.cfg, self.data.n_users)
 
     def estimator(self, state, table, rnd) -> list:
         """The frozen popularity estimator: the one in the private state, else trained now."""
@@ -183,7 +200,7 @@ class PipAttackClient(MaliciousClient):
     def craft_round(cls, view, params, memory, rng):
         ctx = view.context
         cfg, model, targets = ctx["cfg"], ctx["model"], ctx["targets"]
-        alpha, gamma, exp, pop, dis = effective_weights(params, cfg)
+        alpha, gamma, exp, pop, dis = effective_weights(params, cfg, ctx["data"].n_users)
         table, P = view.item_table, list(view.predictor)
         est = None
         if pop:
