@@ -19,6 +19,11 @@ clients whether sampled or not. The runner computes them (`honest_updates`, on t
 devices: their private state is read, never changed); a drawn client sampled in the round
 contributes the honest update it sent. `flwr run`'s ServerApp cannot read the devices'
 private state and refuses N > 0.
+
+User rows (an attack with `needs_user_rows`, e.g. colluding PipAttack; in-process runner
+only): the adversary controls its devices, so it also reads each own client's private user
+row after the round's fit (the runner's `user_rows` callback) into `HonestUpdate.user_row`;
+`flwr run` refuses such an attack (fedrec.server_app.check_pool).
 """
 
 from __future__ import annotations
