@@ -19,6 +19,11 @@ clients whether sampled or not. The runner computes them (`honest_updates`, on t
 devices: their private state is read, never changed); a drawn client sampled in the round
 contributes the honest update it sent. `flwr run`'s ServerApp cannot read the devices'
 private state and refuses N > 0.
+
+User rows (an attack with `needs_user_rows`, e.g. colluding PipAttack; in-process runner
+only): the adversary controls its devices, so it also reads each own client's private user
+row after the round's fit (the runner's `user_rows` callback) into `HonestUpdate.user_row`;
+`flwr run` refuses such an attack (fedrec.server_app.check_pool).
 """
 
 from __future__ import annotations
@@ -49,26 +54,31 @@ def honest_update(user, upload, num_examples, train_items=None):
                         [np.asarray(p) for p in upload[2:]], int(num_examples), train_items)
 
 
-def make_adversary(cfg, env, honest_updates=None):
+def make_adversary(cfg, env, honest_updates=None, user_rows=None):
     """The run's Adversary (None for a clean run). For a local attack it crafts nothing and
     only logs how many malicious uploads each round had (the ground truth stays here).
     honest_updates(users, arrays, rnd) -> [(upload, num_examples, metrics)]: the runner's
-    callback for the pool (needed when attack.pool_sample > 0)."""
+    callback for the pool (needed when attack.pool_sample > 0). user_rows(users, rnd) ->
+    (k, dim): the runner's callback for the private user rows of its own clients (needed by
+    an attack with `needs_user_rows`, e.g. colluding PipAttack)."""
     cls = attack_class(cfg)
     if cls is None:
         return None
     from fedrec.roles import malicious_users
 
-    return Adversary(cfg, env, cls, malicious_users(cfg, env.data), honest_updates)
+    return Adversary(cfg, env, cls, malicious_users(cfg, env.data), honest_updates, user_rows)
 
 
 class Adversary:
-    def __init__(self, cfg, env, attack_cls, malicious, honest_updates=None):
+    def __init__(self, cfg, env, attack_cls, malicious, honest_updates=None, user_rows=None):
         self.cfg = cfg
         self.honest_updates = honest_updates
+        self.user_rows = user_rows
         self.attack_cls = attack_cls
         self.params = attack_cls.params_from(cfg)
         self.knowledge = attack_cls.knowledge_from(cfg)
+        # the attack's view of the public setting (targets, model, ...), built once
+        self.context = None if self.knowledge == "local" else attack_cls.adversary_context(cfg, env)
         self.malicious = set(int(u) for u in malicious)
         self.n_items = env.model.n_items
         self.data = env.data
@@ -142,6 +152,12 @@ class Adversary:
 
         # an empty upload (a client with nothing to train on) carries no knowledge
         own = [view_of(i, own=True) for i in own_pos]
+        if self.attack_cls.needs_user_rows:
+            if self.user_rows is None:
+                raise RuntimeError(f"{self.attack_cls.name} needs the runner's user_rows callback "
+                                   "(the in-process runner gives it; flwr run cannot)")
+            for u, row in zip(own, self.user_rows([u.user for u in own], rnd)):
+                u.user_row = np.asarray(row, np.float32)
         benign = None
         if self.knowledge == "omniscient":
             mal = set(own_pos)
@@ -154,7 +170,8 @@ class Adversary:
         view = AdversaryView(round=int(rnd), item_table=global_arrays[0],
                              predictor=list(global_arrays[1:]), own=own, benign=benign,
                              n_clients=len(results), n_items=self.n_items,
-                             weighting=self.cfg.server.weighting, pool=pool)
+                             weighting=self.cfg.server.weighting, pool=pool,
+                             context=self.context)
         crafted, diag = self.attack_cls.craft_round(view, self.params, self.memory, self.rng(rnd))
         if len(crafted) != len(own):
             raise RuntimeError(f"{self.attack_cls.name}.craft_round returned {len(crafted)} "

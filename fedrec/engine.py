@@ -121,7 +121,8 @@ class Engine:
 
         # simulation only: hands colluding/omniscient attacks their knowledge between the
         # clients and the strategy (the strategy never sees it)
-        self.adversary = make_adversary(cfg, self.env, honest_updates=self.honest_updates)
+        self.adversary = make_adversary(cfg, self.env, honest_updates=self.honest_updates,
+                                        user_rows=self.adversary_user_rows)
         from fedrec.build import malicious_set
         from fedrec.evaluation import DetectionTracker
         from fedrec.ledger import RunLedger
@@ -213,6 +214,11 @@ class Engine:
         if pool is not None:
             return pool.honest_fits(rnd, users)
         return honest_fits([self.client(u) for u in users], arrays, rnd)
+
+    def adversary_user_rows(self, users, rnd: int) -> np.ndarray:
+        """The private user rows of `users` (malicious clients sampled in `rnd`, after their
+        fit) for an attack that crafts with them in the hook (simulation only)."""
+        return self.user_vectors(np.asarray(users, np.int64), rnd, "test")
 
     def _upload_kl(self, results) -> float:
         """Targeted attacks (evaluation, ground truth): the KL divergence between histograms

@@ -215,15 +215,22 @@ def public_env(cfg, public_path):
 
 
 def check_pool(cfg):
-    """attack.pool_sample > 0 for a colluding/omniscient attack is refused: the pool's honest
-    updates are computed from devices' private state, which a ServerApp never reads (a clean
-    or local-attack run ignores the key)."""
+    """A colluding/omniscient attack that needs devices' private state, which a ServerApp never
+    reads, is refused: attack.pool_sample > 0 (the pool's honest updates) and an attack that
+    crafts with its clients' private user rows (colluding PipAttack). A clean or local-attack
+    run ignores both."""
     from fedrec.adversary import attack_class
 
     cls = attack_class(cfg)
-    if cfg.attack.pool_sample > 0 and cls is not None and cls.knowledge_from(cfg) != "local":
+    if cls is None or cls.knowledge_from(cfg) == "local":
+        return
+    if cfg.attack.pool_sample > 0:
         raise ConfigError("attack.pool_sample > 0 needs the devices' private state, which a "
                           "ServerApp cannot read: run it with `fedrec run`, or set it to 0")
+    if cls.needs_user_rows:
+        raise ConfigError(f"attack.knowledge: {cls.name} with {cls.knowledge_from(cfg)} knowledge "
+                          "crafts with its clients' private user rows, which a ServerApp cannot "
+                          "read: run it with `fedrec run`, or use attack.knowledge: local")
 
 
 def public_adversary(cfg):

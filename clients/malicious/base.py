@@ -43,6 +43,9 @@ class HonestUpdate:
     predictor: list
     num_examples: int
     train_items: np.ndarray | None = None  # the malicious clients' own data (None for benign)
+    # a malicious client's private user row as of the end of the round (only for an attack
+    # with `needs_user_rows`; the adversary controls that device; None otherwise)
+    user_row: np.ndarray | None = None
 
 
 @dataclass
@@ -66,6 +69,7 @@ class AdversaryView:
     n_items: int
     weighting: str = "samples"  # the server's aggregation weights (public: server.weighting)
     pool: list | None = None
+    context: object = None  # the attack's `adversary_context(cfg, env)` (public setting), or None
 
 
 def parse_params(cls, raw: dict, attack: str):
@@ -110,6 +114,7 @@ class MaliciousClient(FedRecClient):
     name = "malicious"
     knowledge_levels: tuple = ("local",)
     Params = NoParams
+    needs_user_rows = False  # craft_round reads its clients' private user rows (HonestUpdate.user_row)
 
     def __init__(self, user: int, env, store):
         super().__init__(user, env, store)
@@ -162,6 +167,12 @@ class MaliciousClient(FedRecClient):
         return ids, rows, predictor
 
     # --- the adversary hook (colluding / omniscient) -------------------------------------------
+    @classmethod
+    def adversary_context(cls, cfg, env):
+        """What craft_round needs of the experiment's public setting (AdversaryView.context),
+        built once per run by the hook. Default: nothing."""
+        return None
+
     @classmethod
     def craft_round(cls, view: AdversaryView, params, memory: dict, rng) -> tuple[list, dict]:
         """([(item_ids, item_rows, predictor)] for each of view.own, in order; diagnostics).
