@@ -231,6 +231,9 @@ class AttackConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # evaluate every N rounds (0 = only at the end)
+    # evaluations every N rounds start here (an attack on a long pretraining needs no curve of
+    # the pretraining); 0 = from the start. The last round is always evaluated.
+    from_round: int = 0
     ks: list = field(default_factory=lambda: [5, 10, 20])
     fraction: float = 0.1  # share of clients evaluated during training under `flwr run`
     batch_users: int = 1024
@@ -242,6 +245,7 @@ class EvalConfig:
                 or len(set(self.splits)) != len(self.splits):
             raise ConfigError(f"eval.splits: expected a non-empty list of val, test; got {self.splits!r}")
         _range("eval.every", self.every, 0, 10**8)
+        _range("eval.from_round", self.from_round, 0, 10**8)
         _range("eval.fraction", self.fraction, 0.0, 1.0)
         if not self.ks or not all(isinstance(k, int) and k > 0 for k in self.ks):
             raise ConfigError("eval.ks: expected a non-empty list of positive integers")
@@ -327,6 +331,8 @@ class ExperimentConfig:
             del d["attack"]["pool_sample"]
         if d["eval"]["splits"] == ["val", "test"]:
             del d["eval"]["splits"]
+        if d["eval"]["from_round"] == 0:  # added later: older digests stay the same
+            del d["eval"]["from_round"]
         d.pop("ray", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 

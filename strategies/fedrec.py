@@ -117,7 +117,7 @@ class FedRecStrategy(Strategy):
     """
 
     def __init__(self, model_arrays, *, n_items, dim, predictor_shapes, server_cfg, seed=0,
-                 clients_per_round=50, sampling="uniform", num_rounds=1, eval_every=0,
+                 clients_per_round=50, sampling="uniform", num_rounds=1, eval_every=0, eval_from=0,
                  fraction_evaluate=0.1, min_available_clients=1, rule=None, ks=(5, 10, 20)):
         super().__init__()
         self.n_items, self.dim = int(n_items), int(dim)
@@ -135,7 +135,7 @@ class FedRecStrategy(Strategy):
         self.sampling = sampling
         self.epoch_state: dict = {}
         self.num_rounds = num_rounds
-        self.eval_every = eval_every
+        self.eval_every, self.eval_from = eval_every, eval_from
         self.fraction_evaluate = fraction_evaluate
         self.min_available_clients = min_available_clients
         self.ks = list(ks)
@@ -151,7 +151,8 @@ class FedRecStrategy(Strategy):
 
     def is_eval_round(self, server_round: int) -> bool:
         return server_round == self.num_rounds or (
-            self.eval_every > 0 and server_round % self.eval_every == 0)
+            self.eval_every > 0 and server_round % self.eval_every == 0
+            and server_round >= self.eval_from)
 
     def aggregate_uploads(self, server_round: int, results) -> RoundResult:
         """results: list of (client_id, arrays, num_examples, metrics): validate, filter,

@@ -183,6 +183,9 @@ def test_digest_stable_and_sensitive():
     assert from_dict({"seed": 1, "server": {"lr": 0.003}}).digest() != a.digest()
     # output settings do not change what is computed
     assert from_dict({"seed": 1, "output": {"dir": "elsewhere", "progress": False}}).digest() == a.digest()
+    # a key added later at its default keeps the digests (and run directories) of older runs
+    assert from_dict({"seed": 1, "eval": {"from_round": 0}}).digest() == a.digest()
+    assert from_dict({"seed": 1, "eval": {"from_round": 5}}).digest() != a.digest()
 
 
 def test_grid_keeps_one_clean_run_per_setting():

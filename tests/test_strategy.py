@@ -201,6 +201,8 @@ def test_eval_rounds_and_evaluate_results():
     s = _strategy(num_rounds=10, eval_every=4)
     assert [r for r in range(1, 11) if s.is_eval_round(r)] == [4, 8, 10]
     assert [r for r in range(1, 6) if _strategy(num_rounds=5).is_eval_round(r)] == [5]
+    late = _strategy(num_rounds=20, eval_every=4, eval_from=10)  # eval.from_round
+    assert [r for r in range(1, 21) if late.is_eval_round(r)] == [12, 16, 20]
     out = s.evaluate_results(10, [{"test_hr@5": 1.0, "val_hr@5": 0.0},
                                   {"test_hr@5": 0.0, "val_hr@5": 1.0},
                                   {"test_hr@5": 1.0}])
