@@ -473,6 +473,8 @@ def pretrain_config(cfg):
     clean = copy.deepcopy(cfg)
     clean.attack = AttackConfig(target=cfg.attack.target)  # ER@K of the target before the attack
     clean.train.rounds = cfg.attack.start_round - 1
+    if cfg.eval.from_round > clean.train.rounds:  # it evaluates its last round only, whatever
+        clean.eval.every = clean.eval.from_round = 0  # eval.every: one pretraining for every schedule
     clean.output.name = ""
     clean.output.name = f"pretrain/{cfg.name}-{clean.digest()}"
     return clean

@@ -227,3 +227,20 @@ def test_upload_kl_is_zero_for_equal_histograms_and_grows_with_spread():
     near = upload_kl(a, rng.normal(0, 0.01, 100_000))
     far = upload_kl(a, np.concatenate([rng.normal(0, 0.01, 90_000), rng.normal(0, 0.3, 10_000)]))
     assert near < 0.01 < far
+
+
+def test_one_pretraining_serves_every_evaluation_schedule_of_the_attack():
+    """With eval.from_round after the attack's start the pretraining evaluates only its last
+    round, so attacks with different eval.every share one pretraining; without it they differ."""
+    from fedrec.config import from_dict
+    from fedrec.engine import pretrain_config
+
+    def digest(**ev):
+        cfg = from_dict({"name": "p", "attack": {"name": "pipattack", "start_round": 101},
+                         "train": {"rounds": 150}, "eval": ev})
+        return pretrain_config(cfg).digest()
+
+    assert digest(every=10, from_round=101) == digest(every=40, from_round=120)
+    assert digest(every=10, from_round=101) != digest(every=10)
+    assert digest(every=10) != digest(every=40)  # periodic evaluations inside the pretraining
+    assert digest(every=10, from_round=50) != digest(every=40, from_round=50)
