@@ -199,17 +199,15 @@ def sorting_network(width: int) -> tuple:
     return tuple((a, b) for a, b in pairs if b < width)
 
 
-def sort_slots(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Every lane of x (width, lanes) sorted ascending along axis 0, into `out` if given.
+def sorted_lanes(x: np.ndarray) -> list:
+    """The rows of x (width, lanes) sorted ascending along axis 0, as a list of `width`
+    (lanes,) arrays: slot j of every lane sorted. x itself is used as scratch space.
 
-    x itself is used as scratch space and left in no particular order.
-    """
+    Callers that only read or add some slots (the trimmed sums) take the list as it is:
+    stacking it back into one array cost a full pass over the block."""
     width = x.shape[0]
-    if out is None:
-        out = np.empty_like(x)
     if width > NETWORK_MAX_WIDTH:
-        out[...] = np.sort(np.ascontiguousarray(x.T), axis=1).T
-        return out
+        return list(np.sort(np.ascontiguousarray(x.T), axis=1).T)
     rows = list(x)
     if width > 1:
         spare = np.empty_like(rows[0])
@@ -217,8 +215,30 @@ def sort_slots(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
             np.minimum(rows[i], rows[j], out=spare)
             np.maximum(rows[i], rows[j], out=rows[j])
             rows[i], spare = spare, rows[i]  # swap buffers instead of copying the minimum back
-    np.stack(rows, out=out)
+    return rows
+
+
+def sort_slots(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Every lane of x (width, lanes) sorted ascending along axis 0, into `out` if given.
+
+    x itself is used as scratch space and left in no particular order.
+    """
+    if out is None:
+        out = np.empty_like(x)
+    if x.shape[0] > NETWORK_MAX_WIDTH:
+        out[...] = np.sort(np.ascontiguousarray(x.T), axis=1).T
+        return out
+    np.stack(sorted_lanes(x), out=out)
     return out
+
+
+def sum_slots(slots: list) -> np.ndarray:
+    """The float64 sum of a list of (lanes,) float32 slots, added one after another
+    (float64: 48 values near float32's maximum do not overflow)."""
+    total = slots[0].astype(np.float64)
+    for slot in slots[1:]:
+        np.add(total, slot, out=total)
+    return total
 
 
 # ------------------------------------------------------------------------- the median
@@ -330,9 +350,8 @@ def dense_trimmed_mean(ids: np.ndarray, rows: np.ndarray, n_items: int, trim: in
         sel = np.flatnonzero(widths == width)
         x, real = gather_block(rows, order, starts[sel], counts[sel], width)
         x[~real] = 0.0
-        middle = sort_slots(x.reshape(width, -1))[trim:width - trim]
-        total = middle.sum(axis=0, dtype=np.float64).reshape(len(sel), dim)
-        out[items[sel]] = total / (n_clients - 2 * trim)
+        middle = sorted_lanes(x.reshape(width, -1))[trim:width - trim]
+        out[items[sel]] = (sum_slots(middle) / (n_clients - 2 * trim)).reshape(len(sel), dim)
     return out
 
 
@@ -357,18 +376,20 @@ def dense_nearest_mean(ids: np.ndarray, rows: np.ndarray, n_items: int, slack: i
     items, starts, counts = group_bounds(ids, order)
     widths = class_width(counts + slack, TRIM_WIDTHS)
     dim = rows.shape[1]
-    ends = np.arange(slack)[:, None, None]  # slot j of each end
+    ends = np.arange(slack)[:, None]  # slot j of each end
     for width in np.unique(widths):
         sel = np.flatnonzero(widths == width)
         x, real = gather_block(rows, order, starts[sel], counts[sel], width)
         x[~real] = 0.0
-        b = sort_slots(x.reshape(width, -1)).reshape(width, len(sel), dim)
-        low_end, high_end = b[:slack], b[width - slack:]
+        b = sorted_lanes(x.reshape(width, -1))
+        lanes = len(b[0])  # np.array, not np.stack: slack may be 0
+        low_end = np.array(b[:slack]).reshape(slack, lanes)
+        high_end = np.array(b[width - slack:]).reshape(slack, lanes)
         # s = #{s in 1..slack : 0 - b[s - 1] > b[W - 1 - (slack - s)] - 0}
         n_left = np.count_nonzero(-low_end > high_end, axis=0)
         # kept: [s, W - slack + s) = the low end from s, the middle, the high end below s
-        total = b[slack:width - slack].sum(axis=0, dtype=np.float64)
+        total = sum_slots(b[slack:width - slack])
         total += np.where(ends >= n_left, low_end, np.float32(0)).sum(axis=0, dtype=np.float64)
         total += np.where(ends < n_left, high_end, np.float32(0)).sum(axis=0, dtype=np.float64)
-        out[items[sel]] = total / (n_clients - slack)
+        out[items[sel]] = (total / (n_clients - slack)).reshape(len(sel), dim)
     return out
