@@ -315,8 +315,8 @@ def item_level_multikrum(updates: RoundUpdates, f: int, drop: int):
     Returns (item_grad, kept_rows (R,) bool, items on the median (count)). Rows of items
     with m_i <= f + 2 count as kept: the median uses them all. Items come in size classes
     (groups.group_rows); per class one gather of the rows, then distances, scores, ranks
-    and the weighted mean of the kept rows on that block (float32, rows added in client
-    order, as sparse_weighted_sum does).
+    and the weighted mean of the kept rows on that block (float32, one batched
+    (1 x width) @ (width x dim) product per class).
     """
     ids, rows, owner = updates.stacked
     counts = np.bincount(ids, minlength=updates.n_items)
@@ -329,10 +329,10 @@ def item_level_multikrum(updates: RoundUpdates, f: int, drop: int):
                               np.maximum(1, b.counts - drop), b.counts)
         kept[b.rows.T[b.members & ~keep]] = False
         w = np.where(keep, weights[np.maximum(b.rows.T, 0)], np.float32(0))
-        x *= w[:, :, None]
         denom = w.sum(axis=1, dtype=np.float64)  # 0 only if every kept row weighs 0
-        item_grad[b.items] = x.sum(axis=1) / np.where(denom > 0, denom, 1.0).astype(
-            np.float32)[:, None]
+        # (U, 1, width) @ (U, width, dim): ~5x faster than scaling the block and summing it
+        item_grad[b.items] = np.matmul(w[:, None, :], x)[:, 0] / np.where(
+            denom > 0, denom, 1.0).astype(np.float32)[:, None]
     coordinate_trimmed_mean(ids, rows, updates.n_items, MEDIAN, max_count=f + 3, out=item_grad)
     on_median = int(np.count_nonzero((counts > 0) & (counts < f + 3)))
     return item_grad, kept, on_median
