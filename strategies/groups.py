@@ -37,6 +37,11 @@ NETWORK_MAX_WIDTH = 16  # wider blocks have few lanes: numpy's sort is cheaper t
 # most 1.5x. With power-of-two classes, items of 17-24 rows (most items of a contrastive
 # ML-1M round) were padded to 32: ~2x the (width x width) work of Krum's distances and scores
 SIZE_CLASSES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)
+# item_median's block widths: every group size up to 10 exact (the median network of an exact
+# width has up to 40% fewer comparator outputs than that of the padded class, e.g. 12 against
+# 20 for m = 5, and no padding to gather or fill; ~10-15% less CPU on ML-1M rounds), then
+# the padded classes
+MEDIAN_WIDTHS = tuple(range(1, 11)) + (12, 16, 24, 32, 48)
 
 
 # ------------------------------------------------------------------------- grouping rows
@@ -290,7 +295,7 @@ def item_median(ids: np.ndarray, rows: np.ndarray, n_items: int, out: np.ndarray
     """(n_items, dim): each item's coordinate-wise median over its uploaded rows (the mean
     of the two middle values for even m_i, as (a * 0.5 + b * 0.5)); 0 for absent items.
 
-    Groups of m rows go to blocks of width W >= m (class_width), padded with
+    Groups of m rows go to blocks of width W >= m (class_width of MEDIAN_WIDTHS), padded with
     floor((W - m) / 2) times -inf below and the rest +inf above: the median of a group then
     has rank (W - 1) // 2 (odd m) or ranks (W - 1) // 2 and W // 2 (even m) in every group
     of the block, so one median network serves the whole block, and no group needs its
@@ -303,7 +308,7 @@ def item_median(ids: np.ndarray, rows: np.ndarray, n_items: int, out: np.ndarray
     if len(order) == 0:
         return out
     items, starts, counts = group_bounds(ids, order)
-    widths = class_width(counts, SIZE_CLASSES)
+    widths = class_width(counts, MEDIAN_WIDTHS)
     dim = rows.shape[1]
     half = np.float32(0.5)
     for width in np.unique(widths):
