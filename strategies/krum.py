@@ -74,6 +74,7 @@ def block_sq_distances(x: np.ndarray) -> np.ndarray:
         sq = np.diagonal(dist, axis1=1, axis2=2).copy()
         if np.isfinite(sq).all() and sq.max(initial=0) < big / 8:
             break  # else float32 sums could overflow: again in float64
+    mirror_upper(dist)
     norms = sq[:, :, None] + sq[:, None, :]  # (a + b) - 2g: symmetric to the last bit
     dist *= 2
     dist = np.subtract(norms, dist, out=dist)
@@ -92,6 +93,17 @@ def block_sq_distances(x: np.ndarray) -> np.ndarray:
         groups = unsure_groups[groups]
         dist[groups, a, b] = exact_sq_distances(x, groups, a, b)
     return dist
+
+
+def mirror_upper(gram: np.ndarray) -> np.ndarray:
+    """gram (..., k, k) made exactly symmetric in place: the lower triangle replaced by the
+    mirror of the upper one. Batched float32 products (torch.bmm on rows of 64 coordinates)
+    need not give <a, b> and <b, a> the same last bit, and Krum's exact ties must be broken
+    by the members' places, as the definition says, not by rounding: with k = 1 neighbour
+    (m = f + 3 rows, or Bulyan's last picks) the closest pair a, b both score d(a, b)."""
+    k = gram.shape[-1]
+    np.copyto(gram, np.swapaxes(gram, -1, -2), where=np.tri(k, k, -1, dtype=bool))
+    return gram
 
 
 def exact_sq_distances(x: np.ndarray, groups, a, b) -> np.ndarray:
@@ -158,7 +170,7 @@ def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np
         x = x.reshape(rows_idx.shape + rows.shape[1:])
         x[rows_idx < 0] = 0.0
         add(np.where(rows_idx >= 0, owner[np.maximum(rows_idx, 0)], n), x)
-    gram = gram.reshape(n + 1, n + 1)[:n, :n].copy()
+    gram = mirror_upper(gram.reshape(n + 1, n + 1)[:n, :n].copy())
     gram[np.diag_indices(n)] = np.bincount(owner, weights=row_sq_norms(rows), minlength=n)
     if predictors is not None:
         p = predictors.astype(np.float64)

@@ -198,6 +198,37 @@ def test_krum_and_multikrum_match_the_reference(n, f, form):
             assert agg.dropped == list(np.flatnonzero(~kept)), rule.name
 
 
+def wide_round(n, m, n_items, dim, seed):
+    """n clients, each item sent by m of them: float rows of `dim` coordinates (ML-1M's 64:
+    batched float32 products of such rows need not be symmetric to the last bit)."""
+    rng = np.random.default_rng(seed)
+    sent = np.zeros((n, n_items), bool)
+    for i in range(n_items):
+        sent[rng.choice(n, m[i], replace=False), i] = True
+    ups = [Upload(np.flatnonzero(sent[c]), rng.standard_normal((sent[c].sum(), dim))
+                  .astype(np.float32), [], 1, str(c)) for c in range(n)]
+    return RoundUpdates(ups, np.ones(n), n_items, dim)
+
+
+@pytest.mark.parametrize("f", [1, 2])
+def test_item_level_krum_and_bulyan_break_exact_ties_like_the_reference(f):
+    """With k = 1 neighbour (m_i = f + 3 rows; Bulyan's last picks) the two rows of the
+    closest pair tie exactly (d(a, b) = d(b, a)): the earlier must win, so the distances
+    must be symmetric to the last bit."""
+    n, dim = 14, 64
+    m = np.random.default_rng(f).choice([f + 3, f + 4, 4 * f + 3, 4 * f + 4], 120)
+    u = wide_round(n, m, 120, dim, seed=f)
+    ids, rows, owner = u.stacked
+    krum_agg, bulyan_agg = KrumRule("item", f)(u), BulyanRule("item", f)(u)
+    for i in range(u.n_items):
+        x = rows[ids == i].astype(np.float64)
+        kept = ref_multikrum_keep(x, f, 1)
+        close(krum_agg.item_grad[i], x[kept][0], scale=10)
+        if len(x) >= 4 * f + 3:
+            close(bulyan_agg.item_grad[i], ref_nearest_mean(x[ref_bulyan_select(x, f)], f),
+                  scale=10)
+
+
 @pytest.mark.parametrize("n, f", [r for r in ROUNDS if r[0] >= 4 * r[1] + 3] + [(40, 3)])
 @pytest.mark.parametrize("form", ["item", "dense"])
 def test_bulyan_matches_the_reference(n, f, form):
