@@ -294,8 +294,12 @@ def multikrum_keep(sq_dist: np.ndarray, f: int, keep, counts: np.ndarray | None 
                    ) -> np.ndarray:
     """(B, c) bool: the `keep` (scalar or per set) members of each set with the lowest
     Krum scores (see krum_scores for counts); ties: the earlier member."""
-    order = np.argsort(krum_scores(sq_dist, f, counts), axis=1, kind="stable")
-    kept = np.zeros(order.shape, bool)
+    scores = krum_scores(sq_dist, f, counts)
+    kept = np.zeros(scores.shape, bool)
+    if np.all(np.asarray(keep) == 1):  # Krum: argmin (its first minimum), no sort
+        kept[np.arange(len(kept)), np.argmin(scores, axis=1)] = True
+        return kept
+    order = np.argsort(scores, axis=1, kind="stable")
     np.put_along_axis(kept, order, np.arange(order.shape[1]) < np.asarray(keep).reshape(-1, 1),
                       axis=1)
     return kept
