@@ -12,7 +12,7 @@ import pytest
 
 from fedrec.protocol import Upload
 from fedrec.runtime import configure_threads
-from strategies import dense_distances, krum
+from strategies import dense_distances, item_distances
 from strategies.bulyan import BulyanRule
 from strategies.dense_distances import every_item_sent
 from strategies.groups import count_blocks, item_median, median_network, select_middle
@@ -295,9 +295,9 @@ def test_count_blocks_partition_the_rows_by_item():
     assert [k for k, _, _ in exact] == [2, 3] and [idx.shape for idx in padded] == [(1, 4), (1, 5)]
 
 
-@pytest.mark.parametrize("exact_below", [krum.EXACT_BLOCKS, 4])  # 4: padded classes too
+@pytest.mark.parametrize("exact_below", [item_distances.EXACT_BLOCKS, 4])  # 4: padded too
 def test_client_distances_match_dense_updates(monkeypatch, exact_below):
-    monkeypatch.setattr(krum, "EXACT_BLOCKS", exact_below)
+    monkeypatch.setattr(item_distances, "EXACT_BLOCKS", exact_below)
     u = random_round(25, 5, n_items=60)
     ids, rows, owner = u.stacked
     x, _ = dense_view(u)
