@@ -306,6 +306,26 @@ def test_client_distances_match_dense_updates(monkeypatch, exact_below):
     close(client_sq_distances(ids, rows, owner, len(u)), expect, scale=expect.max())
 
 
+def test_client_distances_of_huge_rows_match_dense_updates():
+    """Rows near float32's limit in items of 2-4 clients (the cross products one pair at a
+    time, item_distances.pair_products) and of more: float32 products overflow, the
+    distances must not."""
+    u = random_round(12, 8, n_items=30)
+    counts = np.bincount(u.stacked[0])
+    small, large = np.flatnonzero(np.isin(counts, [2, 3, 4]))[0], np.argmax(counts)
+    for up in u.uploads:  # item `small` (2-4 rows) and the most popular one: huge
+        sel = np.isin(up.item_ids, [small, large])
+        up.item_rows[sel] = np.float32(2e38) * np.sign(up.item_rows[sel])
+    u = RoundUpdates(u.uploads, u.weights, u.n_items, DIM)
+    ids, rows, owner = u.stacked
+    x, _ = dense_view(u)
+    flat = x.reshape(len(u), -1)
+    expect = ((flat[:, None] - flat[None]) ** 2).sum(-1)
+    got = client_sq_distances(ids, rows, owner, len(u))
+    assert np.isfinite(got).all()
+    close(got, expect, scale=expect.max())
+
+
 @pytest.mark.parametrize("predictor", [False, True])
 def test_client_distances_of_dense_uploads_match_the_definition(predictor):
     """Every client sends every item in order (weight_decay_scope all): the one-Gram path,
