@@ -98,7 +98,8 @@ class NeighbourOrder:
         # live[b, a, j]: a's j-th nearest is another member still in the set
         live = np.take_along_axis(others, order, axis=2)
         # 0 where not a live neighbour
-        self.sorted = np.where(live, nearest_first, np.float32(0))
+        # float64: the scores' einsum then skips a cast per pick (~15% of it)
+        self.sorted = np.where(live, nearest_first, np.float32(0)).astype(np.float64)
         self.count_dtype = np.int8 if c < 127 else np.int32
         self.before = np.cumsum(live, axis=2, dtype=self.count_dtype) - live
         # after[p, j] = 1 where place j lies behind place p: a removal's decrements as one
@@ -131,7 +132,7 @@ class NeighbourOrder:
         r = alive_sets.sum(axis=1)
         k = np.minimum(np.maximum(r - f - 2, 1), r - 1).astype(self.count_dtype)
         nearest = before < k[:, None, None]
-        scores = np.einsum("bij,bij->bi", dist, nearest, dtype=np.float64)
+        scores = np.einsum("bij,bij->bi", dist, nearest)
         return np.where(alive_sets, scores, np.inf)
 
 
