@@ -202,8 +202,8 @@ def coordinate_trimmed_mean(ids, rows, n_items: int, trim, n_clients: int | None
     Dense, t < (N - 1) // 2: items with m_i <= N - t go through groups.dense_trimmed_mean
     (zero-padded blocks, the middle slots summed), the rest through AugmentedOrder.
     Item-level: an item with m_i <= 2t + 2 keeps its middle one or two values, its median:
-    those go through groups.item_median (a selection network, no full sort).
-    subset: max_count, keep, out of reduce_groups.
+    those go through groups.item_median (a selection network, no full sort), the others
+    through item_trimmed_mean. subset: max_count, keep, out of reduce_groups.
     """
     min_count = 1
     if n_clients is not None:
