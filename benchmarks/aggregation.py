@@ -10,7 +10,7 @@ warm-up rounds (the first rounds also initialise every sampled user's private st
 records the RoundUpdates of a few more rounds while timing those rounds with the mean rule.
 Every rule then aggregates the same recorded rounds, side by side in one process and
 interleaved (each pass times one more engine round, then every rule on every recorded
-round, the rule order rotated per pass), so that a change in the machine's load hits rules
+round, in a fresh seeded random order each time), so that a change in the machine's load hits rules
 and rounds alike. The JSON shows each rule's time per round, its share of a whole round
 (target: <= 20%, the ones over it listed in "over_target") and its ratio to the mean rule
 of the same form ("x_mean"). The UNION filter (server.filter: union) is timed alone
@@ -101,7 +101,9 @@ def fresh(updates):
 def time_rules(rules: dict, rounds: list, repeats: int, eng, round_ms: list,
                round_cpu_ms: list) -> dict:
     """Time every rule on every recorded round, `repeats` times, interleaved (rule by rule
-    within each round, the order rotated each pass) so that a change of machine load hits
+    within each round, in a seeded random order drawn anew each time: a rotated order kept
+    every rule behind the same predecessor, whose cache footprint then biased it by up to
+    ~20% against its baseline twin) so that a change of machine load hits
     all rules alike; before each pass one more engine round is timed into round_ms (wall)
     and round_cpu_ms (CPU time of the process: what a loaded machine's scheduling leaves
     out of the wall clock)."""
@@ -112,6 +114,7 @@ def time_rules(rules: dict, rounds: list, repeats: int, eng, round_ms: list,
     cpu = {key: [] for key in rules}
     last = {}
     keys = list(rules)
+    shuffle = np.random.default_rng(0)
     eng_round = max(u.server_round for u in rounds) + 1
     for rep in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -120,7 +123,7 @@ def time_rules(rules: dict, rounds: list, repeats: int, eng, round_ms: list,
         round_cpu_ms.append(1e3 * (time.process_time() - c0))
         eng_round += 1
         for i, updates in enumerate(rounds):
-            order = keys[rep % len(keys):] + keys[:rep % len(keys)]
+            order = [keys[j] for j in shuffle.permutation(len(keys))]
             for key in order:
                 u = fresh(updates)
                 t0, c0 = time.perf_counter(), time.process_time()

@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 from strategies.dense_distances import vector_sq_distances
-from strategies.krum import NeighbourOrder, block_sq_distances, client_sq_distances
 from strategies.groups import dense_nearest_mean, group_rows
+from strategies.item_distances import block_sq_distances, client_sq_distances
+from strategies.krum import NeighbourOrder
 from strategies.robust import (
     MEDIAN,
     AugmentedOrder,

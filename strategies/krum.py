@@ -18,152 +18,27 @@ weighted by sample count (Krum is Multi-Krum with m = 1).
   dense (Multi-)Krum on the predictor vectors alone. Dropped: clients none of whose upload
   was used (no row kept, predictor not kept).
 
-Squared distances come from Gram matrices, ||a||^2 + ||b||^2 - 2<a, b>: per item a batched
-(m_i x m_i) float32 product (rows centred first), and for whole updates the sum over items
-of those products scattered to client pairs (float64), so no dense (n, n_items * dim)
-matrix is ever built. Items are handled in exact-size blocks (all items sent by exactly k
-clients at once, or padded size classes): the Python loops run over blocks, never items.
+Squared distances come from Gram matrices (strategies.item_distances): per item among its
+rows, and for whole updates summed over items to client pairs.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from fedrec.errors import ConfigError
 from strategies.aggregate import sparse_weighted_sum
-from strategies.dense_distances import (
-    dense_sq_distances,
-    every_item_sent,
-    gram_to_sq_distances,
-    vector_sq_distances,
-)
-from strategies.groups import NETWORK_MAX_WIDTH, count_blocks, group_rows, sort_slots
+from strategies.dense_distances import vector_sq_distances
+from strategies.groups import NETWORK_MAX_WIDTH, group_rows, sort_slots
+from strategies.item_distances import block_sq_distances, client_sq_distances
 from strategies.robust import (
     MEDIAN,
     RobustRule,
     coordinate_trimmed_mean,
     flat_predictors,
-    row_sq_norms,
     unflatten,
 )
 from strategies.rule import Aggregate, RoundUpdates
-
-
-def block_sq_distances(x: np.ndarray) -> np.ndarray:
-    """(U, k, k) float32 squared L2 distances between the k rows of each of U groups
-    (x: (U, k, dim)), clamped to [0, float32's maximum]. A group may end in padding rows,
-    which must be zero (their entries are left meaningless: the callers mask them).
-
-    Fast path: ||a||^2 + ||b||^2 - 2<a, b> from the Gram of the rows, in float32 while every squared norm stays below float32's maximum / 8 (then, by
-    Cauchy-Schwarz, no product, partial sum or distance overflows), else again in float64
-    (crafted rows near float32's limit). Its rounding error is about
-    eps * (||a||^2 + ||b||^2): every pair of rows whose distance is not at least 1e4 times
-    that error bound is recomputed from its exact differences in float64
-    (`exact_sq_distances`; a group of near-zero rows next to a few large ones has a few
-    such pairs among many). The rows are not centred first: on ML-1M uploads centring on
-    each group's mean put ~40x more pairs under the bound (1,200 of 1.2 million on a
-    contrastive round, against 30), and its pass over the (U, k, dim) block cost a third of
-    the function. The checks read the (U, k, k) result, not the (U, k, dim) rows: with
-    k < dim the result is the smaller array."""
-    U, width, _ = x.shape
-    big = np.finfo(np.float32).max
-    for dtype in (np.float32, np.float64):
-        with np.errstate(over="ignore", invalid="ignore"):
-            dist = gram_of(x.astype(dtype, copy=False))
-        sq = np.diagonal(dist, axis1=1, axis2=2).copy()
-        if np.isfinite(sq).all() and sq.max(initial=0) < big / 8:
-            break  # else float32 sums could overflow: again in float64
-    norms = sq[:, :, None] + sq[:, None, :]  # (a + b) - 2g: symmetric to the last bit
-    dist *= 2
-    dist = np.subtract(norms, dist, out=dist)
-    # unsure: dist < 1e4 * (4 eps) * (||a||^2 + ||b||^2) for a real pair a != b (padding
-    # rows are 0: their pairs have dist = ||a||^2 and never qualify)
-    diagonal = dist.reshape(U, width * width)[:, ::width + 1]
-    diagonal[:] = np.inf
-    norms *= 1e4 * 4 * np.finfo(dist.dtype).eps
-    unsure = dist < norms
-    diagonal[:] = 0.0
-    np.clip(dist, 0, big, out=dist)
-    dist = dist.astype(np.float32, copy=False)
-    unsure_groups = np.flatnonzero(unsure.any(axis=(1, 2)))
-    if len(unsure_groups):
-        groups, a, b = np.nonzero(unsure[unsure_groups])
-        groups = unsure_groups[groups]
-        dist[groups, a, b] = exact_sq_distances(x, groups, a, b)
-    return dist
-
-
-def exact_sq_distances(x: np.ndarray, groups, a, b) -> np.ndarray:
-    """(P,) float32: sum_d (x[g, a] - x[g, b])^2 for the P pairs (groups, a, b), from the
-    differences in float64 (clamped to float32's range), in blocks of 2**16 pairs."""
-    out = np.empty(len(groups), np.float32)
-    big = np.finfo(np.float32).max
-    for lo in range(0, len(groups), 1 << 16):
-        sl = slice(lo, lo + (1 << 16))
-        with np.errstate(over="ignore"):
-            diff = x[groups[sl], a[sl]].astype(np.float64) - x[groups[sl], b[sl]]
-            out[sl] = np.minimum(np.einsum("pd,pd->p", diff, diff), big)
-    return out
-
-
-def gram_of(x: np.ndarray) -> np.ndarray:
-    """(U, k, k) Gram matrices of a (U, k, dim) stack. torch.bmm (one thread, see
-    fedrec.runtime): ~1.4x faster than numpy's matmul on these many small matrices."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        t = torch.from_numpy(x)
-        return torch.bmm(t, t.transpose(1, 2)).numpy()
-
-
-# client grams: items of m_i < 65 rows in exact-size blocks (one per m_i, ~30 us each), the
-# rest padded to power-of-two classes. Padding items of 17-32 rows (contrastive uploads: most
-# items of an ML-1M round) to 32 doubled the Gram products and their scatter (43 -> 21 ms)
-EXACT_BLOCKS = 65
-
-
-def client_sq_distances(ids, rows, owner, n_clients: int, predictors=None) -> np.ndarray:
-    """(n, n) squared L2 distances between whole updates (untouched rows 0, + predictor).
-
-    Gram[a, b] = sum over the items i that both a and b sent of <g_a[i], g_b[i]>: per item
-    the (m_i x m_i) Gram of its rows, added to the client pairs (a client sends an item at
-    most once), O(sum_i m_i^2 dim) in all. Items of up to 64 rows come in exact-size
-    blocks (groups.count_blocks), the rest in padded size classes (padding rows
-    are zeros, booked to a dummy client n): one batched product and bincount per block.
-    The diagonal (squared norms) in float64. Dense uploads (every client sends items
-    0..k-1 in order, `every_item_sent`) take one float64 Gram of the stacked tables instead
-    (`dense_sq_distances`).
-    """
-    n = n_clients
-    if every_item_sent(ids, n):
-        return dense_sq_distances(rows.reshape(n, -1), predictors)
-    size = (n + 1) ** 2
-    gram = np.zeros(size)
-
-    def add(who, x):  # who (U, k) clients, x (U, k, dim) their rows
-        g = gram_of(x)
-        if not np.isfinite(g).all():  # float32 overflow: crafted rows near its limit
-            g = gram_of(x.astype(np.float64))
-        gram[:] += np.bincount((who[:, :, None] * (n + 1) + who[:, None, :]).ravel(),
-                               g.ravel(), size)
-
-    # only items two clients share add cross terms
-    order, exact, padded = count_blocks(ids, 2, EXACT_BLOCKS)
-    who_all = owner[order]
-    cut = exact[-1][2] if exact else 0  # the exact blocks come first (sorted by m_i)
-    x_all = np.take(rows, order[:cut], axis=0)
-    for k, a, b in exact:
-        add(who_all[a:b].reshape(-1, k), x_all[a:b].reshape(-1, k, rows.shape[1]))
-    for rows_idx in padded:  # (U, width), -1 = padding: zero rows of a dummy client n
-        x = np.take(rows, np.maximum(rows_idx, 0).ravel(), axis=0)
-        x = x.reshape(rows_idx.shape + rows.shape[1:])
-        x[rows_idx < 0] = 0.0
-        add(np.where(rows_idx >= 0, owner[np.maximum(rows_idx, 0)], n), x)
-    gram = gram.reshape(n + 1, n + 1)[:n, :n].copy()
-    gram[np.diag_indices(n)] = np.bincount(owner, weights=row_sq_norms(rows), minlength=n)
-    if predictors is not None:
-        p = predictors.astype(np.float64)
-        gram += p @ p.T
-    return gram_to_sq_distances(gram)
 
 
 def sort_lists(values: np.ndarray) -> np.ndarray:
@@ -223,20 +98,24 @@ class NeighbourOrder:
         # live[b, a, j]: a's j-th nearest is another member still in the set
         live = np.take_along_axis(others, order, axis=2)
         # 0 where not a live neighbour
-        self.sorted = np.where(live, nearest_first, np.float32(0))
+        # float64: the scores' einsum then skips a cast per pick (~15% of it)
+        self.sorted = np.where(live, nearest_first, np.float32(0)).astype(np.float64)
         self.count_dtype = np.int8 if c < 127 else np.int32
         self.before = np.cumsum(live, axis=2, dtype=self.count_dtype) - live
+        # after[p, j] = 1 where place j lies behind place p: a removal's decrements as one
+        # np.take of rows (a broadcast int64 comparison per pick cost ~5x more)
+        self.after = (np.arange(c)[None, :] > np.arange(c)[:, None]).astype(self.count_dtype)
 
     def remove(self, sets: np.ndarray, members: np.ndarray):
         """Member members[i] leaves set sets[i]: its entry in every list of that set dies."""
         c = self.sorted.shape[1]
         pos = self.rank[sets, :, members]  # (S, c): its place in each list
         self.sorted[sets[:, None], np.arange(c)[None, :], pos] = 0.0
-        behind = np.arange(c) > pos[:, :, None]  # the places after it lose one live entry
+        behind = np.take(self.after, pos, axis=0)  # the places after it lose one live entry
         if len(sets) == len(self.sorted):  # every set (in order): no gather and scatter
-            np.subtract(self.before, behind, out=self.before, casting="unsafe")
+            np.subtract(self.before, behind, out=self.before)
         else:
-            self.before[sets] -= behind.astype(self.count_dtype)
+            self.before[sets] -= behind
 
     def scores(self, alive: np.ndarray, f: int, sets=None) -> np.ndarray:
         """(B, c) Krum scores among the alive members (of `sets` only, if given); inf for
@@ -253,7 +132,7 @@ class NeighbourOrder:
         r = alive_sets.sum(axis=1)
         k = np.minimum(np.maximum(r - f - 2, 1), r - 1).astype(self.count_dtype)
         nearest = before < k[:, None, None]
-        scores = np.einsum("bij,bij->bi", dist, nearest, dtype=np.float64)
+        scores = np.einsum("bij,bij->bi", dist, nearest)
         return np.where(alive_sets, scores, np.inf)
 
 
@@ -282,8 +161,12 @@ def multikrum_keep(sq_dist: np.ndarray, f: int, keep, counts: np.ndarray | None 
                    ) -> np.ndarray:
     """(B, c) bool: the `keep` (scalar or per set) members of each set with the lowest
     Krum scores (see krum_scores for counts); ties: the earlier member."""
-    order = np.argsort(krum_scores(sq_dist, f, counts), axis=1, kind="stable")
-    kept = np.zeros(order.shape, bool)
+    scores = krum_scores(sq_dist, f, counts)
+    kept = np.zeros(scores.shape, bool)
+    if np.all(np.asarray(keep) == 1):  # Krum: argmin (its first minimum), no sort
+        kept[np.arange(len(kept)), np.argmin(scores, axis=1)] = True
+        return kept
+    order = np.argsort(scores, axis=1, kind="stable")
     np.put_along_axis(kept, order, np.arange(order.shape[1]) < np.asarray(keep).reshape(-1, 1),
                       axis=1)
     return kept
@@ -315,8 +198,8 @@ def item_level_multikrum(updates: RoundUpdates, f: int, drop: int):
     Returns (item_grad, kept_rows (R,) bool, items on the median (count)). Rows of items
     with m_i <= f + 2 count as kept: the median uses them all. Items come in size classes
     (groups.group_rows); per class one gather of the rows, then distances, scores, ranks
-    and the weighted mean of the kept rows on that block (float32, rows added in client
-    order, as sparse_weighted_sum does).
+    and the weighted mean of the kept rows on that block (float32, one batched
+    (1 x width) @ (width x dim) product per class).
     """
     ids, rows, owner = updates.stacked
     counts = np.bincount(ids, minlength=updates.n_items)
@@ -329,10 +212,10 @@ def item_level_multikrum(updates: RoundUpdates, f: int, drop: int):
                               np.maximum(1, b.counts - drop), b.counts)
         kept[b.rows.T[b.members & ~keep]] = False
         w = np.where(keep, weights[np.maximum(b.rows.T, 0)], np.float32(0))
-        x *= w[:, :, None]
         denom = w.sum(axis=1, dtype=np.float64)  # 0 only if every kept row weighs 0
-        item_grad[b.items] = x.sum(axis=1) / np.where(denom > 0, denom, 1.0).astype(
-            np.float32)[:, None]
+        # (U, 1, width) @ (U, width, dim): ~5x faster than scaling the block and summing it
+        item_grad[b.items] = np.matmul(w[:, None, :], x)[:, 0] / np.where(
+            denom > 0, denom, 1.0).astype(np.float32)[:, None]
     coordinate_trimmed_mean(ids, rows, updates.n_items, MEDIAN, max_count=f + 3, out=item_grad)
     on_median = int(np.count_nonzero((counts > 0) & (counts < f + 3)))
     return item_grad, kept, on_median

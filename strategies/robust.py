@@ -26,6 +26,7 @@ from strategies.groups import (
     group_rows,
     item_median,
     sort_slots,
+    sorted_lanes,
 )
 from strategies.rule import Aggregate, AggregationRule, RoundUpdates
 
@@ -201,8 +202,8 @@ def coordinate_trimmed_mean(ids, rows, n_items: int, trim, n_clients: int | None
     Dense, t < (N - 1) // 2: items with m_i <= N - t go through groups.dense_trimmed_mean
     (zero-padded blocks, the middle slots summed), the rest through AugmentedOrder.
     Item-level: an item with m_i <= 2t + 2 keeps its middle one or two values, its median:
-    those go through groups.item_median (a selection network, no full sort).
-    subset: max_count, keep, out of reduce_groups.
+    those go through groups.item_median (a selection network, no full sort), the others
+    through item_trimmed_mean. subset: max_count, keep, out of reduce_groups.
     """
     min_count = 1
     if n_clients is not None:
@@ -223,10 +224,35 @@ def coordinate_trimmed_mean(ids, rows, n_items: int, trim, n_clients: int | None
                           subset.get("keep"))
         if trim is MEDIAN or (max_count is not None and max_count <= 2 * trim + 3):
             return out
-        min_count = 2 * trim + 3
-        subset.update(out=out, max_count=max_count)
+        return item_trimmed_mean(ids, rows, trim, out, 2 * trim + 3, max_count,
+                                 subset.get("keep"))
     return reduce_groups(ids, rows, n_items, lambda aug: aug.trimmed_mean(trim), n_clients,
                          min_count, **subset)
+
+
+def item_trimmed_mean(ids, rows, trim: int, out: np.ndarray, min_count: int,
+                      max_count: int | None = None, keep=None) -> np.ndarray:
+    """The item-level trimmed mean of the items with min_count <= m_i (< max_count) rows,
+    min_count >= 2 trim + 1, into out: the mean of each group's sorted slots [trim,
+    m_i - trim) per coordinate.
+
+    Groups padded with +inf (sorted past m_i) and sorted per lane (groups.sorted_lanes,
+    no sentinel rows or stacking); the kept slots added in slot order in float32, masked
+    only from the block's smallest m_i - trim on (the slots every group keeps need no
+    mask), then divided as AugmentedOrder.trimmed_mean does."""
+    dim = rows.shape[1]
+    for b in group_rows(ids, min_count, max_count, keep):
+        slots = sorted_lanes(b.gather(rows, np.inf).reshape(b.width, -1))
+        hi = b.counts - trim  # the first slot past the kept ones, per group
+        total = np.zeros((len(b.items), dim), np.float32)
+        for j in range(trim, int(hi.max())):
+            slot = slots[j].reshape(-1, dim)
+            if j < hi.min():
+                np.add(total, slot, out=total)
+            else:
+                np.add(total, slot, out=total, where=(j < hi)[:, None])
+        out[b.items] = (total / (b.counts - 2 * trim)[:, None]).astype(np.float32)
+    return out
 
 
 def row_sq_norms(rows: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 
 from fedrec.protocol import Upload
 from fedrec.runtime import configure_threads
-from strategies import dense_distances, krum
+from strategies import dense_distances, item_distances
 from strategies.bulyan import BulyanRule
 from strategies.dense_distances import every_item_sent
 from strategies.groups import count_blocks, item_median, median_network, select_middle
@@ -198,6 +198,37 @@ def test_krum_and_multikrum_match_the_reference(n, f, form):
             assert agg.dropped == list(np.flatnonzero(~kept)), rule.name
 
 
+def wide_round(n, m, n_items, dim, seed):
+    """n clients, each item sent by m of them: float rows of `dim` coordinates (ML-1M's 64:
+    batched float32 products of such rows need not be symmetric to the last bit)."""
+    rng = np.random.default_rng(seed)
+    sent = np.zeros((n, n_items), bool)
+    for i in range(n_items):
+        sent[rng.choice(n, m[i], replace=False), i] = True
+    ups = [Upload(np.flatnonzero(sent[c]), rng.standard_normal((sent[c].sum(), dim))
+                  .astype(np.float32), [], 1, str(c)) for c in range(n)]
+    return RoundUpdates(ups, np.ones(n), n_items, dim)
+
+
+@pytest.mark.parametrize("f", [1, 2])
+def test_item_level_krum_and_bulyan_break_exact_ties_like_the_reference(f):
+    """With k = 1 neighbour (m_i = f + 3 rows; Bulyan's last picks) the two rows of the
+    closest pair tie exactly (d(a, b) = d(b, a)): the earlier must win, so the distances
+    must be symmetric to the last bit."""
+    n, dim = 14, 64
+    m = np.random.default_rng(f).choice([f + 3, f + 4, 4 * f + 3, 4 * f + 4], 120)
+    u = wide_round(n, m, 120, dim, seed=f)
+    ids, rows, owner = u.stacked
+    krum_agg, bulyan_agg = KrumRule("item", f)(u), BulyanRule("item", f)(u)
+    for i in range(u.n_items):
+        x = rows[ids == i].astype(np.float64)
+        kept = ref_multikrum_keep(x, f, 1)
+        close(krum_agg.item_grad[i], x[kept][0], scale=10)
+        if len(x) >= 4 * f + 3:
+            close(bulyan_agg.item_grad[i], ref_nearest_mean(x[ref_bulyan_select(x, f)], f),
+                  scale=10)
+
+
 @pytest.mark.parametrize("n, f", [r for r in ROUNDS if r[0] >= 4 * r[1] + 3] + [(40, 3)])
 @pytest.mark.parametrize("form", ["item", "dense"])
 def test_bulyan_matches_the_reference(n, f, form):
@@ -264,15 +295,35 @@ def test_count_blocks_partition_the_rows_by_item():
     assert [k for k, _, _ in exact] == [2, 3] and [idx.shape for idx in padded] == [(1, 4), (1, 5)]
 
 
-@pytest.mark.parametrize("exact_below", [krum.EXACT_BLOCKS, 4])  # 4: padded classes too
+@pytest.mark.parametrize("exact_below", [item_distances.EXACT_BLOCKS, 4])  # 4: padded too
 def test_client_distances_match_dense_updates(monkeypatch, exact_below):
-    monkeypatch.setattr(krum, "EXACT_BLOCKS", exact_below)
+    monkeypatch.setattr(item_distances, "EXACT_BLOCKS", exact_below)
     u = random_round(25, 5, n_items=60)
     ids, rows, owner = u.stacked
     x, _ = dense_view(u)
     flat = x.reshape(len(u), -1)
     expect = ((flat[:, None] - flat[None]) ** 2).sum(-1)
     close(client_sq_distances(ids, rows, owner, len(u)), expect, scale=expect.max())
+
+
+def test_client_distances_of_huge_rows_match_dense_updates():
+    """Rows near float32's limit in items of 2-4 clients (the cross products one pair at a
+    time, item_distances.pair_products) and of more: float32 products overflow, the
+    distances must not."""
+    u = random_round(12, 8, n_items=30)
+    counts = np.bincount(u.stacked[0])
+    small, large = np.flatnonzero(np.isin(counts, [2, 3, 4]))[0], np.argmax(counts)
+    for up in u.uploads:  # item `small` (2-4 rows) and the most popular one: huge
+        sel = np.isin(up.item_ids, [small, large])
+        up.item_rows[sel] = np.float32(2e38) * np.sign(up.item_rows[sel])
+    u = RoundUpdates(u.uploads, u.weights, u.n_items, DIM)
+    ids, rows, owner = u.stacked
+    x, _ = dense_view(u)
+    flat = x.reshape(len(u), -1)
+    expect = ((flat[:, None] - flat[None]) ** 2).sum(-1)
+    got = client_sq_distances(ids, rows, owner, len(u))
+    assert np.isfinite(got).all()
+    close(got, expect, scale=expect.max())
 
 
 @pytest.mark.parametrize("predictor", [False, True])
