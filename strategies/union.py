@@ -52,7 +52,7 @@ from fedrec.optim import adam_update
 from strategies.rule import Filtered, PreAggregationStep, RoundUpdates, drop_uploads
 from strategies.uniformity import client_uniformities, uniformity, weighted_pair_sums
 
-__all__ = ["UnionFilter", "union_filter", "union_uniformities", "simulated_item_rows",
+__all__ = ["UnionFilter", "union_filter", "union_uniformities", "simulated_item_rows", "stepped_rows",
            "gap_statistic_split", "null_log_inertias", "two_means_1d", "client_uniformities",
            "uniformity", "weighted_pair_sums"]
 
@@ -79,6 +79,33 @@ def simulated_item_rows(item_rows, grads, adam_state_rows=None, step=0, lr=2e-3,
     rows, _, _ = adam_update(item_rows, adam_state_rows[0], adam_state_rows[1], grads,
                              int(step) + 1, lr, float(betas[0]), float(betas[1]), eps)
     return rows
+
+
+def stepped_rows(item, grads, base, moments=None, step=0, lr=2e-3, betas=(0.9, 0.999),
+                 eps=1e-8):
+    """simulated_item_rows(base[item], grads, (m[item], v[item]), ...) bit for bit (the same
+    operations in the same order), for K rows of gradients grads (K, d) on the rows `item`
+    of the U rows base (U, d), moments = (m, v) (U, d) or None (SGD): the step's factors of
+    the U rows once, gathered per row, the K-row arithmetic in place (a 2 x (K, d) working
+    set instead of a dozen (K, d) temporaries)."""
+    base = np.asarray(base, np.float64)
+    g = np.array(grads, np.float64)  # a copy: worked on in place
+    if moments is None:  # row - lr * grad
+        g *= lr
+        return np.subtract(np.take(base, item, axis=0), g, out=g)
+    b1, b2 = float(betas[0]), float(betas[1])
+    t = int(step) + 1
+    m = np.multiply(g, 1 - b1)  # m' = b1 m + (1 - b1) g
+    m += np.take(b1 * np.asarray(moments[0], np.float64), item, axis=0)
+    v = np.multiply(g, 1 - b2)  # v' = b2 v + (1 - b2) g g
+    v *= g
+    v += np.take(b2 * np.asarray(moments[1], np.float64), item, axis=0)
+    denom = np.sqrt(v, out=v)
+    denom /= np.sqrt(1 - b2 ** t)
+    denom += eps
+    m *= lr / (1 - b1 ** t)
+    m /= denom
+    return np.subtract(np.take(base, item, axis=0), m, out=m)
 
 
 # ---------------------------------------------------------------------- gap statistic
@@ -216,8 +243,7 @@ def union_uniformities(updates: RoundUpdates, sample_ids: np.ndarray, state: dic
     pos = pos_of[ids]
     sel = pos >= 0
     item, own = pos[sel], owner[sel]
-    sim = simulated_item_rows(base[item], rows[sel], (m[item], v[item]) if adam else None,
-                              lr=lr, **kw)
+    sim = stepped_rows(item, rows[sel], base, (m, v) if adam else None, lr=lr, **kw)
     return client_uniformities(common, weights, sim, own, item, len(updates), device)
 
 

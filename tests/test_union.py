@@ -21,6 +21,7 @@ from strategies.union import (
     gap_statistic_split,
     null_log_inertias,
     simulated_item_rows,
+    stepped_rows,
     two_means_1d,
     union_filter,
     union_uniformities,
@@ -98,6 +99,27 @@ def test_simulated_adam_step_equals_torch_adam():
     assert sgd.item_state() == {"optimizer": "sgd", "lr": 0.01}
     np.testing.assert_allclose(simulated_item_rows(table[:4], grad[:4]),
                                table[:4] - 2e-3 * grad[:4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_stepped_rows_are_the_simulated_step_bit_for_bit(optimizer):
+    """The in-place step of gathered rows (union_uniformities' hot path) computes exactly
+    simulated_item_rows' numbers, rows repeated and in any order."""
+    rng = np.random.default_rng(11)
+    base = _table().astype(np.float64)[:30]
+    item = rng.integers(0, 30, 200)
+    grads = (rng.standard_normal((200, DIM)) * 10.0 ** rng.integers(-4, 3, (200, 1))).astype(np.float32)
+    kept = grads.copy()
+    if optimizer == "adam":
+        moments = ((rng.standard_normal((30, DIM)) * 1e-2).astype(np.float32),
+                   (rng.random((30, DIM)) * 1e-4).astype(np.float32))
+        kw = dict(step=6, lr=2e-3, betas=(0.9, 0.999), eps=1e-8)
+        expect = simulated_item_rows(base[item], grads, (moments[0][item], moments[1][item]), **kw)
+    else:
+        moments, kw = None, dict(lr=0.05)
+        expect = simulated_item_rows(base[item], grads, lr=0.05)
+    np.testing.assert_array_equal(stepped_rows(item, grads, base, moments, **kw), expect)
+    np.testing.assert_array_equal(grads, kept)  # the caller's gradients are not written
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
