@@ -101,6 +101,17 @@ def test_simulated_adam_step_equals_torch_adam():
                                table[:4] - 2e-3 * grad[:4], rtol=1e-6)
 
 
+def test_root_sums_clamp_negative_squares():
+    """A square that rounding made negative (equal rows) counts as distance 0, never nan,
+    also when the roots are taken before any clamp."""
+    from strategies.uniformity import root_sums
+
+    d2 = np.array([[[-2e-18, -1e-18, 9.0], [-1e-18, 4.0, 16.0], [9.0, 16.0, -5e-17]]])
+    w = np.array([[1.0, 2.0, 3.0]])
+    np.testing.assert_array_equal(root_sums(d2.copy, w), [[9.0, 16.0, 11.0]])
+    np.testing.assert_array_equal(root_sums(d2.copy, w, diagonal=True), [[9.0, 12.0, 11.0]])
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_stepped_rows_are_the_simulated_step_bit_for_bit(optimizer):
     """The in-place step of gathered rows (union_uniformities' hot path) computes exactly
