@@ -81,31 +81,43 @@ def simulated_item_rows(item_rows, grads, adam_state_rows=None, step=0, lr=2e-3,
     return rows
 
 
+STEP_ROWS = 2048  # rows per block of stepped_rows (its working set stays in cache)
+
+
 def stepped_rows(item, grads, base, moments=None, step=0, lr=2e-3, betas=(0.9, 0.999),
-                 eps=1e-8):
+                 eps=1e-8, block: int = STEP_ROWS):
     """simulated_item_rows(base[item], grads, (m[item], v[item]), ...) bit for bit (the same
     operations in the same order), for K rows of gradients grads (K, d) on the rows `item`
     of the U rows base (U, d), moments = (m, v) (U, d) or None (SGD): the step's factors of
-    the U rows once, gathered per row, the K-row arithmetic in place (a 2 x (K, d) working
-    set instead of a dozen (K, d) temporaries)."""
+    the U rows once, gathered per row; the K rows in blocks, each block's arithmetic in place
+    on two block-sized arrays (in cache, rather than a dozen (K, d) temporaries)."""
     base = np.asarray(base, np.float64)
-    g = np.array(grads, np.float64)  # a copy: worked on in place
-    if moments is None:  # row - lr * grad
-        g *= lr
-        return np.subtract(np.take(base, item, axis=0), g, out=g)
-    b1, b2 = float(betas[0]), float(betas[1])
-    t = int(step) + 1
-    m = np.multiply(g, 1 - b1)  # m' = b1 m + (1 - b1) g
-    m += np.take(b1 * np.asarray(moments[0], np.float64), item, axis=0)
-    v = np.multiply(g, 1 - b2)  # v' = b2 v + (1 - b2) g g
-    v *= g
-    v += np.take(b2 * np.asarray(moments[1], np.float64), item, axis=0)
-    denom = np.sqrt(v, out=v)
-    denom /= np.sqrt(1 - b2 ** t)
-    denom += eps
-    m *= lr / (1 - b1 ** t)
-    m /= denom
-    return np.subtract(np.take(base, item, axis=0), m, out=m)
+    out = np.empty(np.shape(grads), np.float64)
+    if moments is not None:
+        b1, b2 = float(betas[0]), float(betas[1])
+        t = int(step) + 1
+        b1m = b1 * np.asarray(moments[0], np.float64)
+        b2v = b2 * np.asarray(moments[1], np.float64)
+    for lo in range(0, len(out), block):
+        g = out[lo:lo + block]
+        g[...] = grads[lo:lo + block]  # float64
+        rows = item[lo:lo + block]
+        if moments is None:  # row - lr * grad
+            g *= lr
+            np.subtract(np.take(base, rows, axis=0), g, out=g)
+            continue
+        m = np.multiply(g, 1 - b1)  # m' = b1 m + (1 - b1) g
+        m += np.take(b1m, rows, axis=0)
+        v = np.multiply(g, 1 - b2)  # v' = b2 v + (1 - b2) g g
+        v *= g
+        v += np.take(b2v, rows, axis=0)
+        denom = np.sqrt(v, out=v)
+        denom /= np.sqrt(1 - b2 ** t)
+        denom += eps
+        m *= lr / (1 - b1 ** t)
+        m /= denom
+        np.subtract(np.take(base, rows, axis=0), m, out=g)
+    return out
 
 
 # ---------------------------------------------------------------------- gap statistic
