@@ -354,6 +354,49 @@ def test_union_device_resolution_and_torch_path_agree():
     np.testing.assert_allclose(weighted_pair_sums_torch(y, w, "cpu"), weighted_pair_sums(y, w), rtol=1e-10)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_dense_uploads_of_mostly_shared_rows_equal_the_dense_definition(optimizer):
+    """Dense uploads (every client sends every item) that are mostly one same row per item
+    (the weight decay alone): those rows are taken as the common rows (shared_gradients),
+    the d_c still those of the definition, and only the other rows are clients' own."""
+    from strategies.union import shared_gradients
+
+    rng = np.random.default_rng(4)
+    table = _table(1)
+    state = {"optimizer": "sgd", "lr": 0.05}
+    if optimizer == "adam":
+        state = {"optimizer": "adam", "lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "step": 3,
+                 "exp_avg": (rng.standard_normal((N_ITEMS, DIM)) * 1e-2).astype(np.float32),
+                 "exp_avg_sq": (rng.random((N_ITEMS, DIM)) * 1e-4).astype(np.float32)}
+    decay = (1e-3 * table).astype(np.float32)
+    decay[5] = -0.0  # a row of negative zeros: the same bits for all, not those of 0.0
+    grads = np.repeat(decay[None], 10, axis=0)
+    # each client's own rows: 1-2 clients an item, never the 1st and the 5th client both
+    # (two of the rows shared_gradients tries as the common one)
+    own = (np.arange(N_ITEMS)[None, :] + np.arange(10)[:, None]) % 7 == 0
+    grads[own] += (rng.standard_normal((int(own.sum()), DIM)) * 0.01).astype(np.float32)
+    grads[:6, 7] = (rng.standard_normal(DIM) * 0.01).astype(np.float32)  # 6 alike: common
+    ups = [Upload(np.arange(N_ITEMS), grads[c], [], 10, str(c)) for c in range(10)]
+    u = RoundUpdates(ups, np.full(10, 10.0), N_ITEMS, DIM, 1, table, state)
+    sample = rng.choice(N_ITEMS, 200)
+    moments = None
+    if optimizer == "adam":
+        moments = (state["exp_avg"][sample], state["exp_avg_sq"][sample])
+    kw = {k: state[k] for k in ("step", "betas", "eps") if k in state}
+    sim = simulated_item_rows(table[sample], grads[:, sample].astype(np.float64), moments,
+                              lr=state["lr"], **kw)
+    np.testing.assert_allclose(union_uniformities(u, sample, state), uniformity(sim),
+                               rtol=1e-9, atol=1e-12)
+    ids, rows, _ = u.stacked
+    item = ids  # every item, positions = ids here
+    common, differs = shared_gradients(rows, item, N_ITEMS, 10)
+    expect_common = decay.copy()
+    expect_common[7] = grads[0, 7]
+    assert common.tobytes() == expect_common.tobytes()
+    np.testing.assert_array_equal(differs.reshape(10, N_ITEMS), own & (np.arange(N_ITEMS) != 7)
+                                  | (np.arange(10)[:, None] >= 6) & (np.arange(N_ITEMS) == 7))
+
+
 def test_half_covering_uploads_equal_the_dense_definition():
     """Uploads touching about half the sampled items (the contrastive term's): each client's
     rows are compared with the common rows it did not upload, gathered per client."""
