@@ -120,6 +120,7 @@ def weighted_pair_sums(y, w, device=None) -> np.ndarray:
         return weighted_pair_sums_torch(y, w, device)
     left, right = gram_factors(*(2 * [y - y.mean(axis=1, keepdims=True)]))
     left[w == 0] = 0.0  # rows weighing nothing (padding): squares of exactly 0, never < 0
+    right[w == 0] = 0.0
     right = np.swapaxes(right, 1, 2)
     cuts = np.linspace(0, m, -(-m // TILE) + 1).astype(np.int64)
     tile = int(np.diff(cuts).max())
@@ -176,7 +177,7 @@ def free_column_sums(left, right, free, w) -> np.ndarray:
     When most columns are free, each block of clients takes all U columns in one product
     (the others weighted 0); otherwise each client's free columns are gathered (their count
     padded, padding weighted 0): ~40% less work for contrastive uploads (half the columns)."""
-    G, k, width = left.shape
+    G, k, _ = left.shape
     U = len(right)
     n_free = free.sum(axis=1)
     out = np.zeros((G, k))
