@@ -54,10 +54,9 @@ from fedrec.optim import adam_update
 from strategies.rule import Filtered, PreAggregationStep, RoundUpdates, drop_uploads
 from strategies.uniformity import client_uniformities, uniformity, weighted_pair_sums
 
-__all__ = ["UnionFilter", "union_filter", "union_uniformities", "simulated_item_rows", "stepped_rows",
-           "shared_gradients",
-           "gap_statistic_split", "null_log_inertias", "two_means_1d", "client_uniformities",
-           "uniformity", "weighted_pair_sums"]
+__all__ = ["UnionFilter", "union_filter", "union_uniformities", "simulated_item_rows",
+           "stepped_rows", "shared_gradients", "gap_statistic_split", "null_log_inertias",
+           "two_means_1d", "client_uniformities", "uniformity", "weighted_pair_sums"]
 
 NULL_DRAWS = 10_000  # size of the cached pool of reference log-inertias
 NULL_SEED = 0x554E494F  # "UNIO"

@@ -119,13 +119,15 @@ def test_stepped_rows_are_the_simulated_step_bit_for_bit(optimizer):
     rng = np.random.default_rng(11)
     base = _table().astype(np.float64)[:30]
     item = rng.integers(0, 30, 200)
-    grads = (rng.standard_normal((200, DIM)) * 10.0 ** rng.integers(-4, 3, (200, 1))).astype(np.float32)
+    scale = 10.0 ** rng.integers(-4, 3, (200, 1))  # tiny to huge gradients
+    grads = (rng.standard_normal((200, DIM)) * scale).astype(np.float32)
     kept = grads.copy()
     if optimizer == "adam":
         moments = ((rng.standard_normal((30, DIM)) * 1e-2).astype(np.float32),
                    (rng.random((30, DIM)) * 1e-4).astype(np.float32))
         kw = dict(step=6, lr=2e-3, betas=(0.9, 0.999), eps=1e-8)
-        expect = simulated_item_rows(base[item], grads, (moments[0][item], moments[1][item]), **kw)
+        expect = simulated_item_rows(base[item], grads, (moments[0][item], moments[1][item]),
+                                     **kw)
     else:
         moments, kw = None, dict(lr=0.05)
         expect = simulated_item_rows(base[item], grads, lr=0.05)
