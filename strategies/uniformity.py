@@ -11,6 +11,8 @@ never over clients or rows.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from strategies.groups import class_width, group_bounds, grouped_order
@@ -38,6 +40,29 @@ def root(d2):
     """sqrt(max(d2, 0)) in place."""
     np.maximum(d2, 0, out=d2)
     return np.sqrt(d2, out=d2)
+
+
+def root_sums(product, weights, diagonal: bool = False) -> np.ndarray:
+    """(..., m): sum_b weights[..., b] sqrt(max(d2, 0))[..., a, b] for the squared
+    distances d2 = product() (..., m, k) (one product of Gram factors); diagonal: the
+    diagonal of each square left out (set to exactly 0).
+
+    The roots are taken straight away, without the clamp: a negative square (rounding,
+    between equal rows) then shows as a non-finite sum, and only then is the product taken
+    again and clamped (`root`). Same numbers as clamping first, one pass less over the
+    distances."""
+    for clamp in (False, True):
+        d2 = product()
+        if clamp:
+            dist = root(d2)
+        else:
+            with np.errstate(invalid="ignore"):
+                dist = np.sqrt(d2, out=d2)
+        if diagonal:
+            zero_diagonal(dist)
+        sums = np.matmul(dist, weights[..., None])[..., 0]
+        if clamp or np.isfinite(sums).all():
+            return sums
 
 
 def distances(a, b):
@@ -94,6 +119,8 @@ def weighted_pair_sums(y, w, device=None) -> np.ndarray:
     if device not in (None, "cpu"):
         return weighted_pair_sums_torch(y, w, device)
     left, right = gram_factors(*(2 * [y - y.mean(axis=1, keepdims=True)]))
+    left[w == 0] = 0.0  # rows weighing nothing (padding): squares of exactly 0, never < 0
+    right[w == 0] = 0.0
     right = np.swapaxes(right, 1, 2)
     cuts = np.linspace(0, m, -(-m // TILE) + 1).astype(np.int64)
     tile = int(np.diff(cuts).max())
@@ -102,10 +129,8 @@ def weighted_pair_sums(y, w, device=None) -> np.ndarray:
         for b0, b1 in zip(cuts[i:-1], cuts[i + 1:]):
             for lo in range(0, G, per_block):  # blocks of sets
                 sets = slice(lo, lo + per_block)
-                dist = root(np.matmul(left[sets, a0:a1], right[sets, :, b0:b1]))
-                if a0 == b0:
-                    zero_diagonal(dist)
-                pairs = np.matmul(dist, w[sets, b0:b1, None])[..., 0]
+                pairs = root_sums(partial(np.matmul, left[sets, a0:a1], right[sets, :, b0:b1]),
+                                  w[sets, b0:b1], diagonal=a0 == b0)
                 out[sets] += (1 if a0 == b0 else 2) * np.einsum("ga,ga->g", w[sets, a0:a1], pairs)
     return out
 
@@ -139,6 +164,11 @@ def client_groups(owner: np.ndarray):
     return blocks
 
 
+def shared_product(left, cols, k: int) -> np.ndarray:
+    """left (G, k, d + 2) @ cols (d + 2, U) as one 2-D product: (G, k, U)."""
+    return (left.reshape(-1, left.shape[-1]) @ cols).reshape(-1, k, cols.shape[1])
+
+
 def free_column_sums(left, right, free, w) -> np.ndarray:
     """(G, k): sum_{v free} w_v ||a_gi - b_v|| for each of the k rows a_gi of G clients, the
     rows as left (G, k, d + 2) and the U columns b_v as right (U, d + 2) (`gram_factors`),
@@ -147,7 +177,7 @@ def free_column_sums(left, right, free, w) -> np.ndarray:
     When most columns are free, each block of clients takes all U columns in one product
     (the others weighted 0); otherwise each client's free columns are gathered (their count
     padded, padding weighted 0): ~40% less work for contrastive uploads (half the columns)."""
-    G, k, width = left.shape
+    G, k, _ = left.shape
     U = len(right)
     n_free = free.sum(axis=1)
     out = np.zeros((G, k))
@@ -163,11 +193,11 @@ def free_column_sums(left, right, free, w) -> np.ndarray:
     per_block = max(1, CPU_BLOCK // (k * n_cols if cols.ndim == 3 else k * U))
     for lo in range(0, G, per_block):
         sl = slice(lo, lo + per_block)
-        if cols.ndim == 2:
-            dist = root(left[sl].reshape(-1, width) @ cols).reshape(-1, k, U)
+        if cols.ndim == 2:  # one 2-D product, seen as (clients, k, U)
+            product = partial(shared_product, left[sl], cols, k)
         else:
-            dist = root(np.matmul(left[sl], cols[sl]))
-        out[sl] = np.matmul(dist, weights[sl, :, None])[..., 0]
+            product = partial(np.matmul, left[sl], cols[sl])
+        out[sl] = root_sums(product, weights[sl])
     return out
 
 

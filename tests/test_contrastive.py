@@ -106,3 +106,26 @@ def _reference_grad(table, anchors, positives, negatives):
     out = np.zeros((len(uniq), table.shape[1]), np.float32)
     np.add.at(out, inv, rows)
     return uniq, out, loss
+
+
+def test_added_rows_is_zero_plus_rows_plus_extra_bit_for_bit():
+    """The union and sums of added_rows: on the sorted union of the ids, 0 + rows, then
+    + extra_rows, per element, whatever the order it adds them in (signed zeros, tiny and
+    overflowing values included)."""
+    from clients.contrastive import added_rows
+
+    rng = np.random.default_rng(1)
+    values = np.array([0.0, -0.0, 1.5, -2.25, 1e-30, -1e-30, 3e38], np.float32)
+    for _ in range(200):
+        n = int(rng.integers(5, 60))
+        ids = np.sort(rng.choice(n, int(rng.integers(0, n)), replace=False))
+        extra = np.sort(rng.choice(n, int(rng.integers(0, n)), replace=False))
+        rows, extra_rows = rng.choice(values, (len(ids), 3)), rng.choice(values, (len(extra), 3))
+        union = np.union1d(ids, extra)
+        expect = np.zeros((len(union), 3), np.float32)
+        with np.errstate(over="ignore"):
+            expect[np.searchsorted(union, ids)] += rows
+            expect[np.searchsorted(union, extra)] += extra_rows
+            got_ids, got = added_rows(ids, rows, extra, extra_rows, n)
+        np.testing.assert_array_equal(got_ids, union)
+        assert got.tobytes() == expect.tobytes()

@@ -21,6 +21,7 @@ from strategies.union import (
     gap_statistic_split,
     null_log_inertias,
     simulated_item_rows,
+    stepped_rows,
     two_means_1d,
     union_filter,
     union_uniformities,
@@ -98,6 +99,40 @@ def test_simulated_adam_step_equals_torch_adam():
     assert sgd.item_state() == {"optimizer": "sgd", "lr": 0.01}
     np.testing.assert_allclose(simulated_item_rows(table[:4], grad[:4]),
                                table[:4] - 2e-3 * grad[:4], rtol=1e-6)
+
+
+def test_root_sums_clamp_negative_squares():
+    """A square that rounding made negative (equal rows) counts as distance 0, never nan,
+    also when the roots are taken before any clamp."""
+    from strategies.uniformity import root_sums
+
+    d2 = np.array([[[-2e-18, -1e-18, 9.0], [-1e-18, 4.0, 16.0], [9.0, 16.0, -5e-17]]])
+    w = np.array([[1.0, 2.0, 3.0]])
+    np.testing.assert_array_equal(root_sums(d2.copy, w), [[9.0, 16.0, 11.0]])
+    np.testing.assert_array_equal(root_sums(d2.copy, w, diagonal=True), [[9.0, 12.0, 11.0]])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_stepped_rows_are_the_simulated_step_bit_for_bit(optimizer):
+    """The in-place step of gathered rows (union_uniformities' hot path) computes exactly
+    simulated_item_rows' numbers, rows repeated and in any order."""
+    rng = np.random.default_rng(11)
+    base = _table().astype(np.float64)[:30]
+    item = rng.integers(0, 30, 200)
+    scale = 10.0 ** rng.integers(-4, 3, (200, 1))  # tiny to huge gradients
+    grads = (rng.standard_normal((200, DIM)) * scale).astype(np.float32)
+    kept = grads.copy()
+    if optimizer == "adam":
+        moments = ((rng.standard_normal((30, DIM)) * 1e-2).astype(np.float32),
+                   (rng.random((30, DIM)) * 1e-4).astype(np.float32))
+        kw = dict(step=6, lr=2e-3, betas=(0.9, 0.999), eps=1e-8)
+        expect = simulated_item_rows(base[item], grads, (moments[0][item], moments[1][item]),
+                                     **kw)
+    else:
+        moments, kw = None, dict(lr=0.05)
+        expect = simulated_item_rows(base[item], grads, lr=0.05)
+    np.testing.assert_array_equal(stepped_rows(item, grads, base, moments, **kw), expect)
+    np.testing.assert_array_equal(grads, kept)  # the caller's gradients are not written
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -319,6 +354,49 @@ def test_union_device_resolution_and_torch_path_agree():
     y, w = rng.normal(size=(5, 30, 4)), rng.random((5, 30))
     # the torch path (here on the CPU device) computes the same sums as numpy
     np.testing.assert_allclose(weighted_pair_sums_torch(y, w, "cpu"), weighted_pair_sums(y, w), rtol=1e-10)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_dense_uploads_of_mostly_shared_rows_equal_the_dense_definition(optimizer):
+    """Dense uploads (every client sends every item) that are mostly one same row per item
+    (the weight decay alone): those rows are taken as the common rows (shared_gradients),
+    the d_c still those of the definition, and only the other rows are clients' own."""
+    from strategies.union import shared_gradients
+
+    rng = np.random.default_rng(4)
+    table = _table(1)
+    state = {"optimizer": "sgd", "lr": 0.05}
+    if optimizer == "adam":
+        state = {"optimizer": "adam", "lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "step": 3,
+                 "exp_avg": (rng.standard_normal((N_ITEMS, DIM)) * 1e-2).astype(np.float32),
+                 "exp_avg_sq": (rng.random((N_ITEMS, DIM)) * 1e-4).astype(np.float32)}
+    decay = (1e-3 * table).astype(np.float32)
+    decay[5] = -0.0  # a row of negative zeros: the same bits for all, not those of 0.0
+    grads = np.repeat(decay[None], 10, axis=0)
+    # each client's own rows: 1-2 clients an item, never the 1st and the 5th client both
+    # (two of the rows shared_gradients tries as the common one)
+    own = (np.arange(N_ITEMS)[None, :] + np.arange(10)[:, None]) % 7 == 0
+    grads[own] += (rng.standard_normal((int(own.sum()), DIM)) * 0.01).astype(np.float32)
+    grads[:6, 7] = (rng.standard_normal(DIM) * 0.01).astype(np.float32)  # 6 alike: common
+    ups = [Upload(np.arange(N_ITEMS), grads[c], [], 10, str(c)) for c in range(10)]
+    u = RoundUpdates(ups, np.full(10, 10.0), N_ITEMS, DIM, 1, table, state)
+    sample = rng.choice(N_ITEMS, 200)
+    moments = None
+    if optimizer == "adam":
+        moments = (state["exp_avg"][sample], state["exp_avg_sq"][sample])
+    kw = {k: state[k] for k in ("step", "betas", "eps") if k in state}
+    sim = simulated_item_rows(table[sample], grads[:, sample].astype(np.float64), moments,
+                              lr=state["lr"], **kw)
+    np.testing.assert_allclose(union_uniformities(u, sample, state), uniformity(sim),
+                               rtol=1e-9, atol=1e-12)
+    ids, rows, _ = u.stacked
+    item = ids  # every item, positions = ids here
+    common, differs = shared_gradients(rows, item, N_ITEMS, 10)
+    expect_common = decay.copy()
+    expect_common[7] = grads[0, 7]
+    assert common.tobytes() == expect_common.tobytes()
+    np.testing.assert_array_equal(differs.reshape(10, N_ITEMS), own & (np.arange(N_ITEMS) != 7)
+                                  | (np.arange(10)[:, None] >= 6) & (np.arange(N_ITEMS) == 7))
 
 
 def test_half_covering_uploads_equal_the_dense_definition():
