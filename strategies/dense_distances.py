@@ -3,7 +3,7 @@
 ||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b> from one float64 Gram of the stacked vectors:
 predictors, and dense item uploads (every client sends every item, in order:
 train.weight_decay_scope all), where one (n, n_items * dim) product beats the per-item
-blocks of `strategies.krum.client_sq_distances`.
+blocks of `strategies.item_distances.client_sq_distances`.
 """
 
 from __future__ import annotations
