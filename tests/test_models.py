@@ -421,6 +421,15 @@ def test_unique_inverse_equals_np_unique(n_keys):
         assert np.array_equal(uniq[inv], keys)
 
 
+def test_sorted_unique_equals_np_unique():
+    rng = np.random.default_rng(4)
+    for size in (0, 1, 2, 9, 500):
+        for dtype in (np.int64, np.int32):
+            a = rng.integers(0, 40, size).astype(dtype)
+            got, ref = base.sorted_unique(a), np.unique(a)
+            assert got.dtype == ref.dtype and np.array_equal(got, ref)
+
+
 @pytest.mark.parametrize("bit_generator", [np.random.PCG64, np.random.SFC64, np.random.MT19937])
 @pytest.mark.parametrize("n", [1, 7, base._INTEGERS_FROM - 1, base._INTEGERS_FROM, 20_000])
 def test_raw_words_are_random_raw(bit_generator, n):
