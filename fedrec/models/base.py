@@ -122,12 +122,34 @@ def client_chunks(counts, max_pairs: int) -> list:
 
 
 def in_chunks(chunk_gradients, users, pos_list, neg_list, rngs, **options) -> list:
-    """chunk_gradients(users, pos_list, neg_list, rngs, **options) over `client_chunks`, the
-    clients' results in order."""
+    """chunk_gradients(users, pos_list, neg_list, rngs, arena=, **options) over `client_chunks`,
+    the clients' results in order; the chunks' item rows go to one `RowArena`."""
+    counts = [len(p) for p in pos_list]
+    arena = RowArena(2 * sum(counts))  # a pair adds at most two (client, item) keys
     out = []
-    for a, b in client_chunks([len(p) for p in pos_list], CHUNK_PAIRS):
-        out += chunk_gradients(users[a:b], pos_list[a:b], neg_list[a:b], rngs[a:b], **options)
+    for a, b in client_chunks(counts, CHUNK_PAIRS):
+        out += chunk_gradients(users[a:b], pos_list[a:b], neg_list[a:b], rngs[a:b], arena=arena,
+                               **options)
     return out
+
+
+class RowArena:
+    """One float32 array handed out in consecutive blocks: the item rows of a cohort's chunks
+    land back to back, so the server stacks the round's uploads without copying them
+    (fedrec.protocol.joined_rows; ~0.4 ms of an ML-1M MF round)."""
+
+    def __init__(self, n_rows: int):
+        self.n_rows, self.array, self.used = int(n_rows), None, 0
+
+    def take(self, m: int, dim: int) -> np.ndarray:
+        """The next m rows (uninitialised); a block of its own beyond the arena's bound."""
+        if self.array is None:
+            self.array = np.empty((self.n_rows, dim), dtype=np.float32)
+        if self.used + m > self.n_rows or self.array.shape[1] != dim:
+            return np.empty((m, dim), dtype=np.float32)
+        block = self.array[self.used : self.used + m]
+        self.used += m
+        return block
 
 
 def xavier_normal(rng: np.random.Generator, shape) -> np.ndarray:
@@ -179,25 +201,29 @@ def dropout_keep_cohort(rngs, bounds, d: int, p: float) -> np.ndarray:
     return keep
 
 
-def segment_sum(index: np.ndarray, rows: np.ndarray, n_segments: int) -> np.ndarray:
+def segment_sum(index: np.ndarray, rows: np.ndarray, n_segments: int, out=None) -> np.ndarray:
     """out[s] = sum of rows[j] with index[j] == s, added in j order (float32, deterministic).
 
     torch's CPU index_add_ adds sequentially, so a client's sums come out bit-identical
-    whether it is computed alone or inside a cohort.
+    whether it is computed alone or inside a cohort. out: an (n_segments, dim) float32 array
+    to write the sums into (C-contiguous), returned.
     """
-    return segment_sum_parts([(index, rows)], n_segments, rows.shape[1])
+    return segment_sum_parts([(index, rows)], n_segments, rows.shape[1], out)
 
 
-def segment_sum_parts(parts, n_segments: int, dim: int) -> np.ndarray:
+def segment_sum_parts(parts, n_segments: int, dim: int, out=None) -> np.ndarray:
     """segment_sum of the parts [(index, rows), ...] concatenated, in that order, without
     concatenating them (each part added by its own sequential index_add_)."""
     import torch
 
-    out = torch.zeros((n_segments, dim), dtype=torch.float32)
+    if out is None:
+        total = torch.zeros((n_segments, dim), dtype=torch.float32)
+    else:
+        total = torch.from_numpy(out).zero_()
     for index, rows in parts:
-        out.index_add_(0, torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)),
-                       torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
-    return out.numpy()
+        total.index_add_(0, torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)),
+                         torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
+    return total.numpy() if out is None else out
 
 
 def pairwise_loss(loss: str) -> str:
@@ -248,16 +274,18 @@ def unique_inverse(keys: np.ndarray, n_keys: int):
 
 
 def client_item_uploads(owner, items, rows, n_clients: int, item_table, weight_decay: float,
-                        weight_decay_all: bool) -> list:
+                        weight_decay_all: bool, arena: RowArena | None = None) -> list:
     """Per client (sorted touched ids, summed rows [+ weight decay]) from per-(pair, item) rows.
 
     The sums run per (client, item) key in pair order, so a client's rows are bit-identical
     alone or in a cohort; weight_decay_all makes the upload dense (wd * V plus the rows).
-    The returned rows of different clients are slices of one array."""
+    The returned rows of different clients are consecutive slices of one array (of `arena`'s
+    when given)."""
     n_items = item_table.shape[0]
     keys = owner * n_items + items
     uniq, inv = unique_inverse(keys, n_clients * n_items)
-    item_rows = segment_sum(inv, rows, len(uniq))
+    item_rows = segment_sum(inv, rows, len(uniq),
+                            None if arena is None else arena.take(len(uniq), rows.shape[1]))
     key_owner, key_item = np.divmod(uniq, n_items)
     if weight_decay and not weight_decay_all:  # elementwise: the same numbers as per client
         decay = np.take(item_table, key_item, axis=0)

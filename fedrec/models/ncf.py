@@ -94,7 +94,7 @@ class NCF(CohortModel):
             weight_decay=weight_decay, weight_decay_all=weight_decay_all, train=train)
 
     def _chunk_gradients(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
-                         weight_decay=0.0, weight_decay_all=False, train=True):
+                         weight_decay=0.0, weight_decay_all=False, train=True, arena=None):
         """Client c's block of rows: its n_c positive rows then its n_c negative rows, each
         row a = [u'; v'] with inverted dropout (u' = s*ku*u, shared by a pair's two rows;
         v' = s*kv*v; masks drawn from the client's generator as MF's). Loss (mean over the
@@ -136,7 +136,7 @@ class NCF(CohortModel):
             dV *= mask[:, d:]
         wd = np.float32(weight_decay)
         uploads = client_item_uploads(row_owner, items, dV, n_clients, item_table,
-                                      weight_decay, weight_decay_all)
+                                      weight_decay, weight_decay_all, arena)
         # weight decay over the stacked clients: elementwise, the same numbers as per client
         user_grads = dU + wd * U
         pred = [g + wd * p for g, p in zip(grads.to_list(), W.to_list())]
