@@ -116,7 +116,7 @@ class NCF(CohortModel):
             mask = _dropout_mask(rngs, counts, blocks, d, self.dropout)
             Ur = np.take(U, row_owner, axis=0) * mask[:, :d]
             V *= mask[:, d:]
-        Ha, Z, S, VU = _forward(Ur, U, V, W, blocks, row_owner)
+        Ha, Z, S, VU = _forward(Ur, U, V, W, blocks)
         # pair k (client c) scores at rows blocks[c] + (k - bounds[c]) and that + n_c
         pos_rows = np.arange(len(owner)) + bounds[owner]
         neg_rows = pos_rows + counts[owner]
@@ -131,7 +131,7 @@ class NCF(CohortModel):
             dS[pos_rows], dS[neg_rows] = G, -G
         losses = np.bincount(owner, weights=pair_loss, minlength=n_clients) / np.maximum(counts, 1)
         grads, dU, dV = _backward(Ur, None if mask is None else mask[:, :d], U, V, Ha, Z, VU, dS,
-                                  W, blocks, row_owner)
+                                  W, blocks)
         if mask is not None:
             dV *= mask[:, d:]
         wd = np.float32(weight_decay)
@@ -182,7 +182,7 @@ def _dropout_mask(rngs, counts, blocks, d: int, p: float) -> np.ndarray:
     return mask
 
 
-def _forward(Ur, U, V, W: NCFWeights, blocks, row_owner):
+def _forward(Ur, U, V, W: NCFWeights, blocks):
     """(tanh hidden 1, tanh hidden 2, scores, v' * u' per row or None) of rows [u'; v'],
     products per client, elementwise work over the whole cohort. Ur: the rows' dropped-out
     u', or None without dropout, where a client's rows all share u and its share of the
@@ -193,13 +193,10 @@ def _forward(Ur, U, V, W: NCFWeights, blocks, row_owner):
     Z = np.empty((len(V), len(W.mlp_b2)), dtype=np.float32)
     S = np.empty(len(V), dtype=np.float32)
     pairs = list(zip(blocks[:-1].tolist(), blocks[1:].tolist()))
-    for a, b in pairs:
+    for c, (a, b) in enumerate(pairs):
         np.matmul(V[a:b], w1v.T, out=Ha[a:b])
-    if Ur is None:  # a client's user half, added to each of its rows
-        Ha += np.take(np.stack([u @ w1u.T for u in U]), row_owner, axis=0) if len(U) else 0
-    else:
-        for a, b in pairs:
-            Ha[a:b] += Ur[a:b] @ w1u.T
+        # the user half; without dropout one vector, added to each of the client's rows
+        Ha[a:b] += U[c] @ w1u.T if Ur is None else Ur[a:b] @ w1u.T
     Ha += W.mlp_b1
     np.tanh(Ha, out=Ha)
     for a, b in pairs:
@@ -210,14 +207,15 @@ def _forward(Ur, U, V, W: NCFWeights, blocks, row_owner):
         np.matmul(Z[a:b], W.out_w, out=S[a:b])
     VU = None
     if W.gmf_h is not None:
-        VU = V * (np.take(U, row_owner, axis=0) if Ur is None else Ur)
-        for a, b in pairs:
+        VU = np.empty_like(V)
+        for c, (a, b) in enumerate(pairs):
+            np.multiply(V[a:b], U[c] if Ur is None else Ur[a:b], out=VU[a:b])
             S[a:b] += VU[a:b] @ W.gmf_h
     S += W.out_b[0]
     return Ha, Z, S, VU
 
 
-def _backward(Ur, user_mask, U, V, Ha, Z, VU, dS, W: NCFWeights, blocks, row_owner):
+def _backward(Ur, user_mask, U, V, Ha, Z, VU, dS, W: NCFWeights, blocks):
     """(per-client predictor gradients (each array stacked over clients), dL/du per client,
     dL/dv' per row); Ur and VU as in _forward, user_mask Ur's dropout multipliers (dL/du'
     goes through them before the per-client sum). Products and sums per client, elementwise
@@ -246,7 +244,9 @@ def _backward(Ur, user_mask, U, V, Ha, Z, VU, dS, W: NCFWeights, blocks, row_own
     if gmf:
         g_h = np.stack([dS[a:b] @ VU[a:b] for a, b in pairs]) if pairs else np.zeros((0, d), np.float32)
         gmf_rows = np.multiply(dS[:, None], W.gmf_h)
-        dV += np.multiply(gmf_rows, np.take(U, row_owner, axis=0) if Ur is None else Ur, out=gmf_rows)
+        for c, (a, b) in enumerate(pairs):  # times u', broadcast per client without dropout
+            gmf_rows[a:b] *= U[c] if Ur is None else Ur[a:b]
+        dV += gmf_rows
     if Ur is None:  # every row's u' is u: sum over the rows first
         dU = np.stack([g @ w1u for g in g_b1]) if pairs else np.zeros((0, d), np.float32)
         for c in range(n_clients):
