@@ -217,7 +217,7 @@ def joined_rows(parts: list) -> np.ndarray:
     process, fedrec.models.base.RowArena). The same values either way."""
     full = [p for p in parts if len(p)]
     base = full[0].base if full else None
-    if base is not None and base.ndim == 2 and base.flags.c_contiguous and \
+    if isinstance(base, np.ndarray) and base.ndim == 2 and base.flags.c_contiguous and \
             all(p.base is base and p.flags.c_contiguous and p.dtype == base.dtype for p in full):
         origin = base.__array_interface__["data"][0]
         start = at = full[0].__array_interface__["data"][0]

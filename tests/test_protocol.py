@@ -1,5 +1,7 @@
 """The upload format: round trip and every rejection, with its reason."""
 
+import mmap
+
 import numpy as np
 import pytest
 
@@ -235,4 +237,9 @@ def test_joined_rows_is_a_view_only_for_back_to_back_blocks():
         assert not np.shares_memory(got, arena.array)
         assert np.array_equal(got, np.concatenate(parts))
     assert joined_rows([np.zeros((0, 4), np.float32)]).shape == (0, 4)
+    # rows over memory that is no array (a worker pool's shared mmap): copied
+    shared = mmap.mmap(-1, 64)
+    parts = [np.ndarray((n, 4), np.float32, buffer=shared, offset=16 * r) for r, n in ((0, 1), (1, 3))]
+    assert isinstance(parts[0].base, mmap.mmap)
+    assert np.array_equal(joined_rows(parts), np.concatenate(parts))
     assert arena.take(3, 4).base is None  # beyond the bound: a block of its own
