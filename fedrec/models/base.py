@@ -136,7 +136,7 @@ def in_chunks(chunk_gradients, users, pos_list, neg_list, rngs, **options) -> li
 class RowArena:
     """One float32 array handed out in consecutive blocks: the item rows of a cohort's chunks
     land back to back, so the server stacks the round's uploads without copying them
-    (fedrec.protocol.joined_rows; ~0.4 ms of an ML-1M MF round)."""
+    (fedrec.protocol.joined_rows: the round's 3.8 MB copy on ML-1M MF, ~0.1 ms)."""
 
     def __init__(self, n_rows: int):
         self.n_rows, self.array, self.used = int(n_rows), None, 0
