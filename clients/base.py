@@ -23,6 +23,7 @@ from clients.local_epochs import local_epochs
 from clients.negatives import sample_negatives
 from clients.streams import INIT, ROUND, STATIC_NEGATIVES, Streams
 from fedrec.evaluation import user_metrics
+from fedrec.models.base import sorted_unique
 from fedrec.protocol import encode_upload
 
 
@@ -52,7 +53,7 @@ class FedRecClient(NumPyClient):
         # items are interactions on the device too, so they are excluded as well.
         held = [np.array([i for i in (self.data.val_item[self.user], self.data.test_item[self.user])
                           if i >= 0], np.int64), self.data.test_of(self.user)]
-        self.known_sorted = np.unique(np.concatenate([self.train_items, *held])) \
+        self.known_sorted = sorted_unique(np.concatenate([self.train_items, *held])) \
             if self.cfg.data.negatives_exclude == "all" else np.sort(self.train_items)
         self._known_mask = None  # built on first use (a lookup table over items)
         self._predrawn = None

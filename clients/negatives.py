@@ -41,10 +41,12 @@ def sample_negatives_cohort(clients, rngs, counts) -> list:
     n_items = clients[0].model.n_items
     excl = [len(c.known_sorted) for c in clients]
     draws = [_first_draw(n, n_items, e) for n, e in zip(counts, excl)]
-    cand = np.concatenate([r.integers(0, n_items, size=d) for r, d in zip(rngs, draws)])
+    cands = [r.integers(0, n_items, size=d) for r, d in zip(rngs, draws)]
+    cand = np.concatenate(cands)
     owner = np.repeat(np.arange(len(clients)), draws)
-    masks = np.stack([c.exclusion_mask() for c in clients])
-    acc = np.flatnonzero(~masks[owner, cand])
+    # each client's draws looked up in its own table, as they are drawn (a 2-D lookup in the
+    # cohort's stacked tables costs more: the stack copies clients x n_items bytes)
+    acc = np.flatnonzero(~np.concatenate([c.exclusion_mask()[x] for c, x in zip(clients, cands)]))
     acc_owner = owner[acc]
     got = np.bincount(acc_owner, minlength=len(clients))
     first = np.cumsum(got) - got

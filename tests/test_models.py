@@ -419,3 +419,24 @@ def test_unique_inverse_equals_np_unique(n_keys):
         ref_uniq, ref_inv = np.unique(keys, return_inverse=True)
         assert np.array_equal(uniq, ref_uniq) and np.array_equal(inv, ref_inv.reshape(-1))
         assert np.array_equal(uniq[inv], keys)
+
+
+def test_sorted_unique_equals_np_unique():
+    rng = np.random.default_rng(4)
+    for size in (0, 1, 2, 9, 500):
+        for dtype in (np.int64, np.int32):
+            a = rng.integers(0, 40, size).astype(dtype)
+            got, ref = base.sorted_unique(a), np.unique(a)
+            assert got.dtype == ref.dtype and np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("bit_generator", [np.random.PCG64, np.random.SFC64, np.random.MT19937])
+@pytest.mark.parametrize("n", [1, 7, base._INTEGERS_FROM - 1, base._INTEGERS_FROM, 20_000])
+def test_raw_words_are_random_raw(bit_generator, n):
+    """raw_words draws through whichever call is cheaper: the same words as random_raw, and
+    the generator left in the same state (MT19937, 32-bit raw words, always via random_raw)."""
+    a, b = np.random.Generator(bit_generator(11)), np.random.Generator(bit_generator(11))
+    a.random(3), b.random(3)  # mid-stream, not at a fresh seed
+    assert np.array_equal(base.raw_words(a, n), b.bit_generator.random_raw(n))
+    assert np.array_equal(a.bit_generator.random_raw(5), b.bit_generator.random_raw(5))
+    assert np.array_equal(dropout_bits(a, 4 * n - 1), b.bit_generator.random_raw(n).view(np.uint16)[:-1])

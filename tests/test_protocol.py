@@ -1,5 +1,7 @@
 """The upload format: round trip and every rejection, with its reason."""
 
+import mmap
+
 import numpy as np
 import pytest
 
@@ -216,3 +218,28 @@ def test_batch_decode_makes_the_same_decisions_as_one_by_one():
     assert np.array_equal(owner, np.repeat(np.arange(len(uploads)), [len(u.item_ids) for u in uploads]))
     assert set(expected_err.values()) >= {"non_finite", "too_large", "ids_range", "ids_repeated",
                                            "num_examples", "array_count"}
+
+
+def test_joined_rows_is_a_view_only_for_back_to_back_blocks():
+    from fedrec.models.base import RowArena
+    from fedrec.protocol import joined_rows
+
+    arena = RowArena(10)
+    a, b, c = arena.take(3, 4), arena.take(0, 4), arena.take(5, 4)
+    arena.array[:] = np.arange(40, dtype=np.float32).reshape(10, 4)
+    blocks = [a[:1], a[1:], b, c]  # client slices of two chunks, an empty upload between
+    joined = joined_rows(blocks)
+    assert np.shares_memory(joined, arena.array)
+    assert np.array_equal(joined, np.concatenate(blocks))
+    # a gap, the wrong order, or a foreign block: a copy, the same values as np.concatenate
+    for parts in ([a, c[1:]], [c, a], [a, c.copy()], [a[:, :2], a[:, 2:]]):
+        got = joined_rows(parts)
+        assert not np.shares_memory(got, arena.array)
+        assert np.array_equal(got, np.concatenate(parts))
+    assert joined_rows([np.zeros((0, 4), np.float32)]).shape == (0, 4)
+    # rows over memory that is no array (a worker pool's shared mmap): copied
+    shared = mmap.mmap(-1, 64)
+    parts = [np.ndarray((n, 4), np.float32, buffer=shared, offset=16 * r) for r, n in ((0, 1), (1, 3))]
+    assert isinstance(parts[0].base, mmap.mmap)
+    assert np.array_equal(joined_rows(parts), np.concatenate(parts))
+    assert arena.take(3, 4).base is None  # beyond the bound: a block of its own

@@ -41,7 +41,7 @@ class MF(CohortModel):
             weight_decay=weight_decay, weight_decay_all=weight_decay_all, train=train)
 
     def _chunk_gradients(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
-                         weight_decay=0.0, weight_decay_all=False, train=True):
+                         weight_decay=0.0, weight_decay_all=False, train=True, arena=None):
         """Per pair n (client c), with inverted dropout u' = s*ku*u, vi' = s*ki*vi,
         vj' = s*kj*vj (k in {0,1}, s = 1/(1-p)):
         - bpr: x = u'.(vi' - vj'), loss = softplus(-x). With D = ku*(ki*vi - kj*vj) and
@@ -90,7 +90,8 @@ class MF(CohortModel):
             rows[:n] *= keep[1]
             rows[n:] *= keep[2]
         uploads = client_item_uploads(np.concatenate([owner, owner]), np.concatenate([pos, neg]),
-                                      rows, n_clients, item_table, weight_decay, weight_decay_all)
+                                      rows, n_clients, item_table, weight_decay, weight_decay_all,
+                                      arena)
         return [ClientGrad(ids, r, [], user_grads[c], float(losses[c]), int(counts[c]))
                 for c, (ids, r) in enumerate(uploads)]
 

@@ -94,7 +94,7 @@ class NCF(CohortModel):
             weight_decay=weight_decay, weight_decay_all=weight_decay_all, train=train)
 
     def _chunk_gradients(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
-                         weight_decay=0.0, weight_decay_all=False, train=True):
+                         weight_decay=0.0, weight_decay_all=False, train=True, arena=None):
         """Client c's block of rows: its n_c positive rows then its n_c negative rows, each
         row a = [u'; v'] with inverted dropout (u' = s*ku*u, shared by a pair's two rows;
         v' = s*kv*v; masks drawn from the client's generator as MF's). Loss (mean over the
@@ -116,7 +116,7 @@ class NCF(CohortModel):
             mask = _dropout_mask(rngs, counts, blocks, d, self.dropout)
             Ur = np.take(U, row_owner, axis=0) * mask[:, :d]
             V *= mask[:, d:]
-        Ha, Z, S, VU = _forward(Ur, U, V, W, blocks, row_owner)
+        Ha, Z, S, VU = _forward(Ur, U, V, W, blocks)
         # pair k (client c) scores at rows blocks[c] + (k - bounds[c]) and that + n_c
         pos_rows = np.arange(len(owner)) + bounds[owner]
         neg_rows = pos_rows + counts[owner]
@@ -131,12 +131,12 @@ class NCF(CohortModel):
             dS[pos_rows], dS[neg_rows] = G, -G
         losses = np.bincount(owner, weights=pair_loss, minlength=n_clients) / np.maximum(counts, 1)
         grads, dU, dV = _backward(Ur, None if mask is None else mask[:, :d], U, V, Ha, Z, VU, dS,
-                                  W, blocks, row_owner)
+                                  W, blocks)
         if mask is not None:
             dV *= mask[:, d:]
         wd = np.float32(weight_decay)
         uploads = client_item_uploads(row_owner, items, dV, n_clients, item_table,
-                                      weight_decay, weight_decay_all)
+                                      weight_decay, weight_decay_all, arena)
         # weight decay over the stacked clients: elementwise, the same numbers as per client
         user_grads = dU + wd * U
         pred = [g + wd * p for g, p in zip(grads.to_list(), W.to_list())]
@@ -182,71 +182,68 @@ def _dropout_mask(rngs, counts, blocks, d: int, p: float) -> np.ndarray:
     return mask
 
 
-def _forward(Ur, U, V, W: NCFWeights, blocks, row_owner):
-    """(tanh hidden 1, tanh hidden 2, scores, v' * u' per row or None) of rows [u'; v'],
-    products per client, elementwise work over the whole cohort. Ur: the rows' dropped-out
-    u', or None without dropout, where a client's rows all share u and its share of the
-    first layer is one vector (half the first layer's work)."""
+def _forward(Ur, U, V, W: NCFWeights, blocks):
+    """(tanh hidden 1, tanh hidden 2, scores, v' * u' per row or None) of rows [u'; v'], one
+    client's block at a time (its ~300 rows stay in the core's cache through every layer:
+    ~1.2x faster than each step over the whole chunk; elementwise, so the same numbers). Ur:
+    the rows' dropped-out u', or None without dropout, where a client's rows all share u and
+    its share of the first layer is one vector (half the first layer's work)."""
     d = V.shape[1]
     w1u, w1v = W.mlp_w1[:, :d], W.mlp_w1[:, d:]
     Ha = np.empty((len(V), len(W.mlp_b1)), dtype=np.float32)
     Z = np.empty((len(V), len(W.mlp_b2)), dtype=np.float32)
     S = np.empty(len(V), dtype=np.float32)
-    pairs = list(zip(blocks[:-1].tolist(), blocks[1:].tolist()))
-    for a, b in pairs:
-        np.matmul(V[a:b], w1v.T, out=Ha[a:b])
-    if Ur is None:  # a client's user half, added to each of its rows
-        Ha += np.take(np.stack([u @ w1u.T for u in U]), row_owner, axis=0) if len(U) else 0
-    else:
-        for a, b in pairs:
-            Ha[a:b] += Ur[a:b] @ w1u.T
-    Ha += W.mlp_b1
-    np.tanh(Ha, out=Ha)
-    for a, b in pairs:
-        np.matmul(Ha[a:b], W.mlp_w2.T, out=Z[a:b])
-    Z += W.mlp_b2
-    np.tanh(Z, out=Z)
-    for a, b in pairs:
-        np.matmul(Z[a:b], W.out_w, out=S[a:b])
-    VU = None
-    if W.gmf_h is not None:
-        VU = V * (np.take(U, row_owner, axis=0) if Ur is None else Ur)
-        for a, b in pairs:
-            S[a:b] += VU[a:b] @ W.gmf_h
-    S += W.out_b[0]
+    VU = None if W.gmf_h is None else np.empty_like(V)
+    for c, (a, b) in enumerate(zip(blocks[:-1].tolist(), blocks[1:].tolist())):
+        ha = np.matmul(V[a:b], w1v.T, out=Ha[a:b])
+        ha += U[c] @ w1u.T if Ur is None else Ur[a:b] @ w1u.T
+        ha += W.mlp_b1
+        np.tanh(ha, out=ha)
+        z = np.matmul(ha, W.mlp_w2.T, out=Z[a:b])
+        z += W.mlp_b2
+        np.tanh(z, out=z)
+        s = np.matmul(z, W.out_w, out=S[a:b])
+        if VU is not None:
+            s += np.multiply(V[a:b], U[c] if Ur is None else Ur[a:b], out=VU[a:b]) @ W.gmf_h
+        s += W.out_b[0]
     return Ha, Z, S, VU
 
 
-def _backward(Ur, user_mask, U, V, Ha, Z, VU, dS, W: NCFWeights, blocks, row_owner):
+def _backward(Ur, user_mask, U, V, Ha, Z, VU, dS, W: NCFWeights, blocks):
     """(per-client predictor gradients (each array stacked over clients), dL/du per client,
     dL/dv' per row); Ur and VU as in _forward, user_mask Ur's dropout multipliers (dL/du'
-    goes through them before the per-client sum). Products and sums per client, elementwise
-    work over the whole cohort. Ha and Z are overwritten."""
+    goes through them before the per-client sum). One client's block at a time, as _forward.
+    Ha and Z are overwritten."""
     d = V.shape[1]
     w1u, w1v = W.mlp_w1[:, :d], W.mlp_w1[:, d:]
     pairs = list(zip(blocks[:-1].tolist(), blocks[1:].tolist()))
-    # Z and Ha are consumed in place once their own products are taken (fewer passes over
-    # memory; the same operations in the same order as dZ *= 1 - Z*Z, dH *= 1 - Ha*Ha)
-    g_out_w = np.stack([dS[a:b] @ Z[a:b] for a, b in pairs])
-    dZ = dS[:, None] * W.out_w
-    dZ *= _one_minus_square(Z)  # through tanh
-    g_w2 = np.stack([dZ[a:b].T @ Ha[a:b] for a, b in pairs])
-    dH = np.empty_like(Ha)
-    for a, b in pairs:
-        np.matmul(dZ[a:b], W.mlp_w2, out=dH[a:b])
-    dH *= _one_minus_square(Ha)
-    dV = np.empty_like(V)
-    n_clients = len(pairs)
+    n_clients, gmf = len(pairs), W.gmf_h is not None
+    g_out_w = np.empty((n_clients,) + W.out_w.shape, dtype=np.float32)
+    g_w2 = np.empty((n_clients,) + W.mlp_w2.shape, dtype=np.float32)
+    g_b2 = np.empty((n_clients,) + W.mlp_b2.shape, dtype=np.float32)
     g_w1 = np.empty((n_clients,) + W.mlp_w1.shape, dtype=np.float32)
+    g_b1 = np.empty((n_clients,) + W.mlp_b1.shape, dtype=np.float32)
+    g_h = np.empty((n_clients, d), dtype=np.float32) if gmf else None
+    dZ, dH, dV = np.empty_like(Z), np.empty_like(Ha), np.empty_like(V)
     for c, (a, b) in enumerate(pairs):
-        np.matmul(dH[a:b], w1v, out=dV[a:b])
-        np.matmul(dH[a:b].T, V[a:b], out=g_w1[c, :, d:])
-    g_b1 = _client_sums(dH, pairs)
-    gmf = W.gmf_h is not None
-    if gmf:
-        g_h = np.stack([dS[a:b] @ VU[a:b] for a, b in pairs]) if pairs else np.zeros((0, d), np.float32)
-        gmf_rows = np.multiply(dS[:, None], W.gmf_h)
-        dV += np.multiply(gmf_rows, np.take(U, row_owner, axis=0) if Ur is None else Ur, out=gmf_rows)
+        ds = dS[a:b]
+        # Z and Ha are consumed in place once their own products are taken (fewer passes
+        # over memory; the same operations as dZ *= 1 - Z*Z, dH *= 1 - Ha*Ha)
+        g_out_w[c] = ds @ Z[a:b]
+        dz = np.multiply(ds[:, None], W.out_w, out=dZ[a:b])
+        dz *= _one_minus_square(Z[a:b])  # through tanh
+        g_w2[c] = dz.T @ Ha[a:b]
+        g_b2[c] = dz.sum(0)
+        dh = np.matmul(dz, W.mlp_w2, out=dH[a:b])
+        dh *= _one_minus_square(Ha[a:b])
+        g_b1[c] = dh.sum(0)
+        dv = np.matmul(dh, w1v, out=dV[a:b])
+        np.matmul(dh.T, V[a:b], out=g_w1[c, :, d:])
+        if gmf:
+            g_h[c] = ds @ VU[a:b]
+            rows = np.multiply(ds[:, None], W.gmf_h)
+            rows *= U[c] if Ur is None else Ur[a:b]  # times u'
+            dv += rows
     if Ur is None:  # every row's u' is u: sum over the rows first
         dU = np.stack([g @ w1u for g in g_b1]) if pairs else np.zeros((0, d), np.float32)
         for c in range(n_clients):
@@ -262,7 +259,7 @@ def _backward(Ur, user_mask, U, V, Ha, Z, VU, dS, W: NCFWeights, blocks, row_own
             dUr += dS[:, None] * W.gmf_h * V
         dUr *= user_mask
         dU = _client_sums(dUr, pairs)
-    grads = NCFWeights(g_h if gmf else None, g_w1, g_b1, g_w2, _client_sums(dZ, pairs), g_out_w,
+    grads = NCFWeights(g_h, g_w1, g_b1, g_w2, g_b2, g_out_w,
                        np.stack([dS[a:b].sum(0, keepdims=True) for a, b in pairs]))
     return grads, dU, dV
 
