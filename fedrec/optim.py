@@ -55,9 +55,14 @@ def _catch_up_move(M, V, last, gap, lr, b1, b2, eps) -> np.ndarray:
     inv_a = 1.0 / np.where(series, a, 1.0)
     total = np.zeros_like(a)
     en = np.ones_like(e)
+    # (-1/a)^n by products: numpy's pow of a negative base takes libm's slow path (~0.35 ms a
+    # round for n = 3); the n = 3 term is < 1e-9 of the sum, so its last-bit difference from
+    # pow never reaches the result (tests/test_optim.py compares with the pow form)
+    power = np.ones_like(a)
     for n in range(4):  # sum_k r_k / (a + e_k) = sum_n (-1/a)^n sum_k r_k e_k^n / a
-        total += (r * en).sum(axis=1, keepdims=True) * (-inv_a) ** n
+        total += (r * en).sum(axis=1, keepdims=True) * power
         en = en * e
+        power = -inv_a if n == 0 else (power * power if n == 1 else power * -inv_a)
     total *= inv_a
     if not series.all():
         rows, cols = np.nonzero(~series)
@@ -147,11 +152,37 @@ class ServerOptimizer:
 
     @torch.no_grad()
     def step(self, grads):
+        grads = [torch.from_numpy(np.asarray(g, dtype=np.float32)) for g in grads]
+        if self._fused_adam_step(grads):
+            return
         for p, g in zip(self.params, grads):
-            p.grad = torch.from_numpy(np.asarray(g, dtype=np.float32))
+            p.grad = g
         self.opt.step()
         for p in self.params:
             p.grad = None
+
+    def _fused_adam_step(self, grads) -> bool:
+        """Adam's step as torch.optim.Adam(fused=True) takes it once its state exists: the same
+        kernel on the same tensors (bit-identical, tests/test_optim.py), without the ~0.3 ms of
+        Python that Optimizer.step spends around it on every round. False: not applicable
+        (SGD, the first step, a changed param group), so opt.step() takes it."""
+        if not isinstance(self.opt, torch.optim.Adam) or len(self.opt.param_groups) != 1:
+            return False
+        group = self.opt.param_groups[0]
+        if (group["weight_decay"] or group["amsgrad"] or group["maximize"] or not group["fused"]
+                or group.get("decoupled_weight_decay") or torch.is_tensor(group["lr"])):
+            return False
+        states = [self.opt.state.get(p) for p in self.params]
+        if not all(states):
+            return False
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_(self.params, grads, [s["exp_avg"] for s in states],
+                           [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False,
+                           lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0,
+                           eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
+        return True
 
     def state_dict(self):
         return self.opt.state_dict()

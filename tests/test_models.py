@@ -431,10 +431,11 @@ def test_sorted_unique_equals_np_unique():
 
 
 @pytest.mark.parametrize("bit_generator", [np.random.PCG64, np.random.SFC64, np.random.MT19937])
-@pytest.mark.parametrize("n", [1, 7, base._INTEGERS_FROM - 1, base._INTEGERS_FROM, 20_000])
+@pytest.mark.parametrize("n", [1, 7, 4095, 4096, 20_000])
 def test_raw_words_are_random_raw(bit_generator, n):
-    """raw_words draws through whichever call is cheaper: the same words as random_raw, and
-    the generator left in the same state (MT19937, 32-bit raw words, always via random_raw)."""
+    """raw_words and the dropout bits are the generator's raw words (the layout every stored
+    run's dropout masks came from: 4096 and up were once drawn through `integers`, which
+    gives the same words) and leave the generator in the same state."""
     a, b = np.random.Generator(bit_generator(11)), np.random.Generator(bit_generator(11))
     a.random(3), b.random(3)  # mid-stream, not at a fresh seed
     assert np.array_equal(base.raw_words(a, n), b.bit_generator.random_raw(n))

@@ -164,18 +164,11 @@ def dropout_bits(rng: np.random.Generator, n: int) -> np.ndarray:
     return raw_words(rng, (n + 3) // 4).view(np.uint16)[:n]
 
 
-# 64-bit generators, whose `integers` over the full uint64 range returns exactly their raw
-# outputs and leaves the same state (MT19937's raw outputs are 32-bit: not this)
-_RAW64 = (np.random.PCG64, np.random.PCG64DXSM, np.random.SFC64, np.random.Philox)
-# `integers` costs ~5 us more per call than `random_raw` but ~1.3 ns less per word (PCG64)
-_INTEGERS_FROM = 4096
-
-
 def raw_words(rng: np.random.Generator, n: int) -> np.ndarray:
-    """The generator's next n raw 64-bit outputs (`bit_generator.random_raw(n)`), drawn the
-    cheaper way for n (tests/test_models.py pins the equality)."""
-    if n >= _INTEGERS_FROM and isinstance(rng.bit_generator, _RAW64):
-        return rng.integers(0, 1 << 64, size=n, dtype=np.uint64)
+    """The generator's next n raw 64-bit outputs (`bit_generator.random_raw(n)`). (Drawing
+    them through `integers` over the full uint64 range gives the same words, and was taken
+    for n >= 4096 as cheaper per word; measured again with numpy 2 on this machine it is
+    slower at every size: 19.9 against 16.5 us for 7,200 words.)"""
     return rng.bit_generator.random_raw(n)
 
 
