@@ -311,9 +311,14 @@ def item_median(ids: np.ndarray, rows: np.ndarray, n_items: int, out: np.ndarray
     widths = class_width(counts, MEDIAN_WIDTHS)
     dim = rows.shape[1]
     half = np.float32(0.5)
-    for width in np.unique(widths):
-        sel = np.flatnonzero(widths == width)
-        m, below = counts[sel], (width - counts[sel]) // 2
+    # the groups of each width class consecutive (one stable sort, no mask per class)
+    by_width = np.argsort(widths, kind="stable")
+    class_widths, class_starts = np.unique(widths[by_width], return_index=True)
+    class_ends = np.r_[class_starts[1:], len(by_width)]
+    for width, c0, c1 in zip(class_widths.tolist(), class_starts.tolist(), class_ends.tolist()):
+        sel = by_width[c0:c1]
+        m = counts[sel]
+        below = (width - m) // 2
         x, real = gather_block(rows, order, starts[sel], m, width, below)
         if not real.all():
             pad = ~real
@@ -321,8 +326,20 @@ def item_median(ids: np.ndarray, rows: np.ndarray, n_items: int, out: np.ndarray
             x[pad] = fill[:, None]
         a, b = select_middle(x.reshape(width, len(sel) * dim))
         a, b = a.reshape(-1, dim), b.reshape(-1, dim)
-        b = np.where((m % 2 == 1)[:, None], a, b)  # odd m: the single middle value
-        out[items[sel]] = a * half + b * half  # halves first: no overflow
+        odd = m % 2 == 1
+        # halves first (no overflow): a * 0.5 + b * 0.5, with b = a for odd m (the single
+        # middle value), in place in the block's scratch rows. Classes up to width 10 hold
+        # one m each (all odd or all even): no per-group select there.
+        if odd.all():
+            np.multiply(a, half, out=a)
+            np.add(a, a, out=a)
+        else:
+            if odd.any():
+                b = np.where(odd[:, None], a, b)
+            np.multiply(a, half, out=a)
+            np.multiply(b, half, out=b)
+            np.add(a, b, out=a)
+        out[items[sel]] = a
     return out
 
 
