@@ -242,3 +242,21 @@ def test_server_adam_fast_step_equals_torch_adam_bit_for_bit():
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(ours.opt.state[ours.params[i]][key], ref.state[p][key])
         assert int(ours.opt.state[ours.params[i]]["step"]) == 6
+
+
+def test_server_optimizer_arrays_follow_relocate():
+    """arrays() hands out views of the parameters' current storage: after `relocate` (the
+    worker pool's shared memory) the new buffers, which later steps update in place."""
+    opt = ServerOptimizer([np.ones((3, 2), np.float32)], "adam", lr=0.1)
+    before = opt.arrays()[0]
+    buffers = []
+
+    def alloc(shape, dtype):
+        buffers.append(np.zeros(shape, dtype))
+        return buffers[-1]
+
+    opt.relocate(alloc)
+    after = opt.arrays()[0]
+    assert np.shares_memory(after, buffers[0]) and not np.shares_memory(after, before)
+    opt.step([np.ones((3, 2), np.float32)])
+    assert np.allclose(buffers[0], 0.9) and np.array_equal(opt.arrays()[0], buffers[0])
