@@ -1,0 +1,51 @@
+"""benchmarks/round_profile.py: the stack sampler and a short profile of a synthetic run."""
+
+import importlib.util
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("round_profile", ROOT / "benchmarks" / "round_profile.py")
+round_profile = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(round_profile)
+
+
+def _burn(seconds):
+    end = time.process_time() + seconds
+    x = 0
+    while time.process_time() < end:
+        x += 1
+    return x
+
+
+def _outer():
+    _burn(0.15)
+    _burn_more()
+
+
+def _burn_more():
+    _burn(0.05)
+
+
+def test_sampler_counts_inclusive_and_self_shares():
+    with round_profile.StackSampler(0.002, str(ROOT)) as s:
+        _outer()
+    assert s.samples >= 40
+    names = {k.rsplit(":", 1)[-1]: v for k, v in s.inclusive.items()}
+    # every sample is inside _outer and _burn; about a quarter also inside _burn_more
+    assert names["_outer"] >= 0.9 * s.samples and names["_burn"] >= 0.9 * s.samples
+    assert 0.1 * s.samples <= names["_burn_more"] <= 0.45 * s.samples
+    assert all(k.startswith("tests/test_round_profile.py:") for k in s.own)  # paths relative to the root
+
+
+def test_profile_of_a_synthetic_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path))
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text("name: tiny\ndata:\n  dataset: synthetic\n  synthetic: {n_users: 200, n_items: 300, "
+                   f"mean_history: 15}}\n  cache_dir: {tmp_path}\nmodel: {{dim: 16}}\n"
+                   "train: {rounds: 60, clients_per_round: 10}\n")
+    out = round_profile.profile(str(exp), [], rounds=60, warmup=5, interval_ms=0.5, top=10)
+    assert out["samples"] > 0 and out["rounds_per_s"] > 0
+    where = [e["where"] for e in out["inclusive"]]
+    assert any(w.endswith("Engine.run_round") for w in where)
+    assert abs(sum(e["share"] for e in out["self"]) - 1.0) < 0.5  # top 10 lines hold much of it
