@@ -145,6 +145,42 @@ def test_fang_moves_against_the_benign_sign_by_a_constant_magnitude():
     np.testing.assert_allclose(stat_opt(mean, std, 3.0), [-5.5, 5.0, 0.0])
 
 
+def test_fang_reference_form_along_the_mean_sign_per_coordinate():
+    """The ClusterAttack/UNION reference's form: mu + gamma * sigma * sign(mu), per coordinate."""
+    mean, std = np.array([0.5, -1.0, 0.0]), np.array([1.0, 3.0, 2.0])
+    np.testing.assert_allclose(stat_opt(mean, std, 3.0, "along", "coordinate"), [3.5, -10.0, 0.0])
+    np.testing.assert_allclose(stat_opt(mean, std, 3.0, "against", "coordinate"), [-2.5, 8.0, 0.0])
+    np.testing.assert_allclose(stat_opt(mean, std, 3.0, "along", "mean"), [6.5, -7.0, 0.0])
+
+
+def test_fang_draws_one_gamma_per_malicious_upload():
+    """gamma_max > gamma: each malicious upload its own gamma ~ U[gamma, gamma_max) from the
+    adversary's generator (same seed, same draws); rows and predictor share it."""
+    from types import SimpleNamespace
+
+    from clients.malicious.fang import FangClient, FangParams
+    from clients.malicious.base import dense_stats
+
+    rng = np.random.default_rng(0)
+    known = [SimpleNamespace(item_ids=np.array([1, 4]), item_rows=rng.standard_normal((2, 3)).astype(np.float32),
+                             predictor=[rng.standard_normal(2).astype(np.float32)]) for _ in range(5)]
+    view = SimpleNamespace(benign=None, pool=known, own=known[:3])
+    params = FangParams(gamma=3.0, gamma_max=4.0, direction="along", deviation="coordinate")
+    out, diag = FangClient.craft_round(view, params, {}, np.random.default_rng(7))
+    again, _ = FangClient.craft_round(view, params, {}, np.random.default_rng(7))
+    ids, mean, std, pred = dense_stats(known)
+    gammas = np.random.default_rng(7).uniform(3.0, 4.0, size=3)
+    assert len(out) == 3 and 3.0 <= diag["gamma"] < 4.0
+    for (up_ids, rows, p), (_, rows2, _), g in zip(out, again, gammas):
+        np.testing.assert_array_equal(up_ids, ids)
+        np.testing.assert_array_equal(rows, rows2)
+        np.testing.assert_array_equal(rows, stat_opt(mean, std, g, "along", "coordinate"))
+        np.testing.assert_array_equal(p[0], stat_opt(pred[0][0], pred[0][1], g, "along", "coordinate"))
+    assert not np.array_equal(out[0][1], out[1][1])
+    with pytest.raises(Exception, match="direction"):
+        FangParams(direction="sideways").validate()
+
+
 @pytest.mark.parametrize("mode", ["min-max", "min-sum"])
 def test_dyn_opt_gamma_is_the_largest_within_the_benign_spread(mode):
     rng = np.random.default_rng(3)
@@ -176,6 +212,12 @@ def test_fedattack_picks_bottom_positives_and_top_negatives():
     np.testing.assert_array_equal(neg, [6, 4, 0])
     pos, neg = hard_pairs(scores, np.arange(8), known, 2, n_neg=6)  # 6 candidates, 2 positives
     np.testing.assert_array_equal(neg, [6, 4, 0, 3, 6, 4])
+    # the reference's form: one positive (the lowest) for every pair, the user's items ranked too
+    pos, neg = hard_pairs(scores, np.arange(8), None, 3, single_positive=True)
+    np.testing.assert_array_equal(pos, [5, 5, 5])  # 0.0, an interacted item
+    np.testing.assert_array_equal(neg, [2, 6, 4])  # 9.0 (interacted), 8.0, 7.0
+    pos, neg = hard_pairs(scores, np.arange(8), known, 3, single_positive=True)
+    np.testing.assert_array_equal(pos, [1, 1, 1])
 
 
 @pytest.mark.parametrize("variant", ["O-D", "O-S"])

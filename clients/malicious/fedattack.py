@@ -9,6 +9,11 @@ embedding under the current model, then trains normally on poisoned pairs:
 - positives: the lowest-scored items (replacing its real positives), as many as its real
   positives; the k-th lowest is paired with the k-th highest.
 Only the data changes: the gradient, the upload and the user-row update are the honest code.
+
+The ClusterAttack/UNION reference code's FedAttack differs on two points, each a parameter
+(its form: single_positive true, exclude_known false): params.single_positive pairs every
+negative with the one lowest-scored item (instead of the n lowest), and params.exclude_known
+false ranks all items, the user's own included, for both ends.
 """
 
 from __future__ import annotations
@@ -23,18 +28,21 @@ from fedrec.errors import ConfigError
 _POOL = 11  # the client's stream for its known item pool
 
 
-def hard_pairs(scores: np.ndarray, candidates: np.ndarray, known_mask: np.ndarray, n: int,
-               n_neg: int | None = None):
+def hard_pairs(scores: np.ndarray, candidates: np.ndarray, known_mask: np.ndarray | None, n: int,
+               n_neg: int | None = None, single_positive: bool = False):
     """(positives, negatives): the n lowest- and n highest-scored candidate items the user has
-    not interacted with (known_mask), lowest first / highest first; n shrinks to half the
-    candidates if there are too few. With n_neg (a sequential model's own number of negatives)
-    the negatives are exactly n_neg: the hardest ones, cycled if there are fewer candidates."""
-    cand = candidates[~known_mask[candidates]]
+    not interacted with (known_mask; None: every candidate), lowest first / highest first; n
+    shrinks to half the candidates if there are too few. single_positive: the lowest one, n
+    times. With n_neg (a sequential model's own number of negatives) the negatives are
+    exactly n_neg: the hardest ones, cycled if there are fewer candidates."""
+    cand = candidates if known_mask is None else candidates[~known_mask[candidates]]
     n = int(min(n, len(cand) // 2))
     if n <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     order = np.argsort(scores[cand], kind="stable")
-    pos = cand[order[:n]].astype(np.int64)
+    pos = cand[order[:1 if single_positive else n]].astype(np.int64)
+    if single_positive:
+        pos = np.repeat(pos, n)
     if n_neg is None:
         return pos, cand[order[::-1][:n]].astype(np.int64)
     hardest = cand[order[::-1][:max(min(n_neg, len(cand) - n), 1)]].astype(np.int64)
@@ -44,6 +52,8 @@ def hard_pairs(scores: np.ndarray, candidates: np.ndarray, known_mask: np.ndarra
 @dataclass
 class FedAttackParams:
     item_pool: float = 1.0  # fraction of the items the attacker knows (drawn once per client)
+    single_positive: bool = False  # every pair's positive the one lowest-scored item
+    exclude_known: bool = True  # false: the user's own items are ranked too (the reference's)
 
     def validate(self):
         if not 0.0 < self.item_pool <= 1.0:
@@ -70,6 +80,7 @@ class FedAttackClient(MaliciousClient):
         scores = self.model.score(u[None, :], table, predictor)[0]
         # as many as the model consumes: pairs for MF/NCF; the sequential models take the
         # history's length and the loss's own number of negatives (0 for a full softmax)
-        hp, hn = hard_pairs(scores, self._item_pool(), self.exclusion_mask(), len(pos),
-                            len(neg) if self.model.sequential else None)
+        hp, hn = hard_pairs(scores, self._item_pool(),
+                            self.exclusion_mask() if self.params.exclude_known else None, len(pos),
+                            len(neg) if self.model.sequential else None, self.params.single_positive)
         return hp, hn
