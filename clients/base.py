@@ -188,6 +188,8 @@ class FedRecClient(NumPyClient):
             masked = self.train_items
             if split == "test" and data.val_item[self.user] >= 0:
                 masked = np.append(masked, data.val_item[self.user])
+            if not self.cfg.eval.mask_history:  # FedAttack's protocol: every item ranked
+                masked = masked[:0]
             for key, vals in user_metrics(scores, [targets], [masked], ks).items():
                 metrics[f"{split}_{key}"] = float(vals[0])
         if not metrics:

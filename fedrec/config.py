@@ -239,6 +239,11 @@ class EvalConfig:
     batch_users: int = 1024
     # the splits the in-process runner ranks (test alone halves an NCF evaluation's cost)
     splits: list = field(default_factory=lambda: ["val", "test"])
+    # mask the user's training items (and, for test, the validation item) out of the ranking:
+    # the ranking protocol of ClusterAttack/UNION, SASRec and BERT4Rec. false: the held-out
+    # item is ranked among all items, history included, as FedAttack's code evaluates
+    # (ER@K keeps its masks)
+    mask_history: bool = True
 
     def validate(self):
         if not self.splits or not all(s in ("val", "test") for s in self.splits) \
@@ -246,6 +251,8 @@ class EvalConfig:
             raise ConfigError(f"eval.splits: expected a non-empty list of val, test; got {self.splits!r}")
         _range("eval.every", self.every, 0, 10**8)
         _range("eval.from_round", self.from_round, 0, 10**8)
+        if not isinstance(self.mask_history, bool):
+            raise ConfigError(f"eval.mask_history: expected true or false, got {self.mask_history!r}")
         _range("eval.fraction", self.fraction, 0.0, 1.0)
         if not self.ks or not all(isinstance(k, int) and k > 0 for k in self.ks):
             raise ConfigError("eval.ks: expected a non-empty list of positive integers")
@@ -333,6 +340,8 @@ class ExperimentConfig:
             del d["eval"]["splits"]
         if d["eval"]["from_round"] == 0:  # added later: older digests stay the same
             del d["eval"]["from_round"]
+        if d["eval"]["mask_history"] is True:  # added later: older digests stay the same
+            del d["eval"]["mask_history"]
         d.pop("ray", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 

@@ -249,7 +249,8 @@ class Engine:
             has = target[users] >= 0
             v = self.user_vectors(users[has], rnd, split) if per_split else vecs[has]
             res = evaluate_users(self.env.model, table, predictor, v, users[has], data,
-                                 split, cfg.eval.ks, cfg.eval.batch_users, targets, holds)
+                                 split, cfg.eval.ks, cfg.eval.batch_users, targets, holds,
+                                 cfg.eval.mask_history)
             for key, vals in res["per_user"].items():
                 out[f"{split}_{key}"] = math.fsum(vals.tolist()) / len(vals) if len(vals) else 0.0
             out[f"{split}_users"] = int(has.sum())

@@ -102,8 +102,10 @@ def user_metrics(scores, targets_list, masked_list, ks) -> dict:
 
 
 def evaluate_users(model, item_table, predictor, user_vecs, users, data, split: str, ks,
-                   batch_users: int = 1024, targets=None, holds=None) -> dict:
+                   batch_users: int = 1024, targets=None, holds=None, mask_history=True) -> dict:
     """Full-ranking metrics for `users` (their representations in `user_vecs`, same order).
+    mask_history=False ranks the held-out items among all items, the user's history included
+    (eval.mask_history; ER@K keeps its masks).
 
     Returns the mean metrics and "per_user" ({metric: per-user array}); "ranks" too where
     every user has a single held-out item. With `targets` (item ids) and `holds` ((n_users, T)
@@ -130,20 +132,21 @@ def evaluate_users(model, item_table, predictor, user_vecs, users, data, split: 
             has_val = data.val_item[batch] >= 0
             rows = np.concatenate([rows, np.flatnonzero(has_val)])
             cols = np.concatenate([cols, data.val_item[batch][has_val]])
+        hr_rows, hr_cols = (rows, cols) if mask_history else (rows[:0], cols[:0])
+        if expo is not None:  # before the ranking below, which writes its masks into scores
+            tr = target_ranks(scores, targets, rows, cols)
+            for key, v in exposure(tr, ~holds[batch], ks).items():
+                expo[key] += v
         if multi:
             t_lens = data.test_indptr[batch + 1] - data.test_indptr[batch]
             res = multi_target_metrics(scores, t_lens, data.test_items[csr_gather(
-                data.test_indptr[batch], t_lens)], rows, cols, ks)
+                data.test_indptr[batch], t_lens)], hr_rows, hr_cols, ks)
         else:
-            r = ranks_of_targets(scores, target_all[batch], rows, cols)
+            r = ranks_of_targets(scores, target_all[batch], hr_rows, hr_cols)
             ranks[start : start + len(batch)] = r
             res = per_user_metrics(r, ks)
         for key, vals in res.items():
             per_user[key][start : start + len(batch)] = vals
-        if expo is not None:
-            tr = target_ranks(scores, targets, rows, cols)
-            for key, v in exposure(tr, ~holds[batch], ks).items():
-                expo[key] += v
     out = {"per_user": per_user,
            **{key: float(v.mean()) if len(v) else 0.0 for key, v in per_user.items()}}
     if not multi:

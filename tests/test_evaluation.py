@@ -74,6 +74,41 @@ def test_evaluate_users_masks_training_and_validation_items():
     np.testing.assert_array_equal(res["ranks"], [2])
 
 
+def test_evaluate_users_without_history_masks_ranks_among_all_items():
+    """eval.mask_history false (FedAttack's protocol): user 0's test item 3 (score 2) now
+    ranks below its training items 0, 1 and validation item 2 -> rank 3; user 1's item 0
+    (score -5) below items 1-4, its training item 4 included -> rank 4 (3 when masked)."""
+    data = _tiny_data()
+    table = np.array([[5.0], [4.0], [3.0], [2.0], [1.0]], np.float32)
+    vecs = np.array([[1.0], [-1.0]], np.float32)
+    res = evaluate_users(MF(5, 1), table, [], vecs, np.array([0, 1]), data, "test", [1, 5],
+                         mask_history=False)
+    np.testing.assert_array_equal(res["ranks"], [3, 4])
+    assert res["hr@1"] == 0.0 and res["hr@5"] == 1.0
+
+
+@pytest.mark.parametrize("mask_history", [True, False])
+def test_engine_and_clients_agree_with_and_without_history_masks(tmp_path, mask_history):
+    cfg = from_dict({
+        "data": {"synthetic": {"n_users": 40, "n_items": 50, "mean_history": 10},
+                 "cache_dir": str(tmp_path)},
+        "model": {"dim": 8}, "train": {"rounds": 2, "clients_per_round": 10},
+        "server": {"lr": 0.05}, "eval": {"mask_history": mask_history}, "output": {"progress": False},
+    })
+    engine = Engine(cfg, progress=False)
+    engine.run()
+    out = engine.evaluate(3, final=False)
+    arrays = engine.strategy.global_arrays()
+    per_client = [m for user in range(40)
+                  for _, n, m in [engine.client(user).evaluate(arrays, {"round": 3})] if n]
+    assert engine.strategy.evaluate_results(3, per_client) == out
+    if not mask_history:  # fewer hits than with the history masked (the history ranks high)
+        masked = Engine(from_dict({**cfg.to_dict(), "eval": {"mask_history": True}}), progress=False)
+        masked.run()
+        assert out["test_hr@20"] <= masked.evaluate(3, final=False)["test_hr@20"]
+        assert cfg.digest() != masked.cfg.digest()
+
+
 def test_detection_metrics():
     m = detection_metrics([1, 2, 3, 4], [3, 4, 5])
     assert m["tp"] == 2 and m["precision"] == 0.5 and m["recall"] == pytest.approx(2 / 3)
