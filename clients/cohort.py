@@ -78,7 +78,8 @@ def prepare_cohort(clients, arrays, config) -> PreparedCohort:
     fresh = [i for i, c in enumerate(clients) if c.batch_negatives and c.cfg.data.negatives == "fresh"]
     if fresh:
         negs = sample_negatives_cohort([clients[i] for i in fresh], [rngs[i] for i in fresh],
-                                       [clients[i].negatives_count() for i in fresh])
+                                       [clients[i].negatives_count() for i in fresh],
+                                       fresh_streams=True)  # just made by c.stream above
         for i, neg in zip(fresh, negs):
             clients[i].predraw_negatives(neg)
     jobs = [c.prepare_fit(arrays, config, rng) for c, rng in zip(clients, rngs)]

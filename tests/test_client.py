@@ -252,3 +252,36 @@ def test_sum_reduction_scales_the_mean_gradient_by_the_pair_count(tmp_path):
     assert n == n2 > 1
     np.testing.assert_array_equal(m[0], s[0])
     np.testing.assert_allclose(s[1], m[1] * np.float32(n), rtol=1e-6)
+
+
+@pytest.mark.parametrize("high", [3706, 7, (1 << 31) + 1, (1 << 32) - 1])
+def test_fresh_integers_equal_generator_integers_and_leave_the_same_state(high):
+    """The cohort's vectorised bounded draws: the numbers of Generator.integers and the same
+    generator state after (raw word count, 32-bit buffer), for odd and even sizes; a high
+    near 2**31 makes Lemire's method reject about half its draws (the rewind-and-redraw
+    path); other bit generators go to integers itself."""
+    from clients.negatives import fresh_integers
+
+    sizes = [1, 2, 7, 200, 201, 0, 33]
+    for seed in range(6):
+        def gens(kind=np.random.PCG64):
+            out = []
+            for j in range(len(sizes)):
+                bg = kind(seed * 100 + j)
+                if kind is np.random.PCG64:
+                    bg.advance((seed + 1) << 70)  # as clients.streams does
+                out.append(np.random.Generator(bg))
+            return out
+        for kind in (np.random.PCG64, np.random.Philox):
+            a, b = gens(kind), gens(kind)
+            got = fresh_integers(a, high, sizes)
+            ref = [r.integers(0, high, size=d) for r, d in zip(b, sizes)]
+            for x, y, ra, rb in zip(got, ref, a, b):
+                assert x.dtype == y.dtype and np.array_equal(x, y)
+                sa, sb = ra.bit_generator.state, rb.bit_generator.state
+                if kind is np.random.PCG64:  # a stale high half is kept but never read
+                    assert sa["state"] == sb["state"] and sa["has_uint32"] == sb["has_uint32"]
+                    assert not sa["has_uint32"] or sa["uinteger"] == sb["uinteger"]
+                else:
+                    assert repr(sa) == repr(sb)
+                assert np.array_equal(ra.integers(0, 1000, size=3), rb.integers(0, 1000, size=3))
