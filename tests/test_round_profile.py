@@ -44,8 +44,9 @@ def test_profile_of_a_synthetic_run(tmp_path, monkeypatch):
     exp.write_text("name: tiny\ndata:\n  dataset: synthetic\n  synthetic: {n_users: 200, n_items: 300, "
                    f"mean_history: 15}}\n  cache_dir: {tmp_path}\nmodel: {{dim: 16}}\n"
                    "train: {rounds: 60, clients_per_round: 10}\n")
-    out = round_profile.profile(str(exp), [], rounds=60, warmup=5, interval_ms=0.5, top=10)
+    out = round_profile.profile(str(exp), [], rounds=60, warmup=5, interval_ms=0.5, top=200)
+    # (top=200: under pytest every sample also holds ~30 pytest frames with the same count)
     assert out["samples"] > 0 and out["rounds_per_s"] > 0
     where = [e["where"] for e in out["inclusive"]]
     assert any(w.endswith("Engine.run_round") for w in where)
-    assert abs(sum(e["share"] for e in out["self"]) - 1.0) < 0.5  # top 10 lines hold much of it
+    assert abs(sum(e["share"] for e in out["self"]) - 1.0) < 0.01  # every sample has one line (shares rounded)
