@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedrec.evaluation import csr_gather
+
 
 def _first_draw(count: int, n_items: int, n_excluded: int) -> int:
     return max(16, int(count * n_items / (n_items - n_excluded) * 1.2) + 8)
@@ -60,12 +62,12 @@ def fresh_integers(rngs, high: int, sizes) -> list:
         return out
     halves = np.concatenate(words).view("<u4")  # little-endian: low half, then high half
     starts = np.cumsum([0] + [2 * len(w) for w in words[:-1]])
-    take = np.concatenate([np.arange(a, a + sizes[i]) for a, i in zip(starts, fast)])
-    scaled = halves[take].astype(np.uint64) * np.uint64(high)
+    lens = np.array([sizes[i] for i in fast], dtype=np.int64)
+    scaled = halves[csr_gather(starts, lens)].astype(np.uint64) * np.uint64(high)
     leftover = scaled & np.uint64(0xFFFFFFFF)
     rejected = leftover < np.uint64(((1 << 32) - high) % high)
     values = (scaled >> np.uint64(32)).astype(np.int64)
-    bounds = np.cumsum([0] + [sizes[i] for i in fast])
+    bounds = np.concatenate([[0], np.cumsum(lens)])
     for j, i in enumerate(fast):
         bg, d = rngs[i].bit_generator, sizes[i]
         if rejected[bounds[j] : bounds[j + 1]].any():  # rare: numpy's own redraw loop

@@ -58,11 +58,12 @@ def _catch_up_move(M, V, last, gap, lr, b1, b2, eps) -> np.ndarray:
     # (-1/a)^n by products: numpy's pow of a negative base takes libm's slow path (~0.35 ms a
     # round for n = 3); the n = 3 term is < 1e-9 of the sum, so its last-bit difference from
     # pow never reaches the result (tests/test_optim.py compares with the pow form)
-    power = np.ones_like(a)
-    for n in range(4):  # sum_k r_k / (a + e_k) = sum_n (-1/a)^n sum_k r_k e_k^n / a
+    neg_inv = -inv_a
+    square = neg_inv * neg_inv
+    # sum_k r_k / (a + e_k) = sum_n (-1/a)^n sum_k r_k e_k^n / a
+    for power in (1.0, neg_inv, square, square * neg_inv):
         total += (r * en).sum(axis=1, keepdims=True) * power
         en = en * e
-        power = -inv_a if n == 0 else (power * power if n == 1 else power * -inv_a)
     total *= inv_a
     if not series.all():
         rows, cols = np.nonzero(~series)
