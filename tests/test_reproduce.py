@@ -322,3 +322,16 @@ def test_a_subset_grid_run_is_found_under_the_full_grids_label(tmp_path):
     assert (clean[0] / "summary.json").stat().st_mtime_ns == mtime  # skipped, not rerun
     assert not any("malicious_fraction=0.2,name=none" in p.name
                    for p in (tmp_path / "runs").iterdir())
+
+
+def test_reproduce_says_what_it_will_run_before_running(tmp_path, capsys):
+    """A table name runs its grid: the command says how many runs it starts first (a long
+    grid must not start silently), and says nothing of the kind once every run is done."""
+    tables = tmp_path / "tables"
+    write_table(tables, "tiny", tmp_path, seeds="[0]")
+    assert main(["reproduce", "tiny", "--tables", str(tables), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "tiny: 0 of 3 runs done, running the other 3 (--jobs 1;" in err
+    assert "--table-only" in err
+    assert main(["reproduce", "tiny", "--tables", str(tables), "--no-progress"]) == 0
+    assert "runs done" not in capsys.readouterr().err
