@@ -87,7 +87,7 @@ def _selects(cfg_dict: dict, select: dict) -> bool:
 def reference_digest(cfg, baseline: dict) -> str:
     """The config digest of `cfg` with the baseline keys set (a clean result normalised as
     the grid normalises its clean runs)."""
-    from fedrec.config import _set_dotted, clean_attack, from_dict
+    from fedrec.config_load import _set_dotted, clean_attack, from_dict
 
     d = cfg.to_dict()
     for k, v in baseline.items():
