@@ -1,7 +1,7 @@
 """Experiment YAML to configs: value coercion, overrides, merging, `grid:` expansion, loading.
 
-The dataclasses and their validation are in fedrec.config, which re-exports every public
-name here (`from fedrec.config import load_one` keeps working).
+The dataclasses and their validation are in fedrec.config_schema; fedrec.config re-exports
+the public names of both.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from fedrec.config import AttackConfig, ExperimentConfig, valid_keys
+from fedrec.config_schema import AttackConfig, ExperimentConfig, valid_keys
 from fedrec.errors import ConfigError
 
 
