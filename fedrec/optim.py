@@ -98,6 +98,92 @@ def adam_step(U, M, V, G, t, lr, b1, b2, eps):
     U -= ((lr / (1 - b1 ** t)) * M / denom).astype(U.dtype)
 
 
+class _ServerAdam:
+    """torch.optim.Adam(fused=True)'s step without torch.optim: the same kernel
+    (`torch._fused_adam_`) on the same state, and the same `state_dict()` layout, so the
+    checkpoints of either load into the other (tests/test_optim.py compares the bits).
+
+    Constructing any torch.optim.Optimizer imports torch._dynamo (~1.5 s of a process's
+    start, paid by every run of a grid's worker processes); the server's Adam needs none of it.
+    """
+
+    def __init__(self, params, lr, betas, eps):
+        self.params = params
+        self.param_groups = [{"lr": float(lr), "betas": tuple(float(b) for b in betas),
+                              "eps": float(eps), "weight_decay": 0, "amsgrad": False,
+                              "maximize": False, "foreach": None, "capturable": False,
+                              "differentiable": False, "fused": True,
+                              "decoupled_weight_decay": False}]
+        self.state: dict = {}
+
+    @torch.no_grad()
+    def step(self, grads):
+        group = self.param_groups[0]
+        for p in self.params:
+            if p not in self.state:  # torch's lazy state: a float32 step (fused), zero moments
+                self.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        states = [self.state[p] for p in self.params]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_(self.params, grads, [s["exp_avg"] for s in states],
+                           [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False,
+                           lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0,
+                           eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
+
+    def state_dict(self) -> dict:
+        return {"state": {i: dict(self.state[p]) for i, p in enumerate(self.params)
+                          if p in self.state},
+                "param_groups": [dict(self.param_groups[0],
+                                      params=list(range(len(self.params))))]}
+
+    def load_state_dict(self, state_dict: dict):
+        _load_group(self.param_groups[0], state_dict, len(self.params), ("lr", "betas", "eps"))
+        self.state = {}
+        for i, saved in state_dict["state"].items():
+            p = self.params[int(i)]
+            self.state[p] = {"step": saved["step"].to(dtype=torch.float32).clone(),
+                             "exp_avg": saved["exp_avg"].to(dtype=p.dtype).clone(),
+                             "exp_avg_sq": saved["exp_avg_sq"].to(dtype=p.dtype).clone()}
+
+
+class _ServerSGD:
+    """torch.optim.SGD's step on CPU tensors (no momentum, no decay: `p.add_(g, alpha=-lr)`,
+    its single-tensor path), with its `state_dict()` layout, without importing torch._dynamo."""
+
+    def __init__(self, params, lr):
+        self.params = params
+        self.param_groups = [{"lr": float(lr), "momentum": 0, "dampening": 0, "weight_decay": 0,
+                              "nesterov": False, "maximize": False, "foreach": None,
+                              "differentiable": False, "fused": None}]
+        self.state: dict = {}
+
+    @torch.no_grad()
+    def step(self, grads):
+        lr = self.param_groups[0]["lr"]
+        for p, g in zip(self.params, grads):
+            p.add_(g, alpha=-lr)
+
+    def state_dict(self) -> dict:
+        return {"state": {}, "param_groups": [dict(self.param_groups[0],
+                                                   params=list(range(len(self.params))))]}
+
+    def load_state_dict(self, state_dict: dict):
+        _load_group(self.param_groups[0], state_dict, len(self.params), ("lr",))
+
+
+def _load_group(group: dict, state_dict: dict, n_params: int, keys):
+    """Take the saved hyperparameters (as torch's load_state_dict does) after checking that the
+    saved optimizer had the same parameters."""
+    saved = state_dict["param_groups"]
+    if len(saved) != 1 or len(saved[0]["params"]) != n_params:
+        raise ValueError("optimizer state: the saved parameter groups do not match this model")
+    for key in keys:
+        group[key] = tuple(saved[0][key]) if key == "betas" else float(saved[0][key])
+
+
 class ServerOptimizer:
     """Adam (default) or SGD over the global arrays, kept as torch tensors.
 
@@ -112,9 +198,9 @@ class ServerOptimizer:
         if kind == "adam":
             # fused: one pass over each array per step instead of the foreach path's seven
             # (~0.3 ms less per round on ML-1M's 3706 x 64 table, one thread)
-            self.opt = torch.optim.Adam(self.params, lr=lr, betas=tuple(betas), eps=eps, fused=True)
+            self.opt = _ServerAdam(self.params, lr, betas, eps)
         elif kind == "sgd":
-            self.opt = torch.optim.SGD(self.params, lr=lr)
+            self.opt = _ServerSGD(self.params, lr)
         else:
             raise ValueError(f"unknown server optimizer {kind!r}")
 
@@ -132,7 +218,7 @@ class ServerOptimizer:
         "exp_avg", "exp_avg_sq" (None before the first step)}; SGD: {"optimizer": "sgd", "lr"}.
         """
         group = self.opt.param_groups[0]
-        if not isinstance(self.opt, torch.optim.Adam):
+        if not isinstance(self.opt, _ServerAdam):
             return {"optimizer": "sgd", "lr": float(group["lr"])}
         state = self.opt.state.get(self.params[0], {})
         moments = [None, None]
@@ -157,39 +243,8 @@ class ServerOptimizer:
             p.set_(torch.from_numpy(buf))
         self._views = None
 
-    @torch.no_grad()
     def step(self, grads):
-        grads = [torch.from_numpy(np.asarray(g, dtype=np.float32)) for g in grads]
-        if self._fused_adam_step(grads):
-            return
-        for p, g in zip(self.params, grads):
-            p.grad = g
-        self.opt.step()
-        for p in self.params:
-            p.grad = None
-
-    def _fused_adam_step(self, grads) -> bool:
-        """Adam's step as torch.optim.Adam(fused=True) takes it once its state exists: the same
-        kernel on the same tensors (bit-identical, tests/test_optim.py), without the ~0.3 ms of
-        Python that Optimizer.step spends around it on every round. False: not applicable
-        (SGD, the first step, a changed param group), so opt.step() takes it."""
-        if not isinstance(self.opt, torch.optim.Adam) or len(self.opt.param_groups) != 1:
-            return False
-        group = self.opt.param_groups[0]
-        if (group["weight_decay"] or group["amsgrad"] or group["maximize"] or not group["fused"]
-                or group.get("decoupled_weight_decay") or torch.is_tensor(group["lr"])):
-            return False
-        states = [self.opt.state.get(p) for p in self.params]
-        if not all(states):
-            return False
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
-        beta1, beta2 = group["betas"]
-        torch._fused_adam_(self.params, grads, [s["exp_avg"] for s in states],
-                           [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False,
-                           lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0,
-                           eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
-        return True
+        self.opt.step([torch.from_numpy(np.asarray(g, dtype=np.float32)) for g in grads])
 
     def state_dict(self):
         return self.opt.state_dict()

@@ -260,3 +260,79 @@ def test_server_optimizer_arrays_follow_relocate():
     assert np.shares_memory(after, buffers[0]) and not np.shares_memory(after, before)
     opt.step([np.ones((3, 2), np.float32)])
     assert np.allclose(buffers[0], 0.9) and np.array_equal(opt.arrays()[0], buffers[0])
+
+
+def test_server_optimizer_checkpoints_interchange_with_torch_optim():
+    """A checkpoint written by torch.optim.Adam (fused; the runs before the native step) resumes
+    in ServerOptimizer bit for bit, and ServerOptimizer's state_dict loads into torch.optim.Adam."""
+    import copy
+
+    rng = np.random.default_rng(11)
+    arrays = [rng.standard_normal((20, 4)).astype(np.float32), rng.standard_normal(3).astype(np.float32)]
+    grads = [[rng.standard_normal(a.shape).astype(np.float32) for a in arrays] for _ in range(6)]
+    params = [torch.from_numpy(a.copy()) for a in arrays]
+    ref = torch.optim.Adam(params, lr=0.02, fused=True)
+
+    def torch_step(opt, ps, gs):
+        for p, g in zip(ps, gs):
+            p.grad = torch.from_numpy(g)
+        opt.step()
+
+    for g in grads[:3]:
+        torch_step(ref, params, g)
+    ours = ServerOptimizer([p.numpy().copy() for p in params], "adam", lr=0.5)  # lr from the state
+    ours.load_state_dict(ref.state_dict())
+    assert ours.item_state()["lr"] == 0.02 and ours.item_state()["step"] == 3
+    for g in grads[3:]:
+        torch_step(ref, params, g)
+        ours.step(g)
+    for a, p in zip(ours.arrays(), params):
+        assert np.array_equal(a, p.numpy())
+    back_params = [torch.from_numpy(a.copy()) for a in ours.arrays()]
+    back = torch.optim.Adam(back_params, lr=0.5, fused=True)
+    back.load_state_dict(copy.deepcopy(ours.state_dict()))  # as a checkpoint file would
+    extra = [rng.standard_normal(a.shape).astype(np.float32) for a in arrays]
+    torch_step(back, back_params, extra)
+    ours.step(extra)
+    for a, p in zip(ours.arrays(), back_params):
+        assert np.array_equal(a, p.numpy())
+    with pytest.raises(ValueError, match="parameter groups"):
+        ServerOptimizer([arrays[0].copy()], "adam").load_state_dict(ref.state_dict())
+
+
+def test_server_sgd_equals_torch_sgd_bit_for_bit():
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal((30, 8)).astype(np.float32)]
+    ours = ServerOptimizer([arrays[0].copy()], "sgd", lr=0.037)
+    params = [torch.from_numpy(arrays[0].copy())]
+    ref = torch.optim.SGD(params, lr=0.037)
+    for _ in range(4):
+        g = rng.standard_normal((30, 8)).astype(np.float32)
+        ours.step([g])
+        params[0].grad = torch.from_numpy(g)
+        ref.step()
+    assert np.array_equal(ours.arrays()[0], params[0].numpy())
+    restored = ServerOptimizer([arrays[0].copy()], "sgd", lr=1.0)
+    restored.load_state_dict(ref.state_dict())
+    assert restored.item_state() == {"optimizer": "sgd", "lr": 0.037}
+
+
+def test_a_run_does_not_import_torch_dynamo(tmp_path):
+    """Constructing a torch.optim optimizer imports torch._dynamo (~1.5 s per process); a plain
+    MF run (and so every worker process of a grid) must not pay it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from fedrec.config import load; from fedrec.engine import run_experiment\n"
+            f"cfg = load({str(tmp_path / 'x.yaml')!r}, ['train.rounds=2'])[0]\n"
+            f"run_experiment(cfg, output_root={str(tmp_path / 'out')!r}, progress=False)\n"
+            "print('torch._dynamo' in sys.modules)")
+    (tmp_path / "x.yaml").write_text(
+        "name: nodyn\ndata: {dataset: synthetic, synthetic: {n_users: 40, n_items: 60, "
+        f"mean_history: 8}}, cache_dir: {tmp_path / 'cache'}}}\nmodel: {{dim: 8}}\n"
+        "train: {clients_per_round: 4}\neval: {every: 0}\noutput: {progress: false}\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
