@@ -66,12 +66,16 @@ class FedRecClient(NumPyClient):
         if not state:
             state = {}
             if self.model.has_user_row:  # sequential models have none: the history is the user
-                u = self.model.init_user(self.stream(INIT))
+                u = self.initial_user_row()
                 state = {"user": u, "m": np.zeros_like(u), "v": np.zeros_like(u)}
             state["clock"] = np.zeros(2, dtype=np.int64)  # [last round applied, own steps]
             if self.cfg.data.negatives == "static":
                 state["negatives"] = self.draw_negatives(self.stream(STATIC_NEGATIVES))
         return state
+
+    def initial_user_row(self) -> np.ndarray:
+        """The user embedding as the device initialised it (redrawn from its own stream)."""
+        return self.model.init_user(self.stream(INIT))
 
     def exclusion_mask(self) -> np.ndarray:
         """The items negatives must avoid, as a lookup table (built once per client object)."""

@@ -218,6 +218,45 @@ def test_fedattack_picks_bottom_positives_and_top_negatives():
     np.testing.assert_array_equal(neg, [2, 6, 4])  # 9.0 (interacted), 8.0, 7.0
     pos, neg = hard_pairs(scores, np.arange(8), known, 3, single_positive=True)
     np.testing.assert_array_equal(pos, [1, 1, 1])
+    # FedAttack's notebook: every pair (the lowest, the highest), the second-highest (6, score
+    # 8.0) where the highest (2, score 9.0) is the pair's own real positive
+    pos, neg = hard_pairs(scores, np.arange(8), None, 3, single_positive=True,
+                          single_negative_of=np.array([4, 2, 0]))
+    np.testing.assert_array_equal(pos, [5, 5, 5])
+    np.testing.assert_array_equal(neg, [2, 6, 2])
+
+
+def test_fedattack_notebook_ranking_is_the_initial_user_row_dot_the_table(tmp_path):
+    """ranking: initial_dot scores items by item_table @ u0 (u0: the user row as initialised,
+    never the trained one), whatever the model (NCF here); single_negative pairs every
+    positive with the top item."""
+    from conftest import tiny_cfg
+
+    from clients.malicious.fedattack import FedAttackClient, FedAttackParams
+    from clients.state import DictStore
+    from fedrec.build import build_client, build_env, malicious_set
+
+    cfg = tiny_cfg(tmp_path, model__name="ncf", data__attacker_pool=0.2, attack__name="fedattack",
+                   attack__malicious_fraction=0.1,
+                   attack__params={"single_positive": True, "single_negative": True,
+                                   "exclude_known": False, "ranking": "initial_dot"})
+    env = build_env(cfg)
+    client = build_client(env, min(malicious_set(env)), DictStore())
+    assert isinstance(client, FedAttackClient)
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((env.data.n_items, 8)).astype(np.float32)
+    client._global = [table, *[np.zeros(1, np.float32)]]
+    client._round = 5
+    state = client.private_state()
+    state["user"] = state["user"] + 10.0  # trained far away: must not be what ranks
+    real = client.train_items
+    pos, neg = client.poison_pairs(real, None, state, rng)
+    scores = table.astype(np.float64) @ client.initial_user_row().astype(np.float64)
+    order = np.argsort(scores, kind="stable")
+    assert (pos == order[0]).all() and len(pos) == len(real)
+    np.testing.assert_array_equal(neg, np.where(real == order[-1], order[-2], order[-1]))
+    with pytest.raises(ConfigError, match="ranking"):
+        parse_params(FedAttackParams, {"ranking": "bogus"}, "fedattack").validate()
 
 
 @pytest.mark.parametrize("variant", ["O-D", "O-S"])
