@@ -201,7 +201,8 @@ class Engine:
         if self.adversary is not None:
             results, attack = self.adversary.intervene(rnd, results, self.strategy.global_arrays())
             if attack and self.cfg.attack.target != "none":
-                attack["attack_upload_kl"] = self._upload_kl(results)
+                attack["attack_upload_kl"], attack["attack_mean_upload_kl"] = \
+                    self._upload_kl(results)
         result = self.strategy.aggregate_uploads(rnd, results)
         return self.ledger.fit(rnd, users, result, attack)
 
@@ -220,17 +221,21 @@ class Engine:
         fit) for an attack that crafts with them in the hook (simulation only)."""
         return self.user_vectors(np.asarray(users, np.int64), rnd, "test")
 
-    def _upload_kl(self, results) -> float:
+    def _upload_kl(self, results) -> tuple[float, float]:
         """Targeted attacks (evaluation, ground truth): the KL divergence between histograms
-        of the round's benign and malicious upload values (fedrec.evaluation.upload_kl)."""
+        of the round's benign and malicious upload values (fedrec.evaluation.upload_kl), and
+        between the values of the two groups' averaged updates (mean_upload_kl: the form of
+        PipAttack's Fig. 6)."""
         from fedrec.build import malicious_set
-        from fedrec.evaluation import upload_kl, upload_values
+        from fedrec.evaluation import mean_upload_kl, upload_kl, upload_values
 
         bad = malicious_set(self.env)
         ok = [r for r in results if isinstance(r[1], (list, tuple)) and int(r[2]) > 0]
-        b = upload_values([r[1] for r in ok if int(r[0]) not in bad])
-        m = upload_values([r[1] for r in ok if int(r[0]) in bad])
-        return upload_kl(b, m) if len(b) and len(m) else float("nan")
+        benign = [r[1] for r in ok if int(r[0]) not in bad]
+        malicious = [r[1] for r in ok if int(r[0]) in bad]
+        b, m = upload_values(benign), upload_values(malicious)
+        pooled = upload_kl(b, m) if len(b) and len(m) else float("nan")
+        return pooled, mean_upload_kl(benign, malicious, self.env.data.n_items)
 
     def evaluate(self, rnd: int, final: bool) -> dict:
         """Full-ranking metrics for every benign user with a held-out item."""

@@ -180,6 +180,36 @@ def upload_values(uploads) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
+def mean_update_values(uploads, rows: np.ndarray, n_items: int) -> np.ndarray:
+    """The values of the group's averaged update (PipAttack's Fig. 6 plots "the averaged
+    gradients" of the benign and of the malicious updates): the mean over `uploads`
+    ([item_ids, item_rows, *predictor]) of each one's dense update, an item it did not send
+    counting as a zero row, read on the item rows `rows` (sorted ids) and the predictor."""
+    if not uploads:
+        return np.zeros(0, np.float64)
+    dim = np.asarray(uploads[0][1]).shape[1]
+    at = np.full(n_items, -1, np.int64)
+    at[rows] = np.arange(len(rows))
+    total = np.zeros((len(rows), dim), np.float64)
+    ids = np.concatenate([np.asarray(up[0], np.int64) for up in uploads])
+    vals = np.concatenate([np.asarray(up[1], np.float64).reshape(-1, dim) for up in uploads])
+    np.add.at(total, at[ids], vals)
+    pred = [np.mean([np.asarray(up[k], np.float64) for up in uploads], axis=0).ravel()
+            for k in range(2, len(uploads[0]))]
+    return np.concatenate([total.ravel() / len(uploads), *pred])
+
+
+def mean_upload_kl(benign_uploads, malicious_uploads, n_items: int) -> float:
+    """upload_kl between the values of the benign and the malicious averaged updates
+    (mean_update_values) over the item rows either group sent, and the predictor."""
+    if not benign_uploads or not malicious_uploads:
+        return float("nan")
+    rows = np.unique(np.concatenate([np.asarray(up[0], np.int64)
+                                     for up in [*benign_uploads, *malicious_uploads]]))
+    return upload_kl(mean_update_values(benign_uploads, rows, n_items),
+                     mean_update_values(malicious_uploads, rows, n_items))
+
+
 def detection_metrics(flagged, malicious) -> dict:
     """Precision / recall / F1 of a set of flagged clients against the malicious ground truth."""
     flagged, malicious = set(flagged), set(malicious)

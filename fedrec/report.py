@@ -178,9 +178,11 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
             start = int((cfg.get("attack") or {}).get("start_round", 1) or 1)
             row["er_auc"] = er_auc(d, start=start)
             row["er95_round"] = er_reach(d, start=start)
-            kl = _column_mean(d, "attack_upload_kl")
-            if kl is not None:
-                row["upload_kl"] = kl
+            for column, key in (("attack_upload_kl", "upload_kl"),
+                                ("attack_mean_upload_kl", "mean_upload_kl")):
+                kl = _column_mean(d, column)
+                if kl is not None:
+                    row[key] = kl
         row["invalid_uploads"] = s.get("invalid_uploads_total")
         row["wall_time_s"] = s.get("wall_time_s")
         row["_setting"] = setting_key(cfg)
@@ -215,7 +217,7 @@ def seed_summary(rows) -> list[dict]:
     out = []
     for rs in groups.values():
         row = {"setting": rs[0]["setting"], "seeds": len(rs)}
-        for k in [*METRICS[:3], "test_er@5", "er_auc", "er95_round", "upload_kl", "drop_hr@5%", "drop_ndcg@5%", "drop_hr@10%", "drop0_hr@5%", "drop0_ndcg@5%",
+        for k in [*METRICS[:3], "test_er@5", "er_auc", "er95_round", "upload_kl", "mean_upload_kl", "drop_hr@5%", "drop_ndcg@5%", "drop_hr@10%", "drop0_hr@5%", "drop0_ndcg@5%",
                   *DETECTION, "wall_time_s"]:
             m, sd = mean_std(r.get(k) for r in rs)
             if m is None:

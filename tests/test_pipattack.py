@@ -244,3 +244,18 @@ def test_one_pretraining_serves_every_evaluation_schedule_of_the_attack():
     assert digest(every=10, from_round=101) != digest(every=10)
     assert digest(every=10) != digest(every=40)  # periodic evaluations inside the pretraining
     assert digest(every=10, from_round=50) != digest(every=40, from_round=50)
+
+
+def test_mean_update_values_average_dense_updates_with_unsent_rows_as_zeros():
+    """Two uploads: item 1 sent by both, item 3 by one; the mean over the group counts the
+    missing row as zeros; the predictor is averaged too; hand-computed."""
+    from fedrec.evaluation import mean_update_values, mean_upload_kl
+
+    a = [np.array([1, 3]), np.array([[2.0, 4.0], [6.0, 8.0]], np.float32), np.array([1.0, 3.0])]
+    b = [np.array([1]), np.array([[4.0, 0.0]], np.float32), np.array([3.0, 5.0])]
+    vals = mean_update_values([a, b], np.array([0, 1, 3]), n_items=5)
+    np.testing.assert_allclose(vals, [0, 0, 3, 2, 3, 4, 2, 4])  # rows 0, 1, 3, then predictor
+    assert mean_upload_kl([a, b], [a, b], 5) == pytest.approx(0.0, abs=1e-12)
+    far = [np.array([4]), np.array([[50.0, -50.0]], np.float32), np.array([9.0, -9.0])]
+    assert mean_upload_kl([a, b], [far], 5) > 0.5
+    assert np.isnan(mean_upload_kl([a], [], 5))
