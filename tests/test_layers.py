@@ -26,7 +26,7 @@ FLOORS = {
     # 3: the one place that turns a config into data, model, clients and strategy
     "fedrec.build": 3,
     # 4: the runners and their tools
-    "fedrec.engine": 4, "fedrec.parallel": 4, "fedrec.ledger": 4, "fedrec.checkpoint": 4,
+    "fedrec.engine": 4, "fedrec.workers": 4, "fedrec.parallel": 4, "fedrec.ledger": 4, "fedrec.checkpoint": 4,
     "fedrec.client_app": 4, "fedrec.flower_nodes": 4,
     "fedrec.server_app": 4, "fedrec.detector_tools": 4, "fedrec.report": 4, "fedrec.plots": 4,
     "fedrec.grid": 4, "fedrec.partition": 4, "fedrec.reproduce": 4, "fedrec.reproduce_docs": 4,
