@@ -74,13 +74,16 @@ def _cmd_reproduce(args) -> int:
             from fedrec.grid import run_grid
             from fedrec.results import is_complete, run_dir_for
 
-            done = sum(is_complete(run_dir_for(c, args.output)) for c in table.cfgs)
+            # runs another table already made (same computation) are not run again
+            todo = [c for i, c in enumerate(table.cfgs) if i not in table.shared]
+            done = len(table.cfgs) - len(todo) + sum(is_complete(run_dir_for(c, args.output))
+                                                     for c in todo)
             if done < len(table.cfgs):  # a long grid can start here: say so before it does
                 print(f"{args.name}: {done} of {len(table.cfgs)} runs done, running the other "
                       f"{len(table.cfgs) - done} ({'Ray' if ray else f'--jobs {args.jobs}'}; "
                       "interrupt and resume at will; --table-only prints the table without "
                       "running)", file=sys.stderr, flush=True)
-            outcomes = run_grid(table.cfgs, output_root=args.output, jobs=args.jobs, ray=ray,
+            outcomes = run_grid(todo, output_root=args.output, jobs=args.jobs, ray=ray,
                                 progress=not args.no_progress)
             for o in outcomes:
                 if o.error:

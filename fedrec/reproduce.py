@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedrec.errors import ConfigError, FedRecError
@@ -37,6 +37,9 @@ class Table:
     cfgs: list
     dirs: list  # run directory of every run of the grid, in grid order
     cells: list
+    # grid index -> another table's complete run of the same computation (computation_digest),
+    # used where this table's own run is missing
+    shared: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -102,6 +105,75 @@ def grid_label(cfg) -> str:
     return ",".join(parts) or cfg.name
 
 
+UNION_KEYS = ("union_sample_items", "union_gap_b", "union_expected_attackers", "union_device")
+
+
+def computation_digest(cfg) -> str:
+    """What a run computes, as a digest: its config digest with the name left out and, where no
+    UNION filter runs, UNION's own settings at their defaults (nothing else reads them). Two
+    runs with the same computation digest give the same results (one seed, one result), so one
+    table may take another's run: UNION's Table 3 and ClusterAttack's Table 1 share their
+    undefended runs."""
+    from fedrec.config_load import from_dict
+    from fedrec.config_schema import ServerConfig
+
+    d = cfg.to_dict()
+    d["name"] = ""
+    if "union" not in cfg.server.filter_steps():
+        for key in UNION_KEYS:
+            d["server"][key] = getattr(ServerConfig(), key)
+    return from_dict(d, cfg.base_dir).digest()
+
+
+_RUN_DIGESTS: dict = {}  # run dir -> (summary.json mtime, computation digest or None)
+
+
+def _complete_runs_by_computation(root: str) -> dict:
+    """computation_digest -> run directory, over the complete runs of every table under root
+    (root/TABLE/RUN), read from each run's config.yaml (each config parsed once per process,
+    again when its summary changes)."""
+    from fedrec.config_load import from_dict, read_yaml
+    from fedrec.results import is_complete
+
+    index: dict = {}
+    for run in sorted(Path(root).glob("*/*/summary.json")):
+        run = run.parent
+        try:
+            stamp = (run / "summary.json").stat().st_mtime_ns
+        except OSError:
+            continue
+        cached = _RUN_DIGESTS.get(str(run))
+        if cached is None or cached[0] != stamp:
+            digest = None
+            if (run / "config.yaml").is_file() and is_complete(run):
+                try:
+                    digest = computation_digest(from_dict(read_yaml(run / "config.yaml")))
+                except FedRecError:  # a run of an older schema: not shared
+                    digest = None
+            cached = _RUN_DIGESTS[str(run)] = (stamp, digest)
+        if cached[1] is not None:
+            index.setdefault(cached[1], run)
+    return index
+
+
+def shared_runs(cfgs, dirs) -> dict:
+    """{grid index: another table's complete run of the same computation} for every run of
+    this grid not complete in its own directory (looked for beside the table's output dir)."""
+    from fedrec.results import is_complete
+
+    missing = [i for i, d in enumerate(dirs) if not is_complete(d)]
+    if not missing:
+        return {}
+    index = _complete_runs_by_computation(str(Path(dirs[0]).resolve().parent.parent))
+    own = Path(dirs[0]).resolve().parent
+    out = {}
+    for i in missing:
+        hit = index.get(computation_digest(cfgs[i]))
+        if hit is not None and hit.resolve().parent != own:
+            out[i] = hit
+    return out
+
+
 def load_table(path, overrides=(), output=None) -> Table:
     """The table's spec, its grid (with --set overrides) and its cells; a one-line error when
     a cell selects no setting or several, or its reference run is not in the grid."""
@@ -117,6 +189,8 @@ def load_table(path, overrides=(), output=None) -> Table:
     spec = parse_paper(deep_merge(raw, over)["paper"], is_config_key)
     cfgs = expand(raw, over, base_dir=str(path.resolve().parent))
     dirs = [run_dir_for(c, output) for c in cfgs]
+    shared = shared_runs(cfgs, dirs)
+    dirs = [shared.get(i, d) for i, d in enumerate(dirs)]
     dicts = [c.to_dict() for c in cfgs]
     by_setting: dict = {}
     for i, d in enumerate(dicts):
@@ -146,7 +220,7 @@ def load_table(path, overrides=(), output=None) -> Table:
                                   f"({cs.baseline}) is not in the grid")
             refs.append(dirs[r])
         cells.append(Cell(cs, [dirs[i] for i in idx], refs))
-    return Table(path.stem, spec, cfgs, dirs, cells)
+    return Table(path.stem, spec, cfgs, dirs, cells, shared)
 
 
 def _summaries(dirs) -> dict:
@@ -308,6 +382,10 @@ def format_heading(rep: TableReport) -> str:
         out.append(f"note: {spec.note}")
     out.append(f"wall time of the complete runs: {rep.wall_total / 60:.1f} min "
                f"({len(rep.done)} runs)")
+    if rep.table.shared:
+        tables = sorted({Path(d).parent.name for d in rep.table.shared.values()})
+        out.append(f"shared: {len(rep.table.shared)} runs are another table's identical runs "
+                   f"(same config but the name: {', '.join(tables)})")
     return "\n".join(out)
 
 

@@ -335,3 +335,38 @@ def test_reproduce_says_what_it_will_run_before_running(tmp_path, capsys):
     assert "--table-only" in err
     assert main(["reproduce", "tiny", "--tables", str(tables), "--no-progress"]) == 0
     assert "runs done" not in capsys.readouterr().err
+
+
+def test_a_table_takes_another_tables_run_of_the_same_computation(tmp_path, capsys):
+    """Table B's grid holds runs identical to table A's but for the name (and a UNION setting,
+    inert without the UNION filter): B reports A's results for them and `fedrec reproduce B`
+    does not run them again; a run that differs in a setting that matters is not shared."""
+    from fedrec.reproduce import computation_digest
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    grid_a = GRID.format(root=tmp_path, seeds="[0]").replace(
+        "output: {dir: %s/runs," % tmp_path, "output: {dir: %s/runs/a," % tmp_path)
+    (tables / "a.yaml").write_text(grid_a + PAPER)
+    grid_b = grid_a.replace("name: tiny", "name: other").replace("/runs/a,", "/runs/b,").replace(
+        "server: {lr: 0.05}", "server: {lr: 0.05, union_expected_attackers: 3}").replace(
+        "attack.name: [none, gaussian, labelflip]", "attack.name: [none, gaussian, labelflip, lie]")
+    (tables / "b.yaml").write_text(grid_b + PAPER)
+    assert main(["reproduce", "a", "--tables", str(tables), "--no-progress"]) == 0
+    capsys.readouterr()
+    table_b = load_table(tables / "b.yaml")
+    assert sorted(table_b.shared) == [0, 1, 2]  # none, gaussian, labelflip; lie is B's own
+    assert all(Path(d).parent.name == "a" for d in table_b.shared.values())
+    assert main(["reproduce", "b", "--tables", str(tables), "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "3 of 4 runs done, running the other 1" in out.err
+    assert "shared: 3 runs are another table's identical runs" in out.out
+    assert len(list((tmp_path / "runs" / "b").glob("*/summary.json"))) == 1  # only lie ran
+    a_cell = report_table(load_table(tables / "a.yaml")).results[1]
+    b_cell = report_table(load_table(tables / "b.yaml")).results[1]
+    assert (a_cell.label, a_cell.mean) == (b_cell.label, b_cell.mean)  # Gaussian's drop
+    # the same computation, whatever the name or an inert UNION key; not another learning rate
+    cfg = load_table(tables / "a.yaml").cfgs[0]
+    assert computation_digest(cfg) == computation_digest(table_b.cfgs[0])
+    other = expand(yaml.safe_load(grid_a.replace("lr: 0.05", "lr: 0.06")))[0]
+    assert computation_digest(other) != computation_digest(cfg)
