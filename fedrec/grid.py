@@ -138,6 +138,43 @@ def _pin_single_process():
     os.environ.update(SINGLE_PROCESS_ENV)
 
 
+_DRIVER_PID: list = []  # a local grid worker's driver (set by _local_worker_init)
+
+
+def _local_worker_init():
+    """A local grid worker: one process, one thread, and it does not outlive the driver."""
+    _pin_single_process()
+    _DRIVER_PID[:] = [os.getppid()]
+    _exit_with_parent(_DRIVER_PID[0])
+
+
+def _local_run(task: RunTask) -> RunOutcome:
+    """run_one in a local worker; once its run has stopped, a worker whose driver died exits
+    (the run's checkpoint and summary are written by then)."""
+    try:
+        return run_one(task)
+    finally:
+        if _DRIVER_PID and os.getppid() != _DRIVER_PID[0]:
+            os._exit(1)
+
+
+def _exit_with_parent(parent: int, poll_s: float = 1.0, grace_s: float = 120.0):
+    """If the driver dies (killed, its machine's session closed), this worker stops its run as
+    SIGTERM does (a checkpoint after the round in progress: the run resumes later) and exits,
+    instead of waiting forever for tasks nobody will send; after `grace_s` it exits anyway."""
+    import signal
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _ray_run(task: RunTask) -> RunOutcome:
     _pin_single_process()
     return run_one(task, collect_files=True)
@@ -211,7 +248,7 @@ class GridScheduler:
     def _run_local(self) -> list[RunOutcome]:
         outcomes = []
         pool = ProcessPoolExecutor(max_workers=self.progress.jobs, mp_context=get_context("spawn"),
-                                   initializer=_pin_single_process)
+                                   initializer=_local_worker_init)
         try:
             pending = {}
             queue = list(self.tasks)
@@ -219,7 +256,7 @@ class GridScheduler:
                 while queue and len(pending) < self.progress.jobs:
                     task = queue.pop(0)
                     self._start(task)
-                    pending[pool.submit(run_one, task)] = task
+                    pending[pool.submit(_local_run, task)] = task
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     task = pending.pop(fut)

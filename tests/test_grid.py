@@ -139,3 +139,75 @@ def test_ray_resources_key_is_validated_and_left_out_of_the_digest():
     assert from_dict({"ray": {"num_gpus": 0.25}}).digest() == from_dict({}).digest()
     with pytest.raises(ConfigError, match="ray.num_cpus"):
         from_dict({"ray": {"num_cpus": -1}})
+
+
+def test_local_workers_stop_their_runs_when_the_driver_dies(tmp_path):
+    """The driver of `--jobs 2` killed outright (SIGKILL: no clean-up of its own): each worker
+    notices, stops its run as SIGTERM does (status interrupted, a checkpoint to resume from)
+    and exits, instead of computing on or waiting forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    yaml_path = grid_yaml(tmp_path, grid="  seed: [0, 1]\n",
+                          extra="").read_text().replace("rounds: 4,", "rounds: 200000,")
+    (tmp_path / "grid.yaml").write_text(yaml_path)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    driver = subprocess.Popen([sys.executable, "-m", "fedrec", "run", str(tmp_path / "grid.yaml"),
+                               "--jobs", "2", "--no-progress"], cwd=root, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "runs"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(runs.glob("*/metrics.csv"))) < 2:
+        time.sleep(0.5)
+    assert len(list(runs.glob("*/metrics.csv"))) == 2, "the two runs did not start"
+    time.sleep(1.0)
+    workers = [p for p in _children(driver.pid)
+               if b"multiprocessing" in Path(f"/proc/{p}/cmdline").read_bytes()
+               and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+
+    def statuses():
+        out = []
+        for d in sorted(runs.iterdir()):
+            try:
+                out.append(json.loads((d / "summary.json").read_text()).get("status"))
+            except (OSError, ValueError):
+                out.append(None)
+        return out
+
+    deadline = time.time() + 60
+    while time.time() < deadline and statuses() != ["interrupted", "interrupted"]:
+        time.sleep(0.5)
+    assert statuses() == ["interrupted", "interrupted"]
+    assert all((d / "checkpoint.pkl").exists() for d in runs.iterdir())
+    deadline = time.time() + 10  # they exit once their runs have stopped, not after the grace
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of the live processes whose parent is pid (from /proc)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            out.append(int(proc.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
