@@ -11,7 +11,10 @@ vector (terms beyond 0.9**200 ~ 7e-10 of the first are dropped: below float32 re
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+# torch is imported by the server's optimizers only, when they are built or used: the device's
+# user-row functions above them are numpy, and a deployment's ClientApp (a fresh process per
+# message) would otherwise import torch for every message
 
 _MAX_CATCHUP = 200
 
@@ -116,8 +119,9 @@ class _ServerAdam:
                               "decoupled_weight_decay": False}]
         self.state: dict = {}
 
-    @torch.no_grad()
     def step(self, grads):
+        import torch
+
         group = self.param_groups[0]
         for p in self.params:
             if p not in self.state:  # torch's lazy state: a float32 step (fused), zero moments
@@ -140,6 +144,8 @@ class _ServerAdam:
                                       params=list(range(len(self.params))))]}
 
     def load_state_dict(self, state_dict: dict):
+        import torch
+
         _load_group(self.param_groups[0], state_dict, len(self.params), ("lr", "betas", "eps"))
         self.state = {}
         for i, saved in state_dict["state"].items():
@@ -160,7 +166,6 @@ class _ServerSGD:
                               "differentiable": False, "fused": None}]
         self.state: dict = {}
 
-    @torch.no_grad()
     def step(self, grads):
         lr = self.param_groups[0]["lr"]
         for p, g in zip(self.params, grads):
@@ -193,6 +198,8 @@ class ServerOptimizer:
     """
 
     def __init__(self, arrays, kind="adam", lr=2e-3, betas=(0.9, 0.999), eps=1e-8):
+        import torch
+
         self.params = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays]
         self._views = None
         if kind == "adam":
@@ -230,13 +237,14 @@ class ServerOptimizer:
                 "eps": float(group["eps"]), "step": int(state["step"]) if state else 0,
                 "exp_avg": moments[0], "exp_avg_sq": moments[1]}
 
-    @torch.no_grad()
     def relocate(self, alloc):
         """Move the parameters into buffers from alloc(shape, dtype) (e.g. shared memory).
 
         Same tensors (the optimizer and its state keep referring to them), same values; later
         steps write into the new buffers in place.
         """
+        import torch
+
         for p in self.params:
             buf = alloc(tuple(p.shape), np.float32)
             buf[...] = p.numpy()
@@ -244,6 +252,8 @@ class ServerOptimizer:
         self._views = None
 
     def step(self, grads):
+        import torch
+
         self.opt.step([torch.from_numpy(np.asarray(g, dtype=np.float32)) for g in grads])
 
     def state_dict(self):
