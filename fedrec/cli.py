@@ -1,4 +1,4 @@
-"""`fedrec` command line: run | reproduce | data info | data fetch | report | keys | detector record | detector train | privacy run | privacy report.
+"""`fedrec` command line: run | reproduce | archive | data info | data fetch | report | keys | detector record | detector train | privacy run | privacy report.
 
 User errors (bad config, missing or malformed data) print one line and exit with code 2.
 """
@@ -64,9 +64,10 @@ def _cmd_reproduce(args) -> int:
                           f"{', '.join(rp.table_names(folder))}), or --list, or --write-docs")
     failed = False
     if args.list:
-        print("\n".join(rp.list_lines(folder, args.output, args.set)))
+        print("\n".join(rp.list_lines(folder, args.output, args.set, _archive_arg(args))))
     if args.name:
-        table = rp.load_table(rp.table_path(args.name, folder), args.set, args.output)
+        table = rp.load_table(rp.table_path(args.name, folder), args.set, args.output,
+                              _archive_arg(args))
         ray = _ray_options(args)
         if not args.table_only:
             if table.spec.unsupported:
@@ -74,8 +75,8 @@ def _cmd_reproduce(args) -> int:
             from fedrec.grid import run_grid
             from fedrec.results import is_complete, run_dir_for
 
-            # runs another table already made (same computation) are not run again
-            todo = [c for i, c in enumerate(table.cfgs) if i not in table.shared]
+            # runs another table or the archive already holds (same computation): not run again
+            todo = [c for i, c in enumerate(table.cfgs) if i not in table.taken]
             done = len(table.cfgs) - len(todo) + sum(is_complete(run_dir_for(c, args.output))
                                                      for c in todo)
             if done < len(table.cfgs):  # a long grid can start here: say so before it does
@@ -95,9 +96,28 @@ def _cmd_reproduce(args) -> int:
     if args.write_docs:
         from fedrec.reproduce_docs import write_docs
 
-        out = write_docs(args.write_docs, folder, args.output, args.set, plots=not args.no_plots)
+        out = write_docs(args.write_docs, folder, args.output, args.set, plots=not args.no_plots,
+                         archive=_archive_arg(args))
         print(f"wrote {out}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _cmd_archive(args) -> int:
+    from fedrec.archive import archive_runs, default_archive
+
+    done = archive_runs(args.runs, args.to)
+    written = sum(1 for _, w in done if w)
+    print(f"archived {written} runs ({len(done) - written} already there, unchanged) in "
+          f"{args.to or default_archive()}")
+    return 0
+
+
+def _archive_arg(args):
+    from fedrec.reproduce import DEFAULT_ARCHIVE
+
+    if args.no_archive:
+        return None
+    return args.archive or DEFAULT_ARCHIVE
 
 
 def _cmd_data_info(args) -> int:
@@ -287,7 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--ray-gpus", type=float, default=None, help="as `fedrec run --ray-gpus`")
     rr.add_argument("--no-progress", action="store_true")
     rr.add_argument("--tables", default=str(_paper_dir()), help="folder of the paper YAMLs")
+    rr.add_argument("--archive", default=None, metavar="DIR",
+                    help="where archived runs are looked up for runs missing from the output "
+                         "folder (default: $FEDREC_ARCHIVE, else results/; see `fedrec archive`)")
+    rr.add_argument("--no-archive", action="store_true",
+                    help="ignore archived runs (only runs under the output folder count)")
     rr.set_defaults(fn=_cmd_reproduce)
+
+    ar = sub.add_parser("archive", help="keep complete runs in the results archive (config, "
+                                        "summary, evaluation rows): small enough to commit")
+    ar.add_argument("runs", nargs="*", default=["runs"],
+                    help="run directories or folders of them (default: runs)")
+    ar.add_argument("--to", default=None, metavar="DIR",
+                    help="the archive (default: $FEDREC_ARCHIVE, else results/)")
+    ar.set_defaults(fn=_cmd_archive)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_cmd", required=True)

@@ -40,6 +40,15 @@ class Table:
     # grid index -> another table's complete run of the same computation (computation_digest),
     # used where this table's own run is missing
     shared: dict = field(default_factory=dict)
+    # grid index -> the archived run (fedrec.archive) of the same computation, used where
+    # neither this table's run nor another table's is complete under runs/
+    archived: dict = field(default_factory=dict)
+    archive: Path | None = None
+
+    @property
+    def taken(self) -> dict:
+        """grid index -> a run found elsewhere (another table's, or the archive's): not run again."""
+        return {**self.shared, **self.archived}
 
 
 @dataclass
@@ -174,9 +183,27 @@ def shared_runs(cfgs, dirs) -> dict:
     return out
 
 
-def load_table(path, overrides=(), output=None) -> Table:
+def archived_runs(cfgs, dirs, archive) -> dict:
+    """{grid index: the archive's run of the same computation} for every run of this grid not
+    complete in `dirs` (archive: the folder `fedrec archive` writes; None: none)."""
+    from fedrec.results import is_complete
+
+    if archive is None or not Path(archive).is_dir():
+        return {}
+    missing = [i for i, d in enumerate(dirs) if not is_complete(d)]
+    if not missing:
+        return {}
+    index = _complete_runs_by_computation(str(archive))
+    return {i: index[k] for i in missing if (k := computation_digest(cfgs[i])) in index}
+
+
+DEFAULT_ARCHIVE = "default"  # load_table's archive: fedrec.archive.default_archive()
+
+
+def load_table(path, overrides=(), output=None, archive=DEFAULT_ARCHIVE) -> Table:
     """The table's spec, its grid (with --set overrides) and its cells; a one-line error when
-    a cell selects no setting or several, or its reference run is not in the grid."""
+    a cell selects no setting or several, or its reference run is not in the grid. archive:
+    where archived runs are looked up (default: fedrec.archive.default_archive(); None: not)."""
     from fedrec.config import deep_merge, expand, is_config_key, parse_overrides, read_yaml
     from fedrec.report import setting_key
     from fedrec.results import run_dir_for
@@ -191,6 +218,12 @@ def load_table(path, overrides=(), output=None) -> Table:
     dirs = [run_dir_for(c, output) for c in cfgs]
     shared = shared_runs(cfgs, dirs)
     dirs = [shared.get(i, d) for i, d in enumerate(dirs)]
+    if archive == DEFAULT_ARCHIVE:
+        from fedrec.archive import default_archive
+
+        archive = default_archive()
+    archived = archived_runs(cfgs, dirs, archive)
+    dirs = [archived.get(i, d) for i, d in enumerate(dirs)]
     dicts = [c.to_dict() for c in cfgs]
     by_setting: dict = {}
     for i, d in enumerate(dicts):
@@ -220,7 +253,8 @@ def load_table(path, overrides=(), output=None) -> Table:
                                   f"({cs.baseline}) is not in the grid")
             refs.append(dirs[r])
         cells.append(Cell(cs, [dirs[i] for i in idx], refs))
-    return Table(path.stem, spec, cfgs, dirs, cells, shared)
+    return Table(path.stem, spec, cfgs, dirs, cells, shared, archived,
+                 None if archive is None else Path(archive))
 
 
 def _summaries(dirs) -> dict:
@@ -386,15 +420,19 @@ def format_heading(rep: TableReport) -> str:
         tables = sorted({Path(d).parent.name for d in rep.table.shared.values()})
         out.append(f"shared: {len(rep.table.shared)} runs are another table's identical runs "
                    f"(same config but the name: {', '.join(tables)})")
+    if rep.table.archived:
+        out.append(f"archived: {len(rep.table.archived)} runs taken from {rep.table.archive} "
+                   "(`fedrec archive`; --no-archive ignores them)")
     return "\n".join(out)
 
 
-def list_lines(folder=PAPER_DIR, output=None, overrides=()) -> list[str]:
+def list_lines(folder=PAPER_DIR, output=None, overrides=(), archive=DEFAULT_ARCHIVE) -> list[str]:
     """One line per table: name, runs, state."""
     lines = []
     for name in table_names(folder):
         try:
-            rep = report_table(load_table(Path(folder) / f"{name}.yaml", overrides, output))
+            rep = report_table(load_table(Path(folder) / f"{name}.yaml", overrides, output,
+                                          archive))
             lines.append(f"{name:<36} {len(set(rep.table.dirs)):>4} runs  {rep.state}")
         except FedRecError as e:
             lines.append(f"{name:<36}    ? runs  error: {e}")

@@ -12,7 +12,7 @@ import csv
 from pathlib import Path
 
 from fedrec.errors import FedRecError
-from fedrec.reproduce import (PAPER_DIR, format_heading, format_report, list_lines, load_table,
+from fedrec.reproduce import (DEFAULT_ARCHIVE, PAPER_DIR, format_heading, format_report, list_lines, load_table,
                               report_table, table_names)
 
 HEADER = """# Reproduction of the published tables
@@ -80,15 +80,16 @@ def table_plots(rep, folder: Path, rel: str) -> list[str]:
 
 
 def write_docs(out="docs/reproduction.md", folder=PAPER_DIR, output=None, overrides=(),
-               plots=True) -> Path:
+               plots=True, archive=DEFAULT_ARCHIVE) -> Path:
     out = Path(out)
     plot_dir = out.with_suffix("")
     parts = [HEADER, "## State (`fedrec reproduce --list`)\n", "```",
-             *list_lines(folder, output, overrides), "```\n"]
+             *list_lines(folder, output, overrides, archive), "```\n"]
     for name in table_names(folder):
         parts.append(f"## {name}\n")
         try:
-            rep = report_table(load_table(Path(folder) / f"{name}.yaml", overrides, output))
+            rep = report_table(load_table(Path(folder) / f"{name}.yaml", overrides, output,
+                                          archive))
         except FedRecError as e:
             parts.append(f"error: {e}\n")
             continue

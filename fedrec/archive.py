@@ -1,0 +1,123 @@
+"""A results archive: finished runs kept small enough to commit, and read back by `fedrec reproduce`.
+
+A paper table needs tens to hundreds of runs of minutes to hours each; `runs/` is a scratch
+folder (ignored by git, gone with the machine). `fedrec archive RUN_OR_FOLDER ...` copies each
+complete run into the archive (default `results/` at the project root, or $FEDREC_ARCHIVE) as
+
+    <archive>/<the run's folder's name>/<run name>/
+        config.yaml     the run's config, as run
+        summary.json    its final metrics, wall time, detection counts (as written by the run)
+        metrics.csv     its evaluation rows only (rounds with a test_ / val_ value): the curves
+                        of the tables' plots, ~1 KB instead of one row per round
+        archived.json   where it came from, when, the fedrec commit of the archiving checkout,
+                        how many metrics rows were kept of how many
+
+so a table grows across machines and sessions: `fedrec reproduce` takes, for a run missing from
+`runs/`, the archived run of the same computation (`reproduce.computation_digest`: the config
+without its name), says how many runs it took from the archive, and does not run them again
+(`--no-archive` ignores the archive). Nothing is typed in: every number in a table still comes
+from a run's own summary.json or metrics.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from fedrec.errors import FedRecError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ARCHIVED = "archived.json"
+
+
+def default_archive() -> Path:
+    """$FEDREC_ARCHIVE, else `results/` at the project root."""
+    env = os.environ.get("FEDREC_ARCHIVE", "")
+    return Path(os.path.expanduser(env)) if env else PROJECT_ROOT / "results"
+
+
+def evaluation_rows(metrics_csv: str) -> tuple[str, int, int]:
+    """(csv text, rows kept, rows in all): the header and the rows that carry an evaluation
+    (a non-empty test_* or val_* column); every column kept."""
+    reader = csv.reader(io.StringIO(metrics_csv))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return "", 0, 0
+    eval_cols = [i for i, name in enumerate(header) if name.startswith(("test_", "val_"))]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    kept = total = 0
+    for row in reader:
+        total += 1
+        if any(i < len(row) and row[i] != "" for i in eval_cols):
+            writer.writerow(row)
+            kept += 1
+    return out.getvalue(), kept, total
+
+
+def _git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    return res.stdout.strip() or None
+
+
+def archive_run(run_dir, archive=None) -> tuple[Path, bool]:
+    """(archived directory, whether anything was written) for one complete run; a run whose
+    summary.json is already archived unchanged is left as it is."""
+    from fedrec.results import is_complete
+
+    run_dir = Path(run_dir)
+    if not is_complete(run_dir):
+        raise FedRecError(f"{run_dir}: not a complete run (no summary.json with status complete)")
+    if not (run_dir / "config.yaml").is_file():
+        raise FedRecError(f"{run_dir}: no config.yaml")
+    dest = Path(archive or default_archive()) / run_dir.resolve().parent.name / run_dir.name
+    summary = (run_dir / "summary.json").read_bytes()
+    if (dest / "summary.json").is_file() and (dest / "summary.json").read_bytes() == summary:
+        return dest, False
+    metrics = run_dir / "metrics.csv"
+    text, kept, total = evaluation_rows(metrics.read_text() if metrics.is_file() else "")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copyfile(run_dir / "config.yaml", tmp / "config.yaml")
+    (tmp / "summary.json").write_bytes(summary)
+    (tmp / "metrics.csv").write_text(text)
+    (tmp / ARCHIVED).write_text(json.dumps({
+        "source": str(run_dir.resolve()),
+        "archived_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "fedrec_commit": _git_commit(),
+        "metrics_rows_kept": kept, "metrics_rows_total": total,
+    }, indent=2) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest, True
+
+
+def archive_runs(paths, archive=None) -> list[tuple[Path, bool]]:
+    """archive_run for every complete run under paths (a run or a folder of runs); runs still
+    running or interrupted are skipped."""
+    from fedrec.results import find_runs, is_complete
+
+    runs = [r for r in find_runs(paths) if is_complete(r)]
+    if not runs:
+        raise FedRecError(f"no complete run under {' '.join(map(str, paths))}")
+    return [archive_run(r, archive) for r in runs]
+
+
+def is_archived(run_dir) -> bool:
+    return (Path(run_dir) / ARCHIVED).is_file()

@@ -1,0 +1,102 @@
+"""The results archive: complete runs kept small (config, summary, evaluation rows), read back by
+`fedrec reproduce` for runs missing from runs/, never run again, and ignorable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fedrec.archive import archive_run, evaluation_rows
+from fedrec.cli import main
+from fedrec.errors import FedRecError
+from fedrec.reproduce import load_table, report_table
+
+from test_reproduce import write_table
+
+
+@pytest.fixture(scope="module")
+def archived(tmp_path_factory):
+    """The tiny table (3 runs, 6 rounds, evaluation every 2) run, its report, then archived."""
+    root = tmp_path_factory.mktemp("archive")
+    tables = root / "tables"
+    write_table(tables, "tiny", root, seeds="[0]")
+    assert main(["reproduce", "tiny", "--tables", str(tables), "--no-progress",
+                 "--no-archive"]) == 0
+    before = report_table(load_table(tables / "tiny.yaml", archive=None))
+    assert main(["archive", str(root / "runs"), "--to", str(root / "archive")]) == 0
+    return root, tables, before
+
+
+def test_archived_runs_keep_config_summary_and_only_the_evaluation_rows(archived):
+    root, _, _ = archived
+    runs = sorted((root / "runs").iterdir())
+    assert len(runs) == 3
+    for run in runs:
+        dest = root / "archive" / "runs" / run.name  # <archive>/<run's folder>/<run>
+        assert (dest / "summary.json").read_bytes() == (run / "summary.json").read_bytes()
+        assert (dest / "config.yaml").read_bytes() == (run / "config.yaml").read_bytes()
+        full = (run / "metrics.csv").read_text().splitlines()
+        kept = (dest / "metrics.csv").read_text().splitlines()
+        assert kept[0] == full[0]
+        assert [r.split(",")[0] for r in kept[1:]] == ["2", "4", "6"]  # eval.every: 2
+        assert set(kept[1:]) <= set(full[1:])  # rows as they were
+        meta = json.loads((dest / "archived.json").read_text())
+        assert (meta["metrics_rows_kept"], meta["metrics_rows_total"]) == (3, 6)
+        assert meta["source"] == str(run.resolve())
+
+
+def test_reproduce_reads_the_archive_when_the_runs_are_gone(archived, tmp_path, capsys):
+    root, tables, before = archived
+    moved = tmp_path / "runs-elsewhere"
+    shutil.move(root / "runs", moved)
+    try:
+        table = load_table(tables / "tiny.yaml", archive=root / "archive")
+        assert sorted(table.archived) == [0, 1, 2]
+        after = report_table(table)
+        assert [(r.label, r.mean, r.std, r.n) for r in after.results] == \
+            [(r.label, r.mean, r.std, r.n) for r in before.results]
+        assert report_table(load_table(tables / "tiny.yaml", archive=None)).state == "not run"
+        # running the table runs nothing the archive holds, and says where its runs came from
+        assert main(["reproduce", "tiny", "--tables", str(tables), "--no-progress",
+                     "--archive", str(root / "archive")]) == 0
+        out = capsys.readouterr()
+        assert "archived: 3 runs taken from" in out.out
+        assert "running the other" not in out.err
+        assert not (root / "runs").exists()
+        # --no-archive: the runs are missing again, so they run
+        assert main(["reproduce", "tiny", "--tables", str(tables), "--no-progress",
+                     "--no-archive"]) == 0
+        assert "0 of 3 runs done, running the other 3" in capsys.readouterr().err
+        assert len(list((root / "runs").glob("*/summary.json"))) == 3
+    finally:
+        shutil.rmtree(root / "runs", ignore_errors=True)
+        shutil.move(moved, root / "runs")
+
+
+def test_archiving_again_writes_nothing_and_an_incomplete_run_is_refused(archived, tmp_path,
+                                                                        capsys):
+    root, _, _ = archived
+    run = sorted((root / "runs").iterdir())[0]
+    dest, written = archive_run(run, root / "archive")
+    assert not written and (dest / "summary.json").is_file()
+    broken = tmp_path / "runs" / "half"
+    broken.mkdir(parents=True)
+    shutil.copyfile(run / "config.yaml", broken / "config.yaml")
+    (broken / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    with pytest.raises(FedRecError, match="not a complete run"):
+        archive_run(broken, tmp_path / "archive")
+    assert main(["archive", str(tmp_path / "runs"), "--to", str(tmp_path / "archive")]) == 2
+    assert "no complete run under" in capsys.readouterr().err
+
+
+def test_evaluation_rows():
+    text = ("round,train_loss,test_hr@5,val_hr@5,det_f1\n"
+            "1,0.5,,,0.1\n2,0.4,0.2,,0.2\n3,0.3,,0.1,\n4,0.2,,,\n")
+    kept, n_kept, n_total = evaluation_rows(text)
+    assert kept.splitlines() == ["round,train_loss,test_hr@5,val_hr@5,det_f1",
+                                 "2,0.4,0.2,,0.2", "3,0.3,,0.1,"]
+    assert (n_kept, n_total) == (2, 4)
+    assert evaluation_rows("") == ("", 0, 0)
