@@ -13,7 +13,7 @@ complete run into the archive (default `results/` at the project root, or $FEDRE
                         how many metrics rows were kept of how many
 
 so a table grows across machines and sessions: `fedrec reproduce` takes, for a run missing from
-`runs/`, the archived run of the same computation (`reproduce.computation_digest`: the config
+`runs/`, the archived run of the same computation (`run_index.computation_digest`: the config
 without its name), says how many runs it took from the archive, and does not run them again
 (`--no-archive` ignores the archive). Nothing is typed in: every number in a table still comes
 from a run's own summary.json or metrics.csv.
