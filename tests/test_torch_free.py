@@ -1,4 +1,4 @@
-"""MF's client path runs without torch: a deployment's ClientApp is a fresh process per message,
+"""MF's and NCF's client training path runs without torch: a deployment's ClientApp is a fresh process per message,
 and importing torch there cost 1.5-3.5 s of CPU per message. The numpy path gives the same bits."""
 
 import json
@@ -62,7 +62,7 @@ from fedrec.config import from_dict
 
 cfg = from_dict({"data": {"synthetic": {"n_users": 40, "n_items": 90, "mean_history": 14},
                           "cache_dir": sys.argv[2], "neg_ratio": 2},
-                 "model": {"name": "mf", "dim": 8, "dropout": 0.2},
+                 "model": {"name": sys.argv[3], "dim": 8, "dropout": 0.2, "mlp_layers": [16, 8]},
                  "train": {"weight_decay": 1e-3}})
 env = build_env(cfg)
 arrays = initial_arrays(cfg, env.model)
@@ -76,10 +76,11 @@ print(json.dumps({"torch_loaded": "torch" in sys.modules, "uploads": out}))
 """
 
 
-def test_an_mf_client_fits_without_torch_and_uploads_the_same_bits(tmp_path):
+@pytest.mark.parametrize("model", ["mf", "ncf"])
+def test_a_client_fits_without_torch_and_uploads_the_same_bits(tmp_path, model):
     runs = {}
     for mode in ("numpy", "torch"):
-        res = subprocess.run([sys.executable, "-c", _FIT, mode, str(tmp_path / "cache")],
+        res = subprocess.run([sys.executable, "-c", _FIT, mode, str(tmp_path / "cache"), model],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         runs[mode] = json.loads(res.stdout.strip().splitlines()[-1])

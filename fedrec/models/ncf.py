@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from fedrec.models.base import (ClientGrad, CohortModel, client_item_uploads, cohort_layout,
                                 dropout_bits, dropout_threshold, in_chunks, pairwise_loss,
@@ -143,10 +142,12 @@ class NCF(CohortModel):
         return [ClientGrad(ids, rows, [g[c] for g in pred], user_grads[c], float(losses[c]),
                            int(counts[c])) for c, (ids, rows) in enumerate(uploads)]
 
-    @torch.no_grad()
     def score(self, users, item_table, predictor):
         """(B, N) scores; the MLP's (users x items x h1) activations are built in chunks of
         users so memory stays bounded (~64 MB) whatever the batch size."""
+        import torch  # here only: training is numpy, and a deployment's ClientApp (a process per
+        # message) then imports torch on evaluation rounds alone
+
         W = NCFWeights.from_list(predictor, self.form)
         w1, b1, w2, b2, wo, bo = (torch.from_numpy(a) for a in W.to_list()[-6:])
         d = self.dim
