@@ -15,14 +15,23 @@ def configure_threads():
     against the rest of the process. numpy's OpenBLAS does the same: UNION's distance
     matrices (float64 products of a few thousand rows) took 168 ms of CPU a round on ML-1M
     with OpenBLAS's two threads on a loaded 2-core machine, 32 ms with one.
+
+    torch is not imported for this: where it is not loaded yet (a deployment's ClientApp, a
+    fresh process per message, whose MF/NCF training is numpy) the count goes to
+    OMP_NUM_THREADS, which torch reads when it is first imported.
     """
-    import torch
+    import sys
 
     from fedrec import environment
 
     n = environment.torch_threads()
-    if n > 0 and torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+    if n > 0:
+        if "torch" in sys.modules:
+            torch = sys.modules["torch"]
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+        else:
+            os.environ["OMP_NUM_THREADS"] = str(n)
     n = environment.blas_threads()
     if n > 0:
         try:  # threadpoolctl comes with scikit-learn

@@ -2,6 +2,7 @@
 and importing torch there cost 1.5-3.5 s of CPU per message. The numpy path gives the same bits."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,8 @@ import json, sys
 if sys.argv[1] == "torch":
     import torch  # noqa: F401  (the in-process engine's situation: torch loaded)
 import numpy as np
+from fedrec.runtime import configure_threads
+configure_threads()  # as the ClientApp does before it builds anything
 from clients.benign import BenignClient
 from clients.state import DictStore
 from fedrec.build import build_env, initial_arrays
@@ -88,3 +91,15 @@ def test_a_client_fits_without_torch_and_uploads_the_same_bits(tmp_path, model):
     assert runs["torch"]["torch_loaded"] is True
     assert runs["numpy"]["uploads"] == runs["torch"]["uploads"]
     assert len(runs["numpy"]["uploads"]) == 12
+
+
+def test_thread_settings_reach_torch_without_importing_it():
+    """configure_threads before torch is loaded: torch, imported later, takes one thread."""
+    code = ("import sys\nfrom fedrec.runtime import configure_threads\nconfigure_threads()\n"
+            "loaded = 'torch' in sys.modules\nimport torch\n"
+            "print(loaded, torch.get_num_threads())")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in os.environ.items()
+                                           if k not in ("OMP_NUM_THREADS", "FEDREC_TORCH_THREADS")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["False", "1"]
