@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from fedrec.config_schema import AttackConfig, ExperimentConfig, valid_keys
+from fedrec.config_schema import AttackConfig, ExperimentConfig, type_hints, valid_keys
 from fedrec.errors import ConfigError
 
 
@@ -65,7 +65,7 @@ def _num(v):
 def _build(cls, raw: dict, prefix: str = ""):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'experiment'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)} - {"base_dir"}
     unknown = sorted(set(raw) - names)
     if unknown:

@@ -224,3 +224,22 @@ def test_no_committed_experiment_samples_more_clients_than_users():
                 assert cfg.train.clients_per_round <= n, f"{p.name}: {cfg.train.clients_per_round} > {n}"
                 checked += 1
     assert checked > 100
+
+
+def test_as_dict_is_dataclasses_asdict_on_every_committed_experiment():
+    """ExperimentConfig.to_dict (and so every run's digest and directory name) goes through
+    config_schema.as_dict, a faster asdict: the same dict, key order and types included."""
+    import dataclasses
+    from pathlib import Path
+
+    from fedrec.config_load import load
+    from fedrec.config_schema import as_dict
+
+    root = Path(__file__).resolve().parent.parent / "experiments"
+    checked = 0
+    for path in sorted(root.rglob("*.yaml")):
+        for cfg in load(path)[:4]:
+            expected = dataclasses.asdict(cfg)
+            assert repr(as_dict(cfg)) == repr(expected), path  # order and types too
+            checked += 1
+    assert checked > 80
