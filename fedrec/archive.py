@@ -38,8 +38,9 @@ ARCHIVED = "archived.json"
 
 def default_archive() -> Path:
     """$FEDREC_ARCHIVE, else `results/` at the project root."""
-    env = os.environ.get("FEDREC_ARCHIVE", "")
-    return Path(os.path.expanduser(env)) if env else PROJECT_ROOT / "results"
+    from fedrec import environment
+
+    return environment.archive_dir() or PROJECT_ROOT / "results"
 
 
 def evaluation_rows(metrics_csv: str) -> tuple[str, int, int]:

@@ -24,6 +24,8 @@ VARIABLES = {
     "FEDREC_PROJECT_ROOT": "where `flwr run` resolves relative experiment and output paths",
     "FEDREC_SAVE_MODEL": "1: a Flower run also saves its final global arrays to model.npz",
     "FEDREC_RUNS_RELATIVE_TO_YAML": "1: a relative output.dir is taken from the YAML's folder",
+    "FEDREC_ARCHIVE": "the results archive of `fedrec archive` and `fedrec reproduce` (default "
+                      "results/ at the project root)",
 }
 
 
@@ -61,6 +63,12 @@ def torch_threads() -> int:
 
 def blas_threads() -> int:
     return _int("FEDREC_BLAS_THREADS", 1, 0)
+
+
+def archive_dir() -> Path | None:
+    """$FEDREC_ARCHIVE (None when unset)."""
+    raw = _raw("FEDREC_ARCHIVE")
+    return Path(raw).expanduser() if raw else None
 
 
 def cache_root() -> Path:
