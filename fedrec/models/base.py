@@ -210,7 +210,7 @@ def segment_sum_parts(parts, n_segments: int, dim: int, out=None) -> np.ndarray:
     concatenating them (each part added by its own sequential index_add_).
 
     Where torch is not loaded (a deployment's ClientApp: a fresh process per message, MF's
-    numpy path) the same sums come from `_segment_sum_numpy` (the same sequential float32
+    numpy path) the same sums come from `_segment_add_numpy` (the same sequential float32
     adds in the same order, so the same bits) rather than importing torch for them."""
     if "torch" not in sys.modules:
         total = np.zeros((n_segments, dim), np.float32) if out is None else out
