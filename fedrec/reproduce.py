@@ -269,10 +269,13 @@ class TableReport:
         n = len(set(t.dirs))
         if t.spec.unsupported:
             return f"unsupported: {t.spec.unsupported}"
+        # runs begun (a run directory) but not complete: running now, or stopped (resumable)
+        started = sum(1 for d in set(t.dirs) if d not in self.done and Path(d).is_dir())
+        begun = f", {started} started" if started else ""
         if k == 0:
-            return "not run"
+            return f"not run ({started} started)" if started else "not run"
         if k < n:
-            return f"partial ({k} of {n} runs)"
+            return f"partial ({k} of {n} runs{begun})"
         marks = [r.passed for r in self.results if r.passed is not None]
         marks += [h for _, h in self.orders if h is not None]
         if not marks:

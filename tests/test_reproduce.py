@@ -144,6 +144,15 @@ def test_list_states(ran, capsys):
     assert states["d-passing"] == "passing (2 of 2 checks)"
     assert states["e-unsupported"] == "unsupported: no data"
     assert main(["reproduce", "e-unsupported", "--tables", str(other)]) == 2
+    # a run begun but not complete (running, or stopped: resumable) is counted apart
+    for name in ("a-not-run", "b-partial"):
+        table = load_table(other / f"{name}.yaml", archive=None)
+        Path(next(d for d in table.dirs if not (Path(d) / "summary.json").exists())).mkdir()
+    assert main(["reproduce", "--list", "--tables", str(other)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    states = {line.split()[0]: line.split("runs", 1)[1].strip() for line in lines}
+    assert states["a-not-run"] == "not run (1 started)"
+    assert states["b-partial"] == "partial (6 of 9 runs, 1 started)"
 
 
 def test_write_docs_has_the_tables_and_plots(ran, tmp_path):
