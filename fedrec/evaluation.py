@@ -1,19 +1,23 @@
 """Full-ranking evaluation (HR@K, NDCG@K) and detection metrics against ground truth.
 
 Every item is ranked; the user's training items (and, for test, the validation item) are
-masked; a held-out item's rank is the number of unmasked items scoring strictly higher.
+masked; a held-out item's rank is the number of other unmasked items scoring at least as
+high: ties count against it (a model that scores items alike earns no hit, and an attack
+earns no exposure by collapsing the scores), and a NaN score counts as higher than any.
 One held-out item (leave-one-out): HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2)
 (IDCG = 1). Several held-out items (a fixed published split kept whole, `data.fixed_test:
 all`): HR@K = 1 if any of them ranks < K, NDCG@K = sum over those ranked < K of
 1 / log2(rank + 2), divided by IDCG = sum_{j < min(K, n)} 1 / log2(j + 2) for n held-out items;
 each is ranked among all unmasked items, the user's other held-out items included. With one
 item these are the leave-one-out formulas exactly.
-Scores are compared in float64 so that batch and per-user evaluation agree exactly.
+Scores are compared exactly (no rounding), so batch and per-user evaluation agree.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from fedrec.targets import at_least_as_high
 
 
 def ranks_of_targets(scores: np.ndarray, targets: np.ndarray, mask_rows, mask_cols) -> np.ndarray:
@@ -22,12 +26,10 @@ def ranks_of_targets(scores: np.ndarray, targets: np.ndarray, mask_rows, mask_co
     scores: (B, N); targets: (B,) item ids; mask_rows/mask_cols: parallel index arrays of
     the (row, item) entries to exclude (the target itself is never masked).
     """
-    scores = np.array(scores, dtype=np.float64, copy=True)
-    scores[mask_rows, mask_cols] = -np.inf
+    scores = np.asarray(scores)
     rows = np.arange(len(targets))
-    target_scores = scores[rows, targets]
-    # "not <=" rather than ">": a NaN item counts as higher, and a NaN target ranks last
-    return (~(scores <= target_scores[:, None])).sum(axis=1)
+    return at_least_as_high(scores, scores[rows, targets][:, None], mask_rows, mask_cols,
+                            (rows, targets)).sum(axis=1)
 
 
 def csr_gather(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -67,15 +69,17 @@ def multi_target_metrics(scores: np.ndarray, n_targets: np.ndarray, targets: np.
     scores: (B, N); n_targets: (B,) held-out items per row (>= 1); targets: their ids, row by
     row; mask_rows/mask_cols: the (row, item) entries to exclude.
     """
-    scores = np.array(scores, dtype=np.float64, copy=True)
-    scores[mask_rows, mask_cols] = -np.inf
+    scores = np.asarray(scores)
+    masked = np.zeros(scores.shape, bool)
+    masked[mask_rows, mask_cols] = True
     owner = np.repeat(np.arange(len(n_targets)), n_targets)
     ranks = np.empty(len(targets), dtype=np.int64)
     step = max(1, chunk_entries // max(1, scores.shape[1]))
     for a in range(0, len(targets), step):
         rows, cols = owner[a:a + step], targets[a:a + step]
-        ts = scores[rows, cols]
-        ranks[a:a + step] = (~(scores[rows] <= ts[:, None])).sum(axis=1)
+        higher = ~(scores[rows] < scores[rows, cols][:, None]) & ~masked[rows]
+        higher[np.arange(len(rows)), cols] = False  # the item itself
+        ranks[a:a + step] = higher.sum(axis=1)
     gain = 1.0 / np.log2(ranks + 2.0)
     out = {}
     for k in ks:

@@ -141,14 +141,30 @@ def history_holds(data, targets: np.ndarray) -> np.ndarray:
     return out
 
 
+def at_least_as_high(scores: np.ndarray, target_scores: np.ndarray, mask_rows=(), mask_cols=(),
+                     own=None) -> np.ndarray:
+    """(B, N) bool: the unmasked items of each row scoring at least its target's score
+    (target_scores (B, 1)): ties count, and "not <" rather than ">=": a NaN item counts as
+    higher and a NaN target is reached by every item. The masked entries and `own` (the
+    (rows, cols) of the targets themselves) are False. Compared in the scores' own dtype
+    (float32 values compare exactly as in float64)."""
+    higher = ~(scores < target_scores)
+    higher[mask_rows, mask_cols] = False
+    if own is not None:
+        higher[own] = False
+    return higher
+
+
 def target_ranks(scores: np.ndarray, targets: np.ndarray, mask_rows, mask_cols) -> np.ndarray:
-    """(B, T) rank of each target among each row's unmasked items (the number of unmasked
-    items scoring strictly higher; masked entries never count, even if a target is masked)."""
-    s = np.array(scores, dtype=np.float64, copy=True)
-    ts = s[:, targets]  # before masking: a masked target is excluded by the caller anyway
-    s[mask_rows, mask_cols] = -np.inf
-    return (s[:, None, :] > ts[:, :, None]).sum(axis=2) if len(targets) <= 4 else \
-        np.stack([(s > ts[:, j:j + 1]).sum(axis=1) for j in range(len(targets))], axis=1)
+    """(B, T) rank of each target among each row's unmasked items: the number of other
+    unmasked items scoring at least as high (`at_least_as_high`: ties count
+    against the target, so collapsed or NaN scores expose nothing; masked entries never
+    count, even if a target is masked: the caller excludes such rows)."""
+    s = np.asarray(scores)
+    ts = s[:, targets]
+    return np.stack([at_least_as_high(s, ts[:, j:j + 1], mask_rows, mask_cols,
+                                      (slice(None), int(t))).sum(axis=1)
+                     for j, t in enumerate(targets)], axis=1).reshape(len(s), len(targets))
 
 
 def exposure(ranks: np.ndarray, eligible: np.ndarray, ks) -> dict:

@@ -61,6 +61,34 @@ def test_er_at_k_on_a_hand_computed_case():
     assert res_v["exposure"]["er@4"].tolist() == [1, 1]
 
 
+def test_er_at_k_gives_no_exposure_for_collapsed_or_nan_scores():
+    """Ties count against the target: a model whose scores collapse (saturated units, a
+    crafted upload that drives everything to one value) or turn NaN exposes the target to
+    nobody, where a "strictly higher" rank would put it in everyone's top K."""
+    from fedrec.evaluation import evaluate_users
+    from fedrec.targets import history_holds, target_ranks
+
+    data = _data()
+    targets = np.array([2, 3])
+    holds = history_holds(data, targets)
+    for value in (0.0, np.nan):
+        U = np.full((3, 6), value, np.float32)
+        res = evaluate_users(_Dot(), np.eye(6, dtype=np.float32), [], U, np.arange(3), data,
+                             "test", [1, 2], 1024, targets, holds)
+        assert res["exposure"]["users"].tolist() == [1, 2]
+        assert res["exposure"]["er@2"].tolist() == [0, 0]
+        assert res["hr@2"] == 0.0
+    # against a slow loop with ties and masks
+    rng = np.random.default_rng(1)
+    s = rng.integers(0, 3, size=(15, 9)).astype(np.float32)
+    mask = rng.random((15, 9)) < 0.3
+    mr, mc = np.nonzero(mask)
+    t = np.array([1, 4, 8])
+    expect = [[sum(1 for j in range(9) if j != tt and not mask[b, j] and s[b, j] >= s[b, tt])
+               for tt in t] for b in range(15)]
+    np.testing.assert_array_equal(target_ranks(s, t, mr, mc), expect)
+
+
 def test_targets_and_popularity_classes():
     from fedrec.targets import item_counts, popularity_classes, resolve_targets
 
