@@ -144,15 +144,23 @@ def test_list_states(ran, capsys):
     assert states["d-passing"] == "passing (2 of 2 checks)"
     assert states["e-unsupported"] == "unsupported: no data"
     assert main(["reproduce", "e-unsupported", "--tables", str(other)]) == 2
-    # a run begun but not complete (running, or stopped: resumable) is counted apart
-    for name in ("a-not-run", "b-partial"):
-        table = load_table(other / f"{name}.yaml", archive=None)
-        Path(next(d for d in table.dirs if not (Path(d) / "summary.json").exists())).mkdir()
-    assert main(["reproduce", "--list", "--tables", str(other)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    states = {line.split()[0]: line.split("runs", 1)[1].strip() for line in lines}
-    assert states["a-not-run"] == "not run (1 started)"
-    assert states["b-partial"] == "partial (6 of 9 runs, 1 started)"
+    # a run begun but not complete (running, or stopped: resumable) is counted apart; the
+    # started directories share the module's runs/ with the other tests: removed after
+    started = []
+    try:
+        for name in ("a-not-run", "b-partial"):
+            table = load_table(other / f"{name}.yaml", archive=None)
+            started.append(Path(next(d for d in table.dirs
+                                     if not (Path(d) / "summary.json").exists())))
+            started[-1].mkdir()
+        assert main(["reproduce", "--list", "--tables", str(other)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        states = {line.split()[0]: line.split("runs", 1)[1].strip() for line in lines}
+        assert states["a-not-run"] == "not run (1 started)"
+        assert states["b-partial"] == "partial (6 of 9 runs, 1 started)"
+    finally:
+        for d in started:
+            d.rmdir()
 
 
 def test_write_docs_has_the_tables_and_plots(ran, tmp_path):
@@ -261,7 +269,7 @@ def test_metric_values_from_detection_and_metrics_csv(ran):
     assert detection_value(s, "det_union_precision") == 0.5
     assert detection_value(s, "det_union_recall") is None
     root, _, _ = ran
-    d = next((root / "runs").iterdir())
+    d = next(p.parent for p in sorted((root / "runs").glob("*/summary.json")))
     with open(d / "metrics.csv") as f:
         last = [r["train_loss"] for r in csv.DictReader(f) if r["train_loss"]][-1]
     summary = json.loads((d / "summary.json").read_text())
