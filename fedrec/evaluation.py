@@ -77,9 +77,9 @@ def multi_target_metrics(scores: np.ndarray, n_targets: np.ndarray, targets: np.
     step = max(1, chunk_entries // max(1, scores.shape[1]))
     for a in range(0, len(targets), step):
         rows, cols = owner[a:a + step], targets[a:a + step]
-        higher = ~(scores[rows] < scores[rows, cols][:, None]) & ~masked[rows]
-        higher[np.arange(len(rows)), cols] = False  # the item itself
-        ranks[a:a + step] = higher.sum(axis=1)
+        higher = at_least_as_high(scores[rows], scores[rows, cols][:, None],
+                                  own=(np.arange(len(rows)), cols))
+        ranks[a:a + step] = (higher & ~masked[rows]).sum(axis=1)
     gain = 1.0 / np.log2(ranks + 2.0)
     out = {}
     for k in ks:
@@ -137,7 +137,7 @@ def evaluate_users(model, item_table, predictor, user_vecs, users, data, split: 
             rows = np.concatenate([rows, np.flatnonzero(has_val)])
             cols = np.concatenate([cols, data.val_item[batch][has_val]])
         hr_rows, hr_cols = (rows, cols) if mask_history else (rows[:0], cols[:0])
-        if expo is not None:  # before the ranking below, which writes its masks into scores
+        if expo is not None:
             tr = target_ranks(scores, targets, rows, cols)
             for key, v in exposure(tr, ~holds[batch], ks).items():
                 expo[key] += v

@@ -162,9 +162,11 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray, mask_rows, mask_cols) 
     count, even if a target is masked: the caller excludes such rows)."""
     s = np.asarray(scores)
     ts = s[:, targets]
-    return np.stack([at_least_as_high(s, ts[:, j:j + 1], mask_rows, mask_cols,
-                                      (slice(None), int(t))).sum(axis=1)
-                     for j, t in enumerate(targets)], axis=1).reshape(len(s), len(targets))
+    out = np.zeros((len(s), len(targets)), np.int64)
+    for j, t in enumerate(targets):
+        out[:, j] = at_least_as_high(s, ts[:, j:j + 1], mask_rows, mask_cols,
+                                     (slice(None), int(t))).sum(axis=1)
+    return out
 
 
 def exposure(ranks: np.ndarray, eligible: np.ndarray, ks) -> dict:

@@ -29,6 +29,7 @@ def test_multi_target_metrics_by_hand():
 def test_one_held_out_item_gives_the_leave_one_out_numbers_exactly():
     rng = np.random.default_rng(0)
     scores = rng.standard_normal((30, 40))
+    scores[::3] = np.round(scores[::3])  # ties in every third row: the same tie rule in both
     targets = rng.integers(0, 40, 30)
     rows, cols = np.repeat(np.arange(30), 3), rng.integers(0, 40, 90)
     keep = cols != targets[rows]
@@ -39,6 +40,18 @@ def test_one_held_out_item_gives_the_leave_one_out_numbers_exactly():
     via_user = user_metrics(scores, [[t] for t in targets], masked, [5, 10])
     for k in ref:
         assert np.array_equal(ref[k], multi[k]) and np.array_equal(ref[k], via_user[k])
+
+
+def test_several_held_out_items_earn_nothing_from_tied_scores():
+    """Ties count against each held-out item (as in ranks_of_targets): flat scores give no
+    hit, and a tie with a masked item does not count."""
+    res = multi_target_metrics(np.zeros((2, 6)), np.array([2, 1]), np.array([1, 4, 0]),
+                               [], [], [2])
+    np.testing.assert_array_equal(res["hr@2"], [0, 0])
+    res = multi_target_metrics(np.array([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0]]), np.array([2]),
+                               np.array([0, 1]), np.array([0, 0]), np.array([2, 3]), [1, 2])
+    np.testing.assert_array_equal(res["hr@1"], [0])  # items 0 and 1 tie with each other
+    np.testing.assert_array_equal(res["hr@2"], [1])  # each ranks 1: the masked ties not counted
 
 
 def _fixed():
