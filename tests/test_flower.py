@@ -18,9 +18,11 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +62,10 @@ def _engine_run(path, out_root, monkeypatch):
 
 
 _DRIVER = r"""
-import sys
-out_root, n = sys.argv[1], int(sys.argv[2])
+import faulthandler, sys, time
+out_root, n, watchdog = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+# a hang shows where it hangs: every thread's stack goes to stderr, then the driver exits
+faulthandler.dump_traceback_later(watchdog, exit=True)
 try:
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -70,8 +74,23 @@ except Exception as e:  # no Ray here: the tests are skipped
     sys.exit(77)
 from flwr.client import ClientApp
 from flwr.simulation import run_simulation
-from fedrec.client_app import UserClient, app_run_config, make_client_app
+from fedrec.client_app import UserClient, app_run_config
 from fedrec.server_app import make_server_app
+
+
+DEADLINE = time.time() + watchdog - 30
+
+
+def watched(client_fn):
+    # inside each Ray actor: a hang there dumps the actor's stacks to a file the test reads
+    def fn(context):
+        if not getattr(faulthandler, "armed", False):
+            import os
+            faulthandler.armed = open(f"{out_root}/stacks-actor-{os.getpid()}.txt", "w")
+            faulthandler.dump_traceback_later(max(DEADLINE - time.time(), 1),
+                                              file=faulthandler.armed)
+        return client_fn(context)
+    return fn
 
 
 class FailingClient(UserClient):
@@ -81,10 +100,6 @@ class FailingClient(UserClient):
         if self.partition_id == 3 and int(ins.config["round"]) == 2:
             raise RuntimeError("injected client failure")
         return super().fit(ins)
-
-
-def failing_app(rc):
-    return ClientApp(client_fn=lambda context: FailingClient(context, app_run_config(context, rc)))
 
 
 from fedrec import server_app
@@ -102,11 +117,16 @@ def dies_at_round_5(self, server_round, results, failures):
 
 
 REAL = server_app.OrderedStrategy.aggregate_fit
-for yaml_path in sys.argv[3:]:  # Flower shuts Ray down after each run; the next restarts it
+for yaml_path in sys.argv[4:]:  # Flower shuts Ray down after each run; the next restarts it
     crash = yaml_path.startswith("CRASH:")
     yaml_path = yaml_path.removeprefix("CRASH:")
+    started = time.perf_counter()
+    print("START", yaml_path.rsplit("/", 1)[-1], flush=True)
     rc = {"experiment": yaml_path, "output-dir": out_root}
-    client_app = failing_app(rc) if "client-failure" in yaml_path else make_client_app(rc)
+    client_cls = FailingClient if "client-failure" in yaml_path else UserClient
+    # make_client_app's ClientApp, its client_fn watched
+    client_app = ClientApp(client_fn=watched(
+        lambda context, rc=rc, cls=client_cls: cls(context, app_run_config(context, rc))))
     server_app.OrderedStrategy.aggregate_fit = dies_at_round_5 if crash else REAL
     try:
         run_simulation(make_server_app(rc), client_app, num_supernodes=n,
@@ -117,23 +137,50 @@ for yaml_path in sys.argv[3:]:  # Flower shuts Ray down after each run; the next
         print("CRASHED:", type(e).__name__, flush=True)
         ray.shutdown()  # the dead run's actors must not outlive it
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    print(f"DONE in {time.perf_counter() - started:.1f}s", flush=True)
 """
 
 
-def _flower_simulation(paths, out_root, n_users, timeout=1200):
-    # the timeout only guards against a hang: 9 experiments on Ray take ~4 min on an idle
-    # 2-core machine and overran 400 s under a load average of 5-7 (CI on a shared machine)
+def _flower_simulation(paths, out_root, n_users, watchdog=720):
+    # the watchdog only guards against a hang: 10 experiments on Ray take ~4 min on an idle
+    # 2-core machine and overran 400 s under a load average of 5-7 (CI on a shared machine).
+    # On a hang the driver prints every thread's stack and exits; the failure shows them and
+    # which experiment it was in (START/DONE lines).
     env = {**os.environ, "FEDREC_SAVE_MODEL": "1", "RAY_DISABLE_USAGE_STATS": "1"}
     try:
         proc = subprocess.run([sys.executable, "-c", _DRIVER, str(out_root), str(n_users),
-                               *map(str, paths)], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"Flower simulation did not finish within {timeout}s")
+                               str(watchdog), *map(str, paths)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=watchdog + 60)
+    except subprocess.TimeoutExpired as e:  # the watchdog itself did not fire
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x
+                      for x in (e.stdout or "", e.stderr or ""))
+        raise _Hang(f"Flower simulation did not finish within {watchdog + 60}s:\n"
+                    + _progress(out) + out[-4000:] + _actor_stacks(out_root))
+    if proc.returncode != 0 and "Timeout (" in proc.stderr:  # faulthandler's watchdog fired
+        raise _Hang(f"Flower simulation hung (watchdog {watchdog}s):\n" + _progress(proc.stdout)
+                    + proc.stderr[-10000:] + _actor_stacks(out_root))
     if proc.returncode == 77:
         pytest.skip("Ray cannot start here: " + proc.stdout.strip()[-300:])
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, (_progress(proc.stdout) + proc.stdout[-1500:]
+                                  + proc.stderr[-10000:] + _actor_stacks(out_root))
     return proc
+
+
+class _Hang(Exception):
+    """The simulation stopped making progress; the message has every stack."""
+
+
+def _progress(stdout: str) -> str:
+    """The driver's START/DONE/CRASHED lines: which experiment a failure happened in."""
+    return "".join(line + "\n" for line in stdout.splitlines()
+                   if line.startswith(("START ", "DONE ", "CRASHED:")))
+
+
+def _actor_stacks(out_root) -> str:
+    """The stacks the Ray actors dumped when the watchdog's deadline passed (empty files
+    where an actor ended in time)."""
+    dumps = [(p.name, p.read_text()[-3000:]) for p in sorted(Path(out_root).glob("stacks-*"))]
+    return "".join(f"\n--- {name}\n{text}" for name, text in dumps if text.strip())
 
 
 def _flwr_dir(out_root, cfg_name):
@@ -214,7 +261,22 @@ def flower_vs_engine(tmp_path_factory):
             engine[name] = _engine_run(paths[name], out, mp)
     order = [str(p) for name, p in paths.items() if name != "resume"]
     order += [f"CRASH:{paths['resume']}", str(paths["resume"])]  # dies in round 5, then reruns
-    proc = _flower_simulation(order, out, n_users=12)
+    try:
+        proc = _flower_simulation(order, out, n_users=12)
+    except _Hang as first:
+        # Once in about ten CI runs the simulation stopped making progress (CI, 2026-12-05,
+        # no stacks recorded then). A second try from scratch tells a rare stall of the
+        # runtime from a hang of ours (which hangs again, and fails); the first one's stacks
+        # stay in the warnings summary.
+        warnings.warn(f"the Flower simulation hung once and was rerun:\n{first}")
+        for d in [*out.glob("*-flwr"), tmp / "devices"]:
+            shutil.rmtree(d, ignore_errors=True)
+        for f in out.glob("stacks-*"):
+            f.unlink()
+        try:
+            proc = _flower_simulation(order, out, n_users=12)
+        except _Hang as second:
+            pytest.fail(f"the Flower simulation hung twice:\n{first}\n--- again:\n{second}")
     assert "CRASHED: ServerDies" in proc.stdout, proc.stdout[-2000:]  # the crash did happen
     return {name: (*engine[name], _flwr_dir(out, name)) for name in _CASES}
 
