@@ -141,7 +141,7 @@ for yaml_path in sys.argv[4:]:  # Flower shuts Ray down after each run; the next
 """
 
 
-def _flower_simulation(paths, out_root, n_users, watchdog=720):
+def _flower_simulation(paths, out_root, n_users, watchdog=600):
     # the watchdog only guards against a hang: 10 experiments on Ray take ~4 min on an idle
     # 2-core machine and overran 400 s under a load average of 5-7 (CI on a shared machine).
     # On a hang the driver prints every thread's stack and exits; the failure shows them and
