@@ -120,5 +120,29 @@ def archive_runs(paths, archive=None) -> list[tuple[Path, bool]]:
     return [archive_run(r, archive) for r in runs]
 
 
+def archive_as_they_finish(archive=None):
+    """A `run_grid` on_finish hook: each run that ends complete (or was already complete) is
+    archived at once, so a grid's finished runs outlive the machine even if the session
+    running it is killed (`fedrec run --archive`, `fedrec reproduce --archive-done`). A run
+    that failed or stopped is not; an archiving error is one line on stderr, and the grid
+    goes on."""
+    import sys
+
+    from fedrec.results import is_complete
+
+    def on_finish(outcome, run_dir):
+        if outcome.error or not is_complete(run_dir):
+            return
+        try:
+            dest, written = archive_run(run_dir, archive)
+        except (FedRecError, OSError) as e:
+            print(f"{run_dir}: not archived: {e}", file=sys.stderr)
+            return
+        if written:
+            print(f"archived {Path(run_dir).name} in {dest.parent}", file=sys.stderr)
+
+    return on_finish
+
+
 def is_archived(run_dir) -> bool:
     return (Path(run_dir) / ARCHIVED).is_file()

@@ -21,7 +21,7 @@ def _cmd_run(args) -> int:
     ray = _ray_options(args)
     cfgs = config.load(args.experiment, args.set)
     outcomes = run_grid(cfgs, output_root=args.output, force=args.force, jobs=args.jobs, ray=ray,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, on_finish=_archiving(args.archive))
     for o in outcomes:
         if o.error:
             print(f"{o.name}: FAILED: {o.error}")
@@ -36,6 +36,15 @@ def _cmd_run(args) -> int:
         print(json.dumps([o.summary for o in outcomes if o.summary is not None], indent=2,
                          default=str))
     return 1 if any(o.error for o in outcomes) else 0
+
+
+def _archiving(archive):
+    """run_grid's on_finish hook for --archive [DIR] ('' = the default archive), or None."""
+    if archive is None:
+        return None
+    from fedrec.archive import archive_as_they_finish
+
+    return archive_as_they_finish(archive or None)
 
 
 def _ray_options(args):
@@ -59,6 +68,9 @@ def _cmd_reproduce(args) -> int:
         raise FedRecError(f"--tables: {folder} is not a folder of paper YAMLs")
     if args.jobs < 1:
         raise FedRecError(f"--jobs: expected a positive integer, got {args.jobs}")
+    if args.archive_done and args.no_archive:
+        raise FedRecError("--archive-done archives into the archive that --no-archive ignores: "
+                          "give one of them")
     if not (args.name or args.list or args.write_docs):
         raise FedRecError("reproduce: name a table (one of: "
                           f"{', '.join(rp.table_names(folder))}), or --list, or --write-docs")
@@ -85,7 +97,9 @@ def _cmd_reproduce(args) -> int:
                       "interrupt and resume at will; --table-only prints the table without "
                       "running)", file=sys.stderr, flush=True)
             outcomes = run_grid(todo, output_root=args.output, jobs=args.jobs, ray=ray,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress,
+                                on_finish=_archiving(args.archive or "" if args.archive_done
+                                                     else None))
             for o in outcomes:
                 if o.error:
                     print(f"{o.name}: FAILED: {o.error}")
@@ -283,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs per run under --ray (default: the YAML's ray.num_cpus)")
     r.add_argument("--ray-gpus", type=float, default=None,
                    help="GPUs per run under --ray (default: the YAML's ray.num_gpus)")
+    r.add_argument("--archive", nargs="?", const="", default=None, metavar="DIR",
+                   help="archive each run as soon as it completes (as `fedrec archive`), into "
+                        "DIR (default: $FEDREC_ARCHIVE, else results/): a grid's finished runs "
+                        "survive the machine even if this command is killed")
     r.set_defaults(fn=_cmd_run)
 
     rr = sub.add_parser("reproduce", help="run (or resume) the grid behind a published table "
@@ -312,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "folder (default: $FEDREC_ARCHIVE, else results/; see `fedrec archive`)")
     rr.add_argument("--no-archive", action="store_true",
                     help="ignore archived runs (only runs under the output folder count)")
+    rr.add_argument("--archive-done", action="store_true",
+                    help="archive each run this command completes, as soon as it completes, "
+                         "into the archive above (as `fedrec run --archive`)")
     rr.set_defaults(fn=_cmd_reproduce)
 
     ar = sub.add_parser("archive", help="keep complete runs in the results archive (config, "

@@ -200,8 +200,9 @@ class GridScheduler:
     """Feeds a grid's runs to `jobs` local processes or to Ray; keeps the one progress line."""
 
     def __init__(self, tasks: list[RunTask], jobs: int = 1, ray: RayOptions | None = None,
-                 show_progress: bool = True):
+                 show_progress: bool = True, on_finish=None):
         self.tasks = tasks
+        self.on_finish = on_finish
         self.ray = ray
         self.progress = GridProgress(total=len(tasks), jobs=max(1, jobs))
         self.show_progress = show_progress
@@ -238,6 +239,8 @@ class GridScheduler:
         if outcome.error and self._bar is not None:
             self._bar.write(f"{outcome.name}: FAILED: {outcome.error}", file=sys.stderr)
         self._refresh(advance=1)
+        if self.on_finish is not None:
+            self.on_finish(outcome)
 
     def _refresh(self, advance: int = 0):
         if self._bar is not None:
@@ -323,29 +326,43 @@ def write_back(task: RunTask, outcome: RunOutcome):
 
 
 def run_grid(cfgs, output_root=None, force=False, jobs=1, ray: RayOptions | None = None,
-             progress=True) -> list[RunOutcome]:
+             progress=True, on_finish=None) -> list[RunOutcome]:
     """Run the configs of a grid: finished runs are skipped, failed runs reported, not raised.
 
     Skipping is decided here, on the driver, so a Ray cluster without the driver's output dir
-    does not rerun what the driver already holds.
+    does not rerun what the driver already holds. `on_finish(outcome, run_dir)`, if given, is
+    called on the driver for every run as soon as it ends (skipped runs first), before the next
+    result is awaited: what a grid has done is kept (`fedrec run --archive`) even if the
+    session that runs it is killed midway.
     """
     from fedrec.results import is_complete, load_summary, run_dir_for
 
     tasks = [RunTask(i, cfg, None if output_root is None else str(output_root), force)
              for i, cfg in enumerate(cfgs)]
+    dirs = {t.index: run_dir_for(t.cfg, t.output_root) for t in tasks}
     done = []
     todo = []
     for t in tasks:
-        run_dir = run_dir_for(t.cfg, t.output_root)
-        if not force and is_complete(run_dir):
+        if not force and is_complete(dirs[t.index]):
             done.append(RunOutcome(t.index, run_label(t.cfg),
-                                   dict(load_summary(run_dir), skipped=True)))
+                                   dict(load_summary(dirs[t.index]), skipped=True)))
         else:
             todo.append(t)
+
+    def finish(outcome: RunOutcome):
+        if on_finish is not None:
+            on_finish(outcome, dirs[outcome.index])
+
+    for outcome in done:
+        finish(outcome)
     if jobs <= 1 and ray is None:
-        ran = [_run_sequential(t, len(tasks), progress) for t in todo]
+        ran = []
+        for t in todo:
+            ran.append(_run_sequential(t, len(tasks), progress))
+            finish(ran[-1])
     else:
-        ran = GridScheduler(todo, jobs=jobs, ray=ray, show_progress=progress).run() if todo else []
+        ran = GridScheduler(todo, jobs=jobs, ray=ray, show_progress=progress,
+                            on_finish=finish).run() if todo else []
     return sorted(done + ran, key=lambda o: o.index)
 
 

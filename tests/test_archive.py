@@ -100,3 +100,70 @@ def test_evaluation_rows():
                                  "2,0.4,0.2,,0.2", "3,0.3,,0.1,"]
     assert (n_kept, n_total) == (2, 4)
     assert evaluation_rows("") == ("", 0, 0)
+
+
+def test_run_archive_keeps_each_run_as_it_finishes_and_not_a_failed_one(tmp_path, capsys):
+    """`fedrec run --archive DIR`: every complete run is archived the moment it ends (before
+    the next run starts), a failed run is not, and a second call archives nothing new."""
+    from fedrec.grid import run_grid
+    from fedrec.archive import archive_as_they_finish
+    from fedrec import config
+
+    from test_grid import grid_yaml
+
+    p = grid_yaml(tmp_path, grid=f"  data.dataset: [synthetic, {tmp_path / 'missing.csv'}]\n"
+                                 "  seed: [0, 1]\n")
+    archive = tmp_path / "kept"
+    hook = archive_as_they_finish(archive)
+    seen = []
+
+    def on_finish(outcome, run_dir):
+        hook(outcome, run_dir)
+        # at this moment: which runs are archived, and which runs of the grid have ended
+        seen.append((outcome.index, bool(outcome.error),
+                     sorted(d.name for d in (archive / "runs").iterdir())
+                     if (archive / "runs").is_dir() else [],
+                     sum((d / "metrics.csv").is_file() for d in (tmp_path / "runs").iterdir())))
+
+    outcomes = run_grid(config.load(p, []), progress=False, on_finish=on_finish)
+    assert [bool(o.error) for o in outcomes] == [False, False, True, True]
+    runs = sorted(d.name for d in (tmp_path / "runs").iterdir()
+                  if (d / "summary.json").is_file() and "complete" in (d / "summary.json").read_text())
+    assert len(runs) == 2
+    # run 0 was in the archive when its own hook returned, before run 1 had started
+    assert seen[0][0] == 0 and len(seen[0][2]) == 1 and seen[0][2][0] in runs
+    assert seen[0][3] == 1
+    assert seen[1][0] == 1 and seen[1][2] == runs
+    assert [s[2] for s in seen[2:]] == [runs, runs]  # the failed runs added nothing
+    for name in runs:
+        assert (archive / "runs" / name / "summary.json").read_bytes() == \
+            (tmp_path / "runs" / name / "summary.json").read_bytes()
+    # through the CLI: the complete runs are skipped and already archived; nothing is rewritten
+    stamps = {n: (archive / "runs" / n / "archived.json").read_text() for n in runs}
+    capsys.readouterr()
+    assert main(["run", str(p), "--no-progress", "--archive", str(archive)]) == 1  # 2 fail
+    assert "archived " not in capsys.readouterr().err
+    assert {n: (archive / "runs" / n / "archived.json").read_text() for n in runs} == stamps
+
+
+def test_run_archive_with_no_directory_uses_the_default_archive(tmp_path, monkeypatch, capsys):
+    """--archive alone: $FEDREC_ARCHIVE (else results/); with --jobs 2, the local scheduler's
+    runs are archived as they end too."""
+    from test_grid import grid_yaml
+
+    monkeypatch.setenv("FEDREC_ARCHIVE", str(tmp_path / "env-archive"))
+    p = grid_yaml(tmp_path, grid="  seed: [0, 1]\n")
+    assert main(["run", str(p), "--no-progress", "--archive", "--jobs", "2"]) == 0
+    runs = sorted((tmp_path / "runs").iterdir())
+    err = capsys.readouterr().err
+    assert len(runs) == 2
+    for run in runs:
+        assert (tmp_path / "env-archive" / "runs" / run.name / "summary.json").is_file()
+        assert f"archived {run.name}" in err
+
+
+def test_reproduce_archive_done_refuses_no_archive(tmp_path):
+    tables = tmp_path / "tables"
+    write_table(tables, "tiny", tmp_path, seeds="[0]")
+    assert main(["reproduce", "tiny", "--tables", str(tables), "--archive-done",
+                 "--no-archive"]) == 2
