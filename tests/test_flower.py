@@ -6,6 +6,9 @@
   experiments through `fedrec.engine` and through Flower's simulation runtime
   (`run_simulation`, in one subprocess with a time limit); final metrics, per-round rows and
   the server's item table (and predictor) must be bit-identical. Skipped if Ray cannot start.
+  A watchdog dumps the driver's and the Ray actors' stacks if the simulation stops making
+  progress; such a hang is rerun once from scratch (reported in the warnings) and fails the
+  fixture if it happens again.
 - `test_flwr_run_smoke` (slow; runs when FEDREC_RUN_SLOW=1): the real `flwr run . --stream`
   against a SuperLink of its own (temporary FLWR_HOME, free ports, stopped by PID).
 - The ClientApp driven with hand-made Flower messages: uploads carry only
