@@ -95,7 +95,7 @@ def _cmd_reproduce(args) -> int:
                       "running)", file=sys.stderr, flush=True)
             outcomes = run_grid(todo, output_root=args.output, jobs=args.jobs, ray=ray,
                                 progress=not args.no_progress,
-                                on_finish=_archiving(args.archive or "" if args.archive_done
+                                on_finish=_archiving((args.archive or "") if args.archive_done
                                                      else None))
             for o in outcomes:
                 if o.error:
