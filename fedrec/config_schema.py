@@ -215,9 +215,15 @@ class AttackConfig:
     # honest updates of up to this many malicious clients drawn from all of them (not only the
     # round's), as the ClusterAttack/UNION reference does (50), for its statistics; 0 = none
     pool_sample: int = 0
+    # which users are malicious: drawn from the attacker pool with this seed (None = the
+    # experiment's `seed`); set it to vary the attacker draw with training fixed, or the other way
+    draw_seed: int | None = None
 
     def validate(self):
         from fedrec.targets import check_target_spec
+
+        if self.draw_seed is not None:
+            _seed("attack.draw_seed", self.draw_seed)
 
         check_target_spec(self.target)
         _range("attack.malicious_fraction", self.malicious_fraction, 0.0, 1.0)
@@ -334,6 +340,8 @@ class ExperimentConfig:
             del d["attack"]["target"]
         if d["attack"]["pool_sample"] == 0:  # added later: older digests stay the same
             del d["attack"]["pool_sample"]
+        if d["attack"]["draw_seed"] in (None, d["seed"]):  # added later: older digests stay
+            del d["attack"]["draw_seed"]  # the same (and the seed's own draw is the default)
         if d["eval"]["splits"] == ["val", "test"]:
             del d["eval"]["splits"]
         if d["eval"]["from_round"] == 0:  # added later: older digests stay the same

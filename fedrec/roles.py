@@ -20,7 +20,7 @@ def n_malicious(cfg, n_users: int) -> int:
 
 def malicious_users(cfg, data) -> np.ndarray:
     """Sorted ids of the malicious users: `attack.malicious_fraction` of all users, drawn
-    (seeded) from the attacker pool. The pool is excluded from evaluation in every run, so a
+    from the attacker pool with `attack.draw_seed` (None: the experiment's seed). The pool is excluded from evaluation in every run, so a
     clean run and an attacked run with the same seed are evaluated on the same users."""
     k = n_malicious(cfg, data.n_users)
     if k == 0:
@@ -31,6 +31,7 @@ def malicious_users(cfg, data) -> np.ndarray:
             f"attack.malicious_fraction: {cfg.attack.malicious_fraction} of {data.n_users} users is "
             f"{k} attackers, but the attacker pool (data.attacker_pool = {cfg.data.attacker_pool}) "
             f"holds {len(pool)}; raise data.attacker_pool")
-    rng = np.random.default_rng([cfg.seed, _ROLES])
+    draw_seed = cfg.seed if cfg.attack.draw_seed is None else cfg.attack.draw_seed
+    rng = np.random.default_rng([draw_seed, _ROLES])
     return np.sort(rng.choice(pool, size=k, replace=False)).astype(np.int64)
 

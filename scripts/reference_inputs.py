@@ -11,9 +11,9 @@ of our runs: `REF_ROOT/Data/ml-1m/ratings.dat` (ML-1M as `u::m::r::ts` lines in 
 order; users without timestamps get their sequence index, which keeps that order) and, in
 `REF_ROOT/CacheData/`, the pool (`ml-full-attacker-list.pkl`: never evaluated, as our
 `data.attacker_pool`) and the attackers (`ml-attacker-list-<ratio>.pkl`) of our run of the
-YAML's first ClusterAttack config at --seed, mapped to the reference's user ids (order of first
-appearance in the file). --draw-seed D instead draws the attackers from the same pool with
-numpy's default_rng(D) (a second draw, same test users). The static negatives are still the
+YAML's ClusterAttack config at --seed, mapped to the reference's user ids (order of first
+appearance in the file). --draw-seed D takes the attackers of that config with
+`attack.draw_seed: D` instead (another draw from the same pool, same evaluated users). The static negatives are still the
 reference's own (drawn when it first caches `ml-seed0.pkl`).
 
 `read` parses the reference's `train.py` output (the `Round:` lines, with K if its log line
@@ -70,12 +70,9 @@ def prepare(args):
     src = Path(os.environ.get("FEDREC_DATA", ROOT.parent / "shared" / "data")) / "ml-1m" / "ratings_chrono.tsv.gz"
     remap = write_ratings(src, root / "Data" / "ml-1m" / "ratings.dat")
     to_ref = lambda ours: [remap[str(int(data.user_raw_ids[u]))] for u in ours]  # noqa: E731
-    if args.draw_seed is None:
-        attackers = malicious_users(cfg, data)
-    else:
-        rng = np.random.default_rng(args.draw_seed)
-        attackers = np.sort(rng.choice(data.attacker_pool, len(malicious_users(cfg, data)),
-                                       replace=False))
+    if args.draw_seed is not None:
+        cfg.attack.draw_seed = args.draw_seed
+    attackers = malicious_users(cfg, data)
     cache = root / "CacheData"
     cache.mkdir(parents=True, exist_ok=True)
     ratio = cfg.attack.malicious_fraction

@@ -33,6 +33,28 @@ def test_malicious_users_come_from_the_pool_by_fraction(tmp_path):
         build_env(attacked(tmp_path, "lie", attack__malicious_fraction=0.5))
 
 
+def test_draw_seed_changes_who_is_malicious_and_nothing_else(tmp_path):
+    from fedrec.build import build_env
+    from fedrec.roles import malicious_users
+
+    cfg = attacked(tmp_path, "lie")
+    env = build_env(cfg)
+    same = attacked(tmp_path, "lie", attack__draw_seed=cfg.seed)  # explicit = the default
+    assert np.array_equal(malicious_users(cfg, env.data), malicious_users(same, env.data))
+    other = attacked(tmp_path, "lie", attack__draw_seed=cfg.seed + 1)
+    other_env = build_env(other)
+    mal, mal_other = malicious_users(cfg, env.data), malicious_users(other, other_env.data)
+    assert not np.array_equal(mal, mal_other) and len(mal) == len(mal_other)
+    # the pool, the split and the evaluated users follow `seed`, not the draw
+    assert np.array_equal(env.data.attacker_pool, other_env.data.attacker_pool)
+    assert np.array_equal(env.data.test_item, other_env.data.test_item)
+    assert set(mal_other) <= set(env.data.attacker_pool)
+    # the seed's own draw, by default or spelled out, is one computation (one run directory)
+    assert same.digest() == cfg.digest() and other.digest() != cfg.digest()
+    with pytest.raises(ConfigError, match="attack.draw_seed"):
+        attacked(tmp_path, "lie", attack__draw_seed=-1).validate()
+
+
 def test_build_client_gives_malicious_users_the_attack_class(tmp_path):
     from clients.benign import BenignClient
     from clients.state import DictStore
