@@ -1,5 +1,20 @@
 """Shared test helpers."""
 
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_file_module(relpath: str, name: str | None = None):
+    """A script, benchmark or generator of the repository (not a package), imported from its
+    path relative to the repository root."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 def engine_run_capturing_arrays(cfg, out_root, monkeypatch):
     """fedrec.engine.run_experiment on `cfg`, also returning the final global arrays."""

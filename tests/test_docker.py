@@ -6,7 +6,6 @@ is installed) that compose accepts the files."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -15,16 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import load_file_module
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 FILES = {"compose.yml": False, "compose.tls.yml": True}
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("make_compose", DOCKER / "make_compose.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file_module("docker/make_compose.py")
 
 
 @pytest.mark.parametrize("name", FILES)

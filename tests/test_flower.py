@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from conftest import load_file_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -352,11 +353,7 @@ def test_a_failing_client_is_recorded_in_its_round(flower_vs_engine):
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("flwr_overhead",
-                                                  ROOT / "benchmarks" / "flwr_overhead.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file_module("benchmarks/flwr_overhead.py")
 
 
 @pytest.mark.slow

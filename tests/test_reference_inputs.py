@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_file_module
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("reference_inputs",
-                                                  ROOT / "scripts" / "reference_inputs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file_module("scripts/reference_inputs.py")
 
 
 def test_ratings_keep_file_order_and_fill_missing_timestamps(tmp_path):

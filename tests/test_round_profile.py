@@ -1,13 +1,12 @@
 """benchmarks/round_profile.py: the stack sampler and a short profile of a synthetic run."""
 
-import importlib.util
 import time
 from pathlib import Path
 
+from conftest import load_file_module
+
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("round_profile", ROOT / "benchmarks" / "round_profile.py")
-round_profile = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(round_profile)
+round_profile = load_file_module("benchmarks/round_profile.py")
 
 
 def _burn(seconds):
