@@ -20,8 +20,9 @@ def n_malicious(cfg, n_users: int) -> int:
 
 def malicious_users(cfg, data) -> np.ndarray:
     """Sorted ids of the malicious users: `attack.malicious_fraction` of all users, drawn
-    from the attacker pool with `attack.draw_seed` (None: the experiment's seed). The pool is excluded from evaluation in every run, so a
-    clean run and an attacked run with the same seed are evaluated on the same users."""
+    from the attacker pool with `attack.draw_seed` (None: the experiment's seed). The pool is
+    excluded from evaluation in every run, so a clean run and an attacked run with the same
+    seed are evaluated on the same users."""
     k = n_malicious(cfg, data.n_users)
     if k == 0:
         return np.zeros(0, np.int64)

@@ -105,9 +105,12 @@ def read(args):
         if m:
             k_trace[int(m.group(1))] = int(m.group(2))
     if k_trace:
-        changes = [(r, k) for i, (r, k) in enumerate(sorted(k_trace.items()))
-                   if i == 0 or k != k_trace[sorted(k_trace)[i - 1]]]
-        result["K_changes"] = changes  # (first logged round with a new K, K)
+        changes, last = [], None
+        for r, k in sorted(k_trace.items()):
+            if k != last:
+                changes.append((r, k))  # the first logged round with a new K
+            last = k
+        result["K_changes"] = changes
     if args.clean:
         clean = read_test(args.clean)
         result["clean"] = clean
