@@ -246,8 +246,11 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as e:
         from fedrec.engine import RunInterrupted
+        from fedrec.grid import GridInterrupted
 
-        if isinstance(e, RunInterrupted):
+        if isinstance(e, GridInterrupted):
+            print(f"fedrec: {e}", file=sys.stderr)
+        elif isinstance(e, RunInterrupted):
             print(f"fedrec: stopped after round {e.round_done}, checkpoint saved; the same command "
                   "resumes it", file=sys.stderr)
         else:

@@ -336,6 +336,9 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"stopped by signal {signum} after round {round_done}")
         self.round_done, self.signum = round_done, signum
 
+    def __reduce__(self):  # a grid worker sends it to the driver: rebuilt from both fields
+        return type(self), (self.round_done, self.signum)
+
 
 def _stored_states(host: DeviceHost, k: int) -> dict:
     """The private states held in this process (worker k, or the single process)."""

@@ -53,6 +53,7 @@ class RunOutcome:
     summary: dict | None
     error: str = ""
     files: dict[str, str] = field(default_factory=dict)  # run dir text files (Ray tasks only)
+    stopped_after: int | None = None  # stopped by a signal after this round, checkpoint written
 
     @property
     def skipped(self) -> bool:
@@ -78,6 +79,20 @@ class GridProgress:
     failed: int = 0
     running: int = 0
     walls: list[float] = field(default_factory=list)  # wall seconds of runs that ran here
+
+
+class GridInterrupted(KeyboardInterrupt):
+    """A grid stopped by a signal (to the driver or to one of its runs): the runs that were
+    running stopped after a round with their checkpoints written, the rest did not start;
+    the same command resumes them."""
+
+    def __init__(self, outcomes: list[RunOutcome], not_started: int):
+        self.outcomes, self.not_started = outcomes, not_started
+        stopped = [o for o in outcomes if o.stopped_after is not None]
+        rounds = ", ".join(f"{o.name} after round {o.stopped_after}" for o in stopped)
+        super().__init__(f"grid stopped: {len(stopped)} run(s) stopped with a checkpoint"
+                         f"{' (' + rounds + ')' if rounds else ''}, {not_started} not started; "
+                         "the same command resumes them")
 
 
 def one_line_error(e: BaseException) -> str:
@@ -114,7 +129,7 @@ def record_host(run_dir: Path, summary: dict) -> dict:
 def run_one(task: RunTask, progress=False, collect_files=False, catch=True) -> RunOutcome:
     """Run one config (skipped when complete); with `catch`, its error becomes the outcome's
     one-line error: one failed run does not stop a grid."""
-    from fedrec.engine import run_experiment
+    from fedrec.engine import RunInterrupted, run_experiment
     from fedrec.results import run_dir_for
 
     label = run_label(task.cfg)
@@ -124,6 +139,10 @@ def run_one(task: RunTask, progress=False, collect_files=False, catch=True) -> R
         run_dir = run_dir_for(task.cfg, task.output_root)
         if not summary.get("skipped"):
             summary = record_host(run_dir, summary)
+    except RunInterrupted as e:  # a signal stopped it after a round: the grid stops too
+        if not catch:
+            raise
+        return RunOutcome(task.index, label, None, stopped_after=e.round_done)
     except Exception as e:  # noqa: BLE001 - reported as the run's one-line error
         if not catch:
             raise
@@ -142,9 +161,21 @@ _DRIVER_PID: list = []  # a local grid worker's driver (set by _local_worker_ini
 
 
 def _local_worker_init():
-    """A local grid worker: one process, one thread, and it does not outlive the driver."""
+    """A local grid worker: one process, one thread, and it does not outlive the driver.
+    Between runs SIGINT and SIGTERM do not kill it (a worker dying breaks the whole pool,
+    whose other workers are then terminated in the middle of their runs): the driver decides
+    when the grid stops; within a run, the run's own handlers stop it after a round."""
+    import signal
+
     _pin_single_process()
     _DRIVER_PID[:] = [os.getppid()]
+
+    def between_runs(signum, frame):
+        if os.getppid() != _DRIVER_PID[0]:  # the driver is gone: nothing to wait for
+            os._exit(1)
+
+    signal.signal(signal.SIGINT, between_runs)
+    signal.signal(signal.SIGTERM, between_runs)
     _exit_with_parent(_DRIVER_PID[0])
 
 
@@ -249,25 +280,46 @@ class GridScheduler:
             self._bar.refresh()
 
     def _run_local(self) -> list[RunOutcome]:
+        """Runs in `jobs` spawned workers. SIGTERM or SIGINT to the driver, or a signal that
+        stops one of the runs, stops the grid: no run starts any more, the running ones are
+        sent SIGTERM (each checkpoints after its round in progress), and GridInterrupted is
+        raised once they have all come back."""
+        from fedrec.checkpoint import stop_on_signals
+
         outcomes = []
         pool = ProcessPoolExecutor(max_workers=self.progress.jobs, mp_context=get_context("spawn"),
                                    initializer=_local_worker_init)
+        stopping = False
+        signalled: set = set()
         try:
             pending = {}
             queue = list(self.tasks)
-            while queue or pending:
-                while queue and len(pending) < self.progress.jobs:
-                    task = queue.pop(0)
-                    self._start(task)
-                    pending[pool.submit(_local_run, task)] = task
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    task = pending.pop(fut)
-                    outcome = _outcome_of(fut, task)
-                    outcomes.append(outcome)
-                    self._finish(outcome)
+            with stop_on_signals() as stop:
+                while queue or pending:
+                    while queue and len(pending) < self.progress.jobs and not stopping:
+                        task = queue.pop(0)
+                        self._start(task)
+                        pending[pool.submit(_local_run, task)] = task
+                    # a timeout, so that a signal to the driver is seen within a second
+                    finished, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        task = pending.pop(fut)
+                        outcome = _outcome_of(fut, task)
+                        outcomes.append(outcome)
+                        self._finish(outcome)
+                        stopping = stopping or outcome.stopped_after is not None
+                    if (stop or stopping) and queue:
+                        stopping = True
+                        self.progress.total -= len(queue)
+                        queue = []
+                    if stopping or stop:
+                        stopping = True
+                        _stop_workers(pool, signalled)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        if stopping:
+            raise GridInterrupted(sorted(outcomes, key=lambda o: o.index),
+                                  len(self.tasks) - len(outcomes))
         return outcomes
 
     def _run_ray(self) -> list[RunOutcome]:
@@ -302,6 +354,21 @@ class GridScheduler:
             return outcomes
         finally:
             ray.shutdown()
+
+
+def _stop_workers(pool, signalled: set):
+    """SIGTERM, once, to each live worker of the pool: one running a run stops it after the
+    round in progress, with a checkpoint; an idle one ignores it (_local_worker_init)."""
+    import signal
+
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.pid in signalled or not proc.is_alive():
+            continue
+        signalled.add(proc.pid)
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def _outcome_of(fut, task: RunTask) -> RunOutcome:
@@ -360,6 +427,9 @@ def run_grid(cfgs, output_root=None, force=False, jobs=1, ray: RayOptions | None
         for t in todo:
             ran.append(_run_sequential(t, len(tasks), progress))
             finish(ran[-1])
+            if ran[-1].stopped_after is not None:  # a signal: the rest of the grid waits too
+                raise GridInterrupted(sorted(done + ran, key=lambda o: o.index),
+                                      len(todo) - len(ran))
     else:
         ran = GridScheduler(todo, jobs=jobs, ray=ray, show_progress=progress,
                             on_finish=finish).run() if todo else []

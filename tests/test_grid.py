@@ -211,3 +211,64 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_run_interrupted_survives_pickling():
+    """A grid worker's stopped run crosses the process boundary (an unpicklable exception
+    broke the whole pool: 'A child process terminated abruptly')."""
+    import pickle
+
+    from fedrec.engine import RunInterrupted
+
+    e = pickle.loads(pickle.dumps(RunInterrupted(17, 15)))
+    assert isinstance(e, RunInterrupted) and (e.round_done, e.signum) == (17, 15)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the driver", "SIGINT to one worker"])
+def test_a_signal_stops_the_whole_grid_with_checkpoints(tmp_path, how):
+    """`--jobs 2` over three runs, the driver running in the background (SIGINT ignored, as
+    a shell's `&` leaves it): SIGTERM to the driver, or SIGINT to one of the workers, stops
+    the grid: both running runs end `interrupted` with a checkpoint, the third does not start,
+    the driver says so in one line and exits 130, and no process is left (before, a worker's
+    stopped run broke the pool: a traceback, or a driver waiting forever)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = grid_yaml(tmp_path, grid="  seed: [0, 1, 2]\n").read_text()
+    (tmp_path / "grid.yaml").write_text(text.replace("rounds: 4,", "rounds: 200000,"))
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    driver = subprocess.Popen([sys.executable, "-m", "fedrec", "run", str(tmp_path / "grid.yaml"),
+                               "--jobs", "2", "--no-progress"], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    runs = tmp_path / "runs"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(runs.glob("*/metrics.csv"))) < 2:
+        time.sleep(0.5)
+    assert len(list(runs.glob("*/metrics.csv"))) == 2, "the two runs did not start"
+    time.sleep(1.0)
+    workers = [p for p in _children(driver.pid)
+               if b"multiprocessing" in Path(f"/proc/{p}/cmdline").read_bytes()
+               and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    if how == "SIGTERM to the driver":
+        driver.send_signal(signal.SIGTERM)
+    else:
+        os.kill(workers[0], signal.SIGINT)
+    _, err = driver.communicate(timeout=60)
+    assert driver.returncode == 130, err
+    assert "grid stopped: 2 run(s) stopped with a checkpoint" in err
+    assert "1 not started; the same command resumes them" in err and "Traceback" not in err
+    dirs = sorted(runs.iterdir())
+    assert len(dirs) == 2
+    for d in dirs:
+        assert json.loads((d / "summary.json").read_text())["status"] == "interrupted"
+        assert (d / "checkpoint.pkl").exists()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)
