@@ -107,4 +107,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedrec.errors import run_script
+
+    run_script(main, "benchmarks/deployment.py")

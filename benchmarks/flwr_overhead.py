@@ -264,4 +264,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from fedrec.errors import run_script
+
+    run_script(main, "benchmarks/flwr_overhead.py")

@@ -111,4 +111,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from fedrec.errors import run_script
+
+    run_script(main, "benchmarks/round_profile.py")

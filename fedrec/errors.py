@@ -24,3 +24,17 @@ class DataFormatError(FedRecError):
         self.path = str(path)
         self.line = line
         self.expected = expected
+
+
+def run_script(main, prog: str):
+    """A script's entry point (benchmarks/, scripts/): a FedRecError (a bad YAML, a missing
+    data file, a grid where one run is expected) is one line on stderr and exit code 2, as
+    in the `fedrec` CLI, not a traceback."""
+    import sys
+
+    try:
+        code = main()
+    except FedRecError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -163,4 +163,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from fedrec.errors import run_script
+
+    run_script(main, "scripts/fuzz_server.py")

@@ -99,4 +99,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from fedrec.errors import run_script
+
+    run_script(main, "scripts/pipattack_bulyan_probe.py")

@@ -114,4 +114,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from fedrec.errors import run_script
+
+    run_script(main, "scripts/pipattack_popularity_probe.py")

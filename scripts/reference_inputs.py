@@ -136,4 +136,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from fedrec.errors import run_script
+
+    run_script(main, "scripts/reference_inputs.py")

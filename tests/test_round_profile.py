@@ -52,3 +52,21 @@ def test_profile_of_a_synthetic_run(tmp_path, monkeypatch):
     where = [e["where"] for e in out["inclusive"]]
     assert any(w.endswith("Engine.run_round") for w in where)
     assert abs(sum(e["share"] for e in out["self"]) - 1.0) < 0.01  # every sample has one line (shares rounded)
+
+
+def test_benchmarks_give_a_one_line_error_on_a_bad_experiment(tmp_path):
+    """A grid YAML where one run is expected, or a missing file: one line and exit code 2
+    from every benchmark that loads an experiment, not a traceback."""
+    import subprocess
+    import sys
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: g\ndata: {dataset: synthetic}\ngrid:\n  seed: [0, 1]\n")
+    for script, bad in (("round_profile.py", grid), ("throughput.py", tmp_path / "none.yaml"),
+                        ("aggregation.py", grid)):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script),
+                               "--experiment", str(bad)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"benchmarks/{script}: error: "), lines
