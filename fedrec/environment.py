@@ -24,6 +24,9 @@ VARIABLES = {
     "FEDREC_PROJECT_ROOT": "where `flwr run` resolves relative experiment and output paths",
     "FEDREC_SAVE_MODEL": "1: a Flower run also saves its final global arrays to model.npz",
     "FEDREC_RUNS_RELATIVE_TO_YAML": "1: a relative output.dir is taken from the YAML's folder",
+    "FEDREC_MALLOC_MB": "glibc's malloc: blocks up to this many MB come from the heap, and up "
+                        "to twice that of freed heap memory is kept for reuse (default 64; 0 = "
+                        "glibc's own policy, which maps and unmaps every block over 32 MB)",
     "FEDREC_ARCHIVE": "the results archive of `fedrec archive` and `fedrec reproduce` (default "
                       "results/ at the project root)",
 }
@@ -63,6 +66,10 @@ def torch_threads() -> int:
 
 def blas_threads() -> int:
     return _int("FEDREC_BLAS_THREADS", 1, 0)
+
+
+def malloc_mb() -> int:
+    return _int("FEDREC_MALLOC_MB", 64, 0)
 
 
 def archive_dir() -> Path | None:
