@@ -10,6 +10,7 @@ from fedrec.models.base import (client_chunks, dropout_bits, dropout_threshold, 
                                 unique_inverse)
 from fedrec.models.mf import MF
 from fedrec.models.ncf import NCF
+from fedrec.protocol import joined_rows
 
 N_ITEMS, DIM = 30, 8
 
@@ -162,6 +163,13 @@ def test_weight_decay_scope_all_is_dense():
         assert len(untouched) > 0
         np.testing.assert_allclose(dense.item_rows[untouched], wd * table[untouched], rtol=1e-6)
         np.testing.assert_allclose(dense.item_rows[sparse.item_ids], sparse.item_rows, rtol=1e-5, atol=1e-8)
+        # a cohort's dense tables lie back to back in one block: the server stacks them as a
+        # view (fedrec.protocol.joined_rows), not by copying 50 tables a round
+        cohort = model.gradients_cohort(table, pred, [user] * 3, [pos] * 3, [neg] * 3,
+                                        [_sfc(c) for c in range(3)], weight_decay=wd,
+                                        weight_decay_all=True)
+        stacked = joined_rows([c.item_rows for c in cohort])
+        assert stacked.shape == (3 * N_ITEMS, DIM) and np.shares_memory(stacked, cohort[0].item_rows)
 
 
 def _ncf_reference(table, user, pred, pos, neg, wd):

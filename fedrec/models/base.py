@@ -126,7 +126,12 @@ def in_chunks(chunk_gradients, users, pos_list, neg_list, rngs, **options) -> li
     """chunk_gradients(users, pos_list, neg_list, rngs, arena=, **options) over `client_chunks`,
     the clients' results in order; the chunks' item rows go to one `RowArena`."""
     counts = [len(p) for p in pos_list]
-    arena = RowArena(2 * sum(counts))  # a pair adds at most two (client, item) keys
+    # a pair adds at most two (client, item) keys; a dense upload (weight_decay_all) is a
+    # whole table per client, written straight into the arena: one block for the cohort, so
+    # the server stacks the round's uploads without copying them (fedrec.protocol.joined_rows)
+    n_items = options.pop("n_items", 0)
+    arena = RowArena(n_items * len(counts) if options.get("weight_decay_all") and n_items
+                     else 2 * sum(counts))
     out = []
     for a, b in client_chunks(counts, CHUNK_PAIRS):
         out += chunk_gradients(users[a:b], pos_list[a:b], neg_list[a:b], rngs[a:b], arena=arena,
@@ -311,7 +316,8 @@ def client_item_uploads(owner, items, rows, n_clients: int, item_table, weight_d
     keys = owner * n_items + items
     uniq, inv = unique_inverse(keys, n_clients * n_items)
     item_rows = segment_sum(inv, rows, len(uniq),
-                            None if arena is None else arena.take(len(uniq), rows.shape[1]))
+                            None if arena is None or weight_decay_all
+                            else arena.take(len(uniq), rows.shape[1]))
     key_owner, key_item = np.divmod(uniq, n_items)
     if weight_decay and not weight_decay_all:  # elementwise: the same numbers as per client
         decay = np.take(item_table, key_item, axis=0)
@@ -319,13 +325,16 @@ def client_item_uploads(owner, items, rows, n_clients: int, item_table, weight_d
     kb = np.searchsorted(key_owner, np.arange(n_clients + 1)).tolist()
     out = [(key_item[a:b], item_rows[a:b]) for a, b in zip(kb[:-1], kb[1:])]
     if weight_decay_all:
-        out = [_dense_upload(ids, r, item_table, weight_decay) for ids, r in out]
+        out = [_dense_upload(ids, r, item_table, weight_decay,
+                             None if arena is None else arena.take(n_items, r.shape[1]))
+               for ids, r in out]
     return out
 
 
-def _dense_upload(ids, rows, item_table, weight_decay: float):
-    """weight_decay_scope all: wd * V over every row, plus the client's rows where it has some."""
-    full = np.float32(weight_decay) * item_table
+def _dense_upload(ids, rows, item_table, weight_decay: float, out=None):
+    """weight_decay_scope all: wd * V over every row, plus the client's rows where it has some
+    (the table written into out, an (n_items, dim) float32 block, when given)."""
+    full = np.multiply(item_table, np.float32(weight_decay), out=out)
     full[ids] += rows
     return np.arange(item_table.shape[0]), full
 

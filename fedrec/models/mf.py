@@ -38,7 +38,8 @@ class MF(CohortModel):
         """The cohort in chunks of clients (fedrec.models.base.client_chunks)."""
         return in_chunks(lambda *chunk, **options: self._chunk_gradients(
             item_table, predictor, *chunk, **options), users, pos_list, neg_list, rngs,
-            weight_decay=weight_decay, weight_decay_all=weight_decay_all, train=train)
+            weight_decay=weight_decay, weight_decay_all=weight_decay_all, train=train,
+            n_items=len(item_table))
 
     def _chunk_gradients(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
                          weight_decay=0.0, weight_decay_all=False, train=True, arena=None):
