@@ -207,3 +207,28 @@ def test_eval_rounds_and_evaluate_results():
                                   {"test_hr@5": 0.0, "val_hr@5": 1.0},
                                   {"test_hr@5": 1.0}])
     assert out == {"test_hr@5": pytest.approx(2 / 3), "test_users": 3, "val_hr@5": 0.5, "val_users": 2}
+
+
+def test_weighted_sum_in_blocks_is_the_one_pass_sum_bit_for_bit():
+    """sparse_weighted_sum weights and adds WEIGHTED_SUM_BLOCK rows at a time; index_add_
+    adds in row order, so the result is the same bits as weighting every row first and
+    adding them all in one index_add_ (a dense round: many more rows than a block)."""
+    import torch
+
+    from strategies import aggregate
+
+    rng = np.random.default_rng(5)
+    n_rows = 3 * aggregate.WEIGHTED_SUM_BLOCK + 17
+    ids = rng.integers(0, 40, n_rows)
+    rows = (rng.standard_normal((n_rows, 8)) * 10.0 ** rng.integers(-6, 3, (n_rows, 1))).astype(np.float32)
+    weights = rng.random(n_rows)
+    one_pass = torch.zeros((40, 8), dtype=torch.float32)
+    one_pass.index_add_(0, torch.from_numpy(ids),
+                        torch.from_numpy(rows) * torch.from_numpy(weights.astype(np.float32))[:, None])
+    assert np.array_equal(aggregate.sparse_weighted_sum(ids, rows, weights, 40), one_pass.numpy())
+    # and the loop in float64 agrees to float32 rounding
+    slow = np.zeros((40, 8))
+    for i, r, w in zip(ids, rows.astype(np.float64), weights):
+        slow[i] += w * r
+    np.testing.assert_allclose(aggregate.sparse_weighted_sum(ids, rows, weights, 40), slow,
+                               rtol=1e-4, atol=1e-6)
