@@ -232,3 +232,25 @@ def test_weighted_sum_in_blocks_is_the_one_pass_sum_bit_for_bit():
         slow[i] += w * r
     np.testing.assert_allclose(aggregate.sparse_weighted_sum(ids, rows, weights, 40), slow,
                                rtol=1e-4, atol=1e-6)
+
+
+def test_weighted_sum_of_whole_tables_is_the_index_add_sum_bit_for_bit():
+    """Dense uploads (every client sends every row, in id order) take the table-by-table
+    path of sparse_weighted_sum: the same bits as index_add_ over the rows; a stack that
+    is not whole tables (a row missing, ids out of order) takes index_add_ itself."""
+    import torch
+
+    from strategies import aggregate
+
+    rng = np.random.default_rng(6)
+    n_items, k = 37, 5
+    rows = (rng.standard_normal((k * n_items, 4)) * 10.0 ** rng.integers(-6, 3, (k * n_items, 1))).astype(np.float32)
+    weights = rng.random(k * n_items)
+    ids = np.tile(np.arange(n_items), k)
+    assert aggregate.whole_tables(ids, n_items)
+    assert not aggregate.whole_tables(ids[:-1], n_items)
+    assert not aggregate.whole_tables(np.roll(ids, 1), n_items)
+    one_pass = torch.zeros((n_items, 4), dtype=torch.float32)
+    one_pass.index_add_(0, torch.from_numpy(ids),
+                        torch.from_numpy(rows) * torch.from_numpy(weights.astype(np.float32))[:, None])
+    assert np.array_equal(aggregate.sparse_weighted_sum(ids, rows, weights, n_items), one_pass.numpy())
