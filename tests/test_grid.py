@@ -145,30 +145,11 @@ def test_local_workers_stop_their_runs_when_the_driver_dies(tmp_path):
     """The driver of `--jobs 2` killed outright (SIGKILL: no clean-up of its own): each worker
     notices, stops its run as SIGTERM does (status interrupted, a checkpoint to resume from)
     and exits, instead of computing on or waiting forever."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    yaml_path = grid_yaml(tmp_path, grid="  seed: [0, 1]\n",
-                          extra="").read_text().replace("rounds: 4,", "rounds: 200000,")
-    (tmp_path / "grid.yaml").write_text(yaml_path)
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root))
-    driver = subprocess.Popen([sys.executable, "-m", "fedrec", "run", str(tmp_path / "grid.yaml"),
-                               "--jobs", "2", "--no-progress"], cwd=root, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver, workers = _start_long_grid(tmp_path, seeds=2)
     runs = tmp_path / "runs"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(runs.glob("*/metrics.csv"))) < 2:
-        time.sleep(0.5)
-    assert len(list(runs.glob("*/metrics.csv"))) == 2, "the two runs did not start"
-    time.sleep(1.0)
-    workers = [p for p in _children(driver.pid)
-               if b"multiprocessing" in Path(f"/proc/{p}/cmdline").read_bytes()
-               and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert len(workers) == 2
     driver.send_signal(signal.SIGKILL)
     driver.wait()
 
@@ -190,6 +171,39 @@ def test_local_workers_stop_their_runs_when_the_driver_dies(tmp_path):
     while time.time() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.2)
     assert not any(_alive(p) for p in workers)
+
+
+def _start_long_grid(tmp_path, seeds: int, background: bool = False):
+    """`fedrec run --jobs 2` over `seeds` runs of 200,000 rounds in a child process, once
+    its two workers have started their runs: (driver Popen, the two worker pids).
+    background: the driver ignores SIGINT, as a shell's `&` leaves it, and its output is
+    kept (communicate()); else it is discarded."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = grid_yaml(tmp_path, grid=f"  seed: {list(range(seeds))}\n").read_text()
+    (tmp_path / "grid.yaml").write_text(text.replace("rounds: 4,", "rounds: 200000,"))
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.PIPE if background else subprocess.DEVNULL
+    driver = subprocess.Popen([sys.executable, "-m", "fedrec", "run", str(tmp_path / "grid.yaml"),
+                               "--jobs", "2", "--no-progress"], cwd=root,
+                              env=dict(os.environ, PYTHONPATH=str(root)), stdout=out, stderr=out,
+                              text=True, preexec_fn=(lambda: signal.signal(
+                                  signal.SIGINT, signal.SIG_IGN)) if background else None)
+    runs = tmp_path / "runs"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(runs.glob("*/metrics.csv"))) < 2:
+        time.sleep(0.5)
+    assert len(list(runs.glob("*/metrics.csv"))) == 2, "the two runs did not start"
+    time.sleep(1.0)
+    workers = [p for p in _children(driver.pid)
+               if b"multiprocessing" in Path(f"/proc/{p}/cmdline").read_bytes()
+               and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    return driver, workers
 
 
 def _children(pid: int) -> list[int]:
@@ -233,28 +247,10 @@ def test_a_signal_stops_the_whole_grid_with_checkpoints(tmp_path, how):
     stopped run broke the pool: a traceback, or a driver waiting forever)."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    text = grid_yaml(tmp_path, grid="  seed: [0, 1, 2]\n").read_text()
-    (tmp_path / "grid.yaml").write_text(text.replace("rounds: 4,", "rounds: 200000,"))
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root))
-    driver = subprocess.Popen([sys.executable, "-m", "fedrec", "run", str(tmp_path / "grid.yaml"),
-                               "--jobs", "2", "--no-progress"], cwd=root, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    driver, workers = _start_long_grid(tmp_path, seeds=3, background=True)
     runs = tmp_path / "runs"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(runs.glob("*/metrics.csv"))) < 2:
-        time.sleep(0.5)
-    assert len(list(runs.glob("*/metrics.csv"))) == 2, "the two runs did not start"
-    time.sleep(1.0)
-    workers = [p for p in _children(driver.pid)
-               if b"multiprocessing" in Path(f"/proc/{p}/cmdline").read_bytes()
-               and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert len(workers) == 2
     if how == "SIGTERM to the driver":
         driver.send_signal(signal.SIGTERM)
     else:
