@@ -255,7 +255,16 @@ def test_a_signal_stops_the_whole_grid_with_checkpoints(tmp_path, how):
         driver.send_signal(signal.SIGTERM)
     else:
         os.kill(workers[0], signal.SIGINT)
-    _, err = driver.communicate(timeout=60)
+    try:
+        _, err = driver.communicate(timeout=60)
+    finally:  # a driver that hangs (the old defect) must not outlive the test
+        if driver.poll() is None:
+            driver.kill()
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     assert driver.returncode == 130, err
     assert "grid stopped: 2 run(s) stopped with a checkpoint" in err
     assert "1 not started; the same command resumes them" in err and "Traceback" not in err
