@@ -308,12 +308,10 @@ class GridScheduler:
                         outcomes.append(outcome)
                         self._finish(outcome)
                         stopping = stopping or outcome.stopped_after is not None
-                    if (stop or stopping) and queue:
+                    if stop or stopping:
                         stopping = True
                         self.progress.total -= len(queue)
                         queue = []
-                    if stopping or stop:
-                        stopping = True
                         _stop_workers(pool, signalled)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
