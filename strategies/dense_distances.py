@@ -1,9 +1,11 @@
-"""Squared L2 distances between whole updates held as dense vectors (n, P), by Gram.
+"""Squared L2 distances between whole updates held as dense vectors (n, P), by Gram, and
+the test for dense item uploads.
 
-||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b> from one float64 Gram of the stacked vectors:
-predictors, and dense item uploads (every client sends every item, in order:
-train.weight_decay_scope all), where one (n, n_items * dim) product beats the per-item
-blocks of `strategies.item_distances.client_sq_distances`.
+||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b> from one float64 Gram of the stacked vectors
+(predictors), and of dense item uploads (every client sends every item, in order:
+train.weight_decay_scope all, `every_item_sent`) whose rows are mostly each client's own;
+where most rows are their item's common row, `strategies.item_distances` takes the own rows
+alone (`common_row_sq_distances`).
 """
 
 from __future__ import annotations
@@ -27,9 +29,7 @@ DENSE_GRAM_COLUMNS = 1 << 14
 def dense_sq_distances(flat: np.ndarray, predictors=None) -> np.ndarray:
     """(n, n) squared L2 distances between the rows of flat (n, k * dim), every client's
     whole item table (dense uploads), + the predictors: one float64 Gram, accumulated over
-    slices of columns (a float64 copy of one slice at a time, not of the whole stack). On
-    ML-1M's 50 x 237k uploads ~4x cheaper than the per-item blocks' products and scatter,
-    and exact to float64 rounding rather than per-item float32 products."""
+    slices of columns (a float64 copy of one slice at a time, not of the whole stack)."""
     n = len(flat)
     gram = np.zeros((n, n))
     for lo in range(0, flat.shape[1], DENSE_GRAM_COLUMNS):

@@ -8,6 +8,10 @@ item into padded size classes, sorting networks, the item-level median):
 
 - `AugmentedOrder` reads order statistics of a lane's m sorted values *plus z zeros* without
   materialising the zeros; z = n - m_i gives the dense form, z = 0 the item-level form.
+  The z copies may be of another per-lane value than 0 (`fill`): dense uploads
+  (train.weight_decay_scope all), where every client sends every row and most rows of an
+  item are the same bits for every client (`strategies.common_rows`), are the common row
+  z times plus each item's few own rows.
 - A dense array (the predictor) is one group in which every client has a row.
 
 The Python loops here run over size classes (at most 2 log2(n) + 1), comparators of a network
@@ -20,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedrec.errors import ConfigError
+from strategies.common_rows import common_rows
+from strategies.dense_distances import every_item_sent
 from strategies.groups import (
     RowBucket,
     dense_trimmed_mean,
@@ -56,10 +62,13 @@ class AugmentedOrder:
     costs no precision (prefix sums, total - 1e30, would lose every digit).
     """
 
-    def __init__(self, padded: np.ndarray, counts: np.ndarray, zeros=0):
+    def __init__(self, padded: np.ndarray, counts: np.ndarray, zeros=0, fill=None):
         """padded: (width + 2, U, dim), the sorted values between a row of -inf (s[-1]) and
-        a row of +inf (s[width]), as `sorted_groups` builds it."""
+        a row of +inf (s[width]), as `sorted_groups` builds it. fill: (U, dim), the value
+        of the z added copies in each lane (None: 0); 0 stands for it in the formulas of
+        the class docstring."""
         self.padded = padded
+        self.fill = np.float32(0) if fill is None else fill
         self.sorted = padded[1:-1]
         self.m = counts
         self.z = np.broadcast_to(np.asarray(zeros, dtype=np.int64), counts.shape)
@@ -84,7 +93,7 @@ class AugmentedOrder:
             return self._slot(k, per_lane)
         z = self.z[:, None] if per_lane else self.z
         return np.minimum(self._slot(k, per_lane),
-                          np.maximum(self._slot(k - z, per_lane), np.float32(0)))
+                          np.maximum(self._slot(k - z, per_lane), self.fill))
 
     def rank_sum(self, lo, hi) -> np.ndarray:
         """(U, dim): the sum of the values of ranks [lo, hi) (lo < hi), bounds per
@@ -110,8 +119,8 @@ class AugmentedOrder:
         above = (len(self.sorted) - self.m + self.n)[:, None] - hi  # N - hi, + the padding
         total -= lo * low.astype(np.float64) + above * high.astype(np.float64)
         if self.augmented:
-            zero = np.minimum(np.maximum(np.float32(0), low), high)
-            total += self.z[:, None] * zero.astype(np.float64)
+            filled = np.minimum(np.maximum(self.fill, low), high)
+            total += self.z[:, None] * filled.astype(np.float64)
         return total
 
     def _slot_sum(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -174,7 +183,7 @@ def sort_padded(slots: np.ndarray) -> np.ndarray:
 
 def reduce_groups(ids, rows, n_items: int, reduce, n_clients: int | None = None,
                   min_count: int = 1, max_count: int | None = None, keep=None,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, fill: np.ndarray | None = None) -> np.ndarray:
     """out[i] = reduce(AugmentedOrder of item i's rows), coordinate-wise; 0 for absent items.
 
     n_clients=None: item-level (each item over its own contributors); otherwise dense (each
@@ -182,13 +191,15 @@ def reduce_groups(ids, rows, n_items: int, reduce, n_clients: int | None = None,
     Items with fewer than min_count rows are left at 0: the caller knows the zeros decide
     them (a dense median of mostly zeros is 0). max_count, keep: only items with fewer
     rows, only the rows where keep (see group_rows); out: write into this table (the other
-    rows untouched) instead of a new one.
+    rows untouched) instead of a new one; fill: (>= n_items, dim), the value each item's
+    absent rows count as, per coordinate (None: zeros).
     """
     if out is None:
         out = np.zeros((n_items, rows.shape[1]), np.float32)
     for b in group_rows(ids, min_count, max_count, keep):
         zeros = 0 if n_clients is None else n_clients - b.counts
-        out[b.items] = reduce(AugmentedOrder(sorted_groups(b, rows), b.counts, zeros))
+        out[b.items] = reduce(AugmentedOrder(sorted_groups(b, rows), b.counts, zeros,
+                                             None if fill is None else fill[b.items]))
     return out
 
 
@@ -255,6 +266,34 @@ def item_trimmed_mean(ids, rows, trim: int, out: np.ndarray, min_count: int,
     return out
 
 
+def common_row_trimmed_mean(tables: np.ndarray, n_items: int, trim) -> np.ndarray:
+    """The coordinate-wise trimmed mean (trim=MEDIAN: median) over n whole tables (n, k, dim)
+    of dense uploads, as one common row per item plus each client's own rows
+    (strategies.common_rows): each item sorts only its m_i own rows, its n - m_i common
+    copies read by AugmentedOrder's fill. Items n_items > k (sent by no one) are 0.
+
+    The same selections as sorting all n rows: the median is bit for bit the same; the
+    trimmed mean's kept values are summed in float64 (the clipping identity) rather than in
+    float32 slot order, so it can differ from that in the last bit. An item with m_i <= t
+    own rows has them all trimmed, and one with m_i <= (n - 1) // 2 has both middle ranks
+    on the common row: those items are the common row without sorting."""
+    n, k, dim = tables.shape
+    common, same = common_rows(tables)
+    out = np.zeros((n_items, dim), np.float32)
+    half = (n - 1) // 2
+    if trim is MEDIAN:
+        min_count = half + 1
+        out[:k] = common * np.float32(0.5) + common * np.float32(0.5)  # AugmentedOrder.median
+    else:
+        min_count = min(trim, half) + 1
+        out[:k] = common
+    ids = np.tile(np.arange(k), n)
+    reduce_groups(ids, tables.reshape(n * k, dim), n_items,
+                  lambda aug: aug.trimmed_mean(trim), n, min_count, keep=~same.ravel(),
+                  out=out, fill=common)
+    return out
+
+
 def row_sq_norms(rows: np.ndarray) -> np.ndarray:
     """(R,) float64 squared L2 norm of each row: float32 products, float64 where they overflow."""
     sq = np.einsum("ij,ij->i", rows, rows).astype(np.float64)
@@ -296,8 +335,12 @@ def order_statistic_aggregate(updates: RoundUpdates, granularity: str, trim) -> 
     """Coordinate-wise trimmed mean (or median) of item rows and predictor, unweighted."""
     ids, rows, _ = updates.stacked
     n = len(updates)
-    item_grad = coordinate_trimmed_mean(ids, rows, updates.n_items, trim,
-                                        n_clients=n if granularity == "dense" else None)
+    if every_item_sent(ids, n):  # dense uploads: every item has all n rows, either form
+        item_grad = common_row_trimmed_mean(rows.reshape(n, len(ids) // n, -1),
+                                            updates.n_items, trim)
+    else:
+        item_grad = coordinate_trimmed_mean(ids, rows, updates.n_items, trim,
+                                            n_clients=n if granularity == "dense" else None)
     pred = flat_predictors(updates.uploads)
     predictor = [] if pred is None else unflatten(stack_trimmed_mean(pred, trim),
                                                   updates.uploads[0].predictor)

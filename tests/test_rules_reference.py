@@ -12,8 +12,9 @@ import pytest
 
 from fedrec.protocol import Upload
 from fedrec.runtime import configure_threads
-from strategies import dense_distances, item_distances
+from strategies import item_distances
 from strategies.bulyan import BulyanRule
+from strategies.common_rows import candidate_clients
 from strategies.dense_distances import every_item_sent
 from strategies.groups import count_blocks, item_median, median_network, select_middle
 from strategies.krum import KrumRule, MultiKrumRule, client_sq_distances, krum_scores
@@ -327,15 +328,25 @@ def test_client_distances_of_huge_rows_match_dense_updates():
 
 
 @pytest.mark.parametrize("predictor", [False, True])
-def test_client_distances_of_dense_uploads_match_the_definition(predictor):
-    """Every client sends every item in order (weight_decay_scope all): the one-Gram path,
-    here over several column slices, against the differences of the flattened updates."""
+@pytest.mark.parametrize("own_share", [0.02, 0.3])
+def test_client_distances_of_dense_uploads_match_the_definition(predictor, own_share):
+    """Every client sends every item in order (weight_decay_scope all), most rows of an item
+    the same bits for every client (its weight decay), the others each client's own, and
+    one client (an attacker) all its own: the common-row path (few own rows) and the one
+    Gram of the whole tables (many), against the differences of the flattened updates."""
     rng = np.random.default_rng(7)
     n, n_items = 9, 4000
-    rows = (rng.standard_normal((n * n_items, DIM)) * rng.uniform(0.1, 3, (n * n_items, 1))
-            ).astype(np.float32)
+    common = (rng.standard_normal((n_items, DIM)) * 1e-5).astype(np.float32)
+    tables = np.repeat(common[None], n, axis=0)
+    own = rng.random((n, n_items)) < own_share
+    own[0] = True
+    tables[own] = (rng.standard_normal((int(own.sum()), DIM))
+                   * rng.uniform(0.1, 3, (int(own.sum()), 1))).astype(np.float32)
+    _, share = candidate_clients(tables)  # which path: few own rows, or many
+    assert (share >= item_distances.COMMON_ROW_SHARE) == (own_share < 0.1)
+    rows = tables.reshape(n * n_items, DIM)
     ids, owner = np.tile(np.arange(n_items), n), np.repeat(np.arange(n), n_items)
-    assert every_item_sent(ids, n) and n_items * DIM > dense_distances.DENSE_GRAM_COLUMNS / 2
+    assert every_item_sent(ids, n)
     preds = rng.standard_normal((n, 5)).astype(np.float32) if predictor else None
     flat = np.concatenate([rows.reshape(n, -1), preds], 1) if predictor else rows.reshape(n, -1)
     flat = flat.astype(np.float64)
