@@ -68,6 +68,7 @@ class CellResult:
     checks: list  # (text, passed) per criterion: tolerance, at_least, at_most
     wall_mean: float | None
     wall_std: float | None
+    by_seed: dict = field(default_factory=dict)  # seed -> the value of that seed's run
 
     @property
     def passed(self) -> bool | None:
@@ -214,19 +215,22 @@ def cell_result(cell: Cell, done: dict) -> CellResult:
     from fedrec.report import mean_std
 
     cs = cell.spec
-    values, walls = [], []
+    values, walls, by_seed = [], [], {}
     for d, ref in zip(cell.dirs, cell.refs):
         if d not in done:
             continue
         walls.append(done[d].get("wall_time_s"))
         v = run_value(d, done[d], cs.metric)
+        value = None
         if cs.compare == "value":
-            values.append(v)
+            value = v
         elif ref in done and v is not None:
             b = run_value(ref, done[ref], cs.metric)
             if b:
-                values.append(100.0 * (b - v) / b)
-    values = [v for v in values if v is not None and not math.isnan(v)]
+                value = 100.0 * (b - v) / b
+        if value is not None and not math.isnan(value):
+            values.append(value)
+            by_seed[done[d].get("seed", f"run {len(by_seed)}")] = value
     mean, std = mean_std(values)
     wall_mean, wall_std = mean_std(walls)
     checks = []
@@ -238,12 +242,28 @@ def cell_result(cell: Cell, done: dict) -> CellResult:
         if cs.at_most is not None:
             checks.append((f"≤ {cs.at_most:g}", mean <= cs.at_most))
     return CellResult(cs.label, cs.metric, cs.compare, len(values), len(cell.dirs), mean, std,
-                      cs.published, checks, wall_mean, wall_std)
+                      cs.published, checks, wall_mean, wall_std, by_seed)
+
+
+def paired_difference(a: CellResult, b: CellResult):
+    """(mean, standard error, n) of a's value minus b's over the seeds both have, or None.
+
+    Paired by seed, so what two cells share cancels: two drops of one seed are measured
+    against the same clean run, whose own noise moves both. Standard error: the sample
+    standard deviation of the differences over sqrt(n) (inf for one seed)."""
+    diffs = [a.by_seed[s] - b.by_seed[s] for s in a.by_seed if s in b.by_seed]
+    if not diffs:
+        return None
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else math.inf
+    return mean, se, n
 
 
 def order_checks(spec: PaperSpec, results: list) -> list:
     """(text, holds) per `order` chain: ours must decrease along it (holds None while a cell
-    has no value)."""
+    has no value). The text also gives each neighbouring pair's difference paired by seed,
+    marked "within noise" where it is under two standard errors."""
     by_label = {r.label: r for r in results}
     out = []
     for chain in spec.order:
@@ -252,6 +272,18 @@ def order_checks(spec: PaperSpec, results: list) -> list:
                            for label, m in zip(chain, means))
         holds = None if any(m is None for m in means) else \
             all(a > b for a, b in zip(means, means[1:]))
+        pairs = []
+        for a, b in zip(chain, chain[1:]):
+            diff = paired_difference(by_label[a], by_label[b])
+            if diff is None:
+                continue
+            mean, se, n = diff
+            unit = " points" if by_label[a].compare == "relative_drop" else ""
+            noise = ", within noise" if not abs(mean) >= 2 * se else ""
+            pairs.append(f"{a} − {b} {mean:+.{1 if unit else 4}f} ± "
+                         f"{se:.{1 if unit else 4}f}{unit} (n = {n}{noise})")
+        if pairs:
+            shown += "; paired by seed: " + ", ".join(pairs)
         out.append((shown, holds))
     return out
 
@@ -329,7 +361,8 @@ def format_report(rep: TableReport) -> str:
     for text, holds in rep.orders:
         mark = "not yet (cells missing)" if holds is None else \
             ("holds" if holds else "does NOT hold")
-        lines.append(f"- order {text}: {mark}")
+        chain, _, paired = text.partition("; ")  # the mark right after the chain it judges
+        lines.append(f"- order {chain}: {mark}" + (f"; {paired}" if paired else ""))
     return "\n".join(lines)
 
 

@@ -113,6 +113,9 @@ def test_table_is_the_hand_computed_mean_std_drop_and_marks(ran):
     assert by["Gaussian"].published == pytest.approx(100 * (0.03 - 0.02) / 0.03)
     (text, holds), = rep.orders
     assert holds == (by["Gaussian"].mean > by["LabelFlip"].mean)
+    assert set(by["Gaussian"].by_seed) == {0, 1}  # keyed by the runs' own seeds
+    diffs = [by["Gaussian"].by_seed[s] - by["LabelFlip"].by_seed[s] for s in (0, 1)]
+    assert f"Gaussian − LabelFlip {sum(diffs) / 2:+.1f} ±" in text and "(n = 2" in text
     assert rep.state == f"done ({2 + holds} of 4 checks pass)"
     walls = [json.loads(p.read_text())["wall_time_s"] for p in (root / "runs").glob("*/summary.json")]
     assert rep.wall_total == pytest.approx(sum(walls))
@@ -387,3 +390,19 @@ def test_a_table_takes_another_tables_run_of_the_same_computation(tmp_path, caps
     assert computation_digest(cfg) == computation_digest(table_b.cfgs[0])
     other = expand(yaml.safe_load(grid_a.replace("lr: 0.05", "lr: 0.06")))[0]
     assert computation_digest(other) != computation_digest(cfg)
+
+
+def test_paired_difference_by_seed():
+    """Differences of two cells paired by seed (a seed only one has is left out): mean and
+    standard error (sample sd / sqrt(n)); one seed gives an infinite error."""
+    from fedrec.reproduce import CellResult, paired_difference
+
+    def cell(by_seed):
+        return CellResult("c", "test_hr@5", "relative_drop", len(by_seed), 3, None, None,
+                          None, [], None, None, by_seed)
+
+    a, b = cell({0: 10.0, 1: 14.0, 2: 30.0}), cell({0: 4.0, 1: 6.0, 5: 1.0})
+    mean, se, n = paired_difference(a, b)  # differences 6 and 8
+    assert (mean, n) == (7.0, 2) and se == pytest.approx(1.0)  # sd sqrt(2), / sqrt(2)
+    assert paired_difference(a, cell({2: 1.0}))[1] == float("inf")
+    assert paired_difference(a, cell({7: 1.0})) is None
