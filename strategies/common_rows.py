@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def candidate_clients(tables: np.ndarray):
     """(middle (k,), share): per item the client holding the median first word (the raw
     bits of the row's first coordinate), whose row is the candidate common row: a row more
@@ -43,9 +44,9 @@ def common_rows(tables: np.ndarray, middle: np.ndarray | None = None):
     n, k, _ = tables.shape
     if middle is None:
         middle, _ = candidate_clients(tables)
-    common = tables[middle, np.arange(k)]
+    common = tables[middle, np.arange(k)]  # a new, contiguous array
     wide = _wide_words(tables)
-    same = (wide == _wide_words(common)[None]).all(axis=2)
+    same = (wide == common.view(wide.dtype)[None]).all(axis=2)  # the same word size
     return common, same
 
 

@@ -130,3 +130,14 @@ def test_common_row_distances_of_crafted_rows_match_the_definition():
     expect = ((flat[:, None] - flat[None]) ** 2).sum(-1)
     assert np.isfinite(got).all() and got[1, 2] == 0.0
     np.testing.assert_allclose(got, expect, rtol=1e-12, atol=1e-12 * expect[1:, 1:].max())
+
+
+def test_common_rows_of_a_strided_stack():
+    """Tables that are a strided view (not C-contiguous) split as their contiguous copy."""
+    tables = dense_round(6, 30, 4, seed=2)
+    strided = np.concatenate([tables, tables], axis=2)[:, :, :4]
+    assert not strided.flags.c_contiguous
+    common, same = common_rows(strided)
+    expect_common, expect_same = common_rows(np.ascontiguousarray(strided))
+    np.testing.assert_array_equal(same, expect_same)
+    np.testing.assert_array_equal(common, expect_common)
