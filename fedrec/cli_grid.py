@@ -85,12 +85,16 @@ def _cmd_reproduce(args) -> int:
             from fedrec.results import is_complete, run_dir_for
 
             # runs another table or the archive already holds (same computation): not run again
-            todo = [c for i, c in enumerate(table.cfgs) if i not in table.taken]
-            done = len(table.cfgs) - len(todo) + sum(is_complete(run_dir_for(c, args.output))
-                                                     for c in todo)
-            if done < len(table.cfgs):  # a long grid can start here: say so before it does
-                print(f"{args.name}: {done} of {len(table.cfgs)} runs done, running the other "
-                      f"{len(table.cfgs) - done} ({'Ray' if ray else f'--jobs {args.jobs}'}; "
+            wanted = (rp.cell_runs(table, args.cells) if args.cells
+                      else range(len(table.cfgs)))
+            todo = [table.cfgs[i] for i in wanted if i not in table.taken]
+            done = len(wanted) - len(todo) + sum(is_complete(run_dir_for(c, args.output))
+                                                 for c in todo)
+            what = (f"the {len(wanted)} runs of the cells asked for" if args.cells
+                    else f"{len(wanted)} runs")
+            if done < len(wanted):  # a long grid can start here: say so before it does
+                print(f"{args.name}: {done} of {what} done, running the other "
+                      f"{len(wanted) - done} ({'Ray' if ray else f'--jobs {args.jobs}'}; "
                       "interrupt and resume at will; --table-only prints the table without "
                       "running)", file=sys.stderr, flush=True)
             outcomes = run_grid(todo, output_root=args.output, jobs=args.jobs, ray=ray,
@@ -183,6 +187,10 @@ def add_grid_commands(sub) -> None:
     rr.add_argument("--ray-cpus", type=float, default=None, help="as `fedrec run --ray-cpus`")
     rr.add_argument("--ray-gpus", type=float, default=None, help="as `fedrec run --ray-gpus`")
     rr.add_argument("--no-progress", action="store_true")
+    rr.add_argument("--cells", action="append", default=[], metavar="TEXT",
+                    help="run only the runs behind the cells whose label contains TEXT (and "
+                         "their reference runs), in the order given; repeatable. The table "
+                         "still prints every cell")
     rr.add_argument("--tables", default=str(_paper_dir()), help="folder of the paper YAMLs")
     rr.add_argument("--archive", default=None, metavar="DIR",
                     help="where archived runs are looked up for runs missing from the output "

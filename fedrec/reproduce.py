@@ -19,7 +19,7 @@ from fedrec.errors import ConfigError, FedRecError
 from fedrec.paper import PaperCell, PaperSpec, parse_paper
 from fedrec.run_index import archived_runs, computation_digest, shared_runs
 
-__all__ = ["computation_digest", "load_table", "report_table", "format_report", "format_heading",
+__all__ = ["cell_runs", "computation_digest", "load_table", "report_table", "format_report", "format_heading",
            "list_lines", "table_names", "table_path"]
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "experiments" / "paper"
@@ -32,6 +32,8 @@ class Cell:
     spec: PaperCell
     dirs: list
     refs: list
+    runs: list = field(default_factory=list)  # grid indices of dirs
+    ref_runs: list = field(default_factory=list)  # grid indices of refs (None: no reference)
 
 
 @dataclass
@@ -164,19 +166,39 @@ def load_table(path, overrides=(), output=None, archive=DEFAULT_ARCHIVE) -> Tabl
             idx = hits[0]
         else:
             idx = list(by_setting.values())[j]
-        refs = []
+        ref_runs = []
         for i in idx:
             if cs.compare != "relative_drop":
-                refs.append(None)
+                ref_runs.append(None)
                 continue
             r = by_digest.get(reference_digest(cfgs[i], cs.baseline))
             if r is None:
                 raise ConfigError(f"{path.name}: paper.cells[{j}] ({cs.label}): its reference run "
                                   f"({cs.baseline}) is not in the grid")
-            refs.append(dirs[r])
-        cells.append(Cell(cs, [dirs[i] for i in idx], refs))
+            ref_runs.append(r)
+        cells.append(Cell(cs, [dirs[i] for i in idx],
+                          [None if r is None else dirs[r] for r in ref_runs], list(idx), ref_runs))
     return Table(path.stem, spec, cfgs, dirs, cells, shared, archived,
                  None if archive is None else Path(archive))
+
+
+def cell_runs(table: Table, patterns) -> list[int]:
+    """Grid indices of the runs behind the cells whose labels contain one of `patterns`
+    (case-insensitive), each cell's reference runs first, then its own, cell by cell in the
+    order the patterns name them (`fedrec reproduce NAME --cells`: the cells that matter
+    first). A one-line error for a pattern that names no cell."""
+    order: list[int] = []
+    for pattern in patterns:
+        hits = [c for c in table.cells if pattern.lower() in c.spec.label.lower()]
+        if not hits:
+            labels = "; ".join(c.spec.label for c in table.cells)
+            raise ConfigError(f"--cells {pattern!r}: no cell of {table.name} has it in its label "
+                              f"(cells: {labels})")
+        for c in hits:
+            for i in [r for r in c.ref_runs if r is not None] + c.runs:
+                if i not in order:
+                    order.append(i)
+    return order
 
 
 def _summaries(dirs) -> dict:

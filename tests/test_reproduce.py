@@ -406,3 +406,32 @@ def test_paired_difference_by_seed():
     assert (mean, n) == (7.0, 2) and se == pytest.approx(1.0)  # sd sqrt(2), / sqrt(2)
     assert paired_difference(a, cell({2: 1.0}))[1] == float("inf")
     assert paired_difference(a, cell({7: 1.0})) is None
+
+
+def test_cells_runs_only_the_runs_behind_the_named_cells(tmp_path, capsys):
+    """`--cells LabelFlip` runs LabelFlip's runs and their clean reference runs, seed by seed,
+    and not Gaussian's; the table still prints every cell (Gaussian's as not run); a text
+    that names no cell is a one-line error listing the cells."""
+    from fedrec.reproduce import cell_runs
+
+    tables = tmp_path / "tables"
+    path = write_table(tables, "tiny", tmp_path, seeds="[0, 1]")
+    table = load_table(path)
+    by_name = {i: (c.attack.name, c.seed) for i, c in enumerate(table.cfgs)}
+    order = cell_runs(table, ["labelflip"])
+    assert [by_name[i] for i in order] == [("none", 0), ("none", 1),
+                                           ("labelflip", 0), ("labelflip", 1)]
+    # two patterns: the second cell's runs after the first's, each run once
+    both = cell_runs(table, ["Gauss", "clean"])
+    assert [by_name[i] for i in both] == [("none", 0), ("none", 1),
+                                          ("gaussian", 0), ("gaussian", 1)]
+    assert main(["reproduce", "tiny", "--tables", str(tables), "--no-progress",
+                 "--cells", "LabelFlip"]) == 0
+    out = capsys.readouterr()
+    assert "tiny: 0 of the 4 runs of the cells asked for done, running the other 4" in out.err
+    ran_names = sorted(yaml.safe_load((d / "config.yaml").read_text())["attack"]["name"]
+                       for d in (tmp_path / "runs").iterdir() if (d / "summary.json").is_file())
+    assert ran_names == ["labelflip", "labelflip", "none", "none"]
+    assert "| Gaussian |" in out.out and "not run" in out.out
+    with pytest.raises(ConfigError, match=r"--cells 'Fang': no cell of tiny .*cells: clean; Gaussian; LabelFlip"):
+        cell_runs(table, ["Fang"])
