@@ -4,7 +4,10 @@ Each client adds alpha times the gradient of the contrastive loss on its own pos
 (fedrec.models.losses) to its item rows, drawn from its own stream for it, so the
 recommendation gradient is unchanged. The samples are drawn per client (each from its own
 generator); the gradients of the whole cohort come out of one batched computation
-(`contrastive_grads`), each client's numbers bit-identical to its own alone.
+(`contrastive_grads`), each client's numbers bit-identical to its own alone. With
+train.contrastive_dropout p > 0 the client then draws, from the same generator, the keep-masks
+of inverted dropout on the term's looked-up rows (anchor, positive, negatives), as the UNION
+reference code's item embedding (dropout 0.2) does to them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from clients.streams import CONTRASTIVE
+from fedrec.models.base import dropout_keep
 from fedrec.models.losses import contrastive_grads, contrastive_samples
 
 
@@ -26,13 +30,20 @@ def with_contrastive(clients, grads, item_table, rnd: int) -> list:
     active = [i for i, c in enumerate(clients) if len(c.train_items)]
     if alpha <= 0 or not active:
         return grads
-    n_items = item_table.shape[0]
-    samples = [contrastive_samples(clients[i].train_items, n_items, clients[i].exclusion_mask(),
-                                   cfg.contrastive_negatives, clients[i].stream(CONTRASTIVE, rnd))
-               for i in active]
+    n_items, dim = item_table.shape
+    samples, keeps = [], []
+    for i in active:
+        rng = clients[i].stream(CONTRASTIVE, rnd)
+        samples.append(contrastive_samples(clients[i].train_items, n_items,
+                                           clients[i].exclusion_mask(), cfg.contrastive_negatives,
+                                           rng))
+        if cfg.contrastive_dropout > 0:  # after the samples: they stay those of no dropout
+            keeps.append(dropout_keep(rng, (len(samples[-1][0]), 2 + cfg.contrastive_negatives,
+                                            dim), cfg.contrastive_dropout))
     anchors, positives, negatives = (np.concatenate(part) for part in zip(*samples))
     terms = contrastive_grads(item_table, anchors, positives, negatives,
-                              [len(s[0]) for s in samples])
+                              [len(s[0]) for s in samples],
+                              np.concatenate(keeps) if keeps else None, cfg.contrastive_dropout)
     out = list(grads)
     for i, (cl_ids, cl_rows, cl_loss) in zip(active, terms):
         g = grads[i]

@@ -119,6 +119,9 @@ class TrainConfig:
     loss_reduction: str = "mean"  # mean | sum: the gradient of the mean or of the summed loss over the pairs
     contrastive_alpha: float = 0.0  # UNION's client side: loss = BPR + alpha * contrastive (0 = off)
     contrastive_negatives: int = 15  # negatives per anchor in the contrastive loss
+    # inverted dropout on the contrastive term's item rows (0 = none; the UNION reference code
+    # applies its embedding dropout, 0.2, to them)
+    contrastive_dropout: float = 0.0
 
     def validate(self):
         _range("train.rounds", self.rounds, 1, 10**8)
@@ -132,6 +135,9 @@ class TrainConfig:
         _choice("train.loss_reduction", self.loss_reduction, ("mean", "sum"))
         _range("train.contrastive_alpha", self.contrastive_alpha, 0.0, 1e6)
         _range("train.contrastive_negatives", self.contrastive_negatives, 1, 10_000)
+        if not 0.0 <= self.contrastive_dropout < 1.0:
+            raise ConfigError(f"train.contrastive_dropout: expected a rate in [0, 1), got "
+                              f"{self.contrastive_dropout!r}")
         if self.contrastive_alpha > 0 and self.local_epochs > 0:
             raise ConfigError("train.contrastive_alpha: the contrastive loss is implemented for "
                               "FedSGD uploads (train.local_epochs: 0)")
@@ -338,6 +344,8 @@ class ExperimentConfig:
         del d["flower"]["device_state_dir"]  # where state is kept does not change results
         if d["attack"]["target"] == "none":  # added later: older digests stay the same
             del d["attack"]["target"]
+        if d["train"]["contrastive_dropout"] == 0:  # added later: older digests stay the same
+            del d["train"]["contrastive_dropout"]
         if d["attack"]["pool_sample"] == 0:  # added later: older digests stay the same
             del d["attack"]["pool_sample"]
         if d["attack"]["draw_seed"] in (None, d["seed"]):  # added later: older digests stay

@@ -80,7 +80,7 @@ def clean_key(cfg: dict) -> str:
 _DEFENSE_KEYS = {"server": ("rule", "rule_f", "multikrum_m", "norm_bound", "filter", "filters",
                              "union_sample_items",
                              "union_gap_b", "union_expected_attackers"),
-                  "train": ("contrastive_alpha", "contrastive_negatives")}
+                  "train": ("contrastive_alpha", "contrastive_negatives", "contrastive_dropout")}
 
 
 def undefended_key(cfg: dict) -> str:

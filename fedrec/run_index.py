@@ -29,6 +29,8 @@ def computation_digest(cfg) -> str:
     if "union" not in cfg.server.filter_steps():
         for key in UNION_KEYS:
             d["server"][key] = getattr(ServerConfig(), key)
+    if cfg.train.contrastive_alpha == 0:  # no contrastive term: its dropout reads nothing
+        d["train"]["contrastive_dropout"] = 0.0
     return from_dict(d, cfg.base_dir).digest()
 
 

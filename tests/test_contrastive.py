@@ -129,3 +129,80 @@ def test_added_rows_is_zero_plus_rows_plus_extra_bit_for_bit():
             got_ids, got = added_rows(ids, rows, extra, extra_rows, n)
         np.testing.assert_array_equal(got_ids, union)
         assert got.tobytes() == expect.tobytes()
+
+
+def test_contrastive_dropout_gradient_matches_autograd_with_the_same_masks():
+    """With keep-masks, the gradient is that of the loss on the dropped-out rows (each
+    looked-up row times keep / (1 - p)), as torch's autograd computes it; no masks = p 0."""
+    import torch
+
+    from fedrec.models.losses import contrastive_grad, contrastive_samples
+
+    rng = np.random.default_rng(5)
+    n_items, dim, p = 40, 6, 0.2
+    table = rng.standard_normal((n_items, dim)).astype(np.float32)
+    items = rng.choice(n_items, 9, replace=False)
+    known = np.zeros(n_items, bool)
+    known[items] = True
+    anchors, positives, negatives = contrastive_samples(items, n_items, known, 5, rng)
+    keep = rng.random((len(anchors), 2 + 5, dim)) >= p
+    ids, rows, loss = contrastive_grad(table, anchors, positives, negatives, keep, p)
+
+    t = torch.tensor(table, dtype=torch.float64, requires_grad=True)
+    m = torch.tensor(keep, dtype=torch.float64) / (1 - p)
+    looked = t[torch.tensor(np.concatenate([anchors[:, None], positives[:, None], negatives], 1))]
+    dropped = looked * m  # (L, 2 + P, dim)
+    scores = torch.einsum("lkd,ld->lk", dropped[:, 1:], dropped[:, 0])
+    ce = torch.nn.functional.cross_entropy(scores, torch.zeros(len(anchors), dtype=torch.long))
+    ce.backward()
+    want = t.grad.numpy()
+    assert np.array_equal(ids, np.unique(np.concatenate([anchors, positives, negatives.ravel()])))
+    assert not np.delete(want, ids, axis=0).any()  # no other row has a gradient
+    np.testing.assert_allclose(rows, want[ids], rtol=2e-5, atol=1e-6)
+    assert abs(loss - float(ce.detach())) < 1e-5
+    # a dropped coordinate gets no gradient through that lookup: all dropped -> all zero
+    _, zero_rows, _ = contrastive_grad(table, anchors, positives, negatives,
+                                       np.zeros_like(keep), p)
+    assert not zero_rows.any()
+    # keep everything at p = 0: the plain gradient, bit for bit
+    plain = contrastive_grad(table, anchors, positives, negatives)
+    ones = contrastive_grad(table, anchors, positives, negatives, np.ones_like(keep), 0.0)
+    assert np.array_equal(plain[1], ones[1]) and plain[2] == ones[2]
+
+
+def test_contrastive_dropout_uploads_do_not_depend_on_the_cohort_and_differ_from_none(tmp_path):
+    cfg = tiny_cfg(tmp_path, train__contrastive_alpha=1.0, train__contrastive_dropout=0.2)
+    one, _, _ = _fit(cfg, [1, 2, 3, 5], cohort=False)
+    many, _, _ = _fit(cfg, [1, 2, 3, 5], cohort=True)
+    for (a, _, ma), (b, _, mb) in zip(one, many):
+        assert ma == mb
+        for x, y in zip(a, b):
+            assert np.array_equal(x, y)
+    plain, _, _ = _fit(tiny_cfg(tmp_path, train__contrastive_alpha=1.0), [1, 2, 3, 5],
+                       cohort=True)
+    for (a, _, _), (b, _, _) in zip(plain, many):
+        assert np.array_equal(a[0], b[0])  # the same samples, so the same ids
+        assert not np.array_equal(a[1], b[1])  # other rows
+
+
+def test_contrastive_dropout_key_keeps_old_digests_and_is_checked(tmp_path):
+    from fedrec.errors import ConfigError
+    from fedrec.run_index import computation_digest
+
+    from pathlib import Path
+
+    from fedrec.config_load import from_dict, read_yaml
+
+    # the archived UNION runs (contrastive term, no dropout) keep the names they were run under
+    archived = sorted(Path(__file__).resolve().parent.parent.glob("results/union-table3/*union*"))
+    for run in archived:
+        cfg = from_dict(read_yaml(run / "config.yaml"))
+        assert cfg.train.contrastive_dropout == 0 and run.name.endswith("-" + cfg.digest()[:6])
+    base = tiny_cfg(tmp_path, train__contrastive_alpha=1.0)
+    on = tiny_cfg(tmp_path, train__contrastive_alpha=1.0, train__contrastive_dropout=0.2)
+    assert on.digest() != base.digest()
+    # without a contrastive term the rate reads nothing: the same computation
+    assert computation_digest(tiny_cfg(tmp_path, train__contrastive_dropout=0.2)) == \
+        computation_digest(tiny_cfg(tmp_path))
+    with pytest.raises(ConfigError, match="train.contrastive_dropout"):
+        tiny_cfg(tmp_path, train__contrastive_dropout=1.0)

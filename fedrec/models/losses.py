@@ -61,12 +61,17 @@ def contrastive_samples(items: np.ndarray, n_items: int, known_mask: np.ndarray,
     return items, pos, neg[:need].reshape(L, n_neg)
 
 
-def contrastive_grad(table: np.ndarray, anchors, positives, negatives):
-    """(ids, rows, loss): the gradient of L_cl w.r.t. the touched item rows (sorted ids)."""
-    return contrastive_grads(table, anchors, positives, negatives, [len(anchors)])[0]
+def contrastive_grad(table: np.ndarray, anchors, positives, negatives, keep=None,
+                     dropout: float = 0.0):
+    """(ids, rows, loss): the gradient of L_cl w.r.t. the touched item rows (sorted ids).
+    keep: (L, 2 + P, dim) bool keep-masks of inverted dropout (rate `dropout`) on the anchor,
+    positive and negative rows as looked up (None: no dropout)."""
+    return contrastive_grads(table, anchors, positives, negatives, [len(anchors)], keep,
+                             dropout)[0]
 
 
-def contrastive_grads(table: np.ndarray, anchors, positives, negatives, lengths) -> list:
+def contrastive_grads(table: np.ndarray, anchors, positives, negatives, lengths, keep=None,
+                      dropout: float = 0.0) -> list:
     """`contrastive_grad` of several users at once: [(ids, rows, loss)] per user, user c
     owning the next lengths[c] anchors (with their positives and negatives).
 
@@ -76,7 +81,12 @@ def contrastive_grads(table: np.ndarray, anchors, positives, negatives, lengths)
     so every user's numbers are bit-identical alone or in a cohort (tests/test_contrastive.py);
     its loss is the mean over its own anchors (np.mean of its slice, the same summation).
     Users go in blocks of about CONTRASTIVE_BLOCK anchors (a user is never split), so the
-    block's candidate rows and products stay in cache."""
+    block's candidate rows and products stay in cache.
+
+    keep (sum(lengths), 2 + P, dim) bool, with `dropout` p > 0: inverted dropout on the rows
+    as looked up, as the UNION reference code's item embedding applies it to this term too
+    (train.contrastive_dropout): each looked-up row times keep / (1 - p) before the products,
+    and its gradient times the same factor."""
     lengths = np.asarray(lengths, np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)])
     block_of = starts[:-1] // CONTRASTIVE_BLOCK
@@ -85,7 +95,7 @@ def contrastive_grads(table: np.ndarray, anchors, positives, negatives, lengths)
     for u0, u1 in zip(cuts[:-1], cuts[1:]):
         sl = slice(starts[u0], starts[u1])
         out += contrastive_block(table, anchors[sl], positives[sl], negatives[sl],
-                                 lengths[u0:u1])
+                                 lengths[u0:u1], None if keep is None else keep[sl], dropout)
     return out
 
 
@@ -93,7 +103,8 @@ def contrastive_grads(table: np.ndarray, anchors, positives, negatives, lengths)
 CONTRASTIVE_BLOCK = 2048
 
 
-def contrastive_block(table: np.ndarray, anchors, positives, negatives, lengths) -> list:
+def contrastive_block(table: np.ndarray, anchors, positives, negatives, lengths, keep=None,
+                      dropout: float = 0.0) -> list:
     """contrastive_grads of one block of users, all at once."""
     from fedrec.models.base import segment_sum_parts, unique_inverse
 
@@ -106,6 +117,12 @@ def contrastive_block(table: np.ndarray, anchors, positives, negatives, lengths)
     # conditioned after the max shift); batched matmuls rather than einsum
     A = table[anchors]  # (L, d)
     X = table[np.concatenate([positives[:, None], negatives], 1)]  # (L, 1+P, d)
+    if keep is not None:  # inverted dropout on every looked-up row (the masks are the caller's)
+        scale = np.float32(1.0 / (1.0 - dropout))
+        keep_a = keep[:, 0] * scale  # (L, d) float32: 0 or 1 / (1 - p)
+        keep_x = keep[:, 1:] * scale
+        A = A * keep_a
+        X = X * keep_x
     z = np.matmul(X, A[:, :, None])[:, :, 0]
     z -= z.max(1, keepdims=True)
     e = np.exp(z)
@@ -119,6 +136,10 @@ def contrastive_block(table: np.ndarray, anchors, positives, negatives, lengths)
     dA = np.matmul(dz[:, None, :], X)[:, 0]
     d_pos = dz[:, 0, None] * A  # dX[:, 0] and dX[:, 1:] of dX = dz[:, :, None] * A[:, None]
     d_neg = dz[:, 1:, None] * A[:, None, :]
+    if keep is not None:  # through the dropout: the same factor on each gradient row
+        dA *= keep_a
+        d_pos *= keep_x[:, 0]
+        d_neg *= keep_x[:, 1:]
     ids = np.concatenate([anchors, positives, negatives.ravel()])
     who = np.concatenate([owner, owner, np.repeat(owner, negatives.shape[1])])
     keys, inv = unique_inverse(who * n_items + ids, n_users * n_items)
