@@ -301,9 +301,13 @@ def order_checks(spec: PaperSpec, results: list) -> list:
                 continue
             mean, se, n = diff
             unit = " points" if by_label[a].compare == "relative_drop" else ""
+            digits = 1 if unit else 4
+            if n == 1:  # one seed: a difference, no spread to judge it by
+                pairs.append(f"{a} − {b} {mean:+.{digits}f}{unit} (one seed: no error estimate)")
+                continue
             noise = ", within noise" if not abs(mean) >= 2 * se else ""
-            pairs.append(f"{a} − {b} {mean:+.{1 if unit else 4}f} ± "
-                         f"{se:.{1 if unit else 4}f}{unit} (n = {n}{noise})")
+            pairs.append(f"{a} − {b} {mean:+.{digits}f} ± {se:.{digits}f}{unit} "
+                         f"(n = {n}{noise})")
         if pairs:
             shown += "; paired by seed: " + ", ".join(pairs)
         out.append((shown, holds))

@@ -408,6 +408,25 @@ def test_paired_difference_by_seed():
     assert paired_difference(a, cell({7: 1.0})) is None
 
 
+def test_order_line_with_one_seed_gives_no_error_estimate():
+    """An order chain's paired difference over one seed is printed as a difference with
+    no error estimate (not "± inf ... within noise"); over two seeds with one."""
+    from fedrec.paper import PaperSpec
+    from fedrec.reproduce import CellResult, order_checks
+
+    def cell(label, by_seed):
+        vals = list(by_seed.values())
+        return CellResult(label, "test_hr@5", "relative_drop", len(vals), 3,
+                          sum(vals) / len(vals), 0.0, None, [], None, None, by_seed)
+
+    spec = PaperSpec("s", "test_hr@5", "relative_drop", {}, None, order=[["A", "B"]])
+    (text, holds), = order_checks(spec, [cell("A", {2: 10.7}), cell("B", {2: -14.7})])
+    assert holds is True
+    assert "A − B +25.4 points (one seed: no error estimate)" in text and "inf" not in text
+    (text, _), = order_checks(spec, [cell("A", {0: 10.0, 1: 12.0}), cell("B", {0: 1.0, 1: 1.0})])
+    assert "A − B +10.0 ± 1.0 points (n = 2)" in text
+
+
 def test_cells_runs_only_the_runs_behind_the_named_cells(tmp_path, capsys):
     """`--cells LabelFlip` runs LabelFlip's runs and their clean reference runs, seed by seed,
     and not Gaussian's; the table still prints every cell (Gaussian's as not run); a text
