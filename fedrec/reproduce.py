@@ -333,7 +333,12 @@ class TableReport:
         if k == 0:
             return f"not run ({started} started)" if started else "not run"
         if k < n:
-            return f"partial ({k} of {n} runs{begun})"
+            # the checks of the cells whose every seed is in: where the table stands so far
+            full = [r.passed for r in self.results
+                    if r.passed is not None and r.n == r.expected]
+            so_far = (f"; complete cells: {sum(full)} of {len(full)} checks pass" if full
+                      else "")
+            return f"partial ({k} of {n} runs{begun}{so_far})"
         marks = [r.passed for r in self.results if r.passed is not None]
         marks += [h for _, h in self.orders if h is not None]
         if not marks:

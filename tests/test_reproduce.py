@@ -452,5 +452,10 @@ def test_cells_runs_only_the_runs_behind_the_named_cells(tmp_path, capsys):
                        for d in (tmp_path / "runs").iterdir() if (d / "summary.json").is_file())
     assert ran_names == ["labelflip", "labelflip", "none", "none"]
     assert "| Gaussian |" in out.out and "not run" in out.out
+    # --list: a partial table tells how the checks of its complete cells stand (clean: a value
+    # far from the published 1.0, fails; LabelFlip's generous bounds hold; Gaussian: no runs)
+    assert main(["reproduce", "--list", "--tables", str(tables)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.endswith("partial (4 of 6 runs; complete cells: 1 of 2 checks pass)"), line
     with pytest.raises(ConfigError, match=r"--cells 'Fang': no cell of tiny .*cells: clean; Gaussian; LabelFlip"):
         cell_runs(table, ["Fang"])
