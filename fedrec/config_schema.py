@@ -170,9 +170,18 @@ class ServerConfig:
     # uploads with a value beyond +-this are dropped (honest gradients are ~1e-2; the bound
     # keeps every sum, rule and Adam moment finite; see README "What the server guarantees")
     max_abs_value: float = 1e4
+    # round: one optimizer step on the round's aggregate; upload: one step per accepted upload,
+    # in the order the clients were sampled (FedAttack's code: one Adam step per user), every
+    # upload computed at the round's starting model; needs rule mean and no filters
+    step: str = "round"
 
     def validate(self):
         _choice("server.optimizer", self.optimizer, ("adam", "sgd"))
+        _choice("server.step", self.step, ("round", "upload"))
+        if self.step == "upload" and (self.rule != "mean" or self.filter_steps()):
+            raise ConfigError("server.step: upload steps on each upload alone, so it needs "
+                              f"server.rule mean and no filters (got rule {self.rule!r}, "
+                              f"filters {self.filter_steps()})")
         _choice("server.aggregation", self.aggregation, ("dense", "item"))
         _choice("server.weighting", self.weighting, ("samples", "uniform"))
         _range("server.lr", self.lr, 0.0, 100.0)
@@ -344,6 +353,8 @@ class ExperimentConfig:
         del d["flower"]["device_state_dir"]  # where state is kept does not change results
         if d["attack"]["target"] == "none":  # added later: older digests stay the same
             del d["attack"]["target"]
+        if d["server"]["step"] == "round":  # added later: older digests stay the same
+            del d["server"]["step"]
         if d["train"]["contrastive_dropout"] == 0:  # added later: older digests stay the same
             del d["train"]["contrastive_dropout"]
         if d["attack"]["pool_sample"] == 0:  # added later: older digests stay the same

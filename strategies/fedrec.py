@@ -179,7 +179,17 @@ class FedRecStrategy(Strategy):
                "invalid": sum(dropped.values()), "invalid_metrics": len(losses) - len(good),
                "train_loss": math.fsum(good) / len(good) if good else float("nan")}
         result = RoundResult(out, invalid=dropped)
-        if uploads:
+        if uploads and self.server_cfg.step == "upload":
+            # one step per upload, in sampling order (server.step upload: the mean rule of
+            # one upload is that upload; the config allows no other rule and no filter)
+            for upload in uploads:
+                agg = self.rule(RoundUpdates([upload], np.ones(1), self.n_items, self.dim,
+                                             server_round, self.optimizer.arrays()[0],
+                                             self.optimizer.item_state()))
+                result.stepped |= self._step(agg, out)
+            out["rule_dropped"] = 0
+            out["server_steps"] = len(uploads)
+        elif uploads:
             weights = (np.array([u.num_examples for u in uploads], dtype=np.float64)
                        if self.server_cfg.weighting == "samples" else np.ones(len(uploads)))
             # the rows were concatenated during validation already
@@ -191,14 +201,19 @@ class FedRecStrategy(Strategy):
             result.dropped_by = {k: [uploads[i].client for i in v] for k, v in agg.dropped_by.items()}
             out["rule_dropped"] = len(agg.dropped)
             out.update({f"rule_{k}": v for k, v in agg.info.items()})
-            grads = [agg.item_grad, *agg.predictor] if agg.predictor else \
-                [agg.item_grad, *[np.zeros(s, np.float32) for s in self.predictor_shapes]]
-            if all(np.isfinite(g).all() for g in grads):
-                self.optimizer.step(grads)
-                result.stepped = True
-            else:  # validated inputs cannot get here; never let a rule's bug reach the model
-                out["nonfinite_aggregate"] = 1
+            result.stepped = self._step(agg, out)
         return result
+
+    def _step(self, agg, out: dict) -> bool:
+        """One server optimizer step on an aggregate; False (and `nonfinite_aggregate` in the
+        round's metrics) where it is not finite."""
+        grads = [agg.item_grad, *agg.predictor] if agg.predictor else \
+            [agg.item_grad, *[np.zeros(s, np.float32) for s in self.predictor_shapes]]
+        if all(np.isfinite(g).all() for g in grads):
+            self.optimizer.step(grads)
+            return True
+        out["nonfinite_aggregate"] = 1  # validated inputs cannot get here; never let a rule's
+        return False  # bug reach the model
 
     def evaluate_results(self, server_round: int, per_client_metrics: list) -> dict:
         """Mean of per-user metrics (order-independent sums), e.g. from federated evaluation.

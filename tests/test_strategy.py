@@ -254,3 +254,50 @@ def test_weighted_sum_of_whole_tables_is_the_index_add_sum_bit_for_bit():
     one_pass.index_add_(0, torch.from_numpy(ids),
                         torch.from_numpy(rows) * torch.from_numpy(weights.astype(np.float32))[:, None])
     assert np.array_equal(aggregate.sparse_weighted_sum(ids, rows, weights, n_items), one_pass.numpy())
+
+
+def _step_strategy(step, optimizer="adam", lr=0.01, **server):
+    cfg = from_dict({"server": {"optimizer": optimizer, "lr": lr, "step": step, **server}}).server
+    table = np.arange(N_ITEMS * DIM, dtype=np.float32).reshape(N_ITEMS, DIM) / 10
+    return FedRecStrategy([table, np.zeros(3, np.float32)], n_items=N_ITEMS, dim=DIM,
+                          predictor_shapes=SHAPES, server_cfg=cfg)
+
+
+def test_step_per_upload_is_one_step_per_upload_in_order():
+    """server.step upload: each accepted upload is its own optimizer step, in the order the
+    clients came (bad uploads skipped), whatever its sample count: the same arrays, bit for
+    bit, as a round-mode strategy given the uploads one round each; under SGD, hand-computed."""
+    per_upload, one_each = _step_strategy("upload"), _step_strategy("round")
+    m = _metrics(per_upload, 1, [GOOD[0], BAD[0], GOOD[1]])
+    assert m["server_steps"] == 2 and m["accepted"] == 2 and m["invalid"] == 1
+    _metrics(one_each, 1, [GOOD[0]])
+    _metrics(one_each, 2, [GOOD[1]])
+    for a, b in zip(per_upload.global_arrays(), one_each.global_arrays()):
+        assert np.array_equal(a, b)
+    # the order matters under Adam (not under SGD): the other order gives other arrays
+    swapped = _step_strategy("upload")
+    _metrics(swapped, 1, [GOOD[1], GOOD[0]])
+    assert not np.array_equal(swapped.global_arrays()[0], per_upload.global_arrays()[0])
+    # SGD, lr 1: the table minus each upload's rows (sample counts 1 and 3 do not weigh)
+    sgd = _step_strategy("upload", optimizer="sgd", lr=1.0)
+    table0 = sgd.global_arrays()[0].copy()
+    _metrics(sgd, 1, GOOD)
+    expect = table0.copy()
+    expect[[0, 2]] -= [[1, 1], [2, 0]]
+    expect[[2, 3]] -= [[4, 4], [1, -1]]
+    np.testing.assert_allclose(sgd.global_arrays()[0], expect, rtol=1e-6)
+    np.testing.assert_allclose(sgd.global_arrays()[1], [-1.0, -4.0, 0.0], rtol=1e-6)
+
+
+def test_step_per_upload_needs_the_mean_rule_and_no_filter():
+    from fedrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="server.step: upload .* needs server.rule mean"):
+        from_dict({"server": {"step": "upload", "rule": "median"}})
+    with pytest.raises(ConfigError, match="server.step"):
+        from_dict({"server": {"step": "upload", "filters": ["clip"]}})
+    with pytest.raises(ConfigError, match="server.step"):
+        from_dict({"server": {"step": "each"}})
+    # the default keeps every older run's digest: no step key in it
+    assert from_dict({}).digest() == from_dict({"server": {"step": "round"}}).digest()
+    assert from_dict({}).digest() != from_dict({"server": {"step": "upload"}}).digest()
