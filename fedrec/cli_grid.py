@@ -17,6 +17,8 @@ def _cmd_run(args) -> int:
         raise FedRecError(f"--jobs: expected a positive integer, got {args.jobs}")
     ray = _ray_options(args)
     cfgs = config.load(args.experiment, args.set)
+    if ray is None:  # a Ray cluster's nodes may hold data this driver does not
+        check_datasets(cfgs, args.output, args.force)
     outcomes = run_grid(cfgs, output_root=args.output, force=args.force, jobs=args.jobs, ray=ray,
                         progress=not args.no_progress, on_finish=_archiving(args.archive))
     for o in outcomes:
@@ -33,6 +35,18 @@ def _cmd_run(args) -> int:
         print(json.dumps([o.summary for o in outcomes if o.summary is not None], indent=2,
                          default=str))
     return 1 if any(o.error for o in outcomes) else 0
+
+
+def check_datasets(cfgs, output=None, force=False) -> None:
+    """Before any run starts: every dataset that a run still to do names is found here, else
+    one line (DataFormatError) instead of the same failure once per run of the grid."""
+    from fedrec.data.formats import resolve_dataset
+    from fedrec.results import is_complete, run_dir_for
+
+    todo = [c for c in cfgs if force or not is_complete(run_dir_for(c, output))]
+    for name in dict.fromkeys(c.data.dataset for c in todo):
+        if name != "synthetic":
+            resolve_dataset(name)
 
 
 def _archiving(archive):
@@ -88,6 +102,8 @@ def _cmd_reproduce(args) -> int:
             wanted = (rp.cell_runs(table, args.cells) if args.cells
                       else range(len(table.cfgs)))
             todo = [table.cfgs[i] for i in wanted if i not in table.taken]
+            if ray is None:
+                check_datasets(todo, args.output)
             done = len(wanted) - len(todo) + sum(is_complete(run_dir_for(c, args.output))
                                                  for c in todo)
             what = (f"the {len(wanted)} runs of the cells asked for" if args.cells

@@ -80,6 +80,25 @@ def test_missing_data_file_and_corrupt_line(tmp_path):
     assert "ratings.dat:3" in line
 
 
+def test_a_grid_on_missing_data_stops_before_any_run(tmp_path):
+    """A grid whose dataset is not here fails once, in one line, before any run starts (not
+    once per run, each with a run directory); a grid whose runs are all complete needs no data."""
+    grid = tiny_yaml(tmp_path, "grid:\n  seed: [0, 1, 2]\n")
+    text = grid.read_text()
+    grid.write_text(text.replace("dataset: synthetic", f"dataset: {tmp_path / 'none.dat'}"))
+    assert "none.dat" in _one_line_error(run_cli("run", str(grid)))
+    assert not (tmp_path / "runs").exists()
+    # the same grid on data that exists runs; once complete, the missing file is not looked for
+    data = tmp_path / "ratings.dat"
+    data.write_text("".join(f"{u}::{i}::5::{100 * u + i}\n" for u in range(1, 31)
+                            for i in range(u % 20 + 1, u % 20 + 11)))  # 10 of 30 items each
+    grid.write_text(text.replace("dataset: synthetic", f"dataset: {data}"))
+    assert run_cli("run", str(grid)).returncode == 0
+    data.unlink()
+    res = run_cli("run", str(grid))
+    assert res.returncode == 0 and res.stdout.count("skipped (already complete)") == 3
+
+
 def test_run_report_and_grid_resume(tmp_path, capsys):
     p = tiny_yaml(tmp_path, "grid:\n  seed: [0, 1]\n")
     assert main(["run", str(p), "--no-progress"]) == 0
