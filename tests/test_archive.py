@@ -138,11 +138,13 @@ def test_run_archive_keeps_each_run_as_it_finishes_and_not_a_failed_one(tmp_path
     for name in runs:
         assert (archive / "runs" / name / "summary.json").read_bytes() == \
             (tmp_path / "runs" / name / "summary.json").read_bytes()
-    # through the CLI: the complete runs are skipped and already archived; nothing is rewritten
+    # through the CLI the missing dataset now stops the grid before any run (one line, exit
+    # 2; `fedrec run` checks the data of the runs still to do first): nothing is rewritten
     stamps = {n: (archive / "runs" / n / "archived.json").read_text() for n in runs}
     capsys.readouterr()
-    assert main(["run", str(p), "--no-progress", "--archive", str(archive)]) == 1  # 2 fail
-    assert "archived " not in capsys.readouterr().err
+    assert main(["run", str(p), "--no-progress", "--archive", str(archive)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.csv" in err and "archived " not in err
     assert {n: (archive / "runs" / n / "archived.json").read_text() for n in runs} == stamps
 
 

@@ -66,8 +66,11 @@ def test_jobs_2_matches_jobs_1_and_skips_finished_runs(tmp_path, capsys):
 
 
 def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys):
-    # one dataset path of the grid does not exist: that run fails, the other one completes
-    p = grid_yaml(tmp_path, grid=f"  data.dataset: [synthetic, {tmp_path / 'missing.csv'}]\n")
+    # one dataset file of the grid is corrupt (line 3): that run fails, the other one completes
+    # (a file that does not exist at all stops the grid before any run: tests/test_cli.py)
+    bad = tmp_path / "ratings.dat"
+    bad.write_text("1::10::5::100\n1::11::4::101\n2::10\n")
+    p = grid_yaml(tmp_path, grid=f"  data.dataset: [synthetic, {bad}]\n")
     assert main(["run", str(p), "--no-progress", "--jobs", "2"]) == 1
     out = capsys.readouterr().out
     assert out.count("FAILED") == 1 and out.count("test_hr@5=") == 1
