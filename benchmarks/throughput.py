@@ -215,6 +215,9 @@ def main():
 
 
 if __name__ == "__main__":
-    from fedrec.errors import run_script
-
-    run_script(main, "benchmarks/throughput.py")
+    try:
+        from fedrec.errors import run_script
+    except ImportError:  # a --baseline checkout older than run_script: plain tracebacks there
+        main()
+    else:
+        run_script(main, "benchmarks/throughput.py")
