@@ -121,7 +121,7 @@ def _cmd_reproduce(args) -> int:
                 if o.error:
                     print(f"{o.name}: FAILED: {o.error}")
             failed = any(o.error for o in outcomes)
-        rep = rp.report_table(table)
+        rep = rp.report_table(table, args.readout)
         print(rp.format_heading(rep))
         print(rp.format_report(rep))
     if args.write_docs:
@@ -207,6 +207,10 @@ def add_grid_commands(sub) -> None:
                     help="run only the runs behind the cells whose label contains TEXT (and "
                          "their reference runs), in the order given; repeatable. The table "
                          "still prints every cell")
+    rr.add_argument("--readout", choices=("final", "late"), default="final",
+                    help="what a run's metric is: final (its value at the end, as the papers "
+                         "read it) or late (the mean of its evaluations after half its rounds: "
+                         "less evaluation noise; printed tables say so)")
     rr.add_argument("--tables", default=str(_paper_dir()), help="folder of the paper YAMLs")
     rr.add_argument("--archive", default=None, metavar="DIR",
                     help="where archived runs are looked up for runs missing from the output "
