@@ -85,6 +85,10 @@ def _cmd_reproduce(args) -> int:
     if not (args.name or args.list or args.write_docs):
         raise FedRecError("reproduce: name a table (one of: "
                           f"{', '.join(rp.table_names(folder))}), or --list, or --write-docs")
+    if args.readout != "final" and not args.name:
+        raise FedRecError("--readout: applies to a named table's printed table "
+                          "(fedrec reproduce NAME --readout late); --list and --write-docs "
+                          "read the final values")
     failed = False
     if args.list:
         print("\n".join(rp.list_lines(folder, args.output, args.set, _archive_arg(args))))

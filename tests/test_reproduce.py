@@ -152,6 +152,8 @@ def test_late_readout_is_the_mean_of_the_second_halfs_evaluations(ran, capsys):
     assert "readout: each run's metric is the mean of its evaluations after half" in out
     assert main(["reproduce", "tiny", "--table-only", "--tables", str(tables)]) == 0
     assert "readout:" not in capsys.readouterr().out  # the paper's readout says nothing
+    assert main(["reproduce", "--list", "--readout", "late", "--tables", str(tables)]) != 0
+    assert "--readout: applies to a named table" in capsys.readouterr().err
 
 
 def test_printed_table_has_ours_beside_the_paper(ran, capsys):
