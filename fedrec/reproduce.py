@@ -226,7 +226,8 @@ def run_value(run_dir, summary: dict, metric: str, readout: str = "final"):
     """The run's final `metric` (summary.json; det_* from its `detection`), else the last
     value of its metrics.csv column. readout "late": the mean of the metric over the run's
     evaluations after half its rounds (metrics.csv), a reading with less evaluation noise
-    than one final value (not the papers' readout); det_* metrics keep their final value."""
+    than one final value (not the papers' readout); det_* metrics, and a run with no
+    evaluation after half its rounds, keep their final value."""
     if readout == "late" and not metric.startswith("det_"):
         late = late_mean(run_dir, metric, summary.get("rounds"))
         if late is not None:
