@@ -209,6 +209,32 @@ def test_each_term_is_switchable_and_explicit_term_promotes(tmp_path):
     assert not np.asarray(off[1])[np.searchsorted(ids, t)].any()
 
 
+def test_pipattack_without_predictor_crafting_uploads_the_honest_predictor(tmp_path):
+    """params.predictor false: the predictor arrays are the honest gradient's, bit for bit,
+    while the target row is still crafted (and differs from the full attack's, whose
+    lookahead also moves the predictor)."""
+    from fedrec.targets import resolve_targets
+
+    cfg, env, user = _attack_env(tmp_path, "pipattack", attack__params={"predictor": False})
+    arrays = _arrays(cfg, env)
+    honest = _fit(cfg, env, user, 1, arrays)
+    rows_only = _fit(cfg, env, user, 2, arrays)
+    assert len(rows_only) == len(honest) > 2
+    assert all(np.array_equal(a, b) for a, b in zip(rows_only[2:], honest[2:]))
+    t = resolve_targets(cfg, env.data)[0]
+    target_row = np.asarray(rows_only[1])[np.searchsorted(_ids(rows_only), t)]
+    assert np.abs(target_row).sum() > 0
+    cfg2, env2, _ = _attack_env(tmp_path, "pipattack")
+    full = _fit(cfg2, env2, user, 2, _arrays(cfg2, env2))
+    assert not all(np.array_equal(a, b) for a, b in zip(full[2:], honest[2:]))
+    assert not np.array_equal(np.asarray(full[1])[np.searchsorted(_ids(full), t)], target_row)
+
+
+def test_pipattack_predictor_param_must_be_a_bool(tmp_path):
+    with pytest.raises(ConfigError, match="attack.params.predictor"):
+        _attack_env(tmp_path, "pipattack", attack__params={"predictor": "no"})
+
+
 @pytest.mark.parametrize("name", ["random_attack", "popular_attack", "boosted", "fedrecattack"])
 def test_baselines_upload_the_target(tmp_path, name):
     from fedrec.targets import item_counts, popularity_order, resolve_targets

@@ -77,6 +77,10 @@ class PipAttackParams:
     exp: bool = True  # L_exp on
     pop: bool = True  # L_pop on
     dis: bool = True  # L_dis on
+    # craft the predictor too (the paper's g~: own rows + predictor), or upload the honest
+    # predictor gradient and craft the target rows alone, against the lookahead of that honest
+    # step: a defense-aware form (a Krum-type selection over predictors drops crafted ones)
+    predictor: bool = True
 
     def validate(self):
         if not (self.alpha < 0 or self.alpha >= 0):
@@ -90,6 +94,9 @@ class PipAttackParams:
         if self.alpha_scale not in ("client", "joint"):
             raise ConfigError(f"attack.params.alpha_scale: {self.alpha_scale!r} is not one of "
                               "client, joint")
+        if not isinstance(self.predictor, bool):
+            raise ConfigError(f"attack.params.predictor: expected true or false, got "
+                              f"{self.predictor!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"attack.params.optimizer: {self.optimizer!r} is not one of "
                               f"{', '.join(OPTIMIZERS)}")
@@ -185,7 +192,8 @@ class PipAttackClient(MaliciousClient):
                                    [np.asarray(p, np.float32) for p in predictor],
                                    np.searchsorted(out_ids, targets), est, alpha, gamma, exp, pop,
                                    dis, lookahead_eta(self.params, self.cfg), self.params.steps,
-                                   self.params.lr, optimizer=self.params.optimizer)
+                                   self.params.lr, optimizer=self.params.optimizer,
+                                   craft_predictor=self.params.predictor)
         return out_ids, rows_new, pred_new
 
     # --- colluding: the whole round's uploads in the adversary hook -------------------------
@@ -223,7 +231,7 @@ class PipAttackClient(MaliciousClient):
             rows, pred = craft(model, u.user_row, table[out_ids], P, g0, p0,
                                np.searchsorted(out_ids, targets), est, alpha, gamma, exp, pop,
                                dis, lookahead_eta(params, cfg), params.steps, params.lr, ref=ref,
-                               optimizer=params.optimizer)
+                               optimizer=params.optimizer, craft_predictor=params.predictor)
             out.append((out_ids, rows, pred))
         return out, {"reference_updates": len(known)}
 
@@ -276,12 +284,14 @@ def reference_rows(out_ids, ref_ids, ref_rows) -> np.ndarray:
 
 
 def craft(model, u, V, P, g0, p0, tpos, est, alpha, gamma, exp, pop, dis, eta, steps, lr, ref=None,
-          optimizer="adam"):
+          optimizer="adam", craft_predictor=True):
     """The deceptive (rows, predictor) after `steps` steps of `optimizer` (OPTIMIZERS) on L
     (module docstring).
     V: the uploaded ids' current rows; g0/p0: the honest gradient (zero rows for targets not
     among the client's own items); tpos: the targets' positions among the rows; ref: L_dis's
     reference (rows at the uploaded ids, predictor), None = the honest g0/p0 (local).
+    craft_predictor False: the predictor stays p0 (uploaded as is, and the lookahead takes
+    its honest step); only rows are optimised.
 
     Local: only the target rows and the predictor enter L_exp and L_pop; every other row
     starts at its honest value, where L_dis's gradient with respect to it is zero, so it never
@@ -293,14 +303,14 @@ def craft(model, u, V, P, g0, p0, tpos, est, alpha, gamma, exp, pop, dis, eta, s
     else:
         move, at, (ref_rows, ref_pred) = np.arange(len(g0)), tpos, ref
     G = torch.from_numpy(np.ascontiguousarray(g0[move]).copy()).requires_grad_()
-    Gp = [torch.from_numpy(p.copy()).requires_grad_() for p in p0]
+    Gp = [torch.from_numpy(p.copy()).requires_grad_(craft_predictor) for p in p0]
     Vt0 = torch.from_numpy(np.asarray(V, np.float32)[tpos])
     P = [torch.from_numpy(np.asarray(p, np.float32)) for p in P]
     g0t = torch.from_numpy(np.ascontiguousarray(ref_rows[move], np.float32))
     p0t = [torch.from_numpy(np.asarray(p, np.float32)) for p in ref_pred]
     at = torch.from_numpy(at)
     ut = torch.from_numpy(np.asarray(u, np.float32))
-    opt = OPTIMIZERS[optimizer]([G, *Gp], lr=lr)
+    opt = OPTIMIZERS[optimizer]([G, *Gp] if craft_predictor else [G], lr=lr)
     for _ in range(steps):
         Vt = Vt0 - eta * G[at]
         Pn = [p - eta * g for p, g in zip(P, Gp)]
