@@ -104,6 +104,27 @@ class CohortModel(RecModel):
 CHUNK_PAIRS = 1024
 
 
+class ChunkedPairModel(CohortModel):
+    """A model with a private user row and (positive, negative) pairs (MF, NCF) whose cohort
+    runs in chunks of clients (`in_chunks`); subclasses write `_chunk_gradients`."""
+
+    def init_user(self, rng):
+        std = np.sqrt(2.0 / (self.n_items + self.dim))
+        return (rng.standard_normal(self.dim) * std).astype(np.float32)
+
+    def gradients_cohort(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
+                         weight_decay=0.0, weight_decay_all=False, train=True):
+        """The cohort in chunks of clients (client_chunks)."""
+        return in_chunks(lambda *chunk, **options: self._chunk_gradients(
+            item_table, predictor, *chunk, **options), users, pos_list, neg_list, rngs,
+            weight_decay=weight_decay, weight_decay_all=weight_decay_all, train=train,
+            n_items=len(item_table))
+
+    def _chunk_gradients(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
+                         weight_decay=0.0, weight_decay_all=False, train=True, arena=None):
+        raise NotImplementedError
+
+
 def client_chunks(counts, max_pairs: int) -> list:
     """Consecutive client ranges [(a, b)] holding at most `max_pairs` training pairs together
     (a client with more is a chunk alone). MF and NCF compute a cohort chunk by chunk so that

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrec.models.base import (ClientGrad, CohortModel, client_item_uploads, cohort_layout,
-                                dropout_keep_cohort, in_chunks, pairwise_loss,
+from fedrec.models.base import (ChunkedPairModel, ClientGrad, client_item_uploads, cohort_layout,
+                                dropout_keep_cohort, pairwise_loss,
                                 positives_per_negative, xavier_normal)
 from fedrec.models.losses import bce_score_grad, bpr_score_grad
 
 
-class MF(CohortModel):
+class MF(ChunkedPairModel):
     """Dot-product MF. Dropout (inverted) applies to every embedding lookup of every pair."""
 
     name = "mf"
@@ -28,18 +28,6 @@ class MF(CohortModel):
 
     def init_global(self, rng):
         return xavier_normal(rng, (self.n_items, self.dim)), []
-
-    def init_user(self, rng):
-        std = np.sqrt(2.0 / (self.n_items + self.dim))
-        return (rng.standard_normal(self.dim) * std).astype(np.float32)
-
-    def gradients_cohort(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
-                         weight_decay=0.0, weight_decay_all=False, train=True):
-        """The cohort in chunks of clients (fedrec.models.base.client_chunks)."""
-        return in_chunks(lambda *chunk, **options: self._chunk_gradients(
-            item_table, predictor, *chunk, **options), users, pos_list, neg_list, rngs,
-            weight_decay=weight_decay, weight_decay_all=weight_decay_all, train=train,
-            n_items=len(item_table))
 
     def _chunk_gradients(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
                          weight_decay=0.0, weight_decay_all=False, train=True, arena=None):

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedrec.models.base import (ClientGrad, CohortModel, client_item_uploads, cohort_layout,
-                                dropout_bits, dropout_threshold, in_chunks, pairwise_loss,
+from fedrec.models.base import (ChunkedPairModel, ClientGrad, client_item_uploads, cohort_layout,
+                                dropout_bits, dropout_threshold, pairwise_loss,
                                 positives_per_negative, xavier_normal)
 from fedrec.models.losses import bce_score_grad, bpr_score_grad
 
@@ -51,7 +51,7 @@ class NCFWeights:
         return rest if self.gmf_h is None else [self.gmf_h] + rest
 
 
-class NCF(CohortModel):
+class NCF(ChunkedPairModel):
     name = "ncf"
 
     def __init__(self, n_items, dim, dropout=0.0, mlp_layers=(64, 32), loss="auto",
@@ -80,18 +80,6 @@ class NCF(CohortModel):
         ]
         gmf = [np.full(d, 1.0, dtype=np.float32)] if self.form == "neumf" else []  # a dot product
         return xavier_normal(rng, (self.n_items, d)), gmf + mlp
-
-    def init_user(self, rng):
-        std = np.sqrt(2.0 / (self.n_items + self.dim))
-        return (rng.standard_normal(self.dim) * std).astype(np.float32)
-
-    def gradients_cohort(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
-                         weight_decay=0.0, weight_decay_all=False, train=True):
-        """The cohort in chunks of clients (fedrec.models.base.client_chunks)."""
-        return in_chunks(lambda *chunk, **options: self._chunk_gradients(
-            item_table, predictor, *chunk, **options), users, pos_list, neg_list, rngs,
-            weight_decay=weight_decay, weight_decay_all=weight_decay_all, train=train,
-            n_items=len(item_table))
 
     def _chunk_gradients(self, item_table, predictor, users, pos_list, neg_list, rngs, *,
                          weight_decay=0.0, weight_decay_all=False, train=True, arena=None):
