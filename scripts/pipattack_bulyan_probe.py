@@ -8,7 +8,10 @@ computes the item-level trimmed mean (same f) and prints, per round, the malicio
 the target's senders (malicious, benign), both rules' target row (norm, cosine with the
 malicious mean row), how many malicious predictors Bulyan's Krum stage picks, and how far
 each rule's predictor moves from the benign mean toward the malicious mean (0 = not at all,
-1 = all the way). Evaluation, from the ground truth; prints test ER@5 / HR@10 at the end.
+1 = all the way); then the dense mean's target row (what an undefended server applies: norm,
+cosine) and the malicious target rows' sign agreement (the mean over coordinates of the share
+of malicious rows with the majority's sign: 0.5 = split, 1 = unanimous). Evaluation, from the
+ground truth; prints test ER@5 / HR@10 at the end.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from fedrec.engine import Engine
 from fedrec.targets import resolve_targets
 from strategies.bulyan import bulyan_select
 from strategies.krum import vector_sq_distances
+from strategies.mean import MeanRule
 from strategies.robust import flat_predictors
 from strategies.trimmed_mean import TrimmedMeanRule
 
 COLUMNS = ("rnd n_mal mal_t ben_t bul_t_norm tm_t_norm bul_t_cos tm_t_cos "
-           "pred_mal_picked bul_pred_shift tm_pred_shift")
+           "pred_mal_picked bul_pred_shift tm_pred_shift mean_t_norm mean_t_cos mal_sign_agree")
 
 
 def cosine(a, b) -> float:
@@ -43,7 +47,15 @@ def shift(pred, benign_mean, malicious_mean) -> float:
     return float((pred - benign_mean) @ d / (d @ d + 1e-30))
 
 
-def probe_round(updates, agg, ref, mal, target, f) -> tuple:
+def sign_agreement(rows) -> float:
+    """Mean over coordinates of the share of rows with the majority's sign (nan: no rows)."""
+    if not len(rows):
+        return float("nan")
+    positive = (np.asarray(rows) > 0).mean(0)
+    return float(np.maximum(positive, 1 - positive).mean())
+
+
+def probe_round(updates, agg, ref, mal, target, f, plain=None) -> tuple:
     is_mal = np.array([int(u.client) in mal for u in updates.uploads])
     sends = [target in u.item_ids for u in updates.uploads]
     mrows = [u.item_rows[np.searchsorted(u.item_ids, target)]
@@ -59,7 +71,10 @@ def probe_round(updates, agg, ref, mal, target, f) -> tuple:
             int(sum(s and not m for s, m in zip(sends, is_mal))),
             float(np.linalg.norm(agg.item_grad[target])), float(np.linalg.norm(ref.item_grad[target])),
             cosine(agg.item_grad[target], mal_row), cosine(ref.item_grad[target], mal_row),
-            int((picked & is_mal).sum()), shift(flat[0], bm, mm), shift(flat[1], bm, mm))
+            int((picked & is_mal).sum()), shift(flat[0], bm, mm), shift(flat[1], bm, mm),
+            float(np.linalg.norm(plain.item_grad[target])) if plain else float("nan"),
+            cosine(plain.item_grad[target], mal_row) if plain else float("nan"),
+            sign_agreement(mrows))
 
 
 def main():
@@ -77,13 +92,14 @@ def main():
     eng = Engine(cfg, progress=False, workers=1)
     mal, f = malicious_set(eng.env), cfg.server.rule_f
     target = int(resolve_targets(cfg, eng.env.data)[0])
-    rule, trimmed = eng.strategy.rule, TrimmedMeanRule("item", f)
+    rule, trimmed, plain = eng.strategy.rule, TrimmedMeanRule("item", f), MeanRule("dense")
     bulyan, rows = rule.aggregate, []
 
     def wrapped(updates):
         agg = bulyan(updates)
         if updates.server_round >= cfg.attack.start_round:
-            rows.append(probe_round(updates, agg, trimmed.aggregate(updates), mal, target, f))
+            rows.append(probe_round(updates, agg, trimmed.aggregate(updates), mal, target, f,
+                                    plain(updates)))
         return agg
 
     rule.aggregate = wrapped
