@@ -77,19 +77,27 @@ def probe_round(updates, agg, ref, mal, target, f, plain=None) -> tuple:
             sign_agreement(mrows))
 
 
+def engine_under_bulyan(rounds: int, overrides: list, attack_params: dict | None = None):
+    """(cfg, in-process engine) of experiments/pipattack-ml1m-defenses.yaml's PipAttack under
+    item-level Bulyan (rule_f 12), `rounds` rounds, attack.params replaced if given."""
+    raw = yaml.safe_load(open("experiments/pipattack-ml1m-defenses.yaml"))
+    raw.pop("grid")
+    raw["server"].update(rule="bulyan", aggregation="item", rule_f=12)
+    raw["train"]["rounds"] = rounds
+    if attack_params is not None:
+        raw["attack"]["params"] = attack_params
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
+        yaml.safe_dump(raw, tmp)
+    cfg = load_one(tmp.name, overrides)
+    return cfg, Engine(cfg, progress=False, workers=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=280)
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
-    raw = yaml.safe_load(open("experiments/pipattack-ml1m-defenses.yaml"))
-    raw.pop("grid")
-    raw["server"].update(rule="bulyan", aggregation="item", rule_f=12)
-    raw["train"]["rounds"] = args.rounds
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
-        yaml.safe_dump(raw, tmp)
-    cfg = load_one(tmp.name, args.set)
-    eng = Engine(cfg, progress=False, workers=1)
+    cfg, eng = engine_under_bulyan(args.rounds, args.set)
     mal, f = malicious_set(eng.env), cfg.server.rule_f
     target = int(resolve_targets(cfg, eng.env.data)[0])
     rule, trimmed, plain = eng.strategy.rule, TrimmedMeanRule("item", f), MeanRule("dense")

@@ -20,14 +20,10 @@ Prints test ER@5 and HR@10 every 40 rounds of the attack (evaluation, from the g
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
-import yaml
-
-from fedrec.config import load_one
-from fedrec.engine import Engine
 from fedrec.targets import resolve_targets
+from pipattack_bulyan_probe import engine_under_bulyan  # scripts/ is sys.path[0]
 from strategies.mean import MeanRule
 
 MODES = ("bulyan", "mean", "mean_rows", "mean_target", "bulyan_target")
@@ -55,15 +51,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=440)
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
-    raw = yaml.safe_load(open("experiments/pipattack-ml1m-defenses.yaml"))
-    raw.pop("grid")
-    raw["server"].update(rule="bulyan", aggregation="item", rule_f=12)
-    raw["train"]["rounds"] = args.rounds
-    raw["attack"]["params"] = {"predictor": False}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
-        yaml.safe_dump(raw, tmp)
-    cfg = load_one(tmp.name, args.set)
-    eng = Engine(cfg, progress=False, workers=1)
+    cfg, eng = engine_under_bulyan(args.rounds, args.set, {"predictor": False})
     target = int(resolve_targets(cfg, eng.env.data)[0])
     rule, mean = eng.strategy.rule, MeanRule("dense")
     bulyan = rule.aggregate
