@@ -113,3 +113,20 @@ def test_colluding_pipattack_runs_in_process_and_flwr_refuses_it(tmp_path):
     with pytest.raises(ConfigError, match="explicit_boost runs with local"):
         _attack_env(tmp_path, "explicit_boost", attack__knowledge="colluding")
 
+
+
+def test_colluding_without_predictor_crafting_uploads_each_honest_predictor(tmp_path):
+    """params.predictor false in the hook: each client's predictor is its honest one, bit for
+    bit, while its rows are still crafted toward the mean."""
+    from fedrec.build import malicious_set
+
+    cfg, env, _ = _attack_env(tmp_path, "pipattack", attack__knowledge="colluding",
+                              attack__params={"gamma": 0.05, "predictor": False})
+    users = sorted(malicious_set(env))[:2]
+    arrays = _arrays(cfg, env)
+    own = [_honest(cfg, env, u, 2, arrays) for u in users]
+    crafted = _craft(cfg, env, _view(cfg, env, own, arrays))
+    for u, (ids, rows, pred) in zip(own, crafted):
+        assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(pred, u.predictor))
+        mine = np.searchsorted(ids, u.item_ids)
+        assert not np.array_equal(rows[mine], np.asarray(u.item_rows))
