@@ -15,12 +15,17 @@ the dense mean of the same uploads, by MODE:
 - bulyan_target: the mean, but the target's row from Bulyan.
 
 Prints test ER@5 and HR@10 every 40 rounds of the attack (evaluation, from the ground truth).
+--trace K: every K rounds from the attack's start, over 500 benign test users (a fixed draw),
+the mean score of the target, of each user's 5th-best item and their gap (unmasked ranking:
+a trend, not ER@5), and the median norm of the item rows and the target row's norm.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+
+import numpy as np
 
 from fedrec.targets import resolve_targets
 from pipattack_bulyan_probe import engine_under_bulyan  # scripts/ is sys.path[0]
@@ -45,11 +50,24 @@ def mixed(agg, mean, mode: str, target: int):
     return agg
 
 
+def trace_line(eng, users, target: int, rnd: int) -> str:
+    """The target's and the 5th-best item's mean scores over `users`, and the row norms."""
+    arrays = eng.strategy.global_arrays()
+    table, predictor = np.asarray(arrays[0]), arrays[1:]
+    scores = eng.env.model.score(eng.user_vectors(users, rnd, "test"), table, predictor)
+    fifth = np.partition(scores, -5, axis=1)[:, -5]
+    norms = np.linalg.norm(table, axis=1)
+    return (f"trace round {rnd}: target score {scores[:, target].mean():.3f}, 5th best "
+            f"{fifth.mean():.3f}, gap {(fifth - scores[:, target]).mean():.3f}; item-row norm "
+            f"median {np.median(norms):.3f}, target row {norms[target]:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mode", choices=MODES)
     ap.add_argument("--rounds", type=int, default=440)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--trace", type=int, default=0)
     args = ap.parse_args()
     cfg, eng = engine_under_bulyan(args.rounds, args.set, {"predictor": False})
     target = int(resolve_targets(cfg, eng.env.data)[0])
@@ -63,9 +81,15 @@ def main():
         return mixed(agg, mean(updates), args.mode, target)
 
     rule.aggregate = wrapped
+    data = eng.env.data
+    benign = np.flatnonzero((data.test_item >= 0) & ~data.pool_mask)
+    watched = np.sort(np.random.default_rng(0).choice(benign, min(500, len(benign)), replace=False))
     t0 = time.time()
     for r in range(1, args.rounds + 1):
         eng.run_round(r)
+        since = r - (cfg.attack.start_round - 1)  # 0 at the clean pretraining's last round
+        if args.trace and since >= 0 and since % args.trace == 0:
+            print(trace_line(eng, watched, target, r), flush=True)
         if r >= cfg.attack.start_round and r % 40 == 0:
             ev = eng.evaluate(r, True)
             print(f"{args.mode} round {r}: test_er@5 {ev['test_er@5']:.4f} "
