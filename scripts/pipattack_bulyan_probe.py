@@ -55,7 +55,7 @@ def sign_agreement(rows) -> float:
     return float(np.maximum(positive, 1 - positive).mean())
 
 
-def probe_round(updates, agg, ref, mal, target, f, plain=None) -> tuple:
+def probe_round(updates, agg, ref, plain, mal, target, f) -> tuple:
     is_mal = np.array([int(u.client) in mal for u in updates.uploads])
     sends = [target in u.item_ids for u in updates.uploads]
     mrows = [u.item_rows[np.searchsorted(u.item_ids, target)]
@@ -72,8 +72,7 @@ def probe_round(updates, agg, ref, mal, target, f, plain=None) -> tuple:
             float(np.linalg.norm(agg.item_grad[target])), float(np.linalg.norm(ref.item_grad[target])),
             cosine(agg.item_grad[target], mal_row), cosine(ref.item_grad[target], mal_row),
             int((picked & is_mal).sum()), shift(flat[0], bm, mm), shift(flat[1], bm, mm),
-            float(np.linalg.norm(plain.item_grad[target])) if plain else float("nan"),
-            cosine(plain.item_grad[target], mal_row) if plain else float("nan"),
+            float(np.linalg.norm(plain.item_grad[target])), cosine(plain.item_grad[target], mal_row),
             sign_agreement(mrows))
 
 
@@ -106,8 +105,8 @@ def main():
     def wrapped(updates):
         agg = bulyan(updates)
         if updates.server_round >= cfg.attack.start_round:
-            rows.append(probe_round(updates, agg, trimmed.aggregate(updates), mal, target, f,
-                                    plain(updates)))
+            rows.append(probe_round(updates, agg, trimmed.aggregate(updates), plain(updates), mal,
+                                    target, f))
         return agg
 
     rule.aggregate = wrapped

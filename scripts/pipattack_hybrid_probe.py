@@ -35,9 +35,8 @@ MODES = ("bulyan", "mean", "mean_rows", "mean_target", "bulyan_target")
 
 
 def mixed(agg, mean, mode: str, target: int):
-    """Bulyan's aggregate `agg` with parts replaced by the mean's, by mode (in place)."""
-    if mode == "bulyan":
-        return agg
+    """Bulyan's aggregate `agg` with parts replaced by the mean's, by mode (in place; not
+    called for mode bulyan)."""
     if mode == "mean_target":
         agg.item_grad[target] = mean.item_grad[target]
         return agg
@@ -76,7 +75,7 @@ def main():
 
     def wrapped(updates):
         agg = bulyan(updates)
-        if updates.server_round < cfg.attack.start_round:
+        if updates.server_round < cfg.attack.start_round or args.mode == "bulyan":
             return agg
         return mixed(agg, mean(updates), args.mode, target)
 
