@@ -72,7 +72,8 @@ def probe_round(updates, agg, ref, plain, mal, target, f) -> tuple:
             float(np.linalg.norm(agg.item_grad[target])), float(np.linalg.norm(ref.item_grad[target])),
             cosine(agg.item_grad[target], mal_row), cosine(ref.item_grad[target], mal_row),
             int((picked & is_mal).sum()), shift(flat[0], bm, mm), shift(flat[1], bm, mm),
-            float(np.linalg.norm(plain.item_grad[target])), cosine(plain.item_grad[target], mal_row),
+            float(np.linalg.norm(plain.item_grad[target])),
+            cosine(plain.item_grad[target], mal_row),
             sign_agreement(mrows))
 
 
