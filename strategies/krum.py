@@ -177,6 +177,19 @@ def weighted_mean_of(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (weights @ stack.astype(np.float64)) / weights.sum()
 
 
+def kept_weighted_sum(ids, rows, owner, kept, weights, n_items: int) -> np.ndarray:
+    """sparse_weighted_sum of the kept clients' rows alone (weights[owner] each): the same
+    bits as over every row with weight 0 for the dropped ones (0 * row adds a signed zero,
+    which leaves every sum as it is; validated rows are finite), without weighting and
+    scattering the dropped rows: Krum keeps one client of 50, ~0.4 ms of an ML-1M round.
+    Where most clients are kept (Multi-Krum) copying their rows out would cost more than
+    the dropped rows' scatter: all rows then."""
+    if 2 * np.count_nonzero(kept) > len(kept):
+        return sparse_weighted_sum(ids, rows, weights[owner], n_items)
+    used = np.flatnonzero(kept[owner])
+    return sparse_weighted_sum(ids[used], rows[used], weights[owner[used]], n_items)
+
+
 def dense_multikrum(updates: RoundUpdates, f: int, keep: int):
     """Multi-Krum over whole updates: (item_grad, predictor, kept (n,) bool)."""
     ids, rows, owner = updates.stacked
@@ -186,7 +199,7 @@ def dense_multikrum(updates: RoundUpdates, f: int, keep: int):
     kept = multikrum_keep(dist[None], f, keep)[0]
     w = np.where(kept, updates.weights, 0.0)
     w = w / w.sum()
-    item_grad = sparse_weighted_sum(ids, rows, w[owner], updates.n_items)
+    item_grad = kept_weighted_sum(ids, rows, owner, kept, w, updates.n_items)
     predictor = [] if preds is None else unflatten(w @ preds.astype(np.float64),
                                                    updates.uploads[0].predictor)
     return item_grad, predictor, kept

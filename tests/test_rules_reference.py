@@ -199,6 +199,24 @@ def test_krum_and_multikrum_match_the_reference(n, f, form):
             assert agg.dropped == list(np.flatnonzero(~kept)), rule.name
 
 
+@pytest.mark.parametrize("keep", [1, 3, 6])
+def test_dense_krum_sums_the_kept_rows_to_the_bits_of_all_rows_weighted(keep):
+    """Krum scatters the kept clients' rows alone (kept_weighted_sum): the same float32 bits
+    as weighting every row, the dropped ones by 0, in upload order."""
+    from strategies.aggregate import sparse_weighted_sum
+    from strategies.krum import kept_weighted_sum
+
+    u = random_round(8, 7 + keep)
+    ids, rows, owner = u.stacked
+    kept = np.zeros(8, bool)
+    kept[np.random.default_rng(keep).choice(8, keep, replace=False)] = True
+    w = np.where(kept, u.weights, 0.0) / u.weights[kept].sum()
+    got = kept_weighted_sum(ids, rows, owner, kept, w, u.n_items)
+    want = sparse_weighted_sum(ids, rows, w[owner], u.n_items)
+    assert got.tobytes() == want.tobytes()
+    assert (got[np.setdiff1d(np.arange(u.n_items), ids[kept[owner]])] == 0).all()
+
+
 def wide_round(n, m, n_items, dim, seed):
     """n clients, each item sent by m of them: float rows of `dim` coordinates (ML-1M's 64:
     batched float32 products of such rows need not be symmetric to the last bit)."""
