@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -149,12 +150,26 @@ def _value_problem(a: np.ndarray, max_abs: float) -> str | None:
     return "too_large" if top > max_abs else None
 
 
+# arrays of at least this many values take torch's one-pass aminmax where torch is loaded:
+# the dense uploads of weight_decay_scope all (50 tables of ML-1M, 11.9 M values) in 1.5 ms
+# against numpy's two passes' 2.6 ms, ~5% of such a round; on a sparse round's 1 M values
+# the two are alike
+MINMAX_ONE_PASS = 1 << 21
+
+
 def _within(a: np.ndarray, max_abs: float) -> bool:
-    """Every value finite and |value| <= max_abs (NaN fails: max and min propagate it); two
-    reductions over the array, no temporary."""
+    """Every value finite and |value| <= max_abs (NaN fails: max and min propagate it, in
+    numpy and in torch.aminmax alike); two reductions over the array, or one (torch.aminmax:
+    large contiguous float arrays, where torch is already imported), no temporary."""
     if a.size == 0:
         return True
-    hi, lo = a.max(), a.min()
+    if a.size >= MINMAX_ONE_PASS and a.dtype in (np.float32, np.float64) and \
+            a.flags.c_contiguous and "torch" in sys.modules:
+        import torch
+
+        lo, hi = (float(x) for x in torch.aminmax(torch.from_numpy(a)))
+    else:
+        hi, lo = a.max(), a.min()
     return bool(np.isfinite(hi) and np.isfinite(lo) and max(hi, -lo) <= max_abs)
 
 

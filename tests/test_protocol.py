@@ -243,3 +243,22 @@ def test_joined_rows_is_a_view_only_for_back_to_back_blocks():
     assert isinstance(parts[0].base, mmap.mmap)
     assert np.array_equal(joined_rows(parts), np.concatenate(parts))
     assert arena.take(3, 4).base is None  # beyond the bound: a block of its own
+
+
+@pytest.mark.parametrize("poison, ok", [(None, True), (np.nan, False), (np.inf, False),
+                                        (-np.inf, False), (2e4, False), (-2e4, False),
+                                        (-1e4, True)])
+def test_value_check_of_a_large_round_takes_one_pass_with_the_same_verdict(monkeypatch, poison, ok):
+    """_within on a dense round's worth of values (torch.aminmax, one pass) and on the same
+    values through numpy's two reductions: the same verdict, a NaN anywhere included."""
+    import torch  # noqa: F401  (the one-pass path needs torch loaded)
+
+    from fedrec import protocol
+
+    rows = np.random.default_rng(0).standard_normal((protocol.MINMAX_ONE_PASS // 64 + 7, 64))
+    rows = rows.astype(np.float32)
+    if poison is not None:
+        rows[len(rows) // 2 + 3, 17] = poison
+    assert protocol._within(rows, 1e4) is ok
+    monkeypatch.setattr(protocol, "MINMAX_ONE_PASS", rows.size + 1)  # numpy's two passes
+    assert protocol._within(rows, 1e4) is ok
