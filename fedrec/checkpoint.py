@@ -33,12 +33,16 @@ def checkpoint_path(run_dir) -> Path:
     return Path(run_dir) / FILENAME
 
 
-def save_checkpoint(run_dir, digest: str, round_done: int, state: dict) -> int:
-    """Write the checkpoint atomically; returns its size in bytes."""
+def save_checkpoint(run_dir, digest: str, round_done: int, state: dict,
+                    wall_time_s: float | None = None) -> int:
+    """Write the checkpoint atomically; returns its size in bytes. wall_time_s: the run's
+    wall time up to this checkpoint (all its segments), which a resumed run adds to its own."""
     path = checkpoint_path(run_dir)
     tmp = path.with_name(path.name + ".tmp")
     payload = {"magic": MAGIC, "version": VERSION, "digest": digest, "round": int(round_done),
                "state": state}
+    if wall_time_s is not None:
+        payload["wall_time_s"] = float(wall_time_s)
     with open(tmp, "wb") as f:
         pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
         f.flush()

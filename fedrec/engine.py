@@ -378,7 +378,10 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(pretrained["dir"] / "metrics.csv", run_dir / "metrics.csv")
-    recorder = RunRecorder(cfg, run_dir, runner="engine", resume_round=resume)
+    # a resumed run counts the wall time of its earlier segments (kept in the checkpoint); an
+    # attack continuing a shared clean pretraining does not (that run has its own summary)
+    prior = saved.get("wall_time_s", 0.0) if saved is not None and pretrained is None else 0.0
+    recorder = RunRecorder(cfg, run_dir, runner="engine", resume_round=resume, prior_wall_s=prior)
     engine.ledger.recorder = recorder
     recorder.extra["data"] = engine.env.data.summary()
     if cfg.attack.target != "none":
@@ -391,7 +394,8 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
 
     def save(state):
         recorder.flush()  # every row up to the checkpoint is on disk before it
-        size = save_checkpoint(run_dir, cfg.digest(), state["round"], state)
+        size = save_checkpoint(run_dir, cfg.digest(), state["round"], state,
+                               wall_time_s=recorder.elapsed())
         recorder.extra["checkpoint_bytes"] = size
 
     try:

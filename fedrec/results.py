@@ -78,15 +78,19 @@ def is_complete(run_dir: Path) -> bool:
 class RunRecorder:
     """Receives per-round metrics from the strategy and writes the run directory."""
 
-    def __init__(self, cfg, run_dir: Path, runner: str, resume_round: int | None = None):
+    def __init__(self, cfg, run_dir: Path, runner: str, resume_round: int | None = None,
+                 prior_wall_s: float = 0.0):
         """resume_round: continue a run checkpointed after that round: metrics.csv keeps its
         rows up to it (later ones, written before the run stopped, are dropped) and new rows
-        are appended."""
+        are appended. prior_wall_s: the wall time of the earlier segments up to that
+        checkpoint (its `wall_time_s`), counted into this run's: a resumed run's summary
+        gives the time of all the work it kept, not of its last segment alone."""
         self.cfg = cfg
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.runner = runner
         self.start = time.time()
+        self.prior_wall_s = float(prior_wall_s or 0.0)
         self.rows: dict[int, dict] = {}
         self.final: dict = {}
         self.latest: dict = {}
@@ -156,12 +160,20 @@ class RunRecorder:
         for r in old:
             w.writerow(r)
 
+    def elapsed(self) -> float:
+        """Wall seconds of the run so far: the earlier segments' (prior_wall_s) and this one's."""
+        return self.prior_wall_s + (time.time() - self.start)
+
     def finish(self, status="complete", **extra) -> dict:
         self.flush()
         self._csv.close()
+        segment = time.time() - self.start
+        timing = {"wall_time_s": round(self.prior_wall_s + segment, 3)}
+        if self.prior_wall_s:
+            timing["wall_time_segment_s"] = round(segment, 3)
         summary = {
             "name": self.cfg.name, "status": status, "runner": self.runner, "seed": self.cfg.seed,
-            "rounds": self.cfg.train.rounds, "wall_time_s": round(time.time() - self.start, 3),
+            "rounds": self.cfg.train.rounds, **timing,
             "final": self.final, "config_digest": self.cfg.digest(), **self.extra, **extra,
         }
         tmp = self.dir / "summary.json.tmp"

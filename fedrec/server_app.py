@@ -307,7 +307,9 @@ class FlowerRun:
         self.resumable = bool(cfg.flower.device_state_dir) and cfg.output.checkpoint_every > 0
         saved = load_checkpoint(run_dir, cfg.digest()) if self.resumable else None
         self.recorder = RunRecorder(cfg, run_dir, runner="flwr",
-                                    resume_round=None if saved is None else saved["round"])
+                                    resume_round=None if saved is None else saved["round"],
+                                    prior_wall_s=0.0 if saved is None
+                                    else saved.get("wall_time_s", 0.0))
         self.recorder.extra.update(data=env.data.summary(), experiment=str(path),
                                    overrides=overrides)
         self.timer = RoundTimer()
@@ -356,7 +358,7 @@ class FlowerRun:
     def save_checkpoint(self, round_done: int):
         self.recorder.flush()  # every row up to the checkpoint is on disk before it
         save_checkpoint(self.recorder.dir, self.cfg.digest(), round_done,
-                        self.state_dict(round_done))
+                        self.state_dict(round_done), wall_time_s=self.recorder.elapsed())
 
     def execute(self, grid) -> dict:
         from flwr.server.compat import start_grid

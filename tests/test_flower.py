@@ -333,6 +333,8 @@ def test_a_flower_run_resumes_after_the_server_died(flower_vs_engine):
     _assert_same(engine_summary, engine_arrays, flwr_dir)
     summary = json.loads((flwr_dir / "summary.json").read_text())
     assert summary["resumed_from_round"] == 4
+    # its wall time counts the dead server's rounds 1-4 (kept in the checkpoint) as well
+    assert summary["wall_time_s"] > summary["wall_time_segment_s"] > 0
     assert not (flwr_dir / "checkpoint.pkl").exists()  # a complete run keeps none
 
 
