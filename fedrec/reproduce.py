@@ -259,6 +259,15 @@ def late_mean(run_dir, metric: str, rounds=None):
     return sum(late) / len(late) if late else None
 
 
+def whole_run_wall(summary: dict):
+    """A run's wall time in seconds, or None where its summary holds only the last stretch: a
+    run resumed from a checkpoint before `wall_time_s` counted the earlier segments (it has
+    `resumed_from_round` but no `wall_time_segment_s`), which would read as a few seconds."""
+    if summary.get("resumed_from_round") is not None and "wall_time_segment_s" not in summary:
+        return None
+    return summary.get("wall_time_s")
+
+
 def cell_result(cell: Cell, done: dict, readout: str = "final") -> CellResult:
     from fedrec.report import mean_std
 
@@ -267,7 +276,7 @@ def cell_result(cell: Cell, done: dict, readout: str = "final") -> CellResult:
     for d, ref in zip(cell.dirs, cell.refs):
         if d not in done:
             continue
-        walls.append(done[d].get("wall_time_s"))
+        walls.append(whole_run_wall(done[d]))
         v = run_value(d, done[d], cs.metric, readout)
         value = None
         if cs.compare == "value":
@@ -376,7 +385,13 @@ class TableReport:
 
     @property
     def wall_total(self) -> float:
-        return sum(s.get("wall_time_s") or 0.0 for s in self.done.values())
+        """Summed wall time of the complete runs whose whole wall time is known."""
+        return sum(whole_run_wall(s) or 0.0 for s in self.done.values())
+
+    @property
+    def wall_unknown(self) -> int:
+        """Complete runs whose summary holds only their last stretch (`whole_run_wall`)."""
+        return sum(whole_run_wall(s) is None for s in self.done.values())
 
 
 def report_table(table: Table, readout: str = "final") -> TableReport:
@@ -437,8 +452,11 @@ def format_heading(rep: TableReport) -> str:
         out.append("readout: each run's metric is the mean of its evaluations after half its "
                    "rounds (--readout late), not the final value the paper reads; the marks "
                    "judge that reading")
+    unknown = rep.wall_unknown
     out.append(f"wall time of the complete runs: {rep.wall_total / 60:.1f} min "
-               f"({len(rep.done)} runs)")
+               f"({len(rep.done) - unknown} runs" + (
+                   f"; {unknown} more resumed before wall times spanned a resume, left out"
+                   if unknown else "") + ")")
     if rep.table.shared:
         tables = sorted({Path(d).parent.name for d in rep.table.shared.values()})
         out.append(f"shared: {len(rep.table.shared)} runs are another table's identical runs "

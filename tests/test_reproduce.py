@@ -494,3 +494,14 @@ def test_cells_runs_only_the_runs_behind_the_named_cells(tmp_path, capsys):
     assert line.endswith("partial (4 of 6 runs; complete cells: 1 of 2 checks pass)"), line
     with pytest.raises(ConfigError, match=r"--cells 'Fang': no cell of tiny .*cells: clean; Gaussian; LabelFlip"):
         cell_runs(table, ["Fang"])
+
+
+def test_a_wall_time_that_covers_only_the_last_stretch_of_a_resumed_run_is_left_out():
+    """Runs resumed before wall_time_s spanned resumes kept only their last segment's time
+    (a 6000-round run could read 26 s): such a wall is unknown, not averaged in."""
+    from fedrec.reproduce import whole_run_wall
+
+    assert whole_run_wall({"wall_time_s": 1200.0}) == 1200.0
+    assert whole_run_wall({"wall_time_s": 26.5, "resumed_from_round": 5800}) is None
+    assert whole_run_wall({"wall_time_s": 1250.0, "wall_time_segment_s": 26.5,
+                           "resumed_from_round": 5800}) == 1250.0
