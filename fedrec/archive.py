@@ -10,7 +10,9 @@ complete run into the archive (default `results/` at the project root, or $FEDRE
         metrics.csv     its evaluation rows only (rounds with a test_ / val_ value): the curves
                         of the tables' plots, ~1 KB instead of one row per round
         archived.json   where it came from, when, the fedrec commit of the archiving checkout,
-                        how many metrics rows were kept of how many
+                        how many metrics rows were kept of how many, and `round_means`: the
+                        mean over all rows of each per-round column (e.g. a targeted attack's
+                        `attack_upload_kl`), which the kept rows alone would misstate
 
 so a table grows across machines and sessions: `fedrec reproduce` takes, for a run missing from
 `runs/`, the archived run of the same computation (`run_index.computation_digest`: the config
@@ -64,6 +66,25 @@ def evaluation_rows(metrics_csv: str) -> tuple[str, int, int]:
     return out.getvalue(), kept, total
 
 
+def round_means(metrics_csv: str) -> dict:
+    """{column: mean over the rows where it has a number} for every per-round column (not
+    round, not test_* / val_*): what `fedrec report` averages over a run's rounds, taken
+    before the archive keeps only the evaluation rows."""
+    reader = csv.DictReader(io.StringIO(metrics_csv))
+    sums: dict = {}
+    for row in reader:
+        for name, value in row.items():
+            if not name or name == "round" or name.startswith(("test_", "val_")) or value in ("", None):
+                continue
+            try:
+                v = float(value)
+            except ValueError:
+                continue
+            total, count = sums.get(name, (0.0, 0))
+            sums[name] = (total + v, count + 1)
+    return {name: total / count for name, (total, count) in sums.items() if count}
+
+
 def _git_commit() -> str | None:
     try:
         res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
@@ -90,7 +111,8 @@ def archive_run(run_dir, archive=None) -> tuple[Path, bool]:
     if (dest / "summary.json").is_file() and (dest / "summary.json").read_bytes() == summary:
         return dest, False
     metrics = run_dir / "metrics.csv"
-    text, kept, total = evaluation_rows(metrics.read_text() if metrics.is_file() else "")
+    full = metrics.read_text() if metrics.is_file() else ""
+    text, kept, total = evaluation_rows(full)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -102,6 +124,7 @@ def archive_run(run_dir, archive=None) -> tuple[Path, bool]:
         "archived_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "fedrec_commit": _git_commit(),
         "metrics_rows_kept": kept, "metrics_rows_total": total,
+        "round_means": round_means(full),
     }, indent=2) + "\n")
     if dest.exists():
         shutil.rmtree(dest)

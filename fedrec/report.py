@@ -191,8 +191,23 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
 
 
 def _column_mean(run_dir, metric: str):
+    """The mean of a per-round column over the run's rounds. An archived run keeps only its
+    evaluation rows, so its mean comes from archived.json's `round_means` (taken from all the
+    rows when it was archived); an archive from before those were kept gives None, not the
+    mean of the few rows it has."""
+    from fedrec.archive import ARCHIVED
     from fedrec.plots import read_curve
 
+    archived = Path(run_dir) / ARCHIVED
+    if archived.is_file():
+        try:
+            info = json.loads(archived.read_text())
+        except (OSError, ValueError):
+            info = {}
+        if "round_means" in info:
+            return info["round_means"].get(metric)
+        if info.get("metrics_rows_kept") != info.get("metrics_rows_total"):
+            return None
     try:
         _, ys = read_curve(run_dir, metric)
     except OSError:

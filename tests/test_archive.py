@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrec.archive import archive_run, evaluation_rows
+from fedrec.archive import archive_run, evaluation_rows, round_means
 from fedrec.cli import main
 from fedrec.errors import FedRecError
 from fedrec.reproduce import load_table, report_table
@@ -100,6 +100,36 @@ def test_evaluation_rows():
                                  "2,0.4,0.2,,0.2", "3,0.3,,0.1,"]
     assert (n_kept, n_total) == (2, 4)
     assert evaluation_rows("") == ("", 0, 0)
+
+
+def test_round_means_average_every_per_round_column_over_all_its_rows():
+    text = ("round,train_loss,test_hr@5,attack_upload_kl,note\n"
+            "1,0.5,,0.3,x\n2,0.4,0.2,,y\n3,0.3,,0.1,\n4,0.2,,0.2,\n")
+    assert round_means(text) == pytest.approx({"train_loss": 0.35, "attack_upload_kl": 0.2})
+    assert round_means("") == {}
+
+
+def test_report_reads_an_archived_runs_round_means_not_its_kept_rows(tmp_path):
+    """A per-round column averaged over an archived run is its mean over every round (kept in
+    archived.json), not over the evaluation rows the archive kept; without round_means (an
+    older archive) it is unknown."""
+    from fedrec.report import _column_mean
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    rows = ["round,test_hr@5,attack_upload_kl"] + [
+        f"{r},{0.1 if r % 5 == 0 else ''},{1.0 if r % 5 == 0 else 0.0}" for r in range(1, 21)]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (run / "config.yaml").write_text("name: r\n")
+    (run / "summary.json").write_text(json.dumps({"status": "complete"}))
+    assert _column_mean(run, "attack_upload_kl") == pytest.approx(0.2)  # 4 of 20 rounds at 1
+    dest, _ = archive_run(run, tmp_path / "archive")
+    assert len((dest / "metrics.csv").read_text().splitlines()) == 5  # the 4 eval rows kept
+    assert _column_mean(dest, "attack_upload_kl") == pytest.approx(0.2)  # not 1.0
+    meta = json.loads((dest / "archived.json").read_text())
+    del meta["round_means"]
+    (dest / "archived.json").write_text(json.dumps(meta))
+    assert _column_mean(dest, "attack_upload_kl") is None
 
 
 def test_run_archive_keeps_each_run_as_it_finishes_and_not_a_failed_one(tmp_path, capsys):
