@@ -182,8 +182,9 @@ def add_grid_commands(sub) -> None:
                    help="GPUs per run under --ray (default: the YAML's ray.num_gpus)")
     r.add_argument("--archive", nargs="?", const="", default=None, metavar="DIR",
                    help="archive each run as soon as it completes (as `fedrec archive`), into "
-                        "DIR (default: $FEDREC_ARCHIVE, else results/): a grid's finished runs "
-                        "survive the machine even if this command is killed")
+                        "the archive root DIR, as DIR/<output folder's name>/<run> (default: "
+                        "$FEDREC_ARCHIVE, else results/): a grid's finished runs survive the "
+                        "machine even if this command is killed")
     r.set_defaults(fn=_cmd_run)
 
     rr = sub.add_parser("reproduce", help="run (or resume) the grid behind a published table "
