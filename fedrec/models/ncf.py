@@ -232,11 +232,12 @@ def _backward(Ur, user_mask, U, V, Ha, Z, VU, dS, W: NCFWeights, blocks):
             rows = np.multiply(ds[:, None], W.gmf_h)
             rows *= U[c] if Ur is None else Ur[a:b]  # times u'
             dv += rows
-    # the bias gradients: every client's column sums at once, added row after row as numpy's
-    # sum(0) of one client's block adds them (so the same bits), not 2 calls per client
+    # the bias gradients: every client's column sums in one sequential segment sum per layer,
+    # its rows added one after another from 0.0 as numpy's sum(0) of one client's
+    # C-contiguous block adds them (so the same bits), not 2 numpy sums per client
     row_client = np.repeat(np.arange(n_clients), np.diff(blocks))
-    _row_sums(row_client, dZ, out=g_b2)
-    _row_sums(row_client, dH, out=g_b1)
+    segment_sum(row_client, dZ, n_clients, out=g_b2)
+    segment_sum(row_client, dH, n_clients, out=g_b1)
     if Ur is None:  # every row's u' is u: sum over the rows first
         dU = np.stack([g @ w1u for g in g_b1]) if pairs else np.zeros((0, d), np.float32)
         np.multiply(g_b1[:, :, None], U[:, None, :], out=g_w1[:, :, :d])  # np.outer per client
@@ -254,13 +255,6 @@ def _backward(Ur, user_mask, U, V, Ha, Z, VU, dS, W: NCFWeights, blocks):
     grads = NCFWeights(g_h, g_w1, g_b1, g_w2, g_b2, g_out_w,
                        np.stack([dS[a:b].sum(0, keepdims=True) for a, b in pairs]))
     return grads, dU, dV
-
-
-def _row_sums(row_client: np.ndarray, X: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out[c] = the sum of the rows of X owned by client c, added in row order from the
-    first row (float32 adds one after another: what numpy's sum over axis 0 of a client's
-    C-contiguous block does), for all clients in one sequential segment sum."""
-    return segment_sum(row_client, X, len(out), out=out)
 
 
 def _one_minus_square(X: np.ndarray) -> np.ndarray:
