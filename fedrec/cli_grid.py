@@ -73,6 +73,7 @@ def _cmd_reproduce(args) -> int:
     from pathlib import Path
 
     from fedrec import reproduce as rp
+    from fedrec import reproduce_format as fmt
 
     folder = Path(args.tables)
     if not folder.is_dir():
@@ -91,7 +92,7 @@ def _cmd_reproduce(args) -> int:
                           "read the final values")
     failed = False
     if args.list:
-        print("\n".join(rp.list_lines(folder, args.output, args.set, _archive_arg(args))))
+        print("\n".join(fmt.list_lines(folder, args.output, args.set, _archive_arg(args))))
     if args.name:
         table = rp.load_table(rp.table_path(args.name, folder), args.set, args.output,
                               _archive_arg(args))
@@ -126,8 +127,8 @@ def _cmd_reproduce(args) -> int:
                     print(f"{o.name}: FAILED: {o.error}")
             failed = any(o.error for o in outcomes)
         rep = rp.report_table(table, args.readout)
-        print(rp.format_heading(rep))
-        print(rp.format_report(rep))
+        print(fmt.format_heading(rep))
+        print(fmt.format_report(rep))
     if args.write_docs:
         from fedrec.reproduce_docs import write_docs
 

@@ -19,8 +19,7 @@ from fedrec.errors import ConfigError, FedRecError
 from fedrec.paper import PaperCell, PaperSpec, parse_paper
 from fedrec.run_index import archived_runs, computation_digest, shared_runs
 
-__all__ = ["cell_runs", "computation_digest", "load_table", "report_table", "format_report", "format_heading",
-           "list_lines", "table_names", "table_path"]
+__all__ = ["cell_runs", "computation_digest", "load_table", "report_table", "table_names", "table_path"]
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "experiments" / "paper"
 
@@ -325,7 +324,7 @@ def order_checks(spec: PaperSpec, results: list) -> list:
     out = []
     for chain in spec.order:
         means = [by_label[label].mean for label in chain]
-        shown = " > ".join(f"{label} ({_fmt(by_label[label], m, '?')})"
+        shown = " > ".join(f"{label} ({format_cell_value(by_label[label], m, '?')})"
                            for label, m in zip(chain, means))
         holds = None if any(m is None for m in means) else \
             all(a > b for a, b in zip(means, means[1:]))
@@ -404,77 +403,8 @@ def report_table(table: Table, readout: str = "final") -> TableReport:
     return TableReport(table, results, order_checks(table.spec, results), done, readout)
 
 
-def _fmt(r: CellResult, v, missing="") -> str:
+def format_cell_value(r: CellResult, v, missing="") -> str:
+    """A cell's number as printed: a drop in percent (one decimal), a metric to 4 decimals."""
     if v is None:
         return missing
     return f"{v:.1f}%" if r.compare == "relative_drop" else f"{v:.4f}"
-
-
-def _fmt_published(r: CellResult) -> str:
-    """The paper's number as printed (two decimals of a percentage, five digits of a metric)."""
-    if r.published is None:
-        return "—"
-    return f"{r.published:.2f}%" if r.compare == "relative_drop" else f"{r.published:.5g}"
-
-
-def _metric_name(r: CellResult) -> str:
-    name = r.metric.removeprefix("test_").upper()
-    return f"{name} drop" if r.compare == "relative_drop" else name
-
-
-def format_report(rep: TableReport) -> str:
-    """The table in markdown: ours beside the paper's, cell by cell, then the order checks."""
-    lines = ["| cell | metric | ours (mean ± std) | seeds | paper | ours − paper | check "
-             "| wall s/run |", "|---|---|---|---|---|---|---|---|"]
-    for r in rep.results:
-        ours = f"{_fmt(r, r.mean)} ± {_fmt(r, r.std)}" if r.mean is not None else "not run"
-        diff = "" if r.mean is None or r.published is None else _fmt(r, r.mean - r.published)
-        check = " ".join(f"{'✓' if ok else '✗'} {t}" for t, ok in r.checks)
-        wall = "" if r.wall_mean is None else f"{r.wall_mean:.1f} ± {r.wall_std:.1f}"
-        lines.append(f"| {r.label} | {_metric_name(r)} | {ours} | {r.n}/{r.expected} | "
-                     f"{_fmt_published(r)} | {diff} | {check} | {wall} |")
-    if rep.orders:
-        lines.append("")
-    for text, holds in rep.orders:
-        mark = "not yet (cells missing)" if holds is None else \
-            ("holds" if holds else "does NOT hold")
-        chain, _, paired = text.partition("; ")  # the mark right after the chain it judges
-        lines.append(f"- order {chain}: {mark}" + (f"; {paired}" if paired else ""))
-    return "\n".join(lines)
-
-
-def format_heading(rep: TableReport) -> str:
-    spec = rep.table.spec
-    out = [f"{rep.table.name}: {spec.source}", f"state: {rep.state}"]
-    if spec.note:
-        out.append(f"note: {spec.note}")
-    if rep.readout == "late":
-        out.append("readout: each run's metric is the mean of its evaluations after half its "
-                   "rounds (--readout late), not the final value the paper reads; the marks "
-                   "judge that reading")
-    unknown = rep.wall_unknown
-    out.append(f"wall time of the complete runs: {rep.wall_total / 60:.1f} min "
-               f"({len(rep.done) - unknown} runs" + (
-                   f"; {unknown} more resumed before wall times spanned a resume, left out"
-                   if unknown else "") + ")")
-    if rep.table.shared:
-        tables = sorted({Path(d).parent.name for d in rep.table.shared.values()})
-        out.append(f"shared: {len(rep.table.shared)} runs are another table's identical runs "
-                   f"(same config but the name: {', '.join(tables)})")
-    if rep.table.archived:
-        out.append(f"archived: {len(rep.table.archived)} runs taken from {rep.table.archive} "
-                   "(`fedrec archive`; --no-archive ignores them)")
-    return "\n".join(out)
-
-
-def list_lines(folder=PAPER_DIR, output=None, overrides=(), archive=DEFAULT_ARCHIVE) -> list[str]:
-    """One line per table: name, runs, state."""
-    lines = []
-    for name in table_names(folder):
-        try:
-            rep = report_table(load_table(Path(folder) / f"{name}.yaml", overrides, output,
-                                          archive))
-            lines.append(f"{name:<36} {len(set(rep.table.dirs)):>4} runs  {rep.state}")
-        except FedRecError as e:
-            lines.append(f"{name:<36}    ? runs  error: {e}")
-    return lines

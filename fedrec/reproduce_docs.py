@@ -12,8 +12,8 @@ import csv
 from pathlib import Path
 
 from fedrec.errors import FedRecError
-from fedrec.reproduce import (DEFAULT_ARCHIVE, PAPER_DIR, format_heading, format_report, list_lines, load_table,
-                              report_table, table_names)
+from fedrec.reproduce import DEFAULT_ARCHIVE, PAPER_DIR, load_table, report_table, table_names
+from fedrec.reproduce_format import format_heading, format_report, list_lines
 
 HEADER = """# Reproduction of the published tables
 
