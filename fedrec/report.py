@@ -6,6 +6,10 @@ in percent (positive = the attack hurt): `drop_*`. Under a defense, `drop0_*` is
 against the run with neither attack nor defense (same seed; ClusterAttack's Figure 2 and
 Table 3 use that reference), so a defense's own cost on clean runs shows there too. Runs of one setting that differ only in `seed` are
 summarised as mean and (population) standard deviation.
+
+The drops read each run's final evaluation (readout "final", the papers' reading), or with
+readout "late" the mean of its evaluations after half its rounds, both runs of a pair over the
+same rounds (`fedrec.reproduce.late_mean`: less evaluation noise, not the papers' reading).
 """
 
 from __future__ import annotations
@@ -135,7 +139,22 @@ def _attacked(cfg: dict) -> bool:
     return a.get("name", "none") != "none" and float(a.get("malicious_fraction", 0) or 0) > 0
 
 
-def report_rows(paths, metrics=METRICS) -> list[dict]:
+READOUTS = ("final", "late")
+
+
+def drop_value(run_dir, summary: dict, metric: str, readout: str = "final"):
+    """What a drop reads of one run: its final `metric`, or (readout "late") the mean of its
+    evaluations after half its rounds."""
+    if readout == "late":
+        from fedrec.reproduce import late_mean
+
+        return late_mean(run_dir, metric, summary.get("rounds"))
+    return summary.get("final", {}).get(metric)
+
+
+def report_rows(paths, metrics=METRICS, readout: str = "final") -> list[dict]:
+    if readout not in READOUTS:
+        raise ValueError(f"readout: expected one of {', '.join(READOUTS)}, got {readout!r}")
     runs = []
     for d in find_runs(paths):
         s = load_summary(d)
@@ -143,9 +162,9 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
     clean, base = {}, {}
     for d, s, cfg in runs:
         if not _attacked(cfg) and s.get("status") == "complete":
-            clean[clean_key(cfg)] = s
+            clean[clean_key(cfg)] = (d, s)
             if _undefended(cfg):
-                base[undefended_key(cfg)] = s
+                base[undefended_key(cfg)] = (d, s)
     rows = []
     for d, s, cfg in runs:
         final = s.get("final", {})
@@ -156,15 +175,15 @@ def report_rows(paths, metrics=METRICS) -> list[dict]:
         ref = clean.get(clean_key(cfg))
         attacked = _attacked(cfg)
         for m in DROPS:
-            b = (ref or {}).get("final", {}).get(m)
-            v = final.get(m)
+            b = drop_value(*ref, m, readout) if ref and attacked else None
+            v = drop_value(d, s, m, readout) if attacked else None
             row[f"drop_{m.split('_', 1)[1]}%"] = (100.0 * (b - v) / b
                                                    if attacked and b and v is not None else None)
         # against the run with neither attack nor defense, where that is another run
         ref0 = base.get(undefended_key(cfg))
         if ref0 is not None and ref0 is not ref and not _undefended(cfg):
             for m in DROPS:
-                b, v = ref0.get("final", {}).get(m), final.get(m)
+                b, v = drop_value(*ref0, m, readout), drop_value(d, s, m, readout)
                 row[f"drop0_{m.split('_', 1)[1]}%"] = 100.0 * (b - v) / b if b and v is not None else None
         # detection scores only mean something where the defense can drop uploads
         det = {} if _undefended(cfg) else (s.get("detection") or {})

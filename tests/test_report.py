@@ -118,3 +118,31 @@ def test_a_filters_own_drops_are_scored_apart(tmp_path):
     assert det["union"]["tp"] <= det["tp"]
     row = report_rows([tmp_path / "r"])[0]
     assert row["det_union_recall"] == det["union"].get("recall")
+
+
+def test_late_readout_drops_compare_the_means_of_the_second_half(tmp_path):
+    """--readout late: each run of a pair read as the mean of its evaluations after half its
+    rounds, computed here by hand from both metrics.csv files."""
+    root = tmp_path / "runs"
+    dirs = {}
+    for attack in ("none", "clusterattack"):
+        c = cfg(tmp_path, attack, train__rounds=8, eval__every=1)
+        c.output.name = attack
+        dirs[attack] = Path(run_experiment(c, output_root=root, progress=False)["run_dir"])
+
+    def late(d, metric):
+        with open(d / "metrics.csv", newline="") as f:
+            vals = [float(r[metric]) for r in csv.DictReader(f)
+                    if r[metric] and int(r["round"]) > 4]
+        assert len(vals) == 4
+        return sum(vals) / len(vals)
+
+    row = {r["run"]: r for r in report_rows([root], readout="late")}["clusterattack"]
+    for m, key in (("test_hr@5", "drop_hr@5%"), ("test_hr@10", "drop_hr@10%")):
+        b, v = late(dirs["none"], m), late(dirs["clusterattack"], m)
+        assert row[key] == pytest.approx(100 * (b - v) / b)
+    final = {r["run"]: r for r in report_rows([root])}["clusterattack"]
+    assert final["test_hr@5"] == row["test_hr@5"]  # only the drops change
+    assert final["drop_hr@5%"] != row["drop_hr@5%"]  # and here the two readings differ
+    with pytest.raises(ValueError, match="readout"):
+        report_rows([root], readout="best")
