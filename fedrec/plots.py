@@ -141,3 +141,51 @@ def plot_mean_curves(groups: dict, out: str, metric: str = "test_hr@5", title: s
         fig.savefig(out, dpi=110)
     plt.close(fig)
     return bool(drawn)
+
+
+def plot_grouped_bars(groups: list, bars: list, values: dict, out: str, ylabel: str,
+                      title: str = "") -> bool:
+    """A grouped bar chart, as the papers draw attacks under defenses: one group of bars per
+    entry of `groups` (x axis), one bar per entry of `bars` (colour, legend); values maps
+    (group, bar) -> (mean, std, n seeds, expected seeds), a missing or None mean leaving a
+    gap. Error bars are the std over seeds; a bar with fewer seeds than expected is hatched
+    and labelled n=<seeds>. False (nothing written) when no bar has a value."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FedRecError("plotting needs matplotlib: pip install 'fedrec[plot]'") from None
+    if not any(v is not None and v[0] is not None for v in values.values()):
+        return False
+    width = 0.8 / max(1, len(bars))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.22 * len(groups) * len(bars))), 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, bar in enumerate(bars):
+        colour = colours[j % len(colours)]
+        for i, group in enumerate(groups):
+            v = values.get((group, bar))
+            if v is None or v[0] is None:
+                continue
+            mean, std, n, expected = v
+            x = i - 0.4 + (j + 0.5) * width
+            partial = n < expected
+            ax.bar(x, mean, width, yerr=std if n > 1 else None, color=colour, capsize=1.5,
+                   hatch="//" if partial else None, edgecolor="white" if partial else None,
+                   error_kw={"elinewidth": 0.7}, label=bar if i == 0 or bar not in
+                   ax.get_legend_handles_labels()[1] else None)
+            if partial:
+                ax.annotate(f"n={n}", (x, mean), ha="center", va="bottom" if mean >= 0 else "top",
+                            fontsize=5, rotation=90)
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, fontsize=7, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=6, ncol=min(4, len(bars)))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True

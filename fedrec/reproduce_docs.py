@@ -3,7 +3,8 @@
 Written by `fedrec reproduce --write-docs` (after whatever else the command does); nothing is
 run for it. Plots go to a folder beside the page (docs/reproduction/): per table, the metric
 of its cells against rounds (mean over seeds), ER@5 where the runs record it, and the
-filters' detection precision/recall where the runs record per-round detection counts.
+filters' detection precision/recall where the runs record per-round detection counts; a table
+of drops over a grid of two axes (defense x attack) also gets a grouped bar chart.
 """
 
 from __future__ import annotations
@@ -40,6 +41,49 @@ def _dropping(cfg) -> bool:
                                               or cfg.server.rule != "mean")
 
 
+def two_way_cells(results) -> tuple[list, list, dict] | None:
+    """(row values, column values, {(row, column): result}) when every cell's label reads
+    `key1=a,key2=b` with the same two keys in the same order (the cells a grid of two axes
+    makes, e.g. defense x attacker), values in order of appearance; else None."""
+    keys, rows, cols, cells = None, [], [], {}
+    for r in results:
+        parts = [p.partition("=") for p in r.label.split(",")]
+        if len(parts) != 2 or not all(sep for _, sep, _ in parts):
+            return None
+        (k1, _, a), (k2, _, b) = parts
+        if keys is None:
+            keys = (k1, k2)
+        if (k1, k2) != keys or (a, b) in cells:
+            return None
+        rows += [a] if a not in rows else []
+        cols += [b] if b not in cols else []
+        cells[(a, b)] = r
+    if not cells or len(rows) < 2 or len(cols) < 2:
+        return None
+    return rows, cols, cells
+
+
+def drop_bars(rep, folder: Path, rel: str) -> list[str]:
+    """A grouped bar chart of a two-way table of drops (first axis grouped, second as bars),
+    as the papers draw attacks under defenses; [] for any other table."""
+    from fedrec.plots import plot_grouped_bars
+
+    results = getattr(rep, "results", None) or []
+    grid = two_way_cells(results)
+    if grid is None or any(r.compare != "relative_drop" for r in results):
+        return []
+    rows, cols, cells = grid
+    metric = results[0].metric.removeprefix("test_").upper()
+    values = {k: (r.mean, r.std, r.n, r.expected) for k, r in cells.items()}
+    name = rep.table.name
+    out = folder / f"{name}-bars.png"
+    folder.mkdir(parents=True, exist_ok=True)
+    title = f"{name}: {metric} drop, mean ± std over seeds (hatched: fewer seeds than the grid's)"
+    if not plot_grouped_bars(rows, cols, values, str(out), f"{metric} drop (%)", title):
+        return []
+    return [f"![{name}: {metric} drop per cell]({rel}/{out.name})"]
+
+
 def table_plots(rep, folder: Path, rel: str) -> list[str]:
     """Write the table's plots into `folder`; markdown image lines (paths relative to the page)."""
     from fedrec.plots import plot_detection, plot_mean_curves
@@ -56,7 +100,7 @@ def table_plots(rep, folder: Path, rel: str) -> list[str]:
     if not groups:
         return []
     folder.mkdir(parents=True, exist_ok=True)
-    lines = []
+    lines = drop_bars(rep, folder, rel)
     metrics = list(dict.fromkeys(c.spec.metric for c in rep.table.cells))
     cols = set().union(*(_columns(d) for d in done))
     if "test_er@5" in cols and "test_er@5" not in metrics:

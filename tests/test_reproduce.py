@@ -505,3 +505,39 @@ def test_a_wall_time_that_covers_only_the_last_stretch_of_a_resumed_run_is_left_
     assert whole_run_wall({"wall_time_s": 26.5, "resumed_from_round": 5800}) is None
     assert whole_run_wall({"wall_time_s": 1250.0, "wall_time_segment_s": 26.5,
                            "resumed_from_round": 5800}) == 1250.0
+
+
+def test_a_two_way_grid_of_drops_gets_a_grouped_bar_chart(tmp_path):
+    """Cells labelled key1=a,key2=b over the same two keys are drawn as bars grouped by the
+    first axis; any other table gets none (mixed keys, one axis, or value cells)."""
+    from types import SimpleNamespace as NS
+
+    from fedrec import reproduce_docs
+    from fedrec.reproduce import CellResult
+
+    def res(label, mean, n=3, compare="relative_drop"):
+        return CellResult(label, "test_hr@5", compare, n, 3, mean, 1.0 if mean is not None else None,
+                          None, [], None, None)
+
+    labels = [f"defense={d},attacker={a}" for d in ("none", "median", "krum")
+              for a in ("none", "fang")]
+    results = [res(lab, 10.0 * i, n=1 if i == 4 else 3) for i, lab in enumerate(labels)]
+    results[5] = res(labels[5], None, n=0)  # a cell not run: a gap
+    rows, cols, cells = reproduce_docs.two_way_cells(results)
+    assert rows == ["none", "median", "krum"] and cols == ["none", "fang"]
+    assert cells[("median", "fang")].mean == 30.0
+    rep = NS(table=NS(name="fig"), results=results)
+    lines = reproduce_docs.drop_bars(rep, tmp_path, "x")
+    assert lines == ["![fig: HR@5 drop per cell](x/fig-bars.png)"]
+    assert (tmp_path / "fig-bars.png").stat().st_size > 1000
+    # not a two-way grid of drops: no bars
+    assert reproduce_docs.two_way_cells([res("No attack", 1.0), res("Attack", 2.0)]) is None
+    assert reproduce_docs.two_way_cells(
+        [res("defense=a,attacker=b", 1.0), res("defense=a,fraction=c", 2.0)]) is None
+    assert reproduce_docs.two_way_cells(
+        [res("defense=a,attacker=b", 1.0), res("defense=a,attacker=c", 2.0)]) is None  # one group
+    values = [res(lab, 1.0, compare="value") for lab in labels]
+    assert reproduce_docs.drop_bars(NS(table=NS(name="v"), results=values), tmp_path, "x") == []
+    nothing = [res(lab, None, n=0) for lab in labels]
+    assert reproduce_docs.drop_bars(NS(table=NS(name="n"), results=nothing), tmp_path, "x") == []
+    assert not (tmp_path / "n-bars.png").exists()
