@@ -20,6 +20,20 @@ def read_curve(run_dir, metric: str):
     return xs, ys
 
 
+def late_mean(run_dir, metric: str, rounds=None):
+    """Mean of `metric` over the evaluations at rounds > rounds / 2 (rounds: the run's, else
+    its last evaluated round); None without a metrics.csv or such an evaluation."""
+    try:
+        xs, ys = read_curve(run_dir, metric)
+    except OSError:
+        return None
+    if not xs:
+        return None
+    half = (rounds or max(xs)) / 2
+    late = [y for x, y in zip(xs, ys) if x > half]
+    return sum(late) / len(late) if late else None
+
+
 def plot_curves(paths, out: str, metric: str = "test_hr@5"):
     try:
         import matplotlib

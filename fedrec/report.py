@@ -9,7 +9,7 @@ summarised as mean and (population) standard deviation.
 
 The drops read each run's final evaluation (readout "final", the papers' reading), or with
 readout "late" the mean of its evaluations after half its rounds, both runs of a pair over the
-same rounds (`fedrec.reproduce.late_mean`: less evaluation noise, not the papers' reading).
+same rounds (`fedrec.plots.late_mean`: less evaluation noise, not the papers' reading).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def drop_value(run_dir, summary: dict, metric: str, readout: str = "final"):
     """What a drop reads of one run: its final `metric`, or (readout "late") the mean of its
     evaluations after half its rounds."""
     if readout == "late":
-        from fedrec.reproduce import late_mean
+        from fedrec.plots import late_mean
 
         return late_mean(run_dir, metric, summary.get("rounds"))
     return summary.get("final", {}).get(metric)

@@ -228,6 +228,8 @@ def run_value(run_dir, summary: dict, metric: str, readout: str = "final"):
     than one final value (not the papers' readout); det_* metrics, and a run with no
     evaluation after half its rounds, keep their final value."""
     if readout == "late" and not metric.startswith("det_"):
+        from fedrec.plots import late_mean
+
         late = late_mean(run_dir, metric, summary.get("rounds"))
         if late is not None:
             return late
@@ -240,22 +242,6 @@ def run_value(run_dir, summary: dict, metric: str, readout: str = "final"):
 
     _, ys = read_curve(run_dir, metric)
     return ys[-1] if ys else None
-
-
-def late_mean(run_dir, metric: str, rounds=None):
-    """Mean of `metric` over the evaluations at rounds > rounds / 2 (rounds: the run's, else
-    its last evaluated round); None without a metrics.csv or such an evaluation."""
-    from fedrec.plots import read_curve
-
-    try:
-        xs, ys = read_curve(run_dir, metric)
-    except OSError:
-        return None
-    if not xs:
-        return None
-    half = (rounds or max(xs)) / 2
-    late = [y for x, y in zip(xs, ys) if x > half]
-    return sum(late) / len(late) if late else None
 
 
 def whole_run_wall(summary: dict):
