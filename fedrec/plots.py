@@ -203,3 +203,47 @@ def plot_grouped_bars(groups: list, bars: list, values: dict, out: str, ylabel: 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_mean_curve_panels(panels: dict, out: str, metric: str = "test_hr@5",
+                           title: str = "") -> bool:
+    """Small multiples for a grid of two axes: one panel per key of `panels` (e.g. a
+    defense), in it one line per label -> run directories (e.g. an attack), `metric` against
+    rounds, mean over each label's runs (its seeds); panels share the y axis and one legend.
+    False (nothing written) when no run has the metric."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FedRecError("plotting needs matplotlib: pip install 'fedrec[plot]'") from None
+    ncols = min(4, max(1, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.5 * nrows), sharey=True,
+                             squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(dict.fromkeys(label for lines in panels.values() for label in lines))
+    drawn = 0
+    for ax, (panel, lines) in zip(axes.ravel(), panels.items()):
+        for label, dirs in lines.items():
+            xs, ys = mean_curve(dirs, metric)
+            if xs:
+                ax.plot(xs, ys, marker="o", ms=2, lw=1,
+                        color=colours[labels.index(label) % len(colours)],
+                        label=f"{label}")
+                drawn += 1
+        ax.set_title(panel, fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    if drawn:
+        handles = [plt.Line2D([], [], color=colours[i % len(colours)], marker="o", ms=2, lw=1)
+                   for i in range(len(labels))]
+        fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=7)
+        fig.suptitle(f"{title} (mean over seeds) against rounds", fontsize=9)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return bool(drawn)

@@ -84,9 +84,23 @@ def drop_bars(rep, folder: Path, rel: str) -> list[str]:
     return [f"![{name}: {metric} drop per cell]({rel}/{out.name})"]
 
 
+def curve_panels(groups: dict) -> dict | None:
+    """{first-axis value: {second-axis value: run dirs}} when the curves' labels are the cells
+    of a grid of two axes (`two_way_cells`), so that each panel holds one first-axis value (a
+    defense) and its lines the second (the attacks); None otherwise."""
+    from types import SimpleNamespace
+
+    grid = two_way_cells([SimpleNamespace(label=label) for label in groups])
+    if grid is None:
+        return None
+    rows, cols, cells = grid
+    return {row: {col: groups[cells[(row, col)].label] for col in cols if (row, col) in cells}
+            for row in rows}
+
+
 def table_plots(rep, folder: Path, rel: str) -> list[str]:
     """Write the table's plots into `folder`; markdown image lines (paths relative to the page)."""
-    from fedrec.plots import plot_detection, plot_mean_curves
+    from fedrec.plots import plot_detection, plot_mean_curve_panels, plot_mean_curves
 
     name, done = rep.table.name, rep.done
     # one curve per set of runs: cells that read the same runs under another metric (HR@5
@@ -105,9 +119,12 @@ def table_plots(rep, folder: Path, rel: str) -> list[str]:
     cols = set().union(*(_columns(d) for d in done))
     if "test_er@5" in cols and "test_er@5" not in metrics:
         metrics.append("test_er@5")
+    panels = curve_panels(groups)
     for metric in metrics:
         out = folder / f"{name}-{metric.replace('@', '')}.png"
-        if plot_mean_curves(groups, str(out), metric, title=f"{name}: {metric}"):
+        title = f"{name}: {metric}"
+        if (plot_mean_curve_panels(panels, str(out), metric, title=title) if panels
+                else plot_mean_curves(groups, str(out), metric, title=title)):
             lines.append(f"![{name}: {metric} against rounds]({rel}/{out.name})")
     # detection only means something for attacked runs under a defense that drops uploads
     cfg_of = dict(zip(rep.table.dirs, rep.table.cfgs))

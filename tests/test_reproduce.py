@@ -541,3 +541,20 @@ def test_a_two_way_grid_of_drops_gets_a_grouped_bar_chart(tmp_path):
     nothing = [res(lab, None, n=0) for lab in labels]
     assert reproduce_docs.drop_bars(NS(table=NS(name="n"), results=nothing), tmp_path, "x") == []
     assert not (tmp_path / "n-bars.png").exists()
+
+
+def test_the_curves_of_a_two_way_grid_are_drawn_as_one_panel_per_row_value(tmp_path, monkeypatch):
+    import fedrec.plots
+    from fedrec import reproduce_docs
+
+    groups = {f"defense={d},attacker={a}": [f"{d}-{a}"] for d in ("none", "krum")
+              for a in ("none", "fang", "lie")}
+    del groups["defense=krum,attacker=lie"]  # a cell without runs: no line
+    assert reproduce_docs.curve_panels(groups) == {
+        "none": {"none": ["none-none"], "fang": ["none-fang"], "lie": ["none-lie"]},
+        "krum": {"none": ["krum-none"], "fang": ["krum-fang"]}}
+    assert reproduce_docs.curve_panels({"No attack": ["a"], "Attack": ["b"]}) is None
+    monkeypatch.setattr(fedrec.plots, "mean_curve", lambda dirs, metric: ([1, 2], [0.1, 0.2]))
+    out = tmp_path / "p.png"
+    assert fedrec.plots.plot_mean_curve_panels(reproduce_docs.curve_panels(groups), str(out))
+    assert out.stat().st_size > 1000
