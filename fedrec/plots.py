@@ -20,6 +20,10 @@ def read_curve(run_dir, metric: str):
     return xs, ys
 
 
+# what a run's metric may read: its final evaluation, or `late_mean`
+READOUTS = ("final", "late")
+
+
 def late_mean(run_dir, metric: str, rounds=None):
     """Mean of `metric` over the evaluations at rounds > rounds / 2 (rounds: the run's, else
     its last evaluated round); None without a metrics.csv or such an evaluation."""

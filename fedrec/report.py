@@ -139,9 +139,6 @@ def _attacked(cfg: dict) -> bool:
     return a.get("name", "none") != "none" and float(a.get("malicious_fraction", 0) or 0) > 0
 
 
-READOUTS = ("final", "late")
-
-
 def drop_value(run_dir, summary: dict, metric: str, readout: str = "final"):
     """What a drop reads of one run: its final `metric`, or (readout "late") the mean of its
     evaluations after half its rounds."""
@@ -153,6 +150,8 @@ def drop_value(run_dir, summary: dict, metric: str, readout: str = "final"):
 
 
 def report_rows(paths, metrics=METRICS, readout: str = "final") -> list[dict]:
+    from fedrec.plots import READOUTS
+
     if readout not in READOUTS:
         raise ValueError(f"readout: expected one of {', '.join(READOUTS)}, got {readout!r}")
     runs = []
@@ -162,9 +161,10 @@ def report_rows(paths, metrics=METRICS, readout: str = "final") -> list[dict]:
     clean, base = {}, {}
     for d, s, cfg in runs:
         if not _attacked(cfg) and s.get("status") == "complete":
-            clean[clean_key(cfg)] = (d, s)
+            run = (d, s)  # one object in both maps: `ref0 is not ref` below compares runs
+            clean[clean_key(cfg)] = run
             if _undefended(cfg):
-                base[undefended_key(cfg)] = (d, s)
+                base[undefended_key(cfg)] = run
     rows = []
     for d, s, cfg in runs:
         final = s.get("final", {})

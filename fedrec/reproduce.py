@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedrec.errors import ConfigError, FedRecError
 from fedrec.paper import PaperCell, PaperSpec, parse_paper
+from fedrec.plots import READOUTS
 from fedrec.run_index import archived_runs, computation_digest, shared_runs
 
 __all__ = ["cell_runs", "computation_digest", "load_table", "report_table", "table_names", "table_path"]
@@ -216,9 +217,6 @@ def detection_value(summary: dict, metric: str):
         return det[name]
     step, _, score = name.rpartition("_")
     return (det.get(step) or {}).get(score) if isinstance(det.get(step), dict) else None
-
-
-READOUTS = ("final", "late")
 
 
 def run_value(run_dir, summary: dict, metric: str, readout: str = "final"):
