@@ -141,3 +141,37 @@ def test_common_rows_of_a_strided_stack():
     expect_common, expect_same = common_rows(np.ascontiguousarray(strided))
     np.testing.assert_array_equal(same, expect_same)
     np.testing.assert_array_equal(common, expect_common)
+
+
+@pytest.mark.parametrize("width", [8, 16, 32, 3, 12])
+def test_rows_equal_matches_the_word_by_word_loop(width):
+    """rows_equal (64-bit reads of the comparison booleans where a row has a multiple of 8
+    words) against the obvious loop, on rows that differ from the reference row in a single
+    bit of a single word, at every word position, or not at all."""
+    from strategies.common_rows import rows_equal
+
+    rng = np.random.default_rng(width)
+    n, k = 5, 4 * width + 3
+    row_words = rng.integers(0, 2**63, size=(k, width), dtype=np.uint64)
+    words = np.repeat(row_words[None], n, axis=0)
+    for c in range(n):
+        flip = rng.random(k) < 0.5
+        for i in np.flatnonzero(flip):
+            words[c, i, rng.integers(width)] ^= np.uint64(1) << np.uint64(rng.integers(64))
+    words[1, : width, :] = row_words[:width]  # equal
+    for j in range(width):  # one flipped bit in each word position, the top bit included
+        words[2, j] = row_words[j]
+        words[2, j, j] ^= np.uint64(1) << np.uint64(63 if j % 2 else 0)
+    expect = np.array([[all(words[c, i, j] == row_words[i, j] for j in range(width))
+                        for i in range(k)] for c in range(n)])
+    got = rows_equal(words, row_words)
+    np.testing.assert_array_equal(got, expect)
+    assert got.any() and not got.all()
+    # float32 rows seen as 64-bit words: -0.0 and 0.0, and two NaN payloads, differ in bits
+    a = np.zeros((3, 16), np.float32)
+    b = a.copy()
+    b[1, 15] = -0.0
+    a[2, 0] = np.float32("nan")
+    b[2, 0] = np.uint32(0x7FC00001).view(np.float32)
+    np.testing.assert_array_equal(rows_equal(b.view(np.uint64)[None], a.view(np.uint64)),
+                                  [[True, False, False]])

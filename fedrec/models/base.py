@@ -346,18 +346,25 @@ def client_item_uploads(owner, items, rows, n_clients: int, item_table, weight_d
     kb = np.searchsorted(key_owner, np.arange(n_clients + 1)).tolist()
     out = [(key_item[a:b], item_rows[a:b]) for a, b in zip(kb[:-1], kb[1:])]
     if weight_decay_all:
-        out = [_dense_upload(ids, r, item_table, weight_decay,
+        # wd * V once for the cohort, copied into each client's table: the same bits as each
+        # client multiplying, and a copy writes a table ~2.7x faster than the multiply does
+        # (50 ML-1M tables: 2.9 against 7.9 ms, ~6% of a paper-protocol round)
+        decay_table = np.multiply(item_table, np.float32(weight_decay))
+        out = [_dense_upload(ids, r, decay_table,
                              None if arena is None else arena.take(n_items, r.shape[1]))
                for ids, r in out]
     return out
 
 
-def _dense_upload(ids, rows, item_table, weight_decay: float, out=None):
-    """weight_decay_scope all: wd * V over every row, plus the client's rows where it has some
-    (the table written into out, an (n_items, dim) float32 block, when given)."""
-    full = np.multiply(item_table, np.float32(weight_decay), out=out)
+def _dense_upload(ids, rows, decay_table, out=None):
+    """weight_decay_scope all: wd * V (decay_table) over every row, plus the client's rows
+    where it has some (the table written into out, an (n_items, dim) float32 block, when
+    given)."""
+    full = np.array(decay_table) if out is None else out
+    if out is not None:
+        np.copyto(full, decay_table)
     full[ids] += rows
-    return np.arange(item_table.shape[0]), full
+    return np.arange(decay_table.shape[0]), full
 
 
 def scatter_rows(ids: np.ndarray, rows: np.ndarray):
