@@ -346,3 +346,31 @@ def test_dense_stats_equal_mean_and_std_of_the_dense_updates():
     np.testing.assert_allclose(mean, X.mean(0), atol=1e-6)
     np.testing.assert_allclose(std, X.std(0), atol=1e-6)
     np.testing.assert_allclose(pstats[0][0], pred[0].mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 25, 1 << 15])
+def test_dense_stats_in_blocks_of_updates_are_the_same_bits(block_rows, monkeypatch):
+    """dense_stats adds the updates' rows block by block (whole updates, STATS_BLOCK_ROWS
+    rows at most, an update longer than that alone): the same bits as one sequential sum over
+    every row in upload order, the obvious loop here."""
+    import clients.malicious.base as base
+
+    rng = np.random.default_rng(1)
+    ups = [upd(u, np.sort(rng.choice(40, int(rng.integers(1, 15)), replace=False)),
+               np.zeros((0, 4)), pred=[rng.normal(size=3)]) for u in range(9)]
+    for u in ups:  # values over a wide range, so the order of the float64 sums shows in bits
+        u.item_rows = (rng.normal(size=(len(u.item_ids), 4))
+                       * 10.0 ** rng.integers(-6, 6, size=(len(u.item_ids), 1))).astype(np.float32)
+    monkeypatch.setattr(base, "STATS_BLOCK_ROWS", block_rows)
+    ids, mean, std, _ = base.dense_stats(ups)
+    s1 = np.zeros((len(ids), 4))
+    s2 = np.zeros((len(ids), 4))
+    for u in ups:  # row by row, in upload order
+        for i, row in zip(u.item_ids, u.item_rows.astype(np.float64)):
+            j = np.searchsorted(ids, i)
+            s1[j] += row
+            s2[j] += row * row
+    expect_mean = s1 / len(ups)
+    np.testing.assert_array_equal(mean, expect_mean)
+    np.testing.assert_array_equal(std, np.sqrt(np.maximum(s2 / len(ups) - expect_mean ** 2, 0.0)))
+    assert base._update_blocks([3, 5, 40, 2, 2], 8) == [[0, 1], [2], [3, 4]]
