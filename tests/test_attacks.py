@@ -374,3 +374,28 @@ def test_dense_stats_in_blocks_of_updates_are_the_same_bits(block_rows, monkeypa
     np.testing.assert_array_equal(mean, expect_mean)
     np.testing.assert_array_equal(std, np.sqrt(np.maximum(s2 / len(ups) - expect_mean ** 2, 0.0)))
     assert base._update_blocks([3, 5, 40, 2, 2], 8) == [[0, 1], [2], [3, 4]]
+
+
+def test_dense_stats_of_updates_sending_the_same_ids_take_the_aligned_sums(monkeypatch):
+    """Updates that all send the same sorted ids (dense tables) are summed array by array,
+    without the index: the same bits as the indexed sums, which must not run."""
+    import clients.malicious.base as base
+
+    rng = np.random.default_rng(2)
+    ids = np.array([0, 3, 4, 9, 11])
+    ups = [upd(u, ids.copy(), (rng.normal(size=(5, 4)) * 10.0 ** rng.integers(-6, 6, size=(5, 1)))
+               .astype(np.float32), pred=[rng.normal(size=3)]) for u in range(7)]
+    _, pos = np.unique(np.concatenate([u.item_ids for u in ups]), return_inverse=True)
+    expect = base._indexed_sums([u.item_rows for u in ups], pos, (5, 4))
+
+    def refuse(*args):
+        raise AssertionError("the indexed path ran for aligned updates")
+
+    monkeypatch.setattr(base, "_indexed_sums", refuse)
+    got_ids, mean, std, _ = base.dense_stats(ups)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(mean, expect[0] / 7)
+    np.testing.assert_array_equal(std, np.sqrt(np.maximum(expect[1] / 7 - (expect[0] / 7) ** 2, 0.0)))
+    ups[3].item_ids = np.array([0, 3, 4, 9, 12])  # one differs: the indexed path
+    with pytest.raises(AssertionError, match="indexed path"):
+        base.dense_stats(ups)

@@ -205,27 +205,17 @@ def dense_stats(updates: list):
 
     Same numbers as `dense_updates` then mean/std over axis 0, from per-row sums of x and x^2
     (zeros contribute nothing), without building the (k, R, dim) array."""
-    import torch
-
     k = len(updates)
     all_ids = np.concatenate([u.item_ids for u in updates])
-    ids, pos = np.unique(all_ids, return_inverse=True)
-    index = torch.from_numpy(pos.astype(np.int64))
     dim = updates[0].item_rows.shape[1]
-    s1 = torch.zeros((len(ids), dim), dtype=torch.float64)
-    s2 = torch.zeros_like(s1)
-    # the updates' rows in blocks of whole updates, each added in row order: index_add_ adds
-    # sequentially, so the same sums as over all rows at once, without float64 copies of
-    # every row (a pool of 50 dense ML-1M tables: 2 x 95 MB a round, page-faulted anew)
-    start = 0
-    for block in _update_blocks([len(u.item_ids) for u in updates], STATS_BLOCK_ROWS):
-        rows = torch.from_numpy(np.concatenate([updates[i].item_rows for i in block])
-                                .astype(np.float64))
-        sl = index[start:start + len(rows)]
-        start += len(rows)
-        s1.index_add_(0, sl, rows)
-        s2.index_add_(0, sl, rows.mul_(rows))
-    s1, s2 = s1.numpy(), s2.numpy()
+    first = np.asarray(updates[0].item_ids)
+    if len(all_ids) == k * len(first) and bool(np.all(first[1:] > first[:-1])) \
+            and bool((all_ids.reshape(k, -1) == first).all()):  # the same sorted ids each
+        ids = first.copy()
+        s1, s2 = _aligned_sums([u.item_rows for u in updates], (len(ids), dim))
+    else:
+        ids, pos = np.unique(all_ids, return_inverse=True)
+        s1, s2 = _indexed_sums([u.item_rows for u in updates], pos, (len(ids), dim))
     mean = s1 / k
     std = np.sqrt(np.maximum(s2 / k - mean * mean, 0.0))
     preds = []
@@ -236,6 +226,41 @@ def dense_stats(updates: list):
 
 
 STATS_BLOCK_ROWS = 1 << 15  # rows per block of dense_stats (64 floats: 16 MB in float64)
+
+
+def _aligned_sums(tables: list, shape) -> tuple:
+    """(sum x, sum x^2) in float64 of equally shaped row arrays (every update sends the same
+    ids in order: the dense tables of weight_decay_scope all), added one array after the
+    other: the same sequential sums as index_add_ over the stacked rows, ~3x faster (50
+    ML-1M tables: 28 against 81 ms)."""
+    s1, s2, x = np.zeros(shape), np.zeros(shape), np.empty(shape)
+    for rows in tables:  # one float64 table in cache at a time
+        np.copyto(x, rows)
+        s1 += x
+        x *= x
+        s2 += x
+    return s1, s2
+
+
+def _indexed_sums(row_arrays: list, pos: np.ndarray, shape) -> tuple:
+    """(sum x, sum x^2) in float64 per position pos of the stacked rows. The rows go in
+    blocks of whole updates, each added in row order: index_add_ adds sequentially, so the
+    same sums as over all rows at once, without float64 copies of every row (a pool of 50
+    dense ML-1M tables: 2 x 95 MB a round, page-faulted anew)."""
+    import torch
+
+    index = torch.from_numpy(pos.astype(np.int64))
+    s1 = torch.zeros(shape, dtype=torch.float64)
+    s2 = torch.zeros_like(s1)
+    start = 0
+    for block in _update_blocks([len(r) for r in row_arrays], STATS_BLOCK_ROWS):
+        rows = torch.from_numpy(np.concatenate([row_arrays[i] for i in block])
+                                .astype(np.float64))
+        sl = index[start:start + len(rows)]
+        start += len(rows)
+        s1.index_add_(0, sl, rows)
+        s2.index_add_(0, sl, rows.mul_(rows))
+    return s1.numpy(), s2.numpy()
 
 
 def _update_blocks(lengths, max_rows: int) -> list:
