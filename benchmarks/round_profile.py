@@ -3,6 +3,9 @@
     python benchmarks/round_profile.py                               # ML-1M MF, 50 clients/round
     python benchmarks/round_profile.py --experiment experiments/ml1m-ncf.yaml --rounds 400
     python benchmarks/round_profile.py --set server.rule=krum --top 30
+    python benchmarks/round_profile.py --experiment experiments/paper/clusterattack-figure2.yaml \
+        --run seed=0 --run defense=union+multikrum --run attacker=lie --rounds 40 --warmup 20
+                                        # one run of a grid (benchmarks/run_pick.py)
 
 After a warm-up (the first rounds build every sampled device), a CPU-time timer (SIGPROF,
 `--interval` ms of this process's CPU) samples the Python stack while `--rounds` rounds run in
@@ -27,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # run_pick, this checkout's
 
 
 class StackSampler:
@@ -68,12 +72,13 @@ class StackSampler:
 
 
 def profile(experiment: str, overrides: list, rounds: int, warmup: int, interval_ms: float,
-            top: int) -> dict:
-    from fedrec import config
+            top: int, picks=()) -> dict:
     from fedrec.build import build_env
     from fedrec.engine import Engine
+    from run_pick import load_run
 
-    cfg = config.load_one(ROOT / experiment, overrides + ["eval.every=0", "output.progress=false"])
+    cfg = load_run(ROOT / experiment, overrides + ["eval.every=0", "output.progress=false"],
+                   list(picks))
     eng = Engine(cfg, env=build_env(cfg), progress=False, workers=1)
     try:
         for r in range(1, warmup + 1):
@@ -90,7 +95,8 @@ def profile(experiment: str, overrides: list, rounds: int, warmup: int, interval
     def shares(counter):
         return [{"where": k, "share": round(v / n, 4)} for k, v in counter.most_common(top)]
 
-    return {"experiment": experiment, "overrides": overrides, "rounds": rounds, "warmup": warmup,
+    return {"experiment": experiment, "run": cfg.output.name, "overrides": overrides,
+            "rounds": rounds, "warmup": warmup,
             "load_avg_1min": os.getloadavg()[0], "samples": sampler.samples,
             "interval_ms": interval_ms, "rounds_per_s": rounds / wall,
             "cpu_ms_per_round": 1e3 * cpu / rounds,
@@ -101,13 +107,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="experiments/ml1m-mf.yaml")
     p.add_argument("--set", action="append", default=[], help="a YAML override, KEY=VALUE")
+    p.add_argument("--run", action="append", default=[], metavar="KEY=VALUE",
+                   help="a grid file's run: the one whose labels include every --run given")
     p.add_argument("--rounds", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--interval", type=float, default=0.5, help="ms of CPU time between samples")
     p.add_argument("--top", type=int, default=40, help="entries listed per table")
     args = p.parse_args()
     print(json.dumps(profile(args.experiment, args.set, args.rounds, args.warmup, args.interval,
-                             args.top), indent=1))
+                             args.top, args.run), indent=1))
 
 
 if __name__ == "__main__":

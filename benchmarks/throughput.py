@@ -9,6 +9,11 @@
                                                     # against a bare Flower app (flwr_overhead.py)
     python benchmarks/throughput.py --sasrec        # also ML-1M SASRec rows: CPU (1 and 2
                                                     # workers) and, where torch sees one, a GPU
+    python benchmarks/throughput.py --experiment experiments/paper/clusterattack-figure2.yaml \
+        --run seed=0 --run defense=norm_bound --run attacker=lie --rounds 100 --warmup 30 \
+        --baseline /tmp/fedrec-old --workers 1 --repeat 2
+                                                    # one run of a grid (benchmarks/run_pick.py),
+                                                    # old and new code interleaved
     python benchmarks/throughput.py --ncf --baseline /tmp/fedrec-old --workers 1
                                                     # also ML-1M NCF (FedAttack's setting, 16
                                                     # clients/round); every row also timed on
@@ -34,14 +39,17 @@ from pathlib import Path
 # the checkout whose fedrec is timed: this one, or --baseline's (set for its subprocess)
 ROOT = Path(os.environ.get("FEDREC_BENCH_ROOT", Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # run_pick, this checkout's
 
 
-def measure(experiment: str, overrides: list, rounds: int, warmup: int, workers=None) -> dict:
-    from fedrec import config
+def measure(experiment: str, overrides: list, rounds: int, warmup: int, workers=None,
+            picks=()) -> dict:
     from fedrec.build import build_env
     from fedrec.engine import Engine
+    from run_pick import load_run
 
-    cfg = config.load_one(ROOT / experiment, overrides + ["eval.every=0", "output.progress=false"])
+    cfg = load_run(ROOT / experiment, overrides + ["eval.every=0", "output.progress=false"],
+                   list(picks))
     chosen = workers
     if workers == "auto":  # decided before this process starts any work of its own
         from fedrec.engine import auto_workers
@@ -63,8 +71,8 @@ def measure(experiment: str, overrides: list, rounds: int, warmup: int, workers=
         eng.close()
     import fedrec
 
-    return {"experiment": experiment, "fedrec": str(Path(fedrec.__file__).parents[1]),
-            "overrides": overrides, "workers": eng.workers, "workers_asked": chosen,
+    return {"experiment": experiment, "run": cfg.output.name,
+            "fedrec": str(Path(fedrec.__file__).parents[1]), "overrides": overrides, "workers": eng.workers, "workers_asked": chosen,
             "load_avg_1min": os.getloadavg()[0],
             "rounds": rounds, "rounds_per_s": rounds / dt, "ms_per_round": 1e3 * dt / rounds,
             # CPU time of this process and its workers: on a shared machine the wall time
@@ -85,12 +93,14 @@ def cpu_seconds(pids) -> float:
     return total
 
 
-def measure_at(root, experiment: str, overrides: list, rounds: int, warmup: int, workers=None) -> dict:
+def measure_at(root, experiment: str, overrides: list, rounds: int, warmup: int, workers=None,
+               picks=()) -> dict:
     """`measure` here (root None) or, in a subprocess, with fedrec imported from checkout `root`."""
     if root is None:
-        return {**measure(experiment, overrides, rounds, warmup, workers), "code": "this"}
+        return {**measure(experiment, overrides, rounds, warmup, workers, picks), "code": "this"}
     cmd = [sys.executable, __file__, "--experiment", experiment, "--rounds", str(rounds),
-           "--warmup", str(warmup)] + [a for o in overrides for a in ("--set", o)]
+           "--warmup", str(warmup)] + [a for o in overrides for a in ("--set", o)] + \
+        [a for o in picks for a in ("--run", o)]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
@@ -167,6 +177,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--experiment", default="experiments/ml1m-mf.yaml")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--run", action="append", default=[], metavar="KEY=VALUE",
+                   help="a grid file's run: the one whose labels include every --run given "
+                        "(benchmarks/run_pick.py)")
     p.add_argument("--rounds", type=int, default=600)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--repeat", type=int, default=1, help="measure the same setting N times")
@@ -195,7 +208,7 @@ def main():
         for w in args.workers or [None]:
             for root in roots:
                 out["in_process"].append(measure_at(root, args.experiment, args.set, args.rounds,
-                                                    args.warmup, w))
+                                                    args.warmup, w, args.run))
     if args.ncf:
         out["ncf"] = ncf_rows(args.ncf_rounds, args.ncf_warmup, args.repeat, args.set,
                               args.workers, args.baseline)

@@ -70,3 +70,28 @@ def test_benchmarks_give_a_one_line_error_on_a_bad_experiment(tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"benchmarks/{script}: error: "), lines
+
+
+def test_a_grid_run_picked_by_its_labels(tmp_path, monkeypatch):
+    """--run KEY=VALUE picks one run of a grid file (benchmarks/run_pick.py): the profile
+    runs that run's config; labels that match none or several runs are a one-line error."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path))
+    exp = tmp_path / "grid.yaml"
+    exp.write_text("name: g\ndata:\n  dataset: synthetic\n  synthetic: {n_users: 120, n_items: 200, "
+                   f"mean_history: 12}}\n  cache_dir: {tmp_path}\nmodel: {{dim: 8}}\n"
+                   "train: {rounds: 20, clients_per_round: 8}\n"
+                   "grid:\n  seed: [0, 1]\n  rule:\n    - {label: mean}\n"
+                   "    - {label: median, server.rule: median}\n")
+    out = round_profile.profile(str(exp), [], rounds=5, warmup=1, interval_ms=0.5, top=400,
+                                picks=["seed=1", "rule=median"])
+    assert out["run"].startswith("g[seed=1,rule=median]") and out["rounds_per_s"] > 0
+    for picks in (["rule=median"], ["rule=krum"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "round_profile.py"),
+                               "--experiment", str(exp)] + [a for p in picks for a in ("--run", p)],
+                              capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert f"matches {2 if picks == ['rule=median'] else 0} of its 4 runs" in lines[0]
