@@ -54,6 +54,9 @@ class Engine:
         configure_threads()
         self.cfg = cfg
         self.env = env or build_env(cfg)
+        from fedrec.runtime import configure_memory, round_upload_bytes
+
+        configure_memory(round_upload_bytes(cfg, self.env.data))  # big rounds: a bigger heap
         self.strategy = build_strategy(cfg, self.env, extra_steps=extra_steps)
         from fedrec.adversary import make_adversary
 

@@ -25,8 +25,10 @@ VARIABLES = {
     "FEDREC_SAVE_MODEL": "1: a Flower run also saves its final global arrays to model.npz",
     "FEDREC_RUNS_RELATIVE_TO_YAML": "1: a relative output.dir is taken from the YAML's folder",
     "FEDREC_MALLOC_MB": "glibc's malloc: blocks up to this many MB come from the heap, and up "
-                        "to twice that of freed heap memory is kept for reuse (default 64; 0 = "
-                        "glibc's own policy, which maps and unmaps every block over 32 MB)",
+                        "to twice that of freed heap memory is kept for reuse (default 64, or "
+                        "when unset 4x a round's upload bytes where that is more, the heap "
+                        "then never trimmed; 0 = glibc's own policy, which maps and unmaps "
+                        "every block over 32 MB)",
     "FEDREC_ARCHIVE": "the results archive of `fedrec archive` and `fedrec reproduce` (default "
                       "results/ at the project root)",
 }
@@ -70,6 +72,11 @@ def blas_threads() -> int:
 
 def malloc_mb() -> int:
     return _int("FEDREC_MALLOC_MB", 64, 0)
+
+
+def malloc_mb_given() -> bool:
+    """Whether FEDREC_MALLOC_MB is set (then its value holds whatever a round needs)."""
+    return bool(_raw("FEDREC_MALLOC_MB"))
 
 
 def archive_dir() -> Path | None:
