@@ -46,6 +46,7 @@ def configure_threads():
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MALLOPT_MAX = 2**31 - 1  # mallopt's int argument
 
 
 def round_upload_bytes(cfg, data) -> int:
@@ -97,16 +98,14 @@ def configure_memory(round_bytes: int = 0) -> bool:
     if not environment.malloc_mb_given() and 4 * int(round_bytes) > limit:
         # rounds whose uploads (with their float64 copies and what goes with them: 4x)
         # outgrow the default: every client of ML-1M in a round (Spattack's protocol, ~500 MB
-        # of rows) faulted in ~41,000 fresh pages a round, a third of its CPU time. Such a
+        # of rows) faulted in ~45,000 fresh pages a round, a third of its CPU time. Such a
         # round frees more at once than a trim threshold that fits mallopt's int, so the
-        # heap is never trimmed there (-1): the process keeps its peak (4.3 -> 2.9 s a round)
+        # heap is never trimmed there (-1): the process keeps its peak (4.2 -> 2.8 s a round)
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         limit = min(4 * int(round_bytes), MALLOPT_MAX // 2, ram // 4)
         trim = -1
     return bool(libc.mallopt(M_MMAP_THRESHOLD, limit) and libc.mallopt(M_TRIM_THRESHOLD, trim))
 
-
-MALLOPT_MAX = 2**31 - 1  # mallopt's int argument
 
 
 def resolve_device(name: str, key: str = "model.device"):

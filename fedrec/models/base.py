@@ -360,8 +360,10 @@ def _dense_upload(ids, rows, decay_table, out=None):
     """weight_decay_scope all: wd * V (decay_table) over every row, plus the client's rows
     where it has some (the table written into out, an (n_items, dim) float32 block, when
     given)."""
-    full = np.array(decay_table) if out is None else out
-    if out is not None:
+    if out is None:
+        full = decay_table.copy()
+    else:
+        full = out
         np.copyto(full, decay_table)
     full[ids] += rows
     return np.arange(decay_table.shape[0]), full
