@@ -34,15 +34,18 @@ def checkpoint_path(run_dir) -> Path:
 
 
 def save_checkpoint(run_dir, digest: str, round_done: int, state: dict,
-                    wall_time_s: float | None = None) -> int:
-    """Write the checkpoint atomically; returns its size in bytes. wall_time_s: the run's
-    wall time up to this checkpoint (all its segments), which a resumed run adds to its own."""
+                    wall_time_s: float | None = None, cpu_time_s: float | None = None) -> int:
+    """Write the checkpoint atomically; returns its size in bytes. wall_time_s, cpu_time_s:
+    the run's wall time and CPU seconds up to this checkpoint (all its segments), which a
+    resumed run adds to its own."""
     path = checkpoint_path(run_dir)
     tmp = path.with_name(path.name + ".tmp")
     payload = {"magic": MAGIC, "version": VERSION, "digest": digest, "round": int(round_done),
                "state": state}
     if wall_time_s is not None:
         payload["wall_time_s"] = float(wall_time_s)
+    if cpu_time_s is not None:
+        payload["cpu_time_s"] = float(cpu_time_s)
     with open(tmp, "wb") as f:
         pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
         f.flush()

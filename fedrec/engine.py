@@ -117,6 +117,14 @@ class Engine:
             self._pool = WorkerPool(self.host, self.workers, arena).start()
         return self._pool
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds of this process, its reaped children and the live workers, so far
+        (fedrec.cputime): the run's CPU is the difference of two readings."""
+        from fedrec.cputime import process_cpu_seconds
+
+        live = 0.0 if self._pool is None else self._pool.live_cpu_seconds()
+        return process_cpu_seconds() + live
+
     def close(self):
         """Stop the worker processes (if any)."""
         if self._pool is not None:
@@ -384,7 +392,10 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
     # a resumed run counts the wall time of its earlier segments (kept in the checkpoint); an
     # attack continuing a shared clean pretraining does not (that run has its own summary)
     prior = saved.get("wall_time_s", 0.0) if saved is not None and pretrained is None else 0.0
-    recorder = RunRecorder(cfg, run_dir, runner="engine", resume_round=resume, prior_wall_s=prior)
+    # the same for its CPU seconds; None where the checkpoint predates them (unknown)
+    prior_cpu = (saved.get("cpu_time_s") if saved is not None and pretrained is None else 0.0)
+    recorder = RunRecorder(cfg, run_dir, runner="engine", resume_round=resume, prior_wall_s=prior,
+                           prior_cpu_s=prior_cpu, cpu_clock=engine.cpu_seconds)
     engine.ledger.recorder = recorder
     recorder.extra["data"] = engine.env.data.summary()
     if cfg.attack.target != "none":
@@ -398,7 +409,7 @@ def run_experiment(cfg, output_root=None, progress=None, force=False) -> dict:
     def save(state):
         recorder.flush()  # every row up to the checkpoint is on disk before it
         size = save_checkpoint(run_dir, cfg.digest(), state["round"], state,
-                               wall_time_s=recorder.elapsed())
+                               wall_time_s=recorder.elapsed(), cpu_time_s=recorder.cpu_elapsed())
         recorder.extra["checkpoint_bytes"] = size
 
     try:

@@ -305,6 +305,13 @@ class WorkerPool:
     def alive(self) -> bool:
         return bool(self.procs)
 
+    def live_cpu_seconds(self) -> float:
+        """CPU seconds of the workers not yet reaped (once closed and joined, they count in
+        this process's RUSAGE_CHILDREN instead: fedrec.cputime)."""
+        from fedrec.cputime import pid_cpu_seconds
+
+        return sum(pid_cpu_seconds(p.pid) for p in self.procs if p.exitcode is None)
+
     # --- requests -------------------------------------------------------------------------
     def _exchange(self, requests: dict) -> dict:
         """Send {worker: message}, wait for every reply; {worker: reply}. Raises WorkerError."""

@@ -204,6 +204,7 @@ def report_rows(paths, metrics=METRICS, readout: str = "final") -> list[dict]:
                     row[key] = kl
         row["invalid_uploads"] = s.get("invalid_uploads_total")
         row["wall_time_s"] = s.get("wall_time_s")
+        row["cpu_time_s"] = s.get("cpu_time_s", s.get("server_cpu_time_s"))
         row["_setting"] = setting_key(cfg)
         rows.append(row)
     return rows
@@ -252,12 +253,12 @@ def seed_summary(rows) -> list[dict]:
     for rs in groups.values():
         row = {"setting": rs[0]["setting"], "seeds": len(rs)}
         for k in [*METRICS[:3], "test_er@5", "er_auc", "er95_round", "upload_kl", "mean_upload_kl", "drop_hr@5%", "drop_ndcg@5%", "drop_hr@10%", "drop0_hr@5%", "drop0_ndcg@5%",
-                  *DETECTION, "wall_time_s"]:
+                  *DETECTION, "wall_time_s", "cpu_time_s"]:
             m, sd = mean_std(r.get(k) for r in rs)
             if m is None:
                 continue
-            row[k] = f"{m:.4f} ± {sd:.4f}" if "drop" not in k and k != "wall_time_s" else \
-                f"{m:.1f} ± {sd:.1f}"
+            row[k] = f"{m:.4f} ± {sd:.4f}" if "drop" not in k and not k.endswith("time_s") \
+                else f"{m:.1f} ± {sd:.1f}"
         out.append(row)
     return sorted(out, key=lambda r: r["setting"])
 

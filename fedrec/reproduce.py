@@ -71,6 +71,8 @@ class CellResult:
     wall_mean: float | None
     wall_std: float | None
     by_seed: dict = field(default_factory=dict)  # seed -> the value of that seed's run
+    cpu_mean: float | None = None  # CPU seconds a run, over the runs that record it
+    cpu_std: float | None = None
 
     @property
     def passed(self) -> bool | None:
@@ -251,15 +253,23 @@ def whole_run_wall(summary: dict):
     return summary.get("wall_time_s")
 
 
+def whole_run_cpu(summary: dict):
+    """A run's CPU seconds (`cpu_time_s`: all its segments), or None where its summary does
+    not record them (runs finished before CPU time was kept, or resumed from a checkpoint
+    written before then)."""
+    return summary.get("cpu_time_s")
+
+
 def cell_result(cell: Cell, done: dict, readout: str = "final") -> CellResult:
     from fedrec.report import mean_std
 
     cs = cell.spec
-    values, walls, by_seed = [], [], {}
+    values, walls, cpus, by_seed = [], [], [], {}
     for d, ref in zip(cell.dirs, cell.refs):
         if d not in done:
             continue
         walls.append(whole_run_wall(done[d]))
+        cpus.append(whole_run_cpu(done[d]))
         v = run_value(d, done[d], cs.metric, readout)
         value = None
         if cs.compare == "value":
@@ -273,6 +283,7 @@ def cell_result(cell: Cell, done: dict, readout: str = "final") -> CellResult:
             by_seed[done[d].get("seed", f"run {len(by_seed)}")] = value
     mean, std = mean_std(values)
     wall_mean, wall_std = mean_std(walls)
+    cpu_mean, cpu_std = mean_std(cpus)
     checks = []
     if mean is not None:
         if cs.published is not None and cs.tolerance is not None:
@@ -282,7 +293,7 @@ def cell_result(cell: Cell, done: dict, readout: str = "final") -> CellResult:
         if cs.at_most is not None:
             checks.append((f"≤ {cs.at_most:g}", mean <= cs.at_most))
     return CellResult(cs.label, cs.metric, cs.compare, len(values), len(cell.dirs), mean, std,
-                      cs.published, checks, wall_mean, wall_std, by_seed)
+                      cs.published, checks, wall_mean, wall_std, by_seed, cpu_mean, cpu_std)
 
 
 def paired_difference(a: CellResult, b: CellResult):
@@ -370,6 +381,11 @@ class TableReport:
     def wall_total(self) -> float:
         """Summed wall time of the complete runs whose whole wall time is known."""
         return sum(whole_run_wall(s) or 0.0 for s in self.done.values())
+
+    @property
+    def cpu_runs(self) -> list:
+        """CPU seconds of the complete runs that record them."""
+        return [c for c in map(whole_run_cpu, self.done.values()) if c is not None]
 
     @property
     def wall_unknown(self) -> int:

@@ -27,8 +27,11 @@ def _metric_name(r: CellResult) -> str:
 
 def format_report(rep: TableReport) -> str:
     """The table in markdown: ours beside the paper's, cell by cell, then the order checks."""
+    # CPU seconds a run (steadier than wall time under load or pauses), where runs record them
+    cpu = any(r.cpu_mean is not None for r in rep.results)
     lines = ["| cell | metric | ours (mean ± std) | seeds | paper | ours − paper | check "
-             "| wall s/run |", "|---|---|---|---|---|---|---|---|"]
+             "| wall s/run |" + (" CPU s/run |" if cpu else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if cpu else "")]
     for r in rep.results:
         ours = ("not run" if r.mean is None
                 else f"{format_cell_value(r, r.mean)} ± {format_cell_value(r, r.std)}")
@@ -36,8 +39,10 @@ def format_report(rep: TableReport) -> str:
                 else format_cell_value(r, r.mean - r.published))
         check = " ".join(f"{'✓' if ok else '✗'} {t}" for t, ok in r.checks)
         wall = "" if r.wall_mean is None else f"{r.wall_mean:.1f} ± {r.wall_std:.1f}"
+        cpu_cell = "" if not cpu else (
+            " |" if r.cpu_mean is None else f" {r.cpu_mean:.1f} ± {r.cpu_std:.1f} |")
         lines.append(f"| {r.label} | {_metric_name(r)} | {ours} | {r.n}/{r.expected} | "
-                     f"{_fmt_published(r)} | {diff} | {check} | {wall} |")
+                     f"{_fmt_published(r)} | {diff} | {check} | {wall} |{cpu_cell}")
     if rep.orders:
         lines.append("")
     for text, holds in rep.orders:
@@ -62,6 +67,11 @@ def format_heading(rep: TableReport) -> str:
                f"({len(rep.done) - unknown} runs" + (
                    f"; {unknown} more resumed before wall times spanned a resume, left out"
                    if unknown else "") + ")")
+    cpus = rep.cpu_runs
+    if cpus:
+        out.append(f"CPU time of the complete runs that record it: {sum(cpus) / 60:.1f} min "
+                   f"({len(cpus)} runs; a steadier cost than wall time, which counts waits "
+                   "for a core and pauses)")
     if rep.table.shared:
         tables = sorted({Path(d).parent.name for d in rep.table.shared.values()})
         out.append(f"shared: {len(rep.table.shared)} runs are another table's identical runs "

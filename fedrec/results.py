@@ -79,18 +79,31 @@ class RunRecorder:
     """Receives per-round metrics from the strategy and writes the run directory."""
 
     def __init__(self, cfg, run_dir: Path, runner: str, resume_round: int | None = None,
-                 prior_wall_s: float = 0.0):
+                 prior_wall_s: float = 0.0, prior_cpu_s: float | None = 0.0, cpu_clock=None,
+                 cpu_key: str = "cpu_time_s"):
         """resume_round: continue a run checkpointed after that round: metrics.csv keeps its
         rows up to it (later ones, written before the run stopped, are dropped) and new rows
         are appended. prior_wall_s: the wall time of the earlier segments up to that
         checkpoint (its `wall_time_s`), counted into this run's: a resumed run's summary
-        gives the time of all the work it kept, not of its last segment alone."""
+        gives the time of all the work it kept, not of its last segment alone.
+        cpu_clock: a callable giving the CPU seconds of the run's processes so far
+        (fedrec.cputime; default: this process and its reaped children); the summary's
+        `cpu_time_s` is its difference over the run plus prior_cpu_s, the earlier segments'
+        (None: unknown, e.g. a checkpoint written before CPU time was kept, and then only
+        `cpu_time_segment_s` is given). cpu_key: the summary's name for it
+        (`server_cpu_time_s` under Flower, whose clients run in other processes or machines)."""
+        from fedrec.cputime import process_cpu_seconds
+
         self.cfg = cfg
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.runner = runner
         self.start = time.time()
         self.prior_wall_s = float(prior_wall_s or 0.0)
+        self.cpu_clock = cpu_clock or process_cpu_seconds
+        self.cpu_start = self.cpu_clock()
+        self.prior_cpu_s = None if prior_cpu_s is None else float(prior_cpu_s)
+        self.cpu_key = cpu_key
         self.rows: dict[int, dict] = {}
         self.final: dict = {}
         self.latest: dict = {}
@@ -164,6 +177,14 @@ class RunRecorder:
         """Wall seconds of the run so far: the earlier segments' (prior_wall_s) and this one's."""
         return self.prior_wall_s + (time.time() - self.start)
 
+    def cpu_segment(self) -> float:
+        """CPU seconds of this segment of the run so far."""
+        return max(0.0, self.cpu_clock() - self.cpu_start)
+
+    def cpu_elapsed(self) -> float | None:
+        """CPU seconds of the run so far, earlier segments included; None where unknown."""
+        return None if self.prior_cpu_s is None else self.prior_cpu_s + self.cpu_segment()
+
     def finish(self, status="complete", **extra) -> dict:
         self.flush()
         self._csv.close()
@@ -171,6 +192,11 @@ class RunRecorder:
         timing = {"wall_time_s": round(self.prior_wall_s + segment, 3)}
         if self.prior_wall_s:
             timing["wall_time_segment_s"] = round(segment, 3)
+        cpu_segment = self.cpu_segment()
+        if self.prior_cpu_s is not None:
+            timing[self.cpu_key] = round(self.prior_cpu_s + cpu_segment, 3)
+        if self.prior_cpu_s != 0.0:
+            timing[self.cpu_key.removesuffix("_s") + "_segment_s"] = round(cpu_segment, 3)
         summary = {
             "name": self.cfg.name, "status": status, "runner": self.runner, "seed": self.cfg.seed,
             "rounds": self.cfg.train.rounds, **timing,

@@ -309,7 +309,11 @@ class FlowerRun:
         self.recorder = RunRecorder(cfg, run_dir, runner="flwr",
                                     resume_round=None if saved is None else saved["round"],
                                     prior_wall_s=0.0 if saved is None
-                                    else saved.get("wall_time_s", 0.0))
+                                    else saved.get("wall_time_s", 0.0),
+                                    # this process's CPU: the clients run in other ones
+                                    prior_cpu_s=0.0 if saved is None
+                                    else saved.get("cpu_time_s"),
+                                    cpu_key="server_cpu_time_s")
         self.recorder.extra.update(data=env.data.summary(), experiment=str(path),
                                    overrides=overrides)
         self.timer = RoundTimer()
@@ -358,7 +362,8 @@ class FlowerRun:
     def save_checkpoint(self, round_done: int):
         self.recorder.flush()  # every row up to the checkpoint is on disk before it
         save_checkpoint(self.recorder.dir, self.cfg.digest(), round_done,
-                        self.state_dict(round_done), wall_time_s=self.recorder.elapsed())
+                        self.state_dict(round_done), wall_time_s=self.recorder.elapsed(),
+                        cpu_time_s=self.recorder.cpu_elapsed())
 
     def execute(self, grid) -> dict:
         from flwr.server.compat import start_grid

@@ -84,13 +84,17 @@ def test_an_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch, worke
     assert json.loads((cut_dir / "summary.json").read_text())["status"] == "interrupted"
     assert load_checkpoint(cut_dir, cfg.digest())["round"] == 21
     before = load_checkpoint(cut_dir, cfg.digest())["wall_time_s"]  # rounds 1-21's wall time
-    assert before > 0
+    before_cpu = load_checkpoint(cut_dir, cfg.digest())["cpu_time_s"]  # and their CPU seconds
+    assert before > 0 and before_cpu > 0
     monkeypatch.setattr(Capture, "run_round", real)
     resumed = run("cut")
     assert resumed["resumed_from_round"] == 21 and resumed["status"] == "complete"
     # the summary's wall time is both segments' (the work kept), not the last one's alone
     assert resumed["wall_time_s"] == pytest.approx(before + resumed["wall_time_segment_s"],
                                                    abs=2e-3)
+    assert resumed["cpu_time_s"] == pytest.approx(before_cpu + resumed["cpu_time_segment_s"],
+                                                  abs=2e-3)
+    assert 0 < resumed["cpu_time_segment_s"] < resumed["cpu_time_s"]
     assert resumed["final"] == full["final"]
     assert resumed["invalid_uploads"] == full["invalid_uploads"]
     assert resumed["detection"] == full["detection"]
@@ -101,7 +105,8 @@ def test_an_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch, worke
     # --force starts again from round 1
     again = run("cut", force=True)
     assert "resumed_from_round" not in again and again["final"] == full["final"]
-    assert "wall_time_segment_s" not in again
+    assert "wall_time_segment_s" not in again and "cpu_time_segment_s" not in again
+    assert again["cpu_time_s"] > 0
 
 
 def _experiment(tmp_path, rounds, every, grid=None):

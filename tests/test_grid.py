@@ -13,7 +13,7 @@ from fedrec.cli import main
 from fedrec.grid import GridProgress, eta_seconds, progress_text
 
 # columns that measure time, not results
-TIMING = {"seconds", "round_seconds", "fit_seconds", "eval_seconds", "wall_time_s"}
+TIMING = {"seconds", "round_seconds", "fit_seconds", "eval_seconds", "wall_time_s", "cpu_time_s"}
 
 
 def grid_yaml(tmp_path: Path, grid="  seed: [0, 1]\n  server.lr: [0.01, 0.02]\n", extra="") -> Path:
