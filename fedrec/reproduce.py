@@ -368,7 +368,11 @@ class TableReport:
                     if r.passed is not None and r.n == r.expected]
             so_far = (f"; complete cells: {sum(full)} of {len(full)} checks pass" if full
                       else "")
-            return f"partial ({k} of {n} runs{begun}{so_far})"
+            hours = self.hours_left()
+            left = "" if hours is None else (
+                f"; ~{hours:.1f} run-hours left" if hours >= 1
+                else f"; ~{max(1, round(60 * hours))} run-minutes left")
+            return f"partial ({k} of {n} runs{begun}{left}{so_far})"
         marks = [r.passed for r in self.results if r.passed is not None]
         marks += [h for _, h in self.orders if h is not None]
         if not marks:
@@ -381,6 +385,24 @@ class TableReport:
     def wall_total(self) -> float:
         """Summed wall time of the complete runs whose whole wall time is known."""
         return sum(whole_run_wall(s) or 0.0 for s in self.done.values())
+
+    def hours_left(self) -> float | None:
+        """Estimated run-hours of the runs not complete (one process each: divide by --jobs),
+        each at the mean whole wall time of its cell's complete runs, or of the table's where
+        its cell has none (the clean reference runs, a cell not begun); None while no run
+        with a known wall time is complete. A resumed run's checkpoint is not counted off."""
+        known = {d: whole_run_wall(s) for d, s in self.done.items()}
+        known = {d: w for d, w in known.items() if w is not None}
+        if not known:
+            return None
+        overall = sum(known.values()) / len(known)
+        estimate = {}
+        for cell in self.table.cells:
+            walls = [known[d] for d in cell.dirs if d in known]
+            for d in cell.dirs:
+                estimate.setdefault(d, sum(walls) / len(walls) if walls else overall)
+        left = [d for d in set(self.table.dirs) if d not in self.done]
+        return sum(estimate.get(d, overall) for d in left) / 3600.0
 
     @property
     def cpu_runs(self) -> list:

@@ -177,7 +177,8 @@ def test_list_states(ran, capsys):
     lines = capsys.readouterr().out.splitlines()
     states = {line.split()[0]: line.split("runs", 1)[1].strip() for line in lines}
     assert states["a-not-run"] == "not run"
-    assert states["b-partial"] == "partial (6 of 9 runs)"
+    # the 3 runs left at the complete runs' pace (a fraction of a second each here)
+    assert states["b-partial"] == "partial (6 of 9 runs; ~1 run-minutes left)"
     assert states["c-done"].startswith("done (")
     assert states["d-passing"] == "passing (2 of 2 checks)"
     assert states["e-unsupported"] == "unsupported: no data"
@@ -195,7 +196,7 @@ def test_list_states(ran, capsys):
         lines = capsys.readouterr().out.splitlines()
         states = {line.split()[0]: line.split("runs", 1)[1].strip() for line in lines}
         assert states["a-not-run"] == "not run (1 started)"
-        assert states["b-partial"] == "partial (6 of 9 runs, 1 started)"
+        assert states["b-partial"] == "partial (6 of 9 runs, 1 started; ~1 run-minutes left)"
     finally:
         for d in started:
             d.rmdir()
@@ -491,7 +492,8 @@ def test_cells_runs_only_the_runs_behind_the_named_cells(tmp_path, capsys):
     # far from the published 1.0, fails; LabelFlip's generous bounds hold; Gaussian: no runs)
     assert main(["reproduce", "--list", "--tables", str(tables)]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.endswith("partial (4 of 6 runs; complete cells: 1 of 2 checks pass)"), line
+    assert line.endswith("partial (4 of 6 runs; ~1 run-minutes left; "
+                         "complete cells: 1 of 2 checks pass)"), line
     with pytest.raises(ConfigError, match=r"--cells 'Fang': no cell of tiny .*cells: clean; Gaussian; LabelFlip"):
         cell_runs(table, ["Fang"])
 
@@ -558,3 +560,26 @@ def test_the_curves_of_a_two_way_grid_are_drawn_as_one_panel_per_row_value(tmp_p
     out = tmp_path / "p.png"
     assert fedrec.plots.plot_mean_curve_panels(reproduce_docs.curve_panels(groups), str(out))
     assert out.stat().st_size > 1000
+
+
+def test_hours_left_takes_each_runs_cell_pace_else_the_tables():
+    """Runs not complete are estimated at their cell's mean whole wall time (a UNION cell is
+    slower than a median one), the others (clean references, cells not begun) at the mean of
+    every complete run; a wall time known to cover only a last stretch is not used."""
+    from types import SimpleNamespace
+
+    from fedrec.reproduce import TableReport
+
+    slow, fast, new = (SimpleNamespace(dirs=dirs) for dirs in
+                       (["s0", "s1", "s2"], ["f0", "f1", "f2"], ["n0", "n1"]))
+    table = SimpleNamespace(cells=[slow, fast, new],
+                            dirs=["s0", "s1", "s2", "f0", "f1", "f2", "n0", "n1", "ref1"])
+    done = {"s0": {"wall_time_s": 3600.0}, "s1": {"wall_time_s": 5400.0},
+            "f0": {"wall_time_s": 360.0},
+            "f1": {"wall_time_s": 20.0, "resumed_from_round": 900}}  # a last stretch: unknown
+    rep = TableReport(table, [], [], done)
+    overall = (3600 + 5400 + 360) / 3
+    # s2 at its cell's 4,500 s; f2 at 360 s (f1's wall is unknown, yet f1 is complete);
+    # n0, n1 and the reference at the table's mean
+    assert rep.hours_left() == pytest.approx((4500 + 360 + 3 * overall) / 3600)
+    assert TableReport(table, [], [], {"f1": done["f1"]}).hours_left() is None
