@@ -29,6 +29,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def needed_distances(ids, owner, sampled, n_clients: int):
+    """(U, K, distances) for one round: U distinct sampled items, K the (client, sampled
+    item) rows uploaded, and the distances the statistic computes beyond the common ones:
+    sum_c K_c (U - K_c) (client c's rows against the sampled rows it did not send) +
+    K_c^2 // 2 (its rows against each other)."""
+    own = np.bincount(owner[np.isin(ids, sampled)], minlength=n_clients)
+    U = len(sampled)
+    return U, int(own.sum()), int((own * (U - own)).sum() + (own * own).sum() // 2)
+
+
 def main():
     from aggregation import TARGET, record_rounds
 
@@ -61,8 +71,7 @@ def main():
     for u in rounds:
         ids, _, owner = u.stacked
         sampled = np.unique(rng.integers(0, u.n_items, s))
-        own = np.bincount(owner[np.isin(ids, sampled)], minlength=len(u))
-        U, K = len(sampled), int(own.sum())
+        U, K, needed = needed_distances(ids, owner, sampled, len(u))
         left = rng.standard_normal((K, u.dim + 2))
         right = rng.standard_normal((u.dim + 2, U))
         times = []
@@ -70,7 +79,6 @@ def main():
             t0 = time.perf_counter()
             np.sqrt(np.abs(left @ right))
             times.append(1e3 * (time.perf_counter() - t0))
-        needed = int((own * (U - own)).sum() + (own * own).sum() // 2)
         out.append({"round": int(u.server_round), "distinct_sampled": U, "own_rows": K,
                     "distances": needed, "product_and_roots_ms": round(min(times), 3),
                     # the K x U product computes more distances than needed (a client's

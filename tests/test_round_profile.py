@@ -3,6 +3,8 @@
 import time
 from pathlib import Path
 
+import numpy as np
+
 from conftest import load_file_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +65,7 @@ def test_benchmarks_give_a_one_line_error_on_a_bad_experiment(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("name: g\ndata: {dataset: synthetic}\ngrid:\n  seed: [0, 1]\n")
     for script, bad in (("round_profile.py", grid), ("throughput.py", tmp_path / "none.yaml"),
-                        ("aggregation.py", grid)):
+                        ("aggregation.py", grid), ("union_floor.py", grid)):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script),
                                "--experiment", str(bad)], capture_output=True, text=True,
                               timeout=120)
@@ -95,3 +97,14 @@ def test_a_grid_run_picked_by_its_labels(tmp_path, monkeypatch):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert f"matches {2 if picks == ['rule=median'] else 0} of its 4 runs" in lines[0]
+
+
+def test_union_floor_counts_the_distances_a_client_adds():
+    """Client 0 sent sampled items 2 and 5 (and the unsampled 7), client 1 item 5, client 2
+    none of them: with U = 4 sampled items, 2 x 2 + 2 x 2 // 2 and 1 x 3 + 0 distances."""
+    union_floor = load_file_module("benchmarks/union_floor.py")
+    ids = np.array([2, 5, 7, 5, 7])
+    owner = np.array([0, 0, 0, 1, 2])
+    U, K, needed = union_floor.needed_distances(ids, owner, np.array([1, 2, 5, 9]), 3)
+    assert (U, K) == (4, 3)
+    assert needed == (2 * 2 + 2) + (1 * 3 + 0)
