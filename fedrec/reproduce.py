@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,6 +254,31 @@ def whole_run_wall(summary: dict):
     return summary.get("wall_time_s")
 
 
+def cost_signature(cfg) -> str:
+    """What sets a run's cost: its config but for the seed, the attack and the names
+    (a Figure 2 UNION run costs what Table 3's run of the same defense costs)."""
+    import json
+
+    d = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    return json.dumps({k: v for k, v in d.items() if k not in ("name", "seed", "attack", "output")},
+                      sort_keys=True, default=str)
+
+
+def run_pace(reports) -> dict:
+    """cost_signature -> whole wall times of the complete runs of `reports` (each run once,
+    though tables share runs), for TableReport.pace."""
+    pace: dict = {}
+    seen = set()
+    for rep in reports:
+        for d, cfg in zip(rep.table.dirs, rep.table.cfgs):
+            wall = whole_run_wall(rep.done[d]) if d in rep.done else None
+            if wall is None or d in seen:
+                continue
+            seen.add(d)
+            pace.setdefault(cost_signature(cfg), []).append(wall)
+    return pace
+
+
 def whole_run_cpu(summary: dict):
     """A run's CPU seconds (`cpu_time_s`: all its segments), or None where its summary does
     not record them (runs finished before CPU time was kept, or resumed from a checkpoint
@@ -350,6 +376,9 @@ class TableReport:
     orders: list
     done: dict  # complete runs' summaries
     readout: str = "final"
+    # cost_signature -> whole wall times of complete runs of that cost in any table
+    # (`run_pace`); hours_left's estimate for a cell not begun here
+    pace: dict = field(default_factory=dict)
 
     @property
     def state(self) -> str:
@@ -387,21 +416,33 @@ class TableReport:
         return sum(whole_run_wall(s) or 0.0 for s in self.done.values())
 
     def hours_left(self) -> float | None:
-        """Estimated run-hours of the runs not complete (one process each: divide by --jobs),
-        each at the mean whole wall time of its cell's complete runs, or of the table's where
-        its cell has none (the clean reference runs, a cell not begun); None while no run
-        with a known wall time is complete. A resumed run's checkpoint is not counted off."""
+        """Estimated run-hours of the runs not complete (one process each: divide by --jobs).
+        Each run is taken at the median whole wall time (a run paused, or slowed beside
+        other jobs, does not carry the estimate) of, in this order: its cell's complete
+        runs; the complete runs of the same cost (`cost_signature`: the same config but for
+        the seed and the attack) in every table (`pace`, from load_reports) or else in this
+        one; the table's complete runs (a cell of a new kind). None while no run with a
+        known wall time is complete. A resumed run's checkpoint is not counted off."""
         known = {d: whole_run_wall(s) for d, s in self.done.items()}
         known = {d: w for d, w in known.items() if w is not None}
         if not known:
             return None
-        overall = sum(known.values()) / len(known)
+        overall = statistics.median(known.values())
+        cfgs = dict(zip(self.table.dirs, getattr(self.table, "cfgs", None) or []))
+        # every table's runs where load_reports gave them (this table's among them)
+        pace = self.pace or (run_pace([self]) if cfgs else {})
         estimate = {}
         for cell in self.table.cells:
             walls = [known[d] for d in cell.dirs if d in known]
             for d in cell.dirs:
-                estimate.setdefault(d, sum(walls) / len(walls) if walls else overall)
+                if walls:
+                    estimate.setdefault(d, statistics.median(walls))
         left = [d for d in set(self.table.dirs) if d not in self.done]
+        for d in left:
+            if d not in estimate and d in cfgs:
+                same = pace.get(cost_signature(cfgs[d]))
+                if same:
+                    estimate[d] = statistics.median(same)
         return sum(estimate.get(d, overall) for d in left) / 3600.0
 
     @property

@@ -13,8 +13,8 @@ import csv
 from pathlib import Path
 
 from fedrec.errors import FedRecError
-from fedrec.reproduce import DEFAULT_ARCHIVE, PAPER_DIR, load_table, report_table, table_names
-from fedrec.reproduce_format import format_heading, format_report, list_lines
+from fedrec.reproduce import DEFAULT_ARCHIVE, PAPER_DIR
+from fedrec.reproduce_format import format_heading, format_report, list_lines, load_reports
 
 HEADER = """# Reproduction of the published tables
 
@@ -144,15 +144,13 @@ def write_docs(out="docs/reproduction.md", folder=PAPER_DIR, output=None, overri
                plots=True, archive=DEFAULT_ARCHIVE) -> Path:
     out = Path(out)
     plot_dir = out.with_suffix("")
+    reports = load_reports(folder, output, overrides, archive)
     parts = [HEADER, "## State (`fedrec reproduce --list`)\n", "```",
-             *list_lines(folder, output, overrides, archive), "```\n"]
-    for name in table_names(folder):
+             *list_lines(reports=reports), "```\n"]
+    for name, rep in reports.items():
         parts.append(f"## {name}\n")
-        try:
-            rep = report_table(load_table(Path(folder) / f"{name}.yaml", overrides, output,
-                                          archive))
-        except FedRecError as e:
-            parts.append(f"error: {e}\n")
+        if isinstance(rep, FedRecError):
+            parts.append(f"error: {rep}\n")
             continue
         parts.append(format_heading(rep).replace("\n", "  \n") + "\n")
         parts.append(format_report(rep) + "\n")

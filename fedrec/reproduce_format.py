@@ -8,9 +8,9 @@ from pathlib import Path
 
 from fedrec.errors import FedRecError
 from fedrec.reproduce import (DEFAULT_ARCHIVE, PAPER_DIR, CellResult, TableReport, format_cell_value,
-                              load_table, report_table, table_names)
+                              load_table, report_table, run_pace, table_names)
 
-__all__ = ["format_report", "format_heading", "list_lines"]
+__all__ = ["format_report", "format_heading", "list_lines", "load_reports"]
 
 
 def _fmt_published(r: CellResult) -> str:
@@ -82,14 +82,33 @@ def format_heading(rep: TableReport) -> str:
     return "\n".join(out)
 
 
-def list_lines(folder=PAPER_DIR, output=None, overrides=(), archive=DEFAULT_ARCHIVE) -> list[str]:
-    """One line per table: name, runs, state."""
-    lines = []
+def load_reports(folder=PAPER_DIR, output=None, overrides=(), archive=DEFAULT_ARCHIVE) -> dict:
+    """Every table's report (or the FedRecError that stops it), by name, each with the pace
+    of every table's complete runs (TableReport.pace: a partial table's run-hours left take a
+    cell not begun at the pace of runs of the same cost elsewhere)."""
+    reports: dict = {}
     for name in table_names(folder):
         try:
-            rep = report_table(load_table(Path(folder) / f"{name}.yaml", overrides, output,
-                                          archive))
-            lines.append(f"{name:<36} {len(set(rep.table.dirs)):>4} runs  {rep.state}")
+            reports[name] = report_table(load_table(Path(folder) / f"{name}.yaml", overrides,
+                                                    output, archive))
         except FedRecError as e:
-            lines.append(f"{name:<36}    ? runs  error: {e}")
+            reports[name] = e
+    pace = run_pace([r for r in reports.values() if not isinstance(r, FedRecError)])
+    for rep in reports.values():
+        if not isinstance(rep, FedRecError):
+            rep.pace = pace
+    return reports
+
+
+def list_lines(folder=PAPER_DIR, output=None, overrides=(), archive=DEFAULT_ARCHIVE,
+               reports=None) -> list[str]:
+    """One line per table: name, runs, state (`reports`: load_reports's, else loaded here)."""
+    if reports is None:
+        reports = load_reports(folder, output, overrides, archive)
+    lines = []
+    for name, rep in reports.items():
+        if isinstance(rep, FedRecError):
+            lines.append(f"{name:<36}    ? runs  error: {rep}")
+        else:
+            lines.append(f"{name:<36} {len(set(rep.table.dirs)):>4} runs  {rep.state}")
     return lines

@@ -563,9 +563,9 @@ def test_the_curves_of_a_two_way_grid_are_drawn_as_one_panel_per_row_value(tmp_p
 
 
 def test_hours_left_takes_each_runs_cell_pace_else_the_tables():
-    """Runs not complete are estimated at their cell's mean whole wall time (a UNION cell is
-    slower than a median one), the others (clean references, cells not begun) at the mean of
-    every complete run; a wall time known to cover only a last stretch is not used."""
+    """Runs not complete are estimated at their cell's median whole wall time (a UNION cell is
+    slower than a median one), the others (clean references, cells not begun) at the median
+    of every complete run; a wall time known to cover only a last stretch is not used."""
     from types import SimpleNamespace
 
     from fedrec.reproduce import TableReport
@@ -578,8 +578,42 @@ def test_hours_left_takes_each_runs_cell_pace_else_the_tables():
             "f0": {"wall_time_s": 360.0},
             "f1": {"wall_time_s": 20.0, "resumed_from_round": 900}}  # a last stretch: unknown
     rep = TableReport(table, [], [], done)
-    overall = (3600 + 5400 + 360) / 3
+    overall = 3600.0  # the median of 3600, 5400 and 360
     # s2 at its cell's 4,500 s; f2 at 360 s (f1's wall is unknown, yet f1 is complete);
-    # n0, n1 and the reference at the table's mean
+    # n0, n1 and the reference at the table's median
     assert rep.hours_left() == pytest.approx((4500 + 360 + 3 * overall) / 3600)
     assert TableReport(table, [], [], {"f1": done["f1"]}).hours_left() is None
+
+
+def test_hours_left_takes_a_new_cell_at_the_pace_of_the_same_cost_elsewhere():
+    """A cell not begun (Figure 2's UNION row) is estimated from the complete runs of the same
+    config but for seed and attack, in this table or another (Table 3's UNION runs), at their
+    median: not at the table's median of cheaper runs, nor carried by one paused run."""
+    from types import SimpleNamespace
+
+    from fedrec.reproduce import TableReport, cost_signature, run_pace
+
+    def cfg(rule, seed, attack, name="figure2"):
+        return {"name": name, "seed": seed, "attack": {"name": attack},
+                "output": {"dir": f"runs/{name}"}, "server": {"rule": rule}}
+
+    assert cost_signature(cfg("union", 0, "lie")) == cost_signature(cfg("union", 2, "fang", "t3"))
+    assert cost_signature(cfg("union", 0, "lie")) != cost_signature(cfg("median", 0, "lie"))
+    # figure 2: a median cell complete, a UNION cell not begun
+    fig = SimpleNamespace(cells=[SimpleNamespace(dirs=["m0", "m1"]),
+                                 SimpleNamespace(dirs=["u0", "u1"])],
+                          dirs=["m0", "m1", "u0", "u1"],
+                          cfgs=[cfg("median", 0, "lie"), cfg("median", 1, "lie"),
+                                cfg("union", 0, "lie"), cfg("union", 1, "lie")])
+    fig_rep = TableReport(fig, [], [], {"m0": {"wall_time_s": 300.0},
+                                        "m1": {"wall_time_s": 500.0}})
+    # alone, the UNION runs can only be taken at the table's median
+    assert fig_rep.hours_left() == pytest.approx(2 * 400 / 3600)
+    # table 3 ran UNION under another attack: 1,800 s, 2,000 s and one paused run of 9,000 s
+    t3 = SimpleNamespace(cells=[SimpleNamespace(dirs=["a", "b", "c"])], dirs=["a", "b", "c"],
+                         cfgs=[cfg("union", s, "clusterattack", "t3") for s in range(3)])
+    t3_rep = TableReport(t3, [], [], {"a": {"wall_time_s": 1800.0},
+                                      "b": {"wall_time_s": 2000.0},
+                                      "c": {"wall_time_s": 9000.0}})
+    fig_rep.pace = run_pace([fig_rep, t3_rep])
+    assert fig_rep.hours_left() == pytest.approx(2 * 2000 / 3600)
