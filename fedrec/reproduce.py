@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedrec.errors import ConfigError, FedRecError
 from fedrec.paper import PaperCell, PaperSpec, parse_paper
 from fedrec.plots import READOUTS
+from fedrec.run_cost import (cost_signature, hours_left, run_pace, whole_run_cpu,  # noqa: F401
+                             whole_run_wall)
 from fedrec.run_index import archived_runs, computation_digest, shared_runs
 
 __all__ = ["cell_runs", "computation_digest", "load_table", "report_table", "table_names", "table_path"]
@@ -245,47 +246,6 @@ def run_value(run_dir, summary: dict, metric: str, readout: str = "final"):
     return ys[-1] if ys else None
 
 
-def whole_run_wall(summary: dict):
-    """A run's wall time in seconds, or None where its summary holds only the last stretch: a
-    run resumed from a checkpoint before `wall_time_s` counted the earlier segments (it has
-    `resumed_from_round` but no `wall_time_segment_s`), which would read as a few seconds."""
-    if summary.get("resumed_from_round") is not None and "wall_time_segment_s" not in summary:
-        return None
-    return summary.get("wall_time_s")
-
-
-def cost_signature(cfg) -> str:
-    """What sets a run's cost: its config but for the seed, the attack and the names
-    (a Figure 2 UNION run costs what Table 3's run of the same defense costs)."""
-    import json
-
-    d = cfg if isinstance(cfg, dict) else cfg.to_dict()
-    return json.dumps({k: v for k, v in d.items() if k not in ("name", "seed", "attack", "output")},
-                      sort_keys=True, default=str)
-
-
-def run_pace(reports) -> dict:
-    """cost_signature -> whole wall times of the complete runs of `reports` (each run once,
-    though tables share runs), for TableReport.pace."""
-    pace: dict = {}
-    seen = set()
-    for rep in reports:
-        for d, cfg in zip(rep.table.dirs, rep.table.cfgs):
-            wall = whole_run_wall(rep.done[d]) if d in rep.done else None
-            if wall is None or d in seen:
-                continue
-            seen.add(d)
-            pace.setdefault(cost_signature(cfg), []).append(wall)
-    return pace
-
-
-def whole_run_cpu(summary: dict):
-    """A run's CPU seconds (`cpu_time_s`: all its segments), or None where its summary does
-    not record them (runs finished before CPU time was kept, or resumed from a checkpoint
-    written before then)."""
-    return summary.get("cpu_time_s")
-
-
 def cell_result(cell: Cell, done: dict, readout: str = "final") -> CellResult:
     from fedrec.report import mean_std
 
@@ -416,34 +376,8 @@ class TableReport:
         return sum(whole_run_wall(s) or 0.0 for s in self.done.values())
 
     def hours_left(self) -> float | None:
-        """Estimated run-hours of the runs not complete (one process each: divide by --jobs).
-        Each run is taken at the median whole wall time (a run paused, or slowed beside
-        other jobs, does not carry the estimate) of, in this order: its cell's complete
-        runs; the complete runs of the same cost (`cost_signature`: the same config but for
-        the seed and the attack) in every table (`pace`, from load_reports) or else in this
-        one; the table's complete runs (a cell of a new kind). None while no run with a
-        known wall time is complete. A resumed run's checkpoint is not counted off."""
-        known = {d: whole_run_wall(s) for d, s in self.done.items()}
-        known = {d: w for d, w in known.items() if w is not None}
-        if not known:
-            return None
-        overall = statistics.median(known.values())
-        cfgs = dict(zip(self.table.dirs, getattr(self.table, "cfgs", None) or []))
-        # every table's runs where load_reports gave them (this table's among them)
-        pace = self.pace or (run_pace([self]) if cfgs else {})
-        estimate = {}
-        for cell in self.table.cells:
-            walls = [known[d] for d in cell.dirs if d in known]
-            for d in cell.dirs:
-                if walls:
-                    estimate.setdefault(d, statistics.median(walls))
-        left = [d for d in set(self.table.dirs) if d not in self.done]
-        for d in left:
-            if d not in estimate and d in cfgs:
-                same = pace.get(cost_signature(cfgs[d]))
-                if same:
-                    estimate[d] = statistics.median(same)
-        return sum(estimate.get(d, overall) for d in left) / 3600.0
+        """Estimated run-hours of the runs not complete (fedrec.run_cost.hours_left)."""
+        return hours_left(self.table, self.done, self.pace or None)
 
     @property
     def cpu_runs(self) -> list:

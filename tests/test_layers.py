@@ -30,7 +30,7 @@ FLOORS = {
     "fedrec.client_app": 4, "fedrec.flower_nodes": 4,
     "fedrec.server_app": 4, "fedrec.detector_tools": 4, "fedrec.report": 4, "fedrec.plots": 4,
     "fedrec.grid": 4, "fedrec.partition": 4, "fedrec.reproduce": 4, "fedrec.reproduce_docs": 4,
-    "fedrec.reproduce_format": 4,
+    "fedrec.reproduce_format": 4, "fedrec.run_cost": 4,
     # the privacy attack (fedrec/privacy): the server's recorder, the simulator, the inversion,
     # baselines, scoring and countermeasures sit with the parts; its runner and sweeps with the
     # runners (tests/test_privacy.py also checks that the attack never reaches ground truth)

@@ -617,3 +617,24 @@ def test_hours_left_takes_a_new_cell_at_the_pace_of_the_same_cost_elsewhere():
                                       "c": {"wall_time_s": 9000.0}})
     fig_rep.pace = run_pace([fig_rep, t3_rep])
     assert fig_rep.hours_left() == pytest.approx(2 * 2000 / 3600)
+
+
+def test_hours_left_counts_off_what_a_stopped_run_has_done(tmp_path):
+    """A run stopped at round 600 of 1,000 (its metrics.csv's last row) has 40% of its cell's
+    pace left; a run with no metrics yet counts whole; rounds_done reads the file's tail."""
+    from types import SimpleNamespace
+
+    from fedrec.run_cost import hours_left, rounds_done
+
+    dirs = [tmp_path / n for n in ("done", "stopped", "fresh", "garbled")]
+    for d in dirs:
+        d.mkdir()
+    rows = "\n".join(f"{r},0.5," for r in range(100, 700, 100))
+    (dirs[1] / "metrics.csv").write_text(f"round,train_loss,test_hr@5\n{rows}\n")
+    (dirs[3] / "metrics.csv").write_text("round,train_loss\nnot-a-number,0.5\n")
+    assert rounds_done(dirs[1]) == 600
+    assert rounds_done(dirs[2]) is None and rounds_done(dirs[3]) is None
+    cfg = {"seed": 0, "train": {"rounds": 1000}}
+    table = SimpleNamespace(cells=[SimpleNamespace(dirs=dirs)], dirs=dirs, cfgs=[cfg] * 4)
+    done = {dirs[0]: {"wall_time_s": 3600.0}}
+    assert hours_left(table, done) == pytest.approx(0.4 + 1.0 + 1.0)
