@@ -449,3 +449,53 @@ def test_raw_words_are_random_raw(bit_generator, n):
     assert np.array_equal(base.raw_words(a, n), b.bit_generator.random_raw(n))
     assert np.array_equal(a.bit_generator.random_raw(5), b.bit_generator.random_raw(5))
     assert np.array_equal(dropout_bits(a, 4 * n - 1), b.bit_generator.random_raw(n).view(np.uint16)[:-1])
+
+
+@pytest.mark.parametrize("form", ["neumf", "mlp"])
+def test_ncf_score_sigmoid_form_matches_tanh_in_float64_across_chunks(form, monkeypatch):
+    """score() computes each tanh as 2 sigmoid(2x) - 1 with the constants folded into the
+    weights: it must equal the plain tanh network in float64 (to float32 rounding), for both
+    forms, with saturated units (pre-activations of +-30) and whatever the chunk size (several
+    users a chunk, one a chunk, a last chunk shorter than the rest)."""
+    import fedrec.models.ncf as ncf
+
+    rng = np.random.default_rng(11)
+    model = NCF(N_ITEMS, DIM, mlp_layers=(6, 5), ncf_form=form)
+    table, pred = model.init_global(np.random.default_rng(3))
+    pred = [(a + 0.5 * rng.standard_normal(a.shape)).astype(np.float32) for a in pred]
+    pred[-6 if form == "neumf" else 0] *= 8  # W1 large: some hidden units saturate
+    users = (rng.standard_normal((7, DIM)) * 3).astype(np.float32)
+    u, v, p = (users.astype(np.float64), table.astype(np.float64),
+               [a.astype(np.float64) for a in pred])
+    *gmf, w1, b1, w2, b2, wo, bo = p
+    want = np.empty((7, N_ITEMS))
+    for b in range(7):  # the obvious loop: one user, every item
+        x = np.concatenate([np.broadcast_to(u[b], v.shape), v], axis=1)
+        pre = x @ w1.T + b1
+        assert np.abs(pre).max() > 10 or b  # saturation is exercised
+        want[b] = np.tanh(np.tanh(pre) @ w2.T + b2) @ wo + bo[0] + (
+            (u[b] * v) @ gmf[0] if gmf else 0.0)
+    for elements in (1 << 20, N_ITEMS * 6 * 3, 1):  # all at once; 3 users (7 = 3+3+1); 1
+        monkeypatch.setattr(ncf, "SCORE_CHUNK_ELEMENTS", elements)
+        got = model.score(users, table, pred)
+        assert got.dtype == np.float64 and got.shape == (7, N_ITEMS)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+
+
+def test_ncf_sigmoid_form_constants_by_hand():
+    """h1 = h2 = 1, d = 1: tanh(a u + c v + b1) -> 2 sigmoid(2a u + 2c v + 2 b1) - 1, etc."""
+    from fedrec.models.ncf import NCFWeights, _sigmoid_form
+
+    W = NCFWeights(None, np.array([[0.5, -1.0]], np.float32), np.array([0.25], np.float32),
+                   np.array([[3.0]], np.float32), np.array([-0.5], np.float32),
+                   np.array([2.0], np.float32), np.array([0.125], np.float32))
+    w1u, w1v, b1, w2, b2, wo, bo = _sigmoid_form(W, 1)
+    np.testing.assert_array_equal(np.concatenate([w1u, w1v, b1[:, None], w2, b2[:, None]], 1),
+                                  [[1.0, -2.0, 0.5, 12.0, 2 * (-0.5 - 3.0)]])
+    np.testing.assert_array_equal(np.concatenate([wo, bo]), [4.0, 0.125 - 2.0])
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    uu, vv = 0.7, -0.3
+    s1 = sig(w1u[0, 0] * uu + w1v[0, 0] * vv + b1[0])
+    s2 = sig(w2[0, 0] * s1 + b2[0])
+    direct = 2.0 * np.tanh(3.0 * np.tanh(0.5 * uu - 1.0 * vv + 0.25) - 0.5) + 0.125
+    assert wo[0] * s2 + bo[0] == pytest.approx(direct, abs=1e-6)

@@ -108,3 +108,13 @@ def test_union_floor_counts_the_distances_a_client_adds():
     U, K, needed = union_floor.needed_distances(ids, owner, np.array([1, 2, 5, 9]), 3)
     assert (U, K) == (4, 3)
     assert needed == (2 * 2 + 2) + (1 * 3 + 0)
+
+
+def test_ncf_score_benchmark_compares_the_two_forms():
+    """benchmarks/ncf_score.py times score()'s sigmoid form against the tanh form on the same
+    weights and users, and reports how far their scores are apart (float32 rounding)."""
+    ncf_score = load_file_module("benchmarks/ncf_score.py")
+    out = ncf_score.measure(60, 8, (6, 5), 9, 1, "neumf")
+    assert out["tanh_form_s"]["median"] > 0 and out["sigmoid_form_s"]["median"] > 0
+    assert out["max_abs_score_diff"] < 1e-4 * max(1.0, out["max_abs_score"])
+    assert out["top10_same_order_share"] == 1.0 and out["ml1m_test_eval_s"]["sigmoid_form"] > 0
