@@ -638,3 +638,37 @@ def test_hours_left_counts_off_what_a_stopped_run_has_done(tmp_path):
     table = SimpleNamespace(cells=[SimpleNamespace(dirs=dirs)], dirs=dirs, cfgs=[cfg] * 4)
     done = {dirs[0]: {"wall_time_s": 3600.0}}
     assert hours_left(table, done) == pytest.approx(0.4 + 1.0 + 1.0)
+
+
+def test_named_table_and_list_estimate_a_new_cell_from_another_tables_runs(tmp_path, capsys):
+    """Table B's median cell has no run anywhere in B; table A has a complete median run of
+    the same cost (another attack): `fedrec reproduce B` and `--list` both take B's median
+    runs at A's pace (2 x 2 h), not at B's only complete run (1 min)."""
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    head = GRID.split("grid:")[0].format(root=tmp_path, seeds="[0]").replace("name: tiny\n", "")
+    paper = 'paper: {source: "t", metric: test_hr@5, compare: value}\n'
+    (tables / "tinya.yaml").write_text(
+        "name: tinya\n" + head + "grid:\n  seed: [0]\n  server.rule: [median]\n"
+        "  attack.name: [gaussian]\n" + paper)
+    (tables / "tinyb.yaml").write_text(
+        "name: tinyb\n" + head + "grid:\n  seed: [0, 1]\n  server.rule: [mean, median]\n"
+        "  attack.name: [labelflip]\n" + paper)
+
+    def complete(table, index, wall):
+        d = Path(load_table(tables / f"{table}.yaml").dirs[index])
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps(
+            {"status": "complete", "seed": 0, "wall_time_s": wall, "final": {"test_hr@5": 0.1}}))
+
+    complete("tinya", 0, 7200.0)
+    b = load_table(tables / "tinyb.yaml")
+    mean_seed0 = next(i for i, c in enumerate(b.cfgs)
+                      if c.server.rule == "mean" and c.seed == 0)
+    complete("tinyb", mean_seed0, 60.0)
+    rep = report_table(b)
+    assert rep.hours_left() == pytest.approx(3 * 60 / 3600)  # alone: B's own pace
+    assert main(["reproduce", "tinyb", "--table-only", "--tables", str(tables)]) == 0
+    assert "partial (1 of 4 runs; ~4.0 run-hours left)" in capsys.readouterr().out
+    assert main(["reproduce", "--list", "--tables", str(tables)]) == 0
+    assert "partial (1 of 4 runs; ~4.0 run-hours left)" in capsys.readouterr().out
