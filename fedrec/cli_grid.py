@@ -129,9 +129,10 @@ def _cmd_reproduce(args) -> int:
         rep = rp.report_table(table, args.readout)
         if len(rep.done) < len(set(table.dirs)):
             # runs left: estimate them as --list does, from runs of the same cost in any table
-            rep.pace = rp.run_pace([r for r in fmt.load_reports(
+            # (load_reports gives every report the pace of every table's runs)
+            rep.pace = next((r.pace for r in fmt.load_reports(
                 folder, args.output, args.set, _archive_arg(args)).values()
-                if not isinstance(r, FedRecError)])
+                if not isinstance(r, FedRecError)), {})
         print(fmt.format_heading(rep))
         print(fmt.format_report(rep))
     if args.write_docs:
